@@ -1,0 +1,1 @@
+"""Export side: ONNX export, graph optimization, quantization, parity gates, the bundle, the Triton repository builder."""

@@ -1,0 +1,1 @@
+"""Training side: the routing-data contract, importers, tags, labels, the router model, training and evaluation."""

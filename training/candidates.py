@@ -1,0 +1,136 @@
+"""The candidates file (YAML): which LLMs the router chooses between, what they cost, how to reach them.
+
+    - name: gemma-2-9b-it
+      cost: {input_per_mtok: 0.10, output_per_mtok: 0.10}     # USD per million tokens; optional
+      serve: {triton_model: gemma_2_9b, triton_url: localhost:8001}   # TensorRT-LLM ensemble I/O
+    - name: gpt-4o
+      serve: {openai_base_url: http://localhost:8000/v1, model: gpt-4o}   # OpenAI-compatible
+
+`serve` keys: triton_model (+ optional triton_url, protocol) or openai_base_url (+ optional model,
+api_key_env). A candidate with no serve entry can be routed to and evaluated, not called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from zooter.errors import UserError
+
+
+class CandidatesError(UserError):
+    pass
+
+
+@dataclass
+class Cost:
+    input_per_mtok: float
+    output_per_mtok: float
+
+    @property
+    def unit(self) -> float:
+        """Price per million tokens as one number, for data without responses (mean of in and out)."""
+        return (self.input_per_mtok + self.output_per_mtok) / 2
+
+    def of(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+
+@dataclass
+class Candidate:
+    name: str
+    cost: Cost | None = None
+    serve: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        obj: dict = {"name": self.name}
+        if self.cost is not None:
+            obj["cost"] = {"input_per_mtok": self.cost.input_per_mtok, "output_per_mtok": self.cost.output_per_mtok}
+        if self.serve:
+            obj["serve"] = dict(self.serve)
+        return obj
+
+
+def _price(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise CandidatesError(f"{where}: expected a non-negative number, got {value!r}")
+    return float(value)
+
+
+def parse_candidates(items, source: str = "<candidates>") -> list[Candidate]:
+    if not isinstance(items, list) or not items:
+        raise CandidatesError(f"{source}: expected a non-empty list of candidates")
+    out, seen = [], set()
+    for i, item in enumerate(items):
+        where = f"{source}: candidate #{i + 1}"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise CandidatesError(f"{where}: each candidate needs a non-empty 'name'")
+        name = item["name"]
+        if name in seen:
+            raise CandidatesError(f"{where}: duplicate name {name!r}")
+        seen.add(name)
+        cost = None
+        if item.get("cost") is not None:
+            c = item["cost"]
+            if not isinstance(c, dict):
+                raise CandidatesError(f"{where} ({name}): 'cost' must be {{input_per_mtok, output_per_mtok}}")
+            cost = Cost(_price(c.get("input_per_mtok"), f"{where} ({name}) cost.input_per_mtok"),
+                        _price(c.get("output_per_mtok"), f"{where} ({name}) cost.output_per_mtok"))
+        serve = item.get("serve") or {}
+        if not isinstance(serve, dict):
+            raise CandidatesError(f"{where} ({name}): 'serve' must be a mapping")
+        out.append(Candidate(name, cost, dict(serve)))
+    return out
+
+
+def load_candidates(path: str | Path) -> list[Candidate]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CandidatesError(f"{path}: no such candidates file")
+    try:
+        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CandidatesError(f"{path}: invalid YAML: {err}") from None
+    return parse_candidates(items, str(path))
+
+
+def save_candidates(candidates: Sequence[Candidate], path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump([c.to_json() for c in candidates], sort_keys=False), encoding="utf-8")
+
+
+def costs_for(candidates: Sequence[Candidate], labels: Sequence[str]) -> dict[str, Cost] | None:
+    """Costs in label order; None when any label has no price (then nothing is cost-aware)."""
+    by_name = {c.name: c for c in candidates}
+    missing = [name for name in labels if name not in by_name]
+    if missing:
+        raise CandidatesError(f"candidates file has no entry for {missing}")
+    if any(by_name[name].cost is None for name in labels):
+        return None
+    return {name: by_name[name].cost for name in labels}
+
+
+def from_prices(path: str | Path) -> list[Candidate]:
+    """The LLMRouter price list (`llm_candidates.json`: {model: {input_price, output_price, ...}})."""
+    path = Path(path)
+    if not path.is_file():
+        raise CandidatesError(f"{path}: no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CandidatesError(f"{path}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise CandidatesError(f"{path}: expected an object {{model: {{input_price, output_price}}}}")
+    out = []
+    for name, info in data.items():
+        if not isinstance(info, dict) or "input_price" not in info or "output_price" not in info:
+            raise CandidatesError(f"{path}: model {name!r} lacks input_price/output_price")
+        out.append(Candidate(name, Cost(_price(info["input_price"], f"{path}: {name}.input_price"),
+                                        _price(info["output_price"], f"{path}: {name}.output_price"))))
+    return out

@@ -1,0 +1,181 @@
+"""The routing-data contract: one JSON object a line, validated with the file, line and reason.
+
+    {"id": str, "query": str, "rewards": {candidate: float or null}, "tags": [str],
+     "responses": {candidate: str} (optional), "source": str}
+
+A null reward means "not scored": it stays NaN in the reward matrix and is masked
+everywhere downstream, never read as zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from zooter.errors import UserError
+
+
+class DataError(UserError):
+    """A routing-data file breaks the contract; the message names the file and line."""
+
+    def __init__(self, path: str | Path, line: int | None, reason: str):
+        self.path, self.line, self.reason = str(path), line, reason
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class Row:
+    id: str
+    query: str
+    rewards: dict[str, float | None]
+    tags: list[str] = field(default_factory=list)
+    responses: dict[str, str] | None = None
+    source: str = ""
+
+    def to_json(self) -> dict:
+        obj = {"id": self.id, "query": self.query, "rewards": self.rewards, "tags": self.tags}
+        if self.responses is not None:
+            obj["responses"] = self.responses
+        obj["source"] = self.source
+        return obj
+
+
+def _reward(value, path, line, name) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(path, line, f"reward for {name!r} is {value!r}, expected a number or null")
+    value = float(value)
+    if not math.isfinite(value):
+        raise DataError(path, line, f"reward for {name!r} is {value}, rewards must be finite (use null for 'not scored')")
+    return value
+
+
+def parse_row(obj, path: str | Path = "<data>", line: int | None = None) -> Row:
+    """Check one decoded JSON object against the contract (candidate membership is checked by the dataset)."""
+    if not isinstance(obj, dict):
+        raise DataError(path, line, f"expected a JSON object, got {type(obj).__name__}")
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise DataError(path, line, "'id' must be a non-empty string")
+    query = obj.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise DataError(path, line, f"row {rid!r}: empty query")
+    rewards = obj.get("rewards")
+    if not isinstance(rewards, dict) or not rewards:
+        raise DataError(path, line, f"row {rid!r}: 'rewards' must be a non-empty object {{candidate: number or null}}")
+    rewards = {str(k): _reward(v, path, line, k) for k, v in rewards.items()}
+    if all(v is None for v in rewards.values()):
+        raise DataError(path, line, f"row {rid!r}: every reward is null, nothing to learn from")
+    tags = obj.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise DataError(path, line, f"row {rid!r}: 'tags' must be a list of strings")
+    responses = obj.get("responses")
+    if responses is not None and (
+        not isinstance(responses, dict) or not all(isinstance(v, str) for v in responses.values())
+    ):
+        raise DataError(path, line, f"row {rid!r}: 'responses' must be an object {{candidate: string}}")
+    source = obj.get("source", "")
+    if not isinstance(source, str):
+        raise DataError(path, line, f"row {rid!r}: 'source' must be a string")
+    return Row(rid, query, rewards, list(tags), dict(responses) if responses is not None else None, source)
+
+
+class RoutingDataset:
+    """Rows plus the ordered candidate list; `rewards()` is the (rows x candidates) matrix with NaN for null."""
+
+    def __init__(self, rows: Sequence[Row], candidates: Sequence[str] | None = None, path: str | Path = "<data>"):
+        self.rows = list(rows)
+        self.path = str(path)
+        if candidates is None:
+            seen: dict[str, None] = {}
+            for row in self.rows:
+                for name in row.rewards:
+                    seen.setdefault(name, None)
+            candidates = list(seen)
+        self.candidates = list(candidates)
+        self._validate()
+
+    def _validate(self) -> None:
+        if len(self.candidates) < 2:
+            raise DataError(self.path, None, f"found {len(self.candidates)} candidate(s) {self.candidates}; routing needs at least 2")
+        known = set(self.candidates)
+        ids: dict[str, int] = {}
+        for i, row in enumerate(self.rows, start=1):
+            line = getattr(row, "_line", i)
+            if row.id in ids:
+                raise DataError(self.path, line, f"duplicate id {row.id!r} (first seen on line {ids[row.id]})")
+            ids[row.id] = line
+            unknown = [name for name in row.rewards if name not in known]
+            if unknown:
+                raise DataError(self.path, line, f"row {row.id!r}: reward for candidate(s) {unknown} not in the candidate list {self.candidates}")
+
+    # --- I/O -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, candidates: Sequence[str] | None = None) -> "RoutingDataset":
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(path, None, "no such file")
+        rows = []
+        with path.open(encoding="utf-8") as fh:
+            for lineno, text in enumerate(fh, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
+                row = parse_row(obj, path, lineno)
+                row._line = lineno  # for error messages raised by dataset-level checks
+                rows.append(row)
+        if not rows:
+            raise DataError(path, None, "no rows")
+        return cls(rows, candidates, path)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for row in self.rows:
+                fh.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
+        tmp.replace(path)
+
+    # --- views -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    @property
+    def queries(self) -> list[str]:
+        return [row.query for row in self.rows]
+
+    def rewards(self) -> np.ndarray:
+        """(rows, candidates) float64 matrix; NaN where a reward is null or absent."""
+        matrix = np.full((len(self.rows), len(self.candidates)), np.nan)
+        col = {name: j for j, name in enumerate(self.candidates)}
+        for i, row in enumerate(self.rows):
+            for name, value in row.rewards.items():
+                if value is not None:
+                    matrix[i, col[name]] = value
+        return matrix
+
+    def subset(self, indices: Iterable[int]) -> "RoutingDataset":
+        return RoutingDataset([self.rows[i] for i in indices], self.candidates, self.path)
+
+    def sha256(self) -> str:
+        """Hash of the canonical content: provenance for runs and bundles."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.candidates).encode())
+        for row in self.rows:
+            digest.update(json.dumps(row.to_json(), sort_keys=True, ensure_ascii=False).encode())
+        return digest.hexdigest()

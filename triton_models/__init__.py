@@ -1,0 +1,1 @@
+"""Triton model repository templates, filled by `zooter triton build`."""
