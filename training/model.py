@@ -3,7 +3,7 @@
 A run folder stores the model as
     RUN/encoder/        the encoder (save_pretrained) and its tokenizer (tokenizer.json included)
     RUN/head.safetensors  {"weight": (labels, hidden), "bias": (labels,)}
-    RUN/router.json     {"labels": [...], "pooling": "mean", "max_length": int, ...training config}
+    RUN/run.json        {"labels": [...], "pooling": "mean", "max_length": int, ...training config}
 so the label order always travels with the weights.
 """
 
@@ -77,24 +77,24 @@ class RouterModel(nn.Module):
         tokenizer.save_pretrained(run / "encoder")
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, run / "head.safetensors")
         info = dict(meta, labels=self.labels, pooling="mean")
-        (run / "router.json").write_text(json.dumps(info, indent=2) + "\n")
+        (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     @classmethod
     def load(cls, run: str | Path) -> tuple["RouterModel", object, dict]:
-        """Load a run folder; returns (model in eval mode, tokenizer, router.json)."""
+        """Load a run folder; returns (model in eval mode, tokenizer, run.json)."""
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
         run = Path(run)
-        info_path = run / "router.json"
+        info_path = run / "run.json"
         if not info_path.is_file():
-            raise UserError(f"{run}: not a zooter run (no router.json)")
+            raise UserError(f"{run}: not a zooter run (no run.json)")
         info = json.loads(info_path.read_text())
         encoder = AutoModel.from_pretrained(run / "encoder")
         model = cls(encoder, info["labels"])
         head = load_file(run / "head.safetensors")
         if head["weight"].shape[0] != len(model.labels):
-            raise UserError(f"{run}: head has {head['weight'].shape[0]} outputs but router.json lists {len(model.labels)} labels")
+            raise UserError(f"{run}: head has {head['weight'].shape[0]} outputs but run.json lists {len(model.labels)} labels")
         model.head.load_state_dict(head)
         tokenizer = AutoTokenizer.from_pretrained(run / "encoder")
         return model.eval(), tokenizer, info

@@ -1,0 +1,7 @@
+"""Subcommands: zooter serve, ask. Handlers import heavy libraries only when they run."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    pass
