@@ -63,6 +63,8 @@ class RewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        # We pad token lists we built ourselves (to shorten answers, not queries); the "use __call__" advice does not apply.
+        self.tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
         self.chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         limits = [n for n in (max_length, getattr(config, "max_position_embeddings", None),
                               self.tokenizer.model_max_length if self.tokenizer.model_max_length < 1_000_000 else None) if n]
@@ -82,7 +84,7 @@ class RewardModel:
         messages = [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False)
         # The rendered template already carries its special tokens (BOS included); adding them again doubles BOS.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def encode(self, query: str, answer: str) -> tuple[dict, bool]:
         """Token ids for one pair, and whether the answer had to be shortened to fit max_length."""
@@ -91,11 +93,11 @@ class RewardModel:
             ids = self._templated(query, answer)
             if len(ids) <= self.max_length:
                 return {"input_ids": ids}, False
-            answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+            answer_ids = tok(answer, add_special_tokens=False, verbose=False)["input_ids"]
             keep = max(0, len(answer_ids) - (len(ids) - self.max_length) - 8)  # 8: slack for merges at the cut
             ids = self._templated(query, tok.decode(answer_ids[:keep]))
             return {"input_ids": ids[: self.max_length]}, True
-        full = tok(query, answer)
+        full = tok(query, answer, verbose=False)
         if len(full["input_ids"]) <= self.max_length:
             return dict(full), False
         try:
@@ -204,18 +206,15 @@ def score_file(data: str | Path, reward_model: RewardModel, out: str | Path, bat
         dropped: list[str] = []
         out_rows = []
         for row in rows:
-            rewards = {}
-            for name in row.candidates:
-                rec = done.get((row.id, name, text_sha(row.responses[name]))) if name in row.responses else None
-                rewards[name] = None if rec is None else rec["reward"]
-                if rec is None:
-                    unanswered += 1
-                else:
-                    truncated += bool(rec["truncated"])
-                    empty += not row.responses[name].strip()
+            found = {name: done.get((row.id, name, text_sha(row.responses[name]))) if name in row.responses else None
+                     for name in row.candidates}
+            rewards = {name: None if rec is None else rec["reward"] for name, rec in found.items()}
             if all(v is None for v in rewards.values()):
                 dropped.append(row.id)
                 continue
+            unanswered += sum(rec is None for rec in found.values())
+            truncated += sum(bool(rec and rec["truncated"]) for rec in found.values())
+            empty += sum(rec is not None and not row.responses[name].strip() for name, rec in found.items())
             out_rows.append({"id": row.id, "query": row.query, "rewards": rewards, "tags": row.tags,
                              "responses": row.responses, "source": row.source, **row.extra,
                              "reward_model": reward_model.name})
