@@ -118,7 +118,6 @@ class TritonClient:
         self.url = str(serve.get("triton_url") or ("localhost:8001" if self.protocol == "grpc" else "localhost:8000"))
         self.sampling = sampling
         self._inputs: dict[str, dict] | None = None  # name -> {"datatype", "shape"}
-        self._batched = False
         self._decoupled = False
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -158,7 +157,6 @@ class TritonClient:
             meta = client.get_model_metadata(self.model)
             config = client.get_model_config(self.model)
         self._inputs = {i["name"]: {"datatype": i["datatype"], "shape": [int(d) for d in i["shape"]]} for i in meta["inputs"]}
-        self._batched = int(config.get("max_batch_size", 0) or 0) > 0
         self._decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled", False))
         if "text_input" not in self._inputs or "text_output" not in {o["name"] for o in meta["outputs"]}:
             raise CallError(f"triton model {self.model!r} at {self.url} lacks the ensemble I/O (text_input -> text_output)", False)
@@ -206,10 +204,9 @@ class TritonClient:
             inputs = [text] + self._request()
             outputs = [module.InferRequestedOutput("text_output")]
             if self._decoupled:
-                result = self._stream_infer(client, inputs, outputs)
-            else:
-                kwargs = {"client_timeout": self.sampling.timeout_s} if self.protocol == "grpc" else {}
-                result = client.infer(self.model, inputs, outputs=outputs, **kwargs)
+                return Answer(self._stream_infer(client, inputs, outputs))
+            kwargs = {"client_timeout": self.sampling.timeout_s} if self.protocol == "grpc" else {}
+            result = client.infer(self.model, inputs, outputs=outputs, **kwargs)
         except InferenceServerException as err:
             self._forget()
             status = str(err.status() or "")
@@ -222,12 +219,11 @@ class TritonClient:
         values = result.as_numpy("text_output")
         if values is None:
             raise CallError(f"triton {self.model!r} returned no text_output", False)
-        out = values.reshape(-1)
-        answer = "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in out)
-        return Answer(answer)
+        return Answer(_text(values))
 
-    def _stream_infer(self, client, inputs, outputs):
-        """A decoupled model over gRPC: stream=False still answers on the stream, in one response."""
+    def _stream_infer(self, client, inputs, outputs) -> str:
+        """A decoupled model over gRPC. Responses are joined in order: with stream=False the answer comes
+        whole in one response; a model that streams anyway sends deltas, which join to the same answer."""
         import queue
 
         if self.protocol != "grpc":
@@ -236,7 +232,7 @@ class TritonClient:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
             client.async_stream_infer(self.model, inputs, outputs=outputs, enable_empty_final_response=True)
-            last = None
+            parts = []
             while True:
                 try:
                     result, error = responses.get(timeout=self.sampling.timeout_s)
@@ -244,13 +240,16 @@ class TritonClient:
                     raise CallError(f"triton {self.model!r}: no response within {self.sampling.timeout_s}s", True) from None
                 if error is not None:
                     raise error
+                values = result.as_numpy("text_output")
+                if values is not None:
+                    parts.append(_text(values))
                 final = result.get_response().parameters.get("triton_final_response")
-                if result.as_numpy("text_output") is not None:
-                    last = result
                 if final is not None and final.bool_param:
                     break
-            if last is None:
-                raise CallError(f"triton {self.model!r} streamed no text_output", False)
-            return last
+            return "".join(parts)
         finally:
             client.stop_stream()
+
+
+def _text(values) -> str:
+    return "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1))
