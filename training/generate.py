@@ -286,6 +286,8 @@ class GenerateSummary:
             out.append(f"repaired {self.journal}: cut a line torn by an earlier crash")
         if self.foreign_records:
             out.append(f"{self.foreign_records} journal records belong to queries or candidates outside this run; left out of {self.out}")
+        if not self.asked:
+            return out
         out.append(f"{'candidate':<28} {'answered':>8} {'failed':>6} {'empty':>5} {'cut':>4} {'retried':>7} {'pairs/s':>8} {'mean s':>7}")
         for name, t in self.tallies.items():
             n = t.answered + t.failed
@@ -325,6 +327,9 @@ def generate(queries: Sequence[Query], candidates: Sequence[Candidate], out: str
             raise UserError(f"candidate {c.name!r}: max_concurrency must be a positive integer, got {limit!r}")
         limits[c.name] = limit
 
+    if out.exists() and not journal_path(out, "pairs").exists():
+        raise UserError(f"{out} exists but has no journal {journal_path(out, 'pairs').name} beside it, so it was not "
+                        f"written by this command; delete it or choose another --out")
     with Journal(journal_path(out, "pairs")) as journal:
         by_id = {q.id: q for q in queries}
         answered: set[tuple[str, str]] = set()

@@ -21,9 +21,11 @@ from zooter.training.dataset import RoutingDataset
 def rmr_baseline(eval_data: RoutingDataset, rmr_data: RoutingDataset, costs: dict | None = None) -> dict:
     """RMR's score under the eval rewards, on the queries both datasets share (matched by id).
 
-    A candidate without an rmr reward for a query cannot be picked for it; a pick without an eval reward
-    cannot be graded and is counted apart. `costs` ({candidate: Cost}, optional) adds the price of running
-    every candidate per million tokens.
+    Keys follow the evaluation report: mean_reward, mean_cost (None without costs), plus what RMR needs
+    said: picks, skipped queries and its cost in calls. A candidate without an rmr reward for a query cannot
+    be picked for it; a pick without an eval reward cannot be graded and is counted apart. `costs`
+    ({candidate: Cost}, optional) gives mean_cost as the summed unit price of all candidates, the
+    unit of the report's router mean_cost for data without responses.
     """
     names = list(eval_data.candidates)
     rmr_index = {row.id: row for row in rmr_data.rows}
@@ -65,9 +67,10 @@ def rmr_baseline(eval_data: RoutingDataset, rmr_data: RoutingDataset, costs: dic
     result = {
         "method": "reward-model ranking: run every candidate, keep the answer the second reward model ranks best",
         "rmr_file": rmr_data.path,
-        "score": float(np.mean(scores)) if scores else None,
+        "mean_reward": float(np.mean(scores)) if scores else None,
+        "mean_cost": None,
         "queries": len(scores),
-        "oracle_same_queries": float(np.mean(oracle)) if oracle else None,
+        "oracle_mean_reward_same_queries": float(np.mean(oracle)) if oracle else None,
         "picks_oracle_best": agree / len(scores) if scores else None,
         "choices": choices,
         "by_source": {src: float(np.mean(v)) for src, v in sorted(by_source.items())},
@@ -81,8 +84,7 @@ def rmr_baseline(eval_data: RoutingDataset, rmr_data: RoutingDataset, costs: dic
                     f"and one candidate",
         },
     }
-    if costs:
-        missing = [name for name in names if name not in costs]
-        if not missing:
-            result["cost"]["rmr"]["price_per_mtok_all_candidates"] = float(sum(costs[name].unit for name in names))
+    if costs and all(name in costs for name in names):
+        # In the evaluation report's unit (price per million tokens): RMR pays for every candidate's answer.
+        result["mean_cost"] = float(sum(costs[name].unit for name in names))
     return result

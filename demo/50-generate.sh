@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Stage 50: build training data as the paper does, first half: every candidate answers a handful of MT-Bench prompts.
+#
+# Where stage 40 left a Triton repository with CPU stand-ins ($OUT/triton-repo), the answers come from those
+# stand-ins (SmolLM2-135M-Instruct behind the TensorRT-LLM ensemble I/O) through a tritonserver started here.
+# Otherwise they come from tests/openai_stub_server.py, a local OpenAI-compatible server that answers with
+# deterministic text (no LLM): the output says which. Scoring needs a real reward model (none can be
+# downloaded here), so the stage ends by saying how to pass one.
+set -euo pipefail
+OUT="${OUT:-demo-out}"
+ZOOTER_DATA="${ZOOTER_DATA:-../shared/data}"
+DIR="$OUT/collect"
+mkdir -p "$DIR"
+QUERIES="$ZOOTER_DATA/mt_bench/question.jsonl"
+N_PROMPTS="${N_PROMPTS:-4}"
+ROUTING="$OUT/triton-repo/zooter_decide/1/routing.json"
+
+generate_args=(--queries "$QUERIES" --limit "$N_PROMPTS" --source mt_bench --out "$DIR/answers.jsonl" --no-progress)
+rm -f "$DIR/answers.jsonl" "$DIR/answers.pairs.jsonl"
+
+used_triton=0
+if [ -f "$ROUTING" ] && grep -q '"stand_in": true' "$ROUTING"; then
+    echo "== answers from Triton stand-ins in $OUT/triton-repo (SmolLM2-135M-Instruct, CPU) =="
+    if python - "$OUT" "$ROUTING" "$DIR" "${generate_args[@]}" <<'EOF'
+import json, sys
+from pathlib import Path
+
+from zooter.cli import main
+from zooter.runtime.triton_server import TritonServer
+from zooter.training.candidates import Candidate, load_candidates, save_candidates
+
+out, routing, folder, args = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]), sys.argv[4:]
+stand_ins = {label: s["model"] for label, s in routing["candidates"].items() if s.get("stand_in")}
+chosen = list(stand_ins)[:3]
+prices = {c.name: c.cost for c in load_candidates(out / "candidates.yaml")} if (out / "candidates.yaml").is_file() else {}
+# Only the models this stage calls: the shared tiny LLM and three stand-ins, not the router.
+with TritonServer(out / "triton-repo", explicit=True,
+                  load_models=["zooter_standin_llm", *(stand_ins[c] for c in chosen)]) as server:
+    candidates = [Candidate(name, prices.get(name), {"triton_model": stand_ins[name], "triton_url": server.grpc_url,
+                                                      "protocol": "grpc", "max_concurrency": 2}) for name in chosen]
+    save_candidates(candidates, folder / "candidates.standins.yaml")
+    print(f"tritonserver up (grpc {server.grpc_url}); candidates: {', '.join(chosen)}", flush=True)
+    common = ["generate", "--candidates", str(folder / "candidates.standins.yaml"), "--max-tokens", "48", *args]
+    code = main(common)
+    print("\n-- the same command again: every pair is already in the journal, nothing is asked twice --", flush=True)
+    code = code or main(common)
+sys.exit(code)
+EOF
+    then
+        used_triton=1
+    else
+        echo "(the Triton stand-ins did not answer; falling back to the deterministic OpenAI-compatible stub server)"
+    fi
+fi
+
+if [ "$used_triton" = 0 ]; then
+    echo "== answers from tests/openai_stub_server.py: an OpenAI-compatible server with DETERMINISTIC TEXT, no LLM =="
+    echo "   (no Triton stand-ins in $OUT/triton-repo; stage 40 builds them)"
+    python tests/openai_stub_server.py --delay 0.05 > "$DIR/stub-server.log" 2>&1 &
+    server_pid=$!
+    trap 'kill "$server_pid" 2>/dev/null || true' EXIT
+    for _ in $(seq 50); do grep -q listening "$DIR/stub-server.log" 2>/dev/null && break; sleep 0.1; done
+    url=$(awk '/listening/ {print $3}' "$DIR/stub-server.log")
+    # Three well-behaved candidates and one that answers 503 once per prompt, to show retries with backoff.
+    cat > "$DIR/candidates.stub.yaml" <<EOF
+- name: stub-a
+  serve: {openai_base_url: $url, model: stub-a}
+- name: stub-b
+  serve: {openai_base_url: $url, model: stub-b-verbose, max_concurrency: 2}
+- name: stub-c
+  serve: {openai_base_url: $url, model: stub-c-flaky}
+EOF
+    zooter generate --candidates "$DIR/candidates.stub.yaml" --max-tokens 48 --backoff 0.2 "${generate_args[@]}"
+    echo
+    echo "-- the same command again: every pair is already in the journal, nothing is asked twice --"
+    zooter generate --candidates "$DIR/candidates.stub.yaml" --max-tokens 48 "${generate_args[@]}"
+    kill "$server_pid" 2>/dev/null || true
+    trap - EXIT
+fi
+
+echo
+echo "first answers row ($DIR/answers.jsonl), responses cut to 100 characters:"
+python - "$DIR/answers.jsonl" <<'EOF'
+import json, sys
+row = json.loads(open(sys.argv[1]).readline())
+row["responses"] = {k: (v[:100] + "...") if len(v) > 100 else v for k, v in row["responses"].items()}
+print(json.dumps(row, indent=1, ensure_ascii=False))
+EOF
+cat <<EOF
+
+Scoring needs a reward model, and none can be downloaded here. With one in a local folder
+(for example OpenAssistant/reward-model-deberta-v3-large-v2 or Skywork/Skywork-Reward-Llama-3.1-8B-v0.2):
+    zooter score --data $DIR/answers.jsonl --reward-model /path/to/reward-model --out $DIR/scored.jsonl
+and, for the paper's RMR baseline, the same answers scored by a second reward model:
+    zooter score --data $DIR/answers.jsonl --reward-model /path/to/other-model --out $DIR/scored.rm2.jsonl
+    zooter eval ... --rmr $DIR/scored.rm2.jsonl
+EOF
