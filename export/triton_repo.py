@@ -1,0 +1,266 @@
+"""Build a Triton model repository from a bundle and a candidates file (`zooter triton build`).
+
+Fills the templates in triton_models/ (config.pbtxt with ${...} fields, model.py copied as is):
+
+    zooter_tokenize   python: text -> token ids (zooter.runtime.tokenize, as the Router)
+    zooter_router     the bundle's ONNX graph: onnxruntime backend, or onnxruntime in the python backend
+    zooter_decide     python: logits -> candidate, probabilities (zooter.runtime.decision)
+    zooter_route      ensemble of the three: text -> candidate, probabilities
+    zooter            python BLS, decoupled: route, then stream the chosen candidate's answer, with fallback
+    standin_<name>    (--stand-ins) a candidate with TensorRT-LLM I/O answered by zooter_standin_llm
+    zooter_standin_llm  SmolLM2-135M-Instruct shared by all stand-ins
+
+Labels come from the bundle's router.json, so the logit order can never mismatch; costs from the
+candidates file (or the bundle) in that label order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+from typing import Sequence
+
+from zooter.errors import UserError
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "triton_models"
+MARKER = ".zooter-triton-repo"
+
+# TensorRT-LLM inflight_batcher_llm ensemble inputs (name, type, dims); all but text_input optional
+# here. The `zooter` model and the stand-ins take these, and `zooter` forwards them to the candidate.
+LLM_INPUTS = [
+    ("text_input", "TYPE_STRING", "-1", False),
+    ("max_tokens", "TYPE_INT32", "-1", True),
+    ("bad_words", "TYPE_STRING", "-1", True),
+    ("stop_words", "TYPE_STRING", "-1", True),
+    ("end_id", "TYPE_INT32", "1", True),
+    ("pad_id", "TYPE_INT32", "1", True),
+    ("top_k", "TYPE_INT32", "1", True),
+    ("top_p", "TYPE_FP32", "1", True),
+    ("temperature", "TYPE_FP32", "1", True),
+    ("length_penalty", "TYPE_FP32", "1", True),
+    ("repetition_penalty", "TYPE_FP32", "1", True),
+    ("min_length", "TYPE_INT32", "1", True),
+    ("presence_penalty", "TYPE_FP32", "1", True),
+    ("frequency_penalty", "TYPE_FP32", "1", True),
+    ("random_seed", "TYPE_UINT64", "1", True),
+    ("beam_width", "TYPE_INT32", "1", True),
+    ("stream", "TYPE_BOOL", "1", True),
+]
+
+ROUTING_MODELS = ("zooter_tokenize", "zooter_router", "zooter_decide", "zooter_route")
+
+
+@dataclass
+class BuiltRepository:
+    path: Path
+    labels: list[str]
+    models: list[str] = field(default_factory=list)
+    serving: dict = field(default_factory=dict)      # label -> {"model": name or None, "why": str}
+
+    @property
+    def stand_ins(self) -> dict[str, str]:
+        return {label: s["model"] for label, s in self.serving.items() if s.get("stand_in")}
+
+    @property
+    def unreachable(self) -> list[str]:
+        return [label for label, s in self.serving.items() if not s.get("model")]
+
+
+def read_bundle(bundle: str | Path) -> tuple[Path, dict]:
+    bundle = Path(bundle)
+    info_path = bundle / "router.json"
+    if not info_path.is_file():
+        raise UserError(f"{bundle}: not a zooter bundle (no router.json); make one with `zooter export`")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{info_path}: invalid JSON: {err.msg}") from None
+    for key in ("labels", "max_length", "model_file"):
+        if key not in info:
+            raise UserError(f"{info_path}: missing {key!r}")
+    for name in (info["model_file"], "tokenizer.json"):
+        if not (bundle / name).is_file():
+            raise UserError(f"{bundle}: missing {name}")
+    info.setdefault("inputs", ["input_ids", "attention_mask"])
+    return bundle, info
+
+
+def model_name_for(candidate: str) -> str:
+    """A stand-in's Triton model name: the candidate's name with anything but [A-Za-z0-9_.-] as '_'."""
+    return "standin_" + re.sub(r"[^A-Za-z0-9_.-]", "_", candidate)
+
+
+def _io_block(entries) -> str:
+    lines = []
+    for name, dtype, dims, optional in entries:
+        opt = " optional: true" if optional else ""
+        lines.append(f'  {{ name: "{name}" data_type: {dtype} dims: [ {dims} ]{opt} }}')
+    return ",\n".join(lines)
+
+
+def _fill(template: Path, values: dict) -> str:
+    try:
+        return Template(template.read_text()).substitute(values)
+    except KeyError as err:
+        raise RuntimeError(f"{template}: no value for ${{{err.args[0]}}}") from None
+
+
+def _write_model(out: Path, name: str, config: str, files: dict[str, Path | str] = {}) -> None:
+    folder = out / name
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(config)
+    for dest, src in files.items():
+        target = folder / "1" / dest
+        if isinstance(src, Path):
+            shutil.copy2(src, target)
+        else:
+            target.write_text(src)
+
+
+def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
+    from zooter.training.candidates import costs_for
+
+    costs = costs_for(candidates, labels) if candidates is not None else None
+    if costs is not None:
+        return [costs[name].unit for name in labels]
+    bundled = bundle_info.get("costs")
+    if isinstance(bundled, dict) and all(name in bundled for name in labels):
+        return [(bundled[n]["input_per_mtok"] + bundled[n]["output_per_mtok"]) / 2 for n in labels]
+    return None
+
+
+def _serving(candidates, labels, stand_ins: bool) -> dict:
+    by_name = {c.name: c for c in candidates} if candidates is not None else {}
+    serving = {}
+    for label in labels:
+        serve = by_name[label].serve if label in by_name else {}
+        if serve.get("triton_model"):
+            serving[label] = {"model": str(serve["triton_model"]), "why": "candidates file: serve.triton_model"}
+            if serve.get("triton_url"):
+                serving[label]["why"] += f" (expected in this server; triton_url {serve['triton_url']} is for direct clients)"
+        elif stand_ins:
+            serving[label] = {"model": model_name_for(label), "stand_in": True, "why": "stand-in (no serve entry)"}
+        elif serve.get("openai_base_url"):
+            serving[label] = {"model": None, "why": f"served over an OpenAI-compatible API ({serve['openai_base_url']}), not inside Triton"}
+        else:
+            serving[label] = {"model": None, "why": "no serve entry in the candidates file (build with --stand-ins for a CPU stand-in)"}
+    return serving
+
+
+def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence | None = None, *,
+                     router_backend: str = "python", stand_ins: bool = False, cost_lambda: float = 0.0,
+                     max_batch_size: int = 32, max_text_bytes: int = 65536, router_device: str = "cpu",
+                     tensorrt: bool = False, default_max_tokens: int = 128, standin_model_dir: str | Path | None = None,
+                     intra_op_threads: int = 0) -> BuiltRepository:
+    """Write a model repository to `out`; returns what went where. `candidates`: a list of Candidate."""
+    bundle, info = read_bundle(bundle)
+    labels = list(info["labels"])
+    if router_backend not in ("python", "onnxruntime"):
+        raise UserError(f"--router-backend must be python or onnxruntime, not {router_backend!r}")
+    if tensorrt and (router_backend != "onnxruntime" or router_device != "gpu"):
+        raise UserError("--tensorrt needs --router-backend onnxruntime --router-device gpu")
+    if cost_lambda < 0:
+        raise UserError(f"--cost-lambda must be >= 0, got {cost_lambda}")
+    costs = _unit_costs(candidates, labels, info)
+    if cost_lambda and costs is None:
+        raise UserError("--cost-lambda needs a cost for every candidate (in the candidates file or the bundle)")
+    serving = _serving(candidates, labels, stand_ins)
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise UserError(f"{out}: exists and is not a repository built by zooter; choose an empty or new folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"bundle": str(bundle.resolve()), "labels": labels}) + "\n")
+
+    token_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in info["inputs"]]
+    token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
+    common = {"max_batch_size": max_batch_size, "num_labels": len(labels), "cost_lambda": repr(float(cost_lambda)),
+              "llm_inputs": _io_block(LLM_INPUTS), "default_max_tokens": default_max_tokens}
+    routing = {"labels": labels, "costs": costs, "candidates": serving,
+               "bundle": {k: info.get(k) for k in ("format_version", "max_length", "model_file")}}
+    built = BuiltRepository(out, labels, serving=serving)
+
+    _write_model(out, "zooter_tokenize",
+                 _fill(TEMPLATES / "zooter_tokenize" / "config.pbtxt",
+                       dict(common, token_outputs=token_io, max_text_bytes=max_text_bytes)),
+                 {"model.py": TEMPLATES / "zooter_tokenize" / "model.py",
+                  "tokenizer.json": bundle / "tokenizer.json", "router.json": bundle / "router.json"})
+
+    onnx_files = {name: bundle / name for name in _onnx_files(bundle, info)}
+    accelerator = ""
+    if tensorrt:
+        accelerator = ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"\n'
+                       '  parameters { key: "precision_mode" value: "FP16" } } ] } }')
+    router_values = dict(common, token_inputs=token_io, model_file=info["model_file"], accelerator=accelerator,
+                         instance_kind="KIND_GPU" if router_device == "gpu" else "KIND_CPU",
+                         intra_op_threads=intra_op_threads)
+    router_files = dict(onnx_files)
+    if router_backend == "python":
+        router_files["model.py"] = TEMPLATES / "zooter_router" / "model.py"
+    _write_model(out, "zooter_router", _fill(TEMPLATES / "zooter_router" / f"config.{router_backend}.pbtxt", router_values),
+                 router_files)
+
+    _write_model(out, "zooter_decide", _fill(TEMPLATES / "zooter_decide" / "config.pbtxt", common),
+                 {"model.py": TEMPLATES / "zooter_decide" / "model.py", "routing.json": json.dumps(routing, indent=2)})
+
+    step_maps = {
+        "tokenize_output_map": "\n".join(f'      output_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
+        "router_input_map": "\n".join(f'      input_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
+    }
+    _write_model(out, "zooter_route", _fill(TEMPLATES / "zooter_route" / "config.pbtxt", dict(common, **step_maps)))
+
+    _write_model(out, "zooter", _fill(TEMPLATES / "zooter" / "config.pbtxt", common),
+                 {"model.py": TEMPLATES / "zooter" / "model.py", "routing.json": json.dumps(routing, indent=2)})
+    built.models += list(ROUTING_MODELS) + ["zooter"]
+
+    if built.stand_ins:
+        from zooter.triton_models import standin_llm
+
+        model_dir = Path(standin_model_dir) if standin_model_dir else standin_llm.ensure_converted()
+        _write_model(out, "zooter_standin_llm",
+                     _fill(TEMPLATES / "zooter_standin_llm" / "config.pbtxt",
+                           dict(common, standin_model_dir=str(model_dir.resolve()), max_tokens_cap=1024)),
+                     {"model.py": TEMPLATES / "zooter_standin_llm" / "model.py"})
+        built.models.append("zooter_standin_llm")
+        for label, model in built.stand_ins.items():
+            _write_model(out, model, _fill(TEMPLATES / "zooter_standin" / "config.pbtxt",
+                                           dict(common, model_name=model, candidate=label)),
+                         {"model.py": TEMPLATES / "zooter_standin" / "model.py"})
+            built.models.append(model)
+    validate_repository(out)
+    return built
+
+
+def _onnx_files(bundle: Path, info: dict) -> list[str]:
+    """The ONNX file and its external-data files (listed in router.json `files`, or beside it)."""
+    names = {info["model_file"]}
+    for name in (info.get("files") or {}):
+        if name.endswith((".onnx", ".onnx_data", ".onnx.data", ".data")) and (bundle / name).is_file():
+            names.add(name)
+    stem = Path(info["model_file"]).stem
+    names.update(p.name for p in bundle.glob(f"{stem}.onnx_data*"))
+    return sorted(names)
+
+
+def validate_repository(repo: str | Path) -> dict:
+    """Parse every config.pbtxt with Triton's own ModelConfig protobuf; returns {model: ModelConfig}."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    configs = {}
+    for path in sorted(Path(repo).glob("*/config.pbtxt")):
+        config = model_config_pb2.ModelConfig()
+        try:
+            text_format.Parse(path.read_text(), config)
+        except text_format.ParseError as err:
+            raise RuntimeError(f"{path}: {err}") from None
+        if config.name and config.name != path.parent.name:
+            raise RuntimeError(f"{path}: name {config.name!r} differs from its folder")
+        configs[path.parent.name] = config
+    return configs

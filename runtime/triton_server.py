@@ -1,0 +1,249 @@
+"""Start and stop a real tritonserver for a model repository: `zooter serve` and the tests use this.
+
+Finds `tritonserver` on PATH, else the one inside the nvidia-pytriton wheel. The wheel ships the
+python backend without a stub; the stub must match the Python that will run the models (this
+one), so the backends folder is copied into a private work folder with the right stub beside
+libtriton_python.so. The wheel's own folder is never written to: it is shared by everyone using
+the venv. The python-backend stub runs the `python3` first on PATH, so the child gets this
+interpreter's bin folder first on PATH. Standard library only (zooter.runtime imports no torch).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from zooter.errors import UserError
+
+
+@dataclass
+class TritonInstall:
+    """Where the server binary, its shared libraries and its backends are."""
+
+    binary: Path
+    lib_dir: Path | None = None        # extra LD_LIBRARY_PATH entry (the wheel's bundled libraries)
+    backends: Path | None = None       # backends folder to copy and complete with the stub
+    stub: Path | None = None           # triton_python_backend_stub for this Python
+    from_wheel: bool = False
+
+
+def _pytriton_root() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def find_tritonserver() -> TritonInstall:
+    """tritonserver on PATH (a Triton container or install), else the nvidia-pytriton wheel's."""
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonInstall(binary=Path(on_path))
+    root = _pytriton_root()
+    if root is None:
+        raise UserError("no tritonserver on PATH and nvidia-pytriton is not installed (pip install 'zooter[triton]')")
+    dist = root / "tritonserver"
+    binary = dist / "bin" / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not binary.is_file():
+        raise UserError(f"{binary}: nvidia-pytriton has no tritonserver binary")
+    if not stub.is_file():
+        raise UserError(f"nvidia-pytriton ships no python-backend stub for Python {version} ({stub})")
+    return TritonInstall(binary=binary, lib_dir=root.parent / "nvidia_pytriton.libs",
+                         backends=dist / "backends", stub=stub, from_wheel=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _private_backends(install: TritonInstall, workdir: Path) -> Path:
+    """A copy of the wheel's backends folder with this Python's stub next to libtriton_python.so."""
+    dest = workdir / "backends"
+    shutil.copytree(install.backends, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(install.stub, dest / "python" / "triton_python_backend_stub")
+    return dest
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver child process. Use as a context manager, or start()/stop()."""
+
+    repository: Path
+    http_port: int = 0                 # 0: a free port
+    grpc_port: int = 0
+    metrics_port: int = 0
+    explicit: bool = False             # explicit model control: load/unload through the API
+    load_models: Sequence[str] = ("*",)
+    log_file: Path | None = None
+    log_verbose: int = 0
+    extra_args: Sequence[str] = ()
+    process: subprocess.Popen | None = field(default=None, init=False)
+    _workdir: Path | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.repository = Path(self.repository).resolve()
+        if not self.repository.is_dir():
+            raise UserError(f"{self.repository}: no such model repository")
+        self.http_port = self.http_port or free_port()
+        self.grpc_port = self.grpc_port or free_port()
+        self.metrics_port = self.metrics_port or free_port()
+
+    # --- endpoints -------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def command(self, install: TritonInstall, backends: Path | None) -> list[str]:
+        cmd = [str(install.binary), f"--model-repository={self.repository}",
+               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-port={self.metrics_port}", "--allow-cpu-metrics=true",
+               "--allow-gpu-metrics=false", f"--log-verbose={self.log_verbose}",
+               # A short exit timeout: a stop should not hang on a stuck generation.
+               "--exit-timeout-secs=10"]
+        if backends is not None:
+            cmd.append(f"--backend-directory={backends}")
+        if self.explicit:
+            cmd.append("--model-control-mode=explicit")
+            cmd += [f"--load-model={name}" for name in self.load_models]
+        return cmd + list(self.extra_args)
+
+    def environment(self, install: TritonInstall) -> dict:
+        env = os.environ.copy()
+        # The python backend starts `python3` from PATH for every model: it must be this interpreter.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        if install.lib_dir is not None:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(install.lib_dir), env.get("LD_LIBRARY_PATH")) if p)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        install = find_tritonserver()
+        self._workdir = Path(tempfile.mkdtemp(prefix="zooter-triton-"))
+        backends = _private_backends(install, self._workdir) if install.from_wheel else None
+        log = open(self.log_file, "ab") if self.log_file else open(self._workdir / "tritonserver.log", "ab")
+        self.process = subprocess.Popen(self.command(install, backends), env=self.environment(install),
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def log_path(self) -> Path | None:
+        if self.log_file:
+            return Path(self.log_file)
+        return self._workdir / "tritonserver.log" if self._workdir else None
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.log_path
+        if path is None or not path.is_file():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise UserError(f"tritonserver exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise UserError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests and unloads models), SIGKILL if it hangs."""
+        code = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                code = self.process.wait()
+        elif self.process is not None:
+            code = self.process.returncode
+        if self._workdir is not None and not self.log_file:
+            # Keep the log beside nothing else: the private backends copy is not needed any more.
+            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+
+    # --- model control (explicit mode) ------------------------------------------------------
+    def _post(self, path: str) -> None:
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=300).read()
+        except urllib.error.HTTPError as err:
+            raise RuntimeError(f"{path}: {err.read().decode(errors='replace')}") from None
+
+    def load(self, model: str) -> None:
+        self._post(f"/v2/repository/models/{model}/load")
+
+    def unload(self, model: str) -> None:
+        self._post(f"/v2/repository/models/{model}/unload")
+
+
+def serve_forever(server: TritonServer) -> int:
+    """Run until Ctrl-C or SIGTERM, then stop the server cleanly; returns the server's exit code."""
+    stop_requested = []
+
+    def _on_signal(signum, _frame):
+        stop_requested.append(signum)
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop_requested and server.process.poll() is None:
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if server.process.poll() is not None:
+        print(f"tritonserver exited on its own (code {server.process.returncode}):\n{server.log_tail()}", file=sys.stderr)
+        return server.process.returncode or 1
+    print("stopping tritonserver ...", file=sys.stderr)
+    server.stop()
+    return 0
