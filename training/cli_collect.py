@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -14,8 +12,7 @@ def register(sub) -> None:
         "Each finished (query, candidate) pair is appended at once to OUT's journal (OUT with suffix "
         ".pairs.jsonl); running the same command again asks only for pairs without an answer, including "
         "pairs that failed last time. OUT is rewritten from the journal when the run ends: routing-data rows "
-        "with responses filled and rewards null, ready for `zooter score`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "with responses filled and rewards null, ready for `zooter score`.")
     p.add_argument("--queries", required=True,
                    help="one query a line; or JSONL/JSON with 'query' (or 'prompt', 'instruction', MT-Bench "
                         "'turns'), optional 'id' (or 'question_id') and 'tags' (or 'category')")
@@ -25,14 +22,14 @@ def register(sub) -> None:
                    help="ask only this candidate (repeatable); default: every candidate in the file")
     p.add_argument("--limit", type=int, help="only the first N queries")
     p.add_argument("--source", help="'source' of every row (default: the queries file's name without suffix)")
-    p.add_argument("--max-tokens", type=int, default=512, help="answer length limit; answers cut there are reported")
+    p.add_argument("--max-tokens", type=int, default=512, help="answer length limit (default 512); answers cut there are reported")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: the server's)")
     p.add_argument("--top-p", type=float, help="nucleus sampling (default: the server's)")
     p.add_argument("--concurrency", type=int, default=4,
-                   help="requests in flight per candidate (a serve entry's max_concurrency overrides it)")
-    p.add_argument("--retries", type=int, default=3, help="extra attempts after a failed call that may succeed")
-    p.add_argument("--backoff", type=float, default=1.0, help="first wait before a retry in seconds; doubles each time")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds one call may take")
+                   help="requests in flight per candidate (default 4; a serve entry's max_concurrency overrides it)")
+    p.add_argument("--retries", type=int, default=3, help="extra attempts after a failed call that may succeed (default 3)")
+    p.add_argument("--backoff", type=float, default=1.0, help="first wait before a retry in seconds (default 1); doubles each time, with jitter")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds one call may take (default 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_generate)
 
@@ -46,17 +43,16 @@ def register(sub) -> None:
         "whose rewards are this model's scores (existing rewards are replaced), each row naming the model under "
         "'reward_model', and OUT with suffix .provenance.json. Nothing is downloaded: the folder must hold the "
         "model. For the paper's RMR baseline, score the same answers with a second model and pass that file to "
-        "`zooter eval --rmr`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "`zooter eval --rmr`.")
     p.add_argument("--data", required=True, help="answers file from `zooter generate`, or routing data with responses")
     p.add_argument("--reward-model", required=True, metavar="DIR", help="local Hugging Face model folder")
     p.add_argument("--out", required=True, help="routing data to write (JSONL)")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass (default 16)")
     p.add_argument("--max-length", type=int,
                    help="tokens per pair (default: the model's limit, at most 4096); longer answers are shortened")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="auto: bfloat16 (or float16) on GPU, float32 on CPU")
+                   help="auto (default): bfloat16 (or float16) on GPU, float32 on CPU")
     p.add_argument("--label", type=int, help="which output is the reward, for a model with several outputs")
     p.add_argument("--name", help="reward model name recorded as provenance (default: the folder's name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
