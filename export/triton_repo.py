@@ -102,6 +102,11 @@ def _io_block(entries) -> str:
     return ",\n".join(lines)
 
 
+def _pbtxt_string(text: str) -> str:
+    """Escape text for a double-quoted protobuf text-format string."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _fill(template: Path, values: dict) -> str:
     try:
         return Template(template.read_text()).substitute(values)
@@ -181,7 +186,8 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
     token_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in info["inputs"]]
     token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
     common = {"max_batch_size": max_batch_size, "num_labels": len(labels), "cost_lambda": repr(float(cost_lambda)),
-              "llm_inputs": _io_block(LLM_INPUTS), "default_max_tokens": default_max_tokens}
+              "llm_inputs": _io_block(LLM_INPUTS), "default_max_tokens": default_max_tokens,
+              "labels_json": _pbtxt_string(json.dumps(labels))}
     routing = {"labels": labels, "costs": costs, "candidates": serving,
                "bundle": {k: info.get(k) for k in ("format_version", "max_length", "model_file")}}
     built = BuiltRepository(out, labels, serving=serving)
