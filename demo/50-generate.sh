@@ -12,7 +12,9 @@ ZOOTER_DATA="${ZOOTER_DATA:-../shared/data}"
 DIR="$OUT/collect"
 mkdir -p "$DIR"
 QUERIES="$ZOOTER_DATA/mt_bench/question.jsonl"
-N_PROMPTS="${N_PROMPTS:-4}"
+N_PROMPTS="${N_PROMPTS:-3}"
+# The stand-ins generate one answer at a time on 2 shared cores (~5-10 s each): keep answers short.
+export MAX_TOKENS="${MAX_TOKENS:-32}"
 ROUTING="$OUT/triton-repo/zooter_decide/1/routing.json"
 
 generate_args=(--queries "$QUERIES" --limit "$N_PROMPTS" --source mt_bench --out "$DIR/answers.jsonl" --no-progress)
@@ -22,7 +24,7 @@ used_triton=0
 if [ -f "$ROUTING" ] && grep -q '"stand_in": true' "$ROUTING"; then
     echo "== answers from Triton stand-ins in $OUT/triton-repo (SmolLM2-135M-Instruct, CPU) =="
     if python - "$OUT" "$ROUTING" "$DIR" "${generate_args[@]}" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
 
 from zooter.cli import main
@@ -40,7 +42,7 @@ with TritonServer(out / "triton-repo", explicit=True,
                                                       "protocol": "grpc", "max_concurrency": 2}) for name in chosen]
     save_candidates(candidates, folder / "candidates.standins.yaml")
     print(f"tritonserver up (grpc {server.grpc_url}); candidates: {', '.join(chosen)}", flush=True)
-    common = ["generate", "--candidates", str(folder / "candidates.standins.yaml"), "--max-tokens", "48", *args]
+    common = ["generate", "--candidates", str(folder / "candidates.standins.yaml"), "--max-tokens", os.environ["MAX_TOKENS"], *args]
     code = main(common)
     print("\n-- the same command again: every pair is already in the journal, nothing is asked twice --", flush=True)
     code = code or main(common)
@@ -70,10 +72,10 @@ if [ "$used_triton" = 0 ]; then
 - name: stub-c
   serve: {openai_base_url: $url, model: stub-c-flaky}
 EOF
-    zooter generate --candidates "$DIR/candidates.stub.yaml" --max-tokens 48 --backoff 0.2 "${generate_args[@]}"
+    zooter generate --candidates "$DIR/candidates.stub.yaml" --max-tokens "$MAX_TOKENS" --backoff 0.2 "${generate_args[@]}"
     echo
     echo "-- the same command again: every pair is already in the journal, nothing is asked twice --"
-    zooter generate --candidates "$DIR/candidates.stub.yaml" --max-tokens 48 "${generate_args[@]}"
+    zooter generate --candidates "$DIR/candidates.stub.yaml" --max-tokens "$MAX_TOKENS" "${generate_args[@]}"
     kill "$server_pid" 2>/dev/null || true
     trap - EXIT
 fi
@@ -81,7 +83,7 @@ fi
 echo
 echo "first answers row ($DIR/answers.jsonl), responses cut to 100 characters:"
 python - "$DIR/answers.jsonl" <<'EOF'
-import json, sys
+import json, os, sys
 row = json.loads(open(sys.argv[1]).readline())
 row["responses"] = {k: (v[:100] + "...") if len(v) > 100 else v for k, v in row["responses"].items()}
 print(json.dumps(row, indent=1, ensure_ascii=False))

@@ -12,6 +12,7 @@ be tested against real HTTP failures:
     flaky    answers 503 to the first request for each prompt, then normally
     broken   answers 500 every time
     missing  answers 404 "model not found"
+    private  answers 401 unless the request carries "Authorization: Bearer test-key"
 GET /stats returns {"requests": {model: n}, "max_in_flight": {model: n}}: how many requests each model got,
 and the most that were in flight at once (tests read it to check per-candidate concurrency limits).
 """
@@ -99,6 +100,9 @@ def make_handler(stats: Stats, delay: float):
             try:
                 if delay:
                     time.sleep(delay)
+                if "private" in model and self.headers.get("Authorization") != "Bearer test-key":
+                    self._send(401, {"error": {"message": "invalid api key"}})
+                    return
                 if "missing" in model:
                     self._send(404, {"error": {"message": f"model {model!r} not found"}})
                     return

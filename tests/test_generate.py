@@ -209,3 +209,17 @@ def test_kill_mid_run_then_resume(tmp_path):
     finally:
         server.terminate()
         server.wait()
+
+
+def test_api_key_from_environment(tmp_path, server, monkeypatch):
+    queries, _ = read_queries(queries_file(tmp_path, 2))
+    serve = {"openai_base_url": server + "/v1", "model": "the-private-one", "api_key_env": "ZOOTER_TEST_KEY"}
+    cands = parse_candidates([{"name": "keyed", "serve": serve},
+                              {"name": "keyless", "serve": {"openai_base_url": server + "/v1", "model": "private-too"}}])
+    with pytest.raises(UserError, match="ZOOTER_TEST_KEY is not set"):
+        generate(queries, cands, tmp_path / "a.jsonl", progress=False)
+    monkeypatch.setenv("ZOOTER_TEST_KEY", "test-key")
+    summary = generate(queries, cands, tmp_path / "b.jsonl", policy=RetryPolicy(retries=2, backoff_s=0.01), progress=False)
+    assert summary.tallies["keyed"].answered == 2
+    assert summary.tallies["keyless"].failed == 2 and "HTTP 401" in summary.failures[0][2]
+    assert stats(server)["requests"]["private-too"] == 2  # a 401 is not retried

@@ -15,6 +15,7 @@ model does not), so the retry policy in generate.py stays in one place.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -89,7 +90,7 @@ class OpenAIClient:
             # 408/409/425/429 and 5xx are the server's momentary trouble; other 4xx are our request's fault.
             retryable = err.code in (408, 409, 425, 429) or err.code >= 500
             raise CallError(f"HTTP {err.code} from {self.url}: {detail}", retryable) from None
-        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as err:
+        except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
             raise CallError(f"cannot reach {self.url}: {reason}", True) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
