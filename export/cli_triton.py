@@ -30,8 +30,9 @@ def register(sub) -> None:
     p.add_argument("--stand-ins", action="store_true",
                    help="give every candidate without serve.triton_model a CPU stand-in (SmolLM2-135M-Instruct) "
                         "with TensorRT-LLM I/O")
-    p.add_argument("--cost-lambda", type=float, default=0.0,
-                   help="cost-aware rule: choose argmax p - lambda * cost / max(cost); 0 = plain ZOOTER (default)")
+    p.add_argument("--cost-lambda", type=float, default=None, metavar="X",
+                   help="cost-aware rule: choose argmax p - X * cost / max(cost); default: the bundle's lambda, "
+                        "as the in-process Router (0 = plain ZOOTER)")
     p.add_argument("--max-batch-size", type=int, default=32, help="max_batch_size of the routing models (default 32)")
     p.add_argument("--max-text-bytes", type=int, default=65536,
                    help="longer queries are refused with an error (default 65536); within it, the router reads "

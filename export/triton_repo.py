@@ -71,20 +71,11 @@ class BuiltRepository:
 
 
 def read_bundle(bundle: str | Path) -> tuple[Path, dict]:
+    """The bundle folder and its router.json, after the Router's own checks (files present, checksums)."""
+    from zooter.runtime.router import read_manifest
+
     bundle = Path(bundle)
-    info_path = bundle / "router.json"
-    if not info_path.is_file():
-        raise UserError(f"{bundle}: not a zooter bundle (no router.json); make one with `zooter export`")
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{info_path}: invalid JSON: {err.msg}") from None
-    for key in ("labels", "max_length", "model_file"):
-        if key not in info:
-            raise UserError(f"{info_path}: missing {key!r}")
-    for name in (info["model_file"], "tokenizer.json"):
-        if not (bundle / name).is_file():
-            raise UserError(f"{bundle}: missing {name}")
+    info = read_manifest(bundle, verify=True)
     info.setdefault("inputs", ["input_ids", "attention_mask"])
     return bundle, info
 
@@ -127,14 +118,16 @@ def _write_model(out: Path, name: str, config: str, files: dict[str, Path | str]
 
 
 def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
+    """Unit prices in label order: the bundle's (what the in-process Router uses), else the candidates file's."""
+    from zooter.runtime.router import _unit_cost
     from zooter.training.candidates import costs_for
 
+    bundled = bundle_info.get("costs")
+    if isinstance(bundled, dict) and all(name in bundled for name in labels):
+        return [_unit_cost(bundled[name]) for name in labels]
     costs = costs_for(candidates, labels) if candidates is not None else None
     if costs is not None:
         return [costs[name].unit for name in labels]
-    bundled = bundle_info.get("costs")
-    if isinstance(bundled, dict) and all(name in bundled for name in labels):
-        return [(bundled[n]["input_per_mtok"] + bundled[n]["output_per_mtok"]) / 2 for n in labels]
     return None
 
 
@@ -157,7 +150,7 @@ def _serving(candidates, labels, stand_ins: bool) -> dict:
 
 
 def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence | None = None, *,
-                     router_backend: str = "python", stand_ins: bool = False, cost_lambda: float = 0.0,
+                     router_backend: str = "python", stand_ins: bool = False, cost_lambda: float | None = None,
                      max_batch_size: int = 32, max_text_bytes: int = 65536, router_device: str = "cpu",
                      tensorrt: bool = False, default_max_tokens: int = 128, standin_model_dir: str | Path | None = None,
                      intra_op_threads: int = 0) -> BuiltRepository:
@@ -168,8 +161,14 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
         raise UserError(f"--router-backend must be python or onnxruntime, not {router_backend!r}")
     if tensorrt and (router_backend != "onnxruntime" or router_device != "gpu"):
         raise UserError("--tensorrt needs --router-backend onnxruntime --router-device gpu")
+    if cost_lambda is None:           # the bundle's default, as the in-process Router
+        cost_lambda = float(info.get("lambda") or 0.0)
     if cost_lambda < 0:
         raise UserError(f"--cost-lambda must be >= 0, got {cost_lambda}")
+    if candidates is not None:
+        from zooter.training.candidates import costs_for
+
+        costs_for(candidates, labels)        # every label must be in the candidates file (raises, naming them)
     costs = _unit_costs(candidates, labels, info)
     if cost_lambda and costs is None:
         raise UserError("--cost-lambda needs a cost for every candidate (in the candidates file or the bundle)")

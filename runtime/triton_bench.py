@@ -1,0 +1,248 @@
+"""Routing latency through Triton against the in-process Router, measured side by side in one run.
+
+For concurrency 1, 8 and 32: the in-process Router (threads sharing one Router), Triton's
+zooter_route over HTTP and over gRPC (one client per thread, one query per request, as an app
+routes). Per-request latency percentiles and throughput for each; from Triton's metrics endpoint,
+the mean queue and compute time per request of each routing model during each Triton pass. Then
+every query is routed both ways once more and the decisions compared.
+
+    triton_overhead_p50_ms = p50(HTTP, concurrency 1) - p50(in-process, concurrency 1)
+    decisions_match        = [queries where Triton chose what the Router chose, queries]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from zooter.errors import UserError
+
+CONCURRENCY = (1, 8, 32)
+METRIC_MODELS = ("zooter_route", "zooter_tokenize", "zooter_router", "zooter_decide")
+_METRIC = re.compile(r'^(nv_inference_\w+)\{model="([^"]+)",version="[^"]*"\}\s+([0-9.eE+-]+)$')
+
+
+def _neighbour(url: str, offset: int) -> str:
+    """Triton's default layout: gRPC on the HTTP port + 1, metrics on + 2 (as `zooter serve` uses)."""
+    host, _, port = url.rpartition(":")
+    return f"{host or 'localhost'}:{int(port) + offset}"
+
+
+def scrape(metrics_url: str) -> dict:
+    """{(metric, model): value} of Triton's per-model inference counters."""
+    out = {}
+    with urllib.request.urlopen(metrics_url, timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            m = _METRIC.match(line)
+            if m:
+                out[(m.group(1), m.group(2))] = float(m.group(3))
+    return out
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """Mean queue / compute / total ms per request of each routing model between two scrapes."""
+    out = {}
+    for model in METRIC_MODELS:
+        def delta(metric):
+            return after.get((metric, model), 0.0) - before.get((metric, model), 0.0)
+
+        n = delta("nv_inference_request_success")
+        if n <= 0:
+            continue
+        out[model] = {"requests": int(n),
+                      "queue_ms": delta("nv_inference_queue_duration_us") / n / 1000,
+                      "compute_ms": (delta("nv_inference_compute_input_duration_us")
+                                     + delta("nv_inference_compute_infer_duration_us")
+                                     + delta("nv_inference_compute_output_duration_us")) / n / 1000,
+                      "request_ms": delta("nv_inference_request_duration_us") / n / 1000,
+                      "executions": int(delta("nv_inference_exec_count"))}
+    return out
+
+
+def percentiles(ms: Sequence[float]) -> dict:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
+
+
+def run_concurrent(make_call: Callable[[], Callable[[str], object]], queries: Sequence[str], concurrency: int,
+                   requests: int) -> dict:
+    """`requests` calls spread over `concurrency` threads, each with its own `make_call()` (a client)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def worker():
+        call = make_call()
+        mine = []
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            start = time.perf_counter()
+            try:
+                call(queries[i % len(queries)])
+            except Exception as err:  # counted and reported; a benchmark must not stop at one failure
+                with lock:
+                    errors.append(str(err)[:200])
+                continue
+            mine.append((time.perf_counter() - start) * 1000)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    out = percentiles(latencies) if latencies else {"n": 0}
+    out.update(concurrency=concurrency, throughput_qps=len(latencies) / wall if wall else 0.0, errors=len(errors))
+    if errors:
+        out["first_error"] = errors[0]
+    return out
+
+
+def _triton_caller(protocol: str, address: str):
+    from zooter.runtime.triton_client import ROUTE_MODEL
+
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+
+    def make_call():
+        client = module.InferenceServerClient(address)
+        outputs = [module.InferRequestedOutput("candidate"), module.InferRequestedOutput("probabilities")]
+
+        def call(text):
+            inp = module.InferInput("text", [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=object))
+            return client.infer(ROUTE_MODEL, [inp], outputs=outputs).as_numpy("candidate")
+        return call
+    return make_call
+
+
+def _reachable(protocol: str, address: str) -> bool:
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        return bool(module.InferenceServerClient(address).is_model_ready("zooter_route"))
+    except Exception:
+        return False
+
+
+def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out: str | Path | None = None,
+                 grpc_url: str | None = None, metrics_url: str | None = None,
+                 concurrency: Sequence[int] = CONCURRENCY, requests: int | None = None, warmup: int = 10,
+                 threads: int | None = None, quiet: bool = False) -> dict:
+    """Measure; print a table unless quiet; write JSON to json_out; return the report.
+
+    url: Triton HTTP (host:port). grpc_url / metrics_url default to the HTTP port + 1 / + 2.
+    requests: calls per (engine, concurrency) cell (default: max(len(queries), 4 * concurrency)).
+    """
+    from zooter.runtime.router import Router
+    from zooter.runtime.triton_client import parse_url, route_via_triton
+
+    protocol, http_address = parse_url(url)
+    if protocol != "http":
+        raise UserError("bench --triton takes the HTTP address (host:port); gRPC is found at the HTTP port + 1")
+    grpc_address = parse_url(grpc_url)[1] if grpc_url else _neighbour(http_address, 1)
+    metrics = metrics_url or f"http://{_neighbour(http_address, 2)}/metrics"
+    queries = [q for q in queries if isinstance(q, str) and q.strip()]
+    if not queries:
+        raise UserError("no queries to benchmark")
+    if not _reachable("http", http_address):
+        raise UserError(f"no ready zooter_route at http://{http_address}; start one with `zooter serve`")
+
+    router = Router.load(bundle, threads=threads)
+    engines = {"in-process": lambda: (lambda text: router.route(text)),
+               "triton-http": _triton_caller("http", http_address)}
+    notes = []
+    if _reachable("grpc", grpc_address):
+        engines["triton-grpc"] = _triton_caller("grpc", grpc_address)
+    else:
+        notes.append(f"gRPC at {grpc_address} not reachable: skipped")
+    try:
+        scrape(metrics)
+        have_metrics = True
+    except OSError:
+        have_metrics = False
+        notes.append(f"metrics at {metrics} not reachable: no queue/compute split")
+
+    for make_call in engines.values():   # warm up every path (sessions, connections, python stubs)
+        call = make_call()
+        for q in queries[:warmup]:
+            call(q)
+
+    cells = []
+    for c in concurrency:
+        n = requests or max(len(queries), 4 * c)
+        # Engines alternate within each concurrency level, so load from other processes hits them alike.
+        for name, make_call in engines.items():
+            before = scrape(metrics) if have_metrics and name != "in-process" else None
+            cell = run_concurrent(make_call, queries, c, n)
+            cell["engine"] = name
+            if before is not None:
+                cell["server"] = server_side(before, scrape(metrics))
+            cells.append(cell)
+
+    in_process = router.route_batch(queries)
+    via_triton = route_via_triton(f"http://{http_address}", queries)
+    matching = sum(a.candidate == b["candidate"] for a, b in zip(in_process, via_triton))
+    max_diff = max(abs(a.probabilities[k] - b["probabilities"][k]) for a, b in zip(in_process, via_triton)
+                   for k in a.probabilities)
+
+    def p50(engine, c=1):
+        return next((x["p50_ms"] for x in cells if x["engine"] == engine and x["concurrency"] == c and x["n"]), None)
+
+    base, http = p50("in-process"), p50("triton-http")
+    report = {
+        "bundle": str(bundle), "triton_http": http_address, "triton_grpc": grpc_address, "queries": len(queries),
+        "triton_overhead_p50_ms": (http - base) if http is not None and base is not None else None,
+        "triton_grpc_overhead_p50_ms": (p50("triton-grpc") - base) if p50("triton-grpc") is not None else None,
+        "decisions_match": [int(matching), len(queries)],
+        "max_probability_diff": float(max_diff),
+        "cells": cells, "notes": notes,
+    }
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if not quiet:
+        print(format_table(report))
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = [f"routing latency, {report['queries']} queries, one query per request (ms)",
+             f"{'engine':12s} {'conc':>4s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'qps':>8s} {'x in-proc p50':>14s}  server-side (queue / compute per request)"]
+    base = {c["concurrency"]: c.get("p50_ms") for c in report["cells"] if c["engine"] == "in-process"}
+    for c in report["cells"]:
+        if not c["n"]:
+            lines.append(f"{c['engine']:12s} {c['concurrency']:4d}  failed: {c.get('first_error', '')}")
+            continue
+        ratio = c["p50_ms"] / base[c["concurrency"]] if base.get(c["concurrency"]) else float("nan")
+        server = "  ".join(f"{m.replace('zooter_', '')} {s['queue_ms']:.2f}/{s['compute_ms']:.2f}"
+                           for m, s in c.get("server", {}).items())
+        lines.append(f"{c['engine']:12s} {c['concurrency']:4d} {c['p50_ms']:8.2f} {c['p90_ms']:8.2f} {c['p99_ms']:8.2f} "
+                     f"{c['throughput_qps']:8.1f} {ratio:14.2f}  {server}")
+    m, n = report["decisions_match"]
+    overhead = report["triton_overhead_p50_ms"]
+    lines.append(f"Triton overhead at p50 (HTTP, concurrency 1): {overhead:+.2f} ms (target <= 1 ms)")
+    if report.get("triton_grpc_overhead_p50_ms") is not None:
+        lines.append(f"Triton overhead at p50 (gRPC, concurrency 1): {report['triton_grpc_overhead_p50_ms']:+.2f} ms")
+    lines.append(f"decisions through Triton = in-process: {m}/{n} ({100 * m / n:.1f}%), "
+                 f"max probability difference {report['max_probability_diff']:.2e}")
+    lines += [f"note: {note}" for note in report.get("notes", [])]
+    return "\n".join(lines)

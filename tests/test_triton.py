@@ -1,0 +1,302 @@
+"""Serving on a real tritonserver: routing ensemble, streaming stand-ins, fallback, bad input, launcher.
+
+One session-scoped server (explicit model control, free ports) runs a repository built from a tiny
+router bundle with SmolLM2 stand-ins; tests share it and leave it as they found it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zooter.training.candidates import parse_candidates
+
+LABELS = ["alpha-7b", "beta.chat", "gamma/v2"]     # '/' is not allowed in a Triton model name
+MAX_TEXT_BYTES = 4096
+
+
+def dcrouter_queries(data_dir: Path, n: int, seed: int = 0) -> list[str]:
+    rows = json.loads((data_dir / "dcrouter" / "train.json").read_text())
+    random.Random(seed).shuffle(rows)
+    return [r["question"] for r in rows[:n]]
+
+
+@pytest.fixture(scope="session")
+def triton_bundle(tmp_path_factory, tiny_backbone, data_dir) -> Path:
+    """A real bundle (`zooter export` path) of a tiny router whose decisions are far from ties."""
+    import torch
+
+    from zooter.export.bundle import export_bundle
+    from zooter.training.model import RouterModel
+
+    work = tmp_path_factory.mktemp("triton_bundle")
+    torch.manual_seed(1)
+    model, tokenizer = RouterModel.from_backbone(tiny_backbone, LABELS)
+    with torch.no_grad():   # a random head gives near-uniform probabilities; sharpen it so decisions are clear
+        model.head.weight.mul_(40)
+    model.save(work / "run", tokenizer, {"max_length": 128})
+    calib = work / "calib.txt"
+    calib.write_text("\n".join(dcrouter_queries(data_dir, 40, seed=1)) + "\n")
+    cands = work / "candidates.yaml"
+    cands.write_text("".join(f"- {{name: {n}, cost: {{input_per_mtok: {c}, output_per_mtok: {c}}}}}\n"
+                             for n, c in zip(LABELS, (1.0, 0.1, 0.5))))
+    export_bundle(work / "run", work / "bundle", quantize="none", calib=calib, parity_n=40,
+                  candidates=cands, log=lambda *a, **k: None)
+    return work / "bundle"
+
+
+def candidates():
+    return parse_candidates([{"name": n, "cost": {"input_per_mtok": c, "output_per_mtok": c}}
+                             for n, c in zip(LABELS, (1.0, 0.1, 0.5))])
+
+
+@pytest.fixture(scope="session")
+def triton_repo(tmp_path_factory, triton_bundle) -> Path:
+    from zooter.export.triton_repo import build_repository
+
+    out = tmp_path_factory.mktemp("triton_repo") / "repo"
+    build_repository(triton_bundle, out, candidates(), stand_ins=True, max_text_bytes=MAX_TEXT_BYTES,
+                     default_max_tokens=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_repo, tmp_path_factory):
+    from zooter.runtime.triton_server import TritonServer
+
+    log = tmp_path_factory.mktemp("triton_log") / "server.log"
+    server = TritonServer(triton_repo, explicit=True, log_file=log)
+    server.start(timeout=300)
+    yield server
+    code = server.stop()
+    assert code == 0, f"tritonserver did not stop cleanly (exit {code}):\n{server.log_tail()}"
+
+
+# --- repository -------------------------------------------------------------------------------------
+def test_every_generated_config_parses_with_tritons_protobuf(triton_bundle, tmp_path):
+    from zooter.export.triton_repo import build_repository, validate_repository
+
+    fake_llm = tmp_path / "llm"            # the folder is only written into the config here
+    repos = {
+        "python": build_repository(triton_bundle, tmp_path / "py", candidates(), stand_ins=True,
+                                   standin_model_dir=fake_llm),
+        "onnxruntime": build_repository(triton_bundle, tmp_path / "ort", candidates(), router_backend="onnxruntime",
+                                        router_device="gpu", tensorrt=True, standin_model_dir=fake_llm),
+    }
+    for backend, built in repos.items():
+        configs = validate_repository(built.path)
+        assert set(configs) == set(built.models)
+        for name, config in configs.items():
+            assert config.name == name
+        route = configs["zooter_route"]
+        assert route.platform == "ensemble"
+        assert [s.model_name for s in route.ensemble_scheduling.step] == ["zooter_tokenize", "zooter_router", "zooter_decide"]
+        assert configs["zooter"].model_transaction_policy.decoupled
+        assert list(configs["zooter_decide"].output[1].dims) == [len(LABELS)]
+        assert json.loads(configs["zooter_decide"].parameters["labels"].string_value) == LABELS
+        router = configs["zooter_router"]
+        if backend == "onnxruntime":
+            assert router.platform == "onnxruntime_onnx"
+            assert router.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
+            assert not (built.path / "zooter_router" / "1" / "model.py").exists()
+        else:
+            assert router.backend == "python" and (built.path / "zooter_router" / "1" / "model.py").is_file()
+    built = repos["python"]
+    assert built.stand_ins == {"alpha-7b": "standin_alpha-7b", "beta.chat": "standin_beta.chat",
+                               "gamma/v2": "standin_gamma_v2"}
+    names = [i.name for i in validate_repository(built.path)["standin_gamma_v2"].input]
+    assert names[:2] == ["text_input", "max_tokens"] and "stream" in names and "temperature" in names
+
+
+def test_build_refuses_a_foreign_folder_and_unknown_candidates(triton_bundle, tmp_path):
+    from zooter.errors import UserError
+    from zooter.export.triton_repo import build_repository
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a repository built by zooter"):
+        build_repository(triton_bundle, foreign, candidates())
+    with pytest.raises(UserError, match="no entry for"):
+        build_repository(triton_bundle, tmp_path / "r", parse_candidates([{"name": "alpha-7b"}]))
+    built = build_repository(triton_bundle, tmp_path / "r2", candidates())    # no stand-ins: nothing to call
+    assert built.unreachable == LABELS and "zooter_standin_llm" not in built.models
+
+
+# --- routing ----------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.slow
+def test_routing_through_triton_equals_the_in_process_router(triton_server, triton_bundle, data_dir):
+    from zooter.runtime.router import Router
+    from zooter.runtime.triton_client import route_via_triton
+
+    queries = dcrouter_queries(data_dir, 48)
+    expected = Router.load(triton_bundle).route_batch(queries)
+    assert len({d.candidate for d in expected}) >= 2, "the test router should not send everything to one candidate"
+    for url in (triton_server.http_url, f"grpc://{triton_server.grpc_url}"):
+        got = route_via_triton(url, queries)
+        assert [g["candidate"] for g in got] == [d.candidate for d in expected]
+        for g, d in zip(got, expected):
+            assert list(g["probabilities"]) == LABELS
+            np.testing.assert_allclose([g["probabilities"][k] for k in LABELS],
+                                       [d.probabilities[k] for k in LABELS], atol=1e-4)
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_route_command_uses_triton(triton_server, capsys):
+    from zooter.cli import main
+
+    assert main(["route", "--triton", triton_server.http_url, "--json", "Prove that 17 is prime."]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert answer["candidate"] in LABELS and abs(sum(answer["probabilities"].values()) - 1) < 1e-4
+
+
+# --- answering through `zooter` ------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.slow
+def test_stream_an_answer_from_a_standin_through_zooter(triton_server, triton_bundle, capsys):
+    from zooter.cli import main
+    from zooter.runtime.router import Router
+    from zooter.runtime.triton_client import ask
+
+    query = "What is the capital of France?"
+    chosen = Router.load(triton_bundle).route(query).candidate
+    chunks = list(ask(f"grpc://{triton_server.grpc_url}", query, stream=True, max_tokens=6))
+    assert len(chunks) >= 3, "a stream arrives in pieces"
+    assert {c.candidate for c in chunks} == {chosen} and all(c.note == "" for c in chunks)
+    assert chunks[0].text.startswith(f"[stand-in SmolLM2-135M-Instruct for {chosen}]")
+    assert "".join(c.text for c in chunks[1:]).strip(), "the tiny LLM wrote something"
+
+    assert main(["ask", "--triton", triton_server.http_url, "--stream", "--max-tokens", "4", query]) == 0
+    out = capsys.readouterr()
+    assert f"[{chosen}]" in out.err and "stand-in" in out.out
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, triton_bundle):
+    from zooter.export.triton_repo import model_name_for
+    from zooter.runtime.router import Router
+    from zooter.runtime.triton_client import ask
+
+    query = "Write a haiku about routers."
+    decision = Router.load(triton_bundle).route(query)
+    first, second = decision.ranking[0], decision.ranking[1]
+    url = triton_server.http_url
+    answers, errors = [], []
+
+    def one():
+        try:
+            answers.append(list(ask(url, query, stream=False, max_tokens=3))[-1])
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    triton_server.unload(model_name_for(first))          # mid-run: requests are queued or generating
+    try:
+        after = list(ask(url, query, stream=False, max_tokens=3))
+        for t in threads:
+            t.join(120)
+        assert not errors and len(answers) == 3, f"lost requests: {errors}"
+        assert after[0].candidate == second
+        assert f"fallback to {second}" in after[0].note and f"{first}: model {model_name_for(first)} is not ready" in after[0].note
+        assert after[0].text.startswith(f"[stand-in SmolLM2-135M-Instruct for {second}]")
+    finally:
+        triton_server.load(model_name_for(first))
+    assert list(ask(url, query, stream=False, max_tokens=2))[0].candidate == first
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.slow
+def test_bad_input_gets_a_clear_error_and_the_server_stays_up(triton_server):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from zooter.runtime.triton_client import TritonRequestError, ask, route_via_triton
+
+    url = triton_server.http_url
+    with pytest.raises(TritonRequestError, match="row 0: empty text"):
+        route_via_triton(url, ["   "])
+    with pytest.raises(TritonRequestError, match=f"row 0: text of {MAX_TEXT_BYTES + 1} bytes is over the {MAX_TEXT_BYTES}-byte limit"):
+        route_via_triton(url, ["x" * (MAX_TEXT_BYTES + 1)])
+    with pytest.raises(TritonRequestError, match="row 1: empty text"):
+        route_via_triton(url, ["a good question", "", "another good one"])
+    with pytest.raises(TritonRequestError, match="empty text"):
+        list(ask(url, "", stream=True, max_tokens=2))
+
+    client = httpclient.InferenceServerClient(url)
+    wrong = httpclient.InferInput("text", [1, 1], "INT32")
+    wrong.set_data_from_numpy(np.array([[7]], dtype=np.int32))
+    with pytest.raises(InferenceServerException, match="expects 'BYTES'"):
+        client.infer("zooter_route", [wrong])
+    many = httpclient.InferInput("text", [64, 1], "BYTES")
+    many.set_data_from_numpy(np.array([[b"q"]] * 64, dtype=object))
+    with pytest.raises(InferenceServerException, match="batch"):
+        client.infer("zooter_route", [many])
+
+    assert client.is_server_live() and client.is_server_ready()
+    assert route_via_triton(url, ["still routing after all that"])[0]["candidate"] in LABELS
+
+
+# --- benchmark ------------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.slow
+def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_bundle, data_dir, tmp_path):
+    from zooter.runtime.triton_bench import bench_triton
+
+    report = bench_triton(triton_server.http_url, triton_bundle, dcrouter_queries(data_dir, 16),
+                          json_out=tmp_path / "bench.json", grpc_url=f"grpc://{triton_server.grpc_url}",
+                          metrics_url=triton_server.metrics_url, concurrency=(1, 8), requests=16, warmup=2, quiet=True)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["decisions_match"] == [16, 16]
+    assert isinstance(saved["triton_overhead_p50_ms"], float)
+    engines = {(c["engine"], c["concurrency"]) for c in report["cells"]}
+    assert engines == {(e, c) for e in ("in-process", "triton-http", "triton-grpc") for c in (1, 8)}
+    http = next(c for c in report["cells"] if c["engine"] == "triton-http" and c["concurrency"] == 8)
+    assert http["errors"] == 0 and http["n"] == 16
+    assert http["server"]["zooter_route"]["requests"] == 16
+    assert {"zooter_tokenize", "zooter_router", "zooter_decide"} <= set(http["server"])
+
+
+# --- launcher -------------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.slow
+def test_zooter_serve_prints_endpoints_and_stops_on_sigterm(triton_bundle, tmp_path):
+    from zooter.export.triton_repo import build_repository
+    from zooter.runtime.triton_server import free_port
+
+    repo = build_repository(triton_bundle, tmp_path / "repo", candidates()).path   # routing only: starts fast
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "zooter.cli", "serve", str(repo), "--http-port", ports[0],
+                             "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready:"):
+                break
+        assert lines and lines[-1].startswith(f"ready: http localhost:{ports[0]}  grpc localhost:{ports[1]}"), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(OSError):
+        import urllib.request
+
+        urllib.request.urlopen(f"http://localhost:{ports[0]}/v2/health/live", timeout=2)
