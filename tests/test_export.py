@@ -1,0 +1,175 @@
+"""`zooter export`: a tiny run becomes an ONNX bundle whose decisions match PyTorch, behind a parity gate.
+
+The bundles built here are shared with test_runtime.py and test_bench.py through `tiny_bundles`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zooter.cli import main
+
+LABELS = ["alpha-7b", "beta-70b", "gamma-8b", "delta-1b"]
+PRICES = {"alpha-7b": (0.2, 0.2), "beta-70b": (0.9, 0.9), "gamma-8b": (0.1, 0.1), "delta-1b": (0.02, 0.04)}
+
+# Varied queries (short, long, code, maths) for the parity check and the decision comparisons.
+SEEDS = ["What is 17 times 23?", "Write a sonnet about the sea.", "def add(a, b): return a + b  # explain",
+         "Translate 'good morning' to French.", "Which planet has the most moons?",
+         "Prove that there are infinitely many primes.", "Summarise the plot of Hamlet in two sentences.",
+         "How do I reverse a linked list in C?", "Give three tips for a job interview.",
+         "A bat and a ball cost 1.10 in total; the bat costs 1.00 more than the ball. How much is the ball?"]
+TEXTS = [f"{a} {b}" if i % 3 else a for i, (a, b) in enumerate((a, b) for a in SEEDS for b in SEEDS[:4])]
+
+_BUILT: dict[str, Path] = {}
+
+
+def make_tiny_run(backbone: Path, run: Path) -> Path:
+    """An untrained router on the tiny backbone whose head reads the embedding's deviation from the mean
+    query, scaled to unit spread: decisions then vary from query to query with clear margins, as a
+    trained router's do, instead of one candidate winning everything by a hair."""
+    import torch
+
+    from zooter.training.model import RouterModel
+
+    torch.manual_seed(1)
+    model, tokenizer = RouterModel.from_backbone(backbone, LABELS)
+    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        emb = model.eval().embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        mean, std = emb.mean(0), emb.std(0).clamp(min=1e-6)
+        weight = torch.randn(len(LABELS), emb.shape[1]) / std / emb.shape[1] ** 0.5 * 10
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(-(weight @ mean))
+    model.save(run, tokenizer, {"max_length": 128, "data_sha256": "0" * 64, "backbone": str(backbone), "beta": 0.3,
+                                "tau": 1.0, "loss": "kl", "seed": 1, "best_single": "alpha-7b",
+                                "dev": {"mean_reward": 0.5}})
+    return run
+
+
+def tiny_bundles(backbone: Path, root: Path) -> dict[str, Path]:
+    """{"run", "calib", "candidates", "int8", "fp32"}: built once per test session."""
+    if _BUILT:
+        return _BUILT
+    run = make_tiny_run(backbone, root / "run")
+    calib = root / "calib.txt"
+    calib.write_text("\n".join(TEXTS) + "\n")
+    candidates = root / "candidates.yaml"
+    candidates.write_text("".join(f"- name: {n}\n  cost: {{input_per_mtok: {i}, output_per_mtok: {o}}}\n"
+                                  for n, (i, o) in PRICES.items()))
+    # A 32-wide encoder quantizes far more coarsely than a real one (a flip or two in 40 decisions), so the
+    # shared int8 bundle is built with --allow-drift; the gate itself is tested on its own below.
+    assert main(["export", str(run), "--out", str(root / "int8"), "--calib", str(calib),
+                 "--candidates", str(candidates), "--allow-drift"]) == 0
+    assert main(["export", str(run), "--out", str(root / "fp32"), "--calib", str(calib), "--quantize", "none"]) == 0
+    _BUILT.update(run=run, calib=calib, candidates=candidates, int8=root / "int8", fp32=root / "fp32")
+    return _BUILT
+
+
+@pytest.fixture(scope="module")
+def built(tiny_backbone, tmp_path_factory):
+    return tiny_bundles(tiny_backbone, tmp_path_factory.mktemp("export"))
+
+
+def torch_choices(run: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """PyTorch's own path: transformers tokenizer + the RouterModel, as training evaluates it."""
+    import torch
+
+    from zooter.runtime.decision import choose, softmax
+    from zooter.training.model import RouterModel
+
+    model, tokenizer, info = RouterModel.load(run)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=info["max_length"], return_tensors="pt")
+    with torch.inference_mode():
+        probs = softmax(model(**batch)["logits"].numpy())
+    return choose(probs), probs
+
+
+def test_bundle_layout_and_manifest(built):
+    from zooter.export.bundle import FORMAT_VERSION
+    from zooter.export.parity import MIN_AGREEMENT
+    from zooter.runtime.router import sha256_file
+
+    bundle = built["int8"]
+    manifest = json.loads((bundle / "router.json").read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["labels"] == LABELS and manifest["max_length"] == 128
+    assert manifest["model_file"] == "model.int8.onnx" and manifest["output"] == "logits"
+    assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["model.int8.onnx", "router.json", "tokenizer.json"]
+    for name, entry in manifest["files"].items():
+        assert sha256_file(bundle / name) == entry["sha256"] and (bundle / name).stat().st_size == entry["bytes"]
+    q = manifest["quantization"]
+    assert q["mode"] == "int8" and q["method"] == "dynamic" and q["fused_operators"].get("Attention") == 2
+    assert manifest["costs"]["delta-1b"] == {"input_per_mtok": 0.02, "output_per_mtok": 0.04, "unit": pytest.approx(0.03)}
+    prov = manifest["provenance"]
+    assert prov["beta"] == 0.3 and prov["data_sha256"] == "0" * 64 and Path(prov["run"]) == built["run"].resolve()
+    assert manifest["evaluation"]["dev"] == {"mean_reward": 0.5}
+    parity = manifest["parity"]
+    assert parity["n"] == len(TEXTS) and parity["threshold"] == MIN_AGREEMENT
+    assert parity["passed"] == (parity["decision_agreement"] >= MIN_AGREEMENT)
+    assert parity["decision_agreement"] >= 0.9 and 0 < parity["max_prob_diff"] < 0.5
+    assert parity["fp32"]["decision_agreement"] == 1.0 and parity["fp32"]["max_prob_diff"] < 1e-4
+    # The int8 file is much smaller than the fp32 one.
+    fp32 = json.loads((built["fp32"] / "router.json").read_text())
+    assert manifest["files"]["model.int8.onnx"]["bytes"] < 0.5 * fp32["files"]["model.onnx"]["bytes"]
+    assert fp32["costs"] is None and fp32["quantization"]["mode"] == "none"
+
+
+def test_fp32_router_decides_like_pytorch(built):
+    from zooter.runtime.router import Router
+
+    router = Router.load(built["fp32"])
+    expected, probs = torch_choices(built["run"], TEXTS)
+    decisions = router.route_batch(TEXTS)
+    assert [d.candidate for d in decisions] == [LABELS[i] for i in expected]
+    got = np.array([[d.probabilities[n] for n in LABELS] for d in decisions])
+    np.testing.assert_allclose(got, probs, atol=1e-4)
+    assert len(set(expected)) > 1  # the comparison means something only if the choices vary
+
+
+def test_int8_router_agrees_with_pytorch_as_parity_recorded(built):
+    from zooter.runtime.router import Router
+
+    router = Router.load(built["int8"])
+    expected, probs = torch_choices(built["run"], TEXTS)
+    decisions = [router.route(t) for t in TEXTS]  # the parity check runs one query at a time too
+    agreement = np.mean([d.candidate == LABELS[e] for d, e in zip(decisions, expected)])
+    parity = router.manifest["parity"]
+    assert agreement >= 0.9 and agreement == pytest.approx(parity["decision_agreement"])
+    got = np.array([[d.probabilities[n] for n in LABELS] for d in decisions])
+    assert np.abs(got - probs).max() == pytest.approx(parity["max_prob_diff"], abs=1e-5)
+
+
+def test_parity_gate_blocks_a_drifting_model(built, tmp_path, monkeypatch, capsys):
+    from zooter.export import parity
+
+    real = parity.compare
+
+    def drifting(reference, probs):
+        out = real(reference, probs)
+        if probs is not reference:
+            out["decision_agreement"] = 0.9
+        return out
+
+    monkeypatch.setattr(parity, "compare", drifting)
+    args = ["export", str(built["run"]), "--out", str(tmp_path / "b"), "--calib", str(built["calib"]), "--parity-n", "8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "parity gate" in err and "90.00%" in err and "--allow-drift" in err
+    assert not (tmp_path / "b").exists()
+    assert main(args + ["--allow-drift"]) == 0
+    manifest = json.loads((tmp_path / "b" / "router.json").read_text())
+    assert manifest["parity"]["passed"] is False and manifest["parity"]["n"] == 8
+
+
+def test_export_refuses_to_overwrite_and_needs_validation_rows(built, tmp_path, capsys):
+    assert main(["export", str(built["run"]), "--out", str(built["int8"]), "--calib", str(built["calib"])]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(built["run"]), "--out", str(tmp_path / "b")]) == 2
+    assert "--calib" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--calib", str(built["calib"])]) == 2
+    assert "no run.json" in capsys.readouterr().err
