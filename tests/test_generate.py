@@ -170,7 +170,7 @@ def test_cli_errors(tmp_path, server):
 
 def test_kill_mid_run_then_resume(tmp_path):
     """A real `zooter generate` process is SIGKILLed mid-run; the rerun completes every pair exactly once."""
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "openai_stub_server.py"), "--delay", "0.1"],
+    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "openai_stub_server.py"), "--delay", "0.2"],
                               stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().split()[-1].removesuffix("/v1")

@@ -276,7 +276,7 @@ class GenerateSummary:
     out: Path
     repaired_journal: bool
     foreign_records: int
-    failures: list[tuple[str, str, str]]  # (query id, candidate, final error), at most a few kept for the report
+    failures: list[tuple[str, str, str]]  # (query id, candidate, final error) of this run; lines() shows five
 
     def lines(self) -> list[str]:
         out = [f"{self.queries} queries x {len(self.tallies)} candidates = {self.pairs} pairs: "
