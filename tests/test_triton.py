@@ -41,11 +41,20 @@ def triton_bundle(tmp_path_factory, tiny_backbone, data_dir) -> Path:
     work = tmp_path_factory.mktemp("triton_bundle")
     torch.manual_seed(1)
     model, tokenizer = RouterModel.from_backbone(tiny_backbone, LABELS)
-    with torch.no_grad():   # a random head gives near-uniform probabilities; sharpen it so decisions are clear
-        model.head.weight.mul_(40)
+    texts = dcrouter_queries(data_dir, 40, seed=1)
+    # A random head sends every query to one candidate. Point the head along the embeddings' main
+    # directions of variation instead, so queries spread over the candidates with clear margins.
+    with torch.no_grad():
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        emb = model.eval().embed(batch["input_ids"], batch["attention_mask"])
+        centre = emb.mean(0)
+        _, sv, directions = torch.linalg.svd(emb - centre, full_matrices=False)
+        weight = directions[:len(LABELS)] / (sv[:len(LABELS), None] / len(texts) ** 0.5) * 4
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(-weight @ centre)
     model.save(work / "run", tokenizer, {"max_length": 128})
     calib = work / "calib.txt"
-    calib.write_text("\n".join(dcrouter_queries(data_dir, 40, seed=1)) + "\n")
+    calib.write_text("\n".join(texts) + "\n")
     cands = work / "candidates.yaml"
     cands.write_text("".join(f"- {{name: {n}, cost: {{input_per_mtok: {c}, output_per_mtok: {c}}}}}\n"
                              for n, c in zip(LABELS, (1.0, 0.1, 0.5))))
