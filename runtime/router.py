@@ -24,7 +24,7 @@ import numpy as np
 from zooter.errors import UserError
 from zooter.export.bundle import FORMAT_VERSION, sha256_file
 from zooter.runtime import decision as rule
-from zooter.runtime.tokenize import encode, load_tokenizer
+from zooter.runtime.tokenize import clean_query, encode, load_tokenizer
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -184,15 +184,21 @@ class Router:
         return self._decide(probs, lam, (time.perf_counter() - start) * 1000)[0]
 
     def route_batch(self, texts: Sequence, lam: float | None = None, batch_size: int = 32) -> list[Decision]:
-        """Route many queries, `batch_size` per model call; each Decision's latency_ms is its batch's time."""
+        """Route many queries, `batch_size` per model call, answers in input order; latency_ms is the batch's time."""
         if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
             raise TypeError(f"route_batch takes a list of queries, got {type(texts).__name__}")
         lam = self._lambda(lam)
-        out: list[Decision] = []
-        for i in range(0, len(texts), batch_size):
+        cleaned = [clean_query(t) for t in texts]
+        # Batches of similar lengths: less padding to compute, and with dynamic int8 (whose scales
+        # span the whole batch, padding included) answers closer to single-query routing.
+        order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i]))
+        out: list[Decision | None] = [None] * len(cleaned)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
             start = time.perf_counter()
-            probs = self.probabilities(texts[i:i + batch_size])
-            out.extend(self._decide(probs, lam, (time.perf_counter() - start) * 1000))
+            probs = self.probabilities([cleaned[j] for j in idx])
+            for j, d in zip(idx, self._decide(probs, lam, (time.perf_counter() - start) * 1000)):
+                out[j] = d
         return out
 
 

@@ -1,0 +1,64 @@
+"""`zooter bench` on a tiny bundle: the report's structure, the budget exit code, the plot (never the times)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_export import TEXTS, tiny_bundles
+from zooter.cli import main
+
+
+@pytest.fixture(scope="module")
+def built(tiny_backbone, tmp_path_factory):
+    return tiny_bundles(tiny_backbone, tmp_path_factory.mktemp("export"))
+
+
+def test_bench_reports_all_engines_side_by_side(built, tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "latency.png"
+    args = ["bench", str(built["int8"]), "--queries", str(built["calib"]), "--lengths", "16", "64", "--batches", "1", "8",
+            "--iters", "3", "--warmup", "1", "--threads", "1", "--json", str(out), "--plot", str(png)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == {"torch", "fp32", "int8"} and report["skipped"] == {}
+    assert report["engines"]["fp32"]["source"] == "re-exported from the run"
+    assert all(e["cold_start_ms"] > 0 for e in report["engines"].values())
+    cells = [(c["tokens_target"], c["batch"]) for c in report["cells"]]
+    assert cells == [(16, 1), (64, 1), (64, 8)]
+    for cell in report["cells"] + [report["queries"]]:
+        assert set(cell["results"]) == {"torch", "fp32", "int8"}
+        for r in cell["results"].values():
+            assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["qps"] > 0 and r["n"] >= 3
+    assert abs(report["cells"][1]["tokens"] - 64) <= 4 and abs(report["cells"][0]["tokens"] - 16) <= 2
+    assert report["queries"]["n"] == len(TEXTS)
+    ratios = report["ratios"]
+    cell64 = report["cells"][1]["results"]
+    assert ratios["int8_vs_torch_p50"] == pytest.approx(cell64["int8"]["p50_ms"] / cell64["torch"]["p50_ms"])
+    assert ratios["fp32_vs_torch_p50"] == pytest.approx(cell64["fp32"]["p50_ms"] / cell64["torch"]["p50_ms"])
+    assert "p50 vs PyTorch eager at" in table and "cold start" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_budget_and_missing_run(built, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--bundle", str(built["fp32"]), "--lengths", "16", "--batches", "1", "--iters", "2",
+            "--warmup", "0", "--run", str(tmp_path / "no-run"), "--json", str(out)]
+    assert main(args + ["--budget-ms", "0.001"]) == 1
+    report = json.loads(out.read_text())
+    assert set(report["engines"]) == {"fp32"} and "torch" in report["skipped"]
+    assert report["ratios"]["int8_vs_torch_p50"] is None
+    assert report["budget"]["passed"] is False and report["budget"]["engine"] == "fp32"
+    assert "OVER" in capsys.readouterr().out
+    assert main(args + ["--budget-ms", "1e9"]) == 0
+    assert json.loads(out.read_text())["budget"]["passed"] is True
+
+
+def test_read_queries(tmp_path):
+    from zooter.runtime.bench import read_queries
+
+    (tmp_path / "q.txt").write_text("one\n\ntwo\n")
+    assert read_queries(tmp_path / "q.txt") == ["one", "two"]
+    (tmp_path / "q.jsonl").write_text('{"id": "a", "query": "x?", "rewards": {"m": 1}}\n{"question_id": 1, "turns": ["y?", "z"]}\n')
+    assert read_queries(tmp_path / "q.jsonl") == ["x?", "y?"]

@@ -1,0 +1,190 @@
+"""The torch-free Router: bad input, damaged bundles, threads, cost-aware decisions, `zooter route`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_export import LABELS, PRICES, TEXTS, tiny_bundles
+from zooter.cli import main
+
+
+@pytest.fixture(scope="module")
+def built(tiny_backbone, tmp_path_factory):
+    return tiny_bundles(tiny_backbone, tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def router(built):
+    from zooter.runtime.router import Router
+
+    return Router.load(built["int8"])
+
+
+@pytest.fixture()
+def copy_of(built, tmp_path):
+    def make(kind="int8") -> Path:
+        return Path(shutil.copytree(built[kind], tmp_path / kind))
+
+    return make
+
+
+def test_runtime_imports_no_torch_or_transformers(built):
+    code = ("import sys, zooter.runtime, zooter.runtime.tokenize, zooter.runtime.decision\n"
+            "from zooter.runtime import Router, Decision\n"
+            f"d = Router.load({str(built['int8'])!r}).route('hello there')\n"
+            "assert isinstance(d, Decision), d\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'optimum', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_decision_fields(router):
+    d = router.route("Prove that there are infinitely many primes.")
+    assert d.candidate in LABELS and sorted(d.probabilities) == sorted(LABELS)
+    assert sum(d.probabilities.values()) == pytest.approx(1.0)
+    assert d.confidence == max(d.probabilities.values()) == d.probabilities[d.candidate]
+    assert d.ranking[0] == d.candidate and sorted(d.ranking) == sorted(LABELS)
+    assert d.latency_ms > 0
+    assert json.loads(json.dumps(d.to_json()))["candidate"] == d.candidate
+
+
+def test_bad_input(router):
+    from zooter.runtime.tokenize import EmptyQueryError, encode
+
+    for empty in ("", "   \n\t"):
+        with pytest.raises(EmptyQueryError, match="empty query"):
+            router.route(empty)
+    for wrong in (None, 42, 3.5, {"q": 1}):
+        with pytest.raises(TypeError, match=type(wrong).__name__):
+            router.route(wrong)
+    with pytest.raises(TypeError, match="list"):
+        router.route_batch("a single string")
+    with pytest.raises(TypeError):
+        router.route_batch(["fine", None])
+
+    huge = "routing " * 12_500  # 100,000 characters
+    assert len(huge) == 100_000
+    assert encode(router.tokenizer, [huge])["input_ids"].shape == (1, router.max_length)
+    d = router.route(huge)
+    assert d.candidate in LABELS
+    # Truncation keeps the head: the answer is the one for the first max_length tokens.
+    assert router.route(huge).probabilities == pytest.approx(router.route(huge[:5000]).probabilities, abs=1e-6)
+
+    raw = "caf\xe9 au lait".encode("latin-1") + b" \xff\xfe tr\xc3\xa8s bien"
+    d = router.route(raw)
+    assert d.candidate in LABELS
+    assert d.probabilities == pytest.approx(router.route(raw.decode("utf-8", errors="replace")).probabilities, abs=1e-6)
+
+
+def test_damaged_bundles_are_refused(copy_of):
+    from zooter.runtime.router import BundleError, Router
+
+    bundle = copy_of()
+    with open(bundle / "model.int8.onnx", "r+b") as f:
+        f.seek(2000)
+        byte = f.read(1)
+        f.seek(2000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match=r"model\.int8\.onnx: checksum mismatch"):
+        Router.load(bundle)
+
+    bundle = copy_of("fp32")
+    (bundle / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"tokenizer\.json: missing file"):
+        Router.load(bundle)
+    (bundle / "router.json").unlink()
+    with pytest.raises(BundleError, match=r"router\.json: missing file"):
+        Router.load(bundle)
+    with pytest.raises(BundleError, match="no such bundle"):
+        Router.load(bundle.parent / "nowhere")
+
+
+def test_label_count_must_match_the_model(copy_of):
+    from zooter.runtime.router import BundleError, Router
+
+    bundle = copy_of()
+    manifest = json.loads((bundle / "router.json").read_text())
+    manifest["labels"] = LABELS[:-1]
+    (bundle / "router.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="4 outputs but router.json lists 3 labels"):
+        Router.load(bundle)
+    manifest["labels"], manifest["format_version"] = LABELS, 99
+    (bundle / "router.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format_version 99"):
+        Router.load(bundle)
+
+
+def test_many_threads_get_the_sequential_answers(router):
+    texts = TEXTS * 3
+    expected = [router.route(t) for t in texts]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(router.route, texts))
+    assert [g.candidate for g in got] == [e.candidate for e in expected]
+    for g, e in zip(got, expected):
+        assert g.probabilities == pytest.approx(e.probabilities, abs=1e-6)
+    chunks = [TEXTS[i:i + 7] for i in range(0, len(TEXTS), 7)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        batches = list(pool.map(router.route_batch, chunks))
+    assert [[d.candidate for d in b] for b in batches] == [[d.candidate for d in router.route_batch(c)] for c in chunks]
+
+
+def test_route_batch_matches_route_on_fp32(built):
+    from zooter.runtime.router import Router
+
+    fp32 = Router.load(built["fp32"], threads=1)
+    single = np.array([[fp32.route(t).probabilities[n] for n in LABELS] for t in TEXTS])
+    batched = np.array([[d.probabilities[n] for n in LABELS] for d in fp32.route_batch(TEXTS, batch_size=16)])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_cost_aware_lambda(built, router):
+    from zooter.runtime.router import BundleError, Router
+
+    cheapest = min(PRICES, key=lambda n: sum(PRICES[n]))
+    assert router.lam == 0.0 and router.costs is not None
+    plain = [router.route(t).candidate for t in TEXTS]
+    frugal = [router.route(t, lam=100.0).candidate for t in TEXTS]
+    assert set(frugal) == {cheapest} and set(plain) != {cheapest}
+    assert Router.load(built["int8"], lam=100.0).route(TEXTS[0]).candidate == cheapest
+    with pytest.raises(ValueError, match="no costs"):
+        Router.load(built["fp32"]).route("hi", lam=0.5)
+    with pytest.raises(BundleError, match="no costs"):
+        Router.load(built["fp32"], lam=0.5)
+
+
+def test_providers(built):
+    from zooter.errors import UserError
+    from zooter.runtime.router import Router, default_providers
+
+    assert default_providers(["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]) == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert default_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert "CPUExecutionProvider" in Router.load(built["int8"]).providers
+    with pytest.raises(UserError, match="not available"):
+        Router.load(built["int8"], providers=["NoSuchExecutionProvider"])
+
+
+def test_route_command(built, router, capsys, monkeypatch):
+    import io
+
+    assert main(["route", str(built["int8"]), TEXTS[0], "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["candidate"] == router.route(TEXTS[0]).candidate and set(out["probabilities"]) == set(LABELS)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{TEXTS[1]}\n\n{TEXTS[2]}\n"))
+    assert main(["route", str(built["int8"])]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [router.route(TEXTS[1]).candidate, router.route(TEXTS[2]).candidate]
+
+    assert main(["route", str(built["int8"]), " "]) == 2
+    assert "empty query" in capsys.readouterr().err
+    assert main(["route", str(built["int8"].parent / "missing"), "hi"]) == 2
+    assert "no such bundle" in capsys.readouterr().err
