@@ -165,3 +165,31 @@ def test_cli_score_and_its_errors(tmp_path, reward_dir):
     not_answers = tmp_path / "plain.jsonl"
     not_answers.write_text('{"id": "a", "query": "q", "rewards": {"a": 1.0, "b": 0.0}}\n')
     assert main(["score", "--data", str(not_answers), "--reward-model", str(reward_dir), "--out", str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_decoder_reward_model_without_pad_token_scores_the_same_batched(tmp_path):
+    """A Llama-style reward model reads its score at the last real token; with no pad token of its own,
+    padding a batch must not change any pair's score."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from zooter.training.model import default_backbone
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(default_backbone())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.pad_token = None
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, num_labels=1)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+
+    model = RewardModel(tmp_path / "rm")
+    assert model.chat_template and model.max_length == 256 and model.model.config.pad_token_id is not None
+    pairs = [("Name a colour.", "Blue."), ("What is two plus two?", "It is four, since two and two make four."),
+             ("Say hello.", "")]
+    batched = model.score(pairs)
+    alone = [model.score([pair])[0] for pair in pairs]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert len(set(round(v, 6) for v in batched)) == 3
