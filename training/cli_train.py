@@ -2,6 +2,222 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
+
+from zooter.errors import UserError
+
 
 def register(sub) -> None:
-    pass
+    _register_tag(sub)
+    _register_train(sub)
+    _register_eval(sub)
+    _register_reproduce(sub)
+
+
+# --- tag --------------------------------------------------------------------------------------
+def _register_tag(sub) -> None:
+    p = sub.add_parser(
+        "tag", help="add tags to routing data (k-means over encoder embeddings, or an LLM)",
+        description="Add tags to a routing-data file, for tag-based label enhancement. The default tagger runs "
+        "offline: it embeds every query with the encoder (mean pooling), clusters the embeddings with k-means "
+        "(cosine) and tags each query with its --per-query nearest centroids as 'kmeans:<id>'. --centroids saves "
+        "the centroids on first use and reuses them after, so dev/test files get the same tags. With --llm-url "
+        "an OpenAI-compatible chat endpoint names 1-3 task tags per query instead ('llm:<tag>').")
+    p.add_argument("file", help="routing data (JSONL)")
+    p.add_argument("--out", required=True, help="where to write the tagged JSONL")
+    p.add_argument("--k", type=int, default=16, help="number of k-means clusters (default 16)")
+    p.add_argument("--per-query", type=int, default=2, help="tags per query: its nearest centroids (default 2)")
+    p.add_argument("--replace", action="store_true", help="drop the rows' existing tags instead of adding to them")
+    p.add_argument("--backbone", help="encoder folder for the embeddings (default: all-MiniLM-L6-v2)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per query for the embedding (default 128)")
+    p.add_argument("--centroids", help=".npz file: load the centroids if it exists, else fit and save them there")
+    p.add_argument("--seed", type=int, default=0, help="k-means initialisation seed (default 0)")
+    p.add_argument("--llm-url", help="OpenAI-compatible base URL (e.g. http://localhost:8000/v1) for the LLM tagger")
+    p.add_argument("--llm-model", default="default", help="model name sent to the LLM endpoint")
+    p.add_argument("--llm-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key, if any")
+    p.set_defaults(func=cmd_tag)
+
+
+def cmd_tag(args) -> int:
+    from zooter.training import tags
+    from zooter.training.dataset import RoutingDataset
+
+    data = RoutingDataset.load(args.file)
+    if args.llm_url:
+        new_tags = tags.llm_tags(data.queries, args.llm_url, args.llm_model, key_env=args.llm_key_env)
+        summary = f"LLM tagger at {args.llm_url}"
+    else:
+        if args.k < 2 or not 1 <= args.per_query <= args.k:
+            raise UserError(f"--k must be >= 2 and --per-query between 1 and --k (got k={args.k}, per-query={args.per_query})")
+        new_tags, info = tags.kmeans_tags(data.queries, k=args.k, per_query=args.per_query, backbone=args.backbone,
+                                          max_length=args.max_length, centroids=args.centroids, seed=args.seed)
+        summary = f"k-means, k={info['k']}, {args.per_query} tag(s) a query, centroids {info['source']}"
+    tagged = tags.with_tags(data, new_tags, replace=args.replace)
+    tagged.save(args.out)
+    counts = tags.tag_counts(tagged)
+    print(f"tagged {len(tagged)} rows into {args.out} ({summary}); {len(counts)} distinct tags")
+    for tag, n in sorted(counts.items(), key=lambda kv: -kv[1])[:20]:
+        print(f"  {tag:<24} {n}")
+    return 0
+
+
+# --- train ------------------------------------------------------------------------------------
+def add_training_flags(p) -> None:
+    p.add_argument("--backbone", help="local Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--tau", type=float, default=1.0, help="softmax temperature of the rewards (default 1.0)")
+    p.add_argument("--beta", type=float, default=0.3, help="tag enhancement: s* = beta*s + (1-beta)*tag mean; 1 turns it off (default 0.3)")
+    p.add_argument("--loss", choices=["kl", "hard"], default="kl", help="kl: distil s*(q); hard: cross entropy on the argmax (ablation)")
+    p.add_argument("--epochs", type=int, help="epochs (default 3; 40 with --frozen)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5; 3e-3 with --frozen)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per query (default 128)")
+    p.add_argument("--batch-size", type=int, default=32, help="queries per step (default 32)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--warmup", type=float, default=0.1, help="warmup share of the steps (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, dropout and batch order (default 0)")
+    p.add_argument("--frozen", action="store_true", help="train the head only, on encoder embeddings computed once (fast)")
+    p.add_argument("--cache", help="folder caching --frozen embeddings between runs")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def config_from(args, out: str, data: str, dev: str | None):
+    from zooter.training.train import TrainConfig
+
+    if not 0.0 <= args.beta <= 1.0:
+        raise UserError(f"--beta must be in [0, 1], got {args.beta}")
+    if args.tau <= 0:
+        raise UserError(f"--tau must be positive, got {args.tau}")
+    for flag in ("epochs", "max_length", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    return TrainConfig(data=data, out=out, dev=dev, backbone=args.backbone, candidates=getattr(args, "candidates", None),
+                       tau=args.tau, beta=args.beta, loss=args.loss, epochs=args.epochs, lr=args.lr,
+                       max_length=args.max_length, batch_size=args.batch_size, weight_decay=args.weight_decay,
+                       warmup=args.warmup, seed=args.seed, frozen=args.frozen, cache=args.cache, threads=args.threads)
+
+
+def _register_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a router from rewards (ZOOTER reward distillation)",
+        description="Train the router: an encoder with a linear head over the candidates, distilled with "
+        "KL(s* || softmax(logits)) where s*(q) is the tag-enhanced softmax of the rewards. Keeps the checkpoint "
+        "with the best dev routing reward. Writes RUN/ (encoder/, head.safetensors, run.json, config.json, "
+        "curves.json). Multi-GPU: `accelerate launch -m zooter.cli train ...` or `torchrun --nproc-per-node N -m "
+        "zooter.cli train ...`.")
+    p.add_argument("--data", help="training data (JSONL)")
+    p.add_argument("--dev", help="dev data for checkpoint selection (default: 10%% of --data held out by query hash)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--candidates", help="candidates.yaml (recorded in the run so eval and export find the costs)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last epoch")
+    p.add_argument("--keep-state", action="store_true", help="keep RUN/state.pt (optimizer state) after the run ends")
+    add_training_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from zooter.training.train import TrainConfig, train
+
+    if args.resume:
+        saved = Path(args.out) / "config.json"
+        if not saved.is_file():
+            raise UserError(f"{args.out}: nothing to resume (no config.json)")
+        config = TrainConfig(**json.loads(saved.read_text()))
+    else:
+        if not args.data:
+            raise UserError("--data is required (unless --resume)")
+        if args.candidates:
+            from zooter.training.candidates import load_candidates
+
+            load_candidates(args.candidates)  # fail now, not after training
+        config = config_from(args, args.out, args.data, args.dev)
+    config.keep_state = args.keep_state
+    info = train(config, resume=args.resume)
+    dev, best = info["dev"], info["best_single"]
+    print(f"run written to {args.out} in {info['train_seconds']:.0f}s: best epoch {dev['epoch']}, dev routed reward "
+          f"{dev['mean_reward']:.4f} vs best single ({best['candidate']}) {dev['best_single_from_train']:.4f}, "
+          f"oracle {dev['oracle']:.4f} (n={dev['n']})")
+    return 0
+
+
+# --- eval -------------------------------------------------------------------------------------
+def _register_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a run or bundle against single candidates, oracle and random",
+        description="Route every row of --data with a run folder or an exported bundle and score the choices: "
+        "mean reward and cost of the router, each single candidate, the best single (best on the TRAINING data), "
+        "the oracle and random; gap closed, win/tie/loss, mean task rank per tag, a lambda sweep of the "
+        "cost-aware rule (p - lambda*c/max c), and routing accuracy by reward entropy. Prints a table and "
+        "writes --json (and PNG plots with --plots).")
+    p.add_argument("router", metavar="RUN_OR_BUNDLE", help="run folder (run.json) or bundle (router.json)")
+    p.add_argument("--data", required=True, help="evaluation data (JSONL); use rows never seen in training")
+    p.add_argument("--candidates", help="candidates.yaml with costs (default: the one recorded in the run)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.0, help="cost weight of the decision (default 0: argmax)")
+    p.add_argument("--best-single", help="override the best single candidate (when a bundle does not record it)")
+    p.add_argument("--json", required=True, help="where to write the report")
+    p.add_argument("--plots", help="folder for PNG plots")
+    p.add_argument("--rmr", metavar="FILE", help="routing data for the RMR baseline (issue 6), scored on --data")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from zooter.training.evaluate import evaluate_router, format_table
+
+    if args.lam < 0:
+        raise UserError(f"--lambda must be >= 0, got {args.lam}")
+    report = evaluate_router(args.router, args.data, candidates=args.candidates, lam=args.lam,
+                             best_single=args.best_single, plots=args.plots)
+    if args.rmr:
+        report["baselines"]["rmr"] = _rmr(args.data, args.rmr)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    if "rmr" in report["baselines"]:
+        rmr = report["baselines"]["rmr"]
+        print(f"RMR baseline: mean reward {rmr.get('mean_reward')}")
+    print(f"report: {args.json}" + (f"; plots: {args.plots}" if args.plots else ""))
+    return 0
+
+
+def _rmr(data_path: str, rmr_path: str) -> dict:
+    from zooter.training.dataset import RoutingDataset
+
+    try:
+        from zooter.training.rmr import rmr_baseline
+    except ImportError as err:
+        raise UserError(f"the RMR baseline is unavailable ({err})") from None
+    return rmr_baseline(RoutingDataset.load(data_path), RoutingDataset.load(rmr_path))
+
+
+# --- reproduce --------------------------------------------------------------------------------
+def _register_reproduce(sub) -> None:
+    p = sub.add_parser(
+        "reproduce", help="the paper's Table 2 on your data: hard labels vs distillation vs tag enhancement",
+        description="Train the paper's variants on one split and evaluate each on the same held-out rows: hard "
+        "labels (beta=1), distillation beta=1, tag-enhanced beta=0.3, and a beta sweep. Without --test, the data "
+        "is split 80/10/10 by query hash. --folds N instead cross-validates (each fold held out once; for small "
+        "data such as AlpacaEval). Prints mean reward, gap closed and MTR per variant; writes DIR/table.json.")
+    p.add_argument("--data", required=True, help="routing data (JSONL)")
+    p.add_argument("--dev", help="dev data (default: split from --data)")
+    p.add_argument("--test", help="held-out data (default: split from --data)")
+    p.add_argument("--out", required=True, help="folder for the runs, reports and table.json")
+    p.add_argument("--betas", default="0.1,0.5,0.7", help="extra beta values for the sweep (default 0.1,0.5,0.7)")
+    p.add_argument("--folds", type=int, help="k-fold cross-validation instead of one split")
+    p.add_argument("--candidates", help="candidates.yaml (costs in the reports)")
+    add_training_flags(p)
+    p.set_defaults(func=cmd_reproduce)
+
+
+def cmd_reproduce(args) -> int:
+    from zooter.training.reproduce import reproduce
+
+    try:
+        betas = [float(b) for b in args.betas.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--betas must be comma-separated numbers, got {args.betas!r}") from None
+    if args.folds is not None and args.folds < 2:
+        raise UserError(f"--folds must be at least 2, got {args.folds}")
+    base = config_from(args, args.out, args.data, args.dev)
+    reproduce(base, out=args.out, test=args.test, betas=betas, folds=args.folds, candidates=args.candidates)
+    return 0

@@ -1,0 +1,107 @@
+"""Evaluation metrics on a hand-made reward matrix where every number is known in advance."""
+
+import json
+
+import numpy as np
+import pytest
+
+from zooter.training.candidates import Cost
+from zooter.training.dataset import RoutingDataset, Row
+from zooter.training.evaluate import (aligned_rewards, confusion, cost_matrix, entropy_vs_correctness, evaluate,
+                                      format_table, mean_task_rank)
+
+NAN = float("nan")
+LABELS = ["a", "b", "c"]
+REWARDS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, NAN]], dtype=float)
+# The router picks a, b, a, and on the last row would pick c, which is not scored there: it takes b.
+PROBS = np.array([[0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
+TAGS = [["x"], ["x"], ["y"], ["y"]]
+COSTS = np.array([1.0, 2.0, 4.0])
+
+
+@pytest.fixture
+def report():
+    return evaluate(REWARDS, PROBS, LABELS, "a", tags=TAGS, costs=COSTS)
+
+
+def test_router_baselines_and_gap(report):
+    assert report["n"] == 4
+    assert report["router"]["mean_reward"] == pytest.approx(0.75)      # 1, 1, 0, 1
+    base = report["baselines"]
+    assert base["best_single"] == {"candidate": "a", "mean_reward": 0.5, "mean_cost": 1.0}
+    assert base["oracle"]["mean_reward"] == pytest.approx(1.0)
+    assert base["random"]["mean_reward"] == pytest.approx((1 / 3 * 3 + 1) / 4)
+    assert base["per_candidate"]["b"]["mean_reward"] == pytest.approx(0.5)
+    assert base["per_candidate"]["c"]["mean_reward"] == pytest.approx(1 / 3)  # null on row 3: not a zero
+    assert report["gap_closed"] == pytest.approx(0.5)
+    assert report["win_tie_loss_vs_best_single"] == [1, 3, 0]
+    assert report["routing_accuracy"] == pytest.approx(0.75)
+
+
+def test_costs_of_router_and_oracle(report):
+    assert report["router"]["mean_cost"] == pytest.approx((1 + 2 + 1 + 2) / 4)
+    # The oracle takes the cheapest of the tied best on the last row (a at 1, not b at 2).
+    assert report["baselines"]["oracle"]["mean_cost"] == pytest.approx((1 + 2 + 4 + 1) / 4)
+    assert report["baselines"]["per_candidate"]["c"]["mean_cost"] == pytest.approx(4.0)
+
+
+def test_mean_task_rank_by_hand(report):
+    # Task x: router 1.0, a 0.5, b 0.5, c 0.0 -> ranks 1, 2.5, 2.5, 4.
+    # Task y: router 0.5, a 0.5, b 0.5, c 1.0 -> ranks 3, 3, 3, 1.
+    assert report["mtr"] == pytest.approx({"router": 2.0, "a": 2.75, "b": 2.75, "c": 2.5})
+    assert mean_task_rank(REWARDS, np.array([1, 1, 0, 1.0]), LABELS, [[], [], [], []])["router"] == pytest.approx(1.0)
+
+
+def test_lambda_sweep_trades_reward_for_cost(report):
+    sweep = {p["lambda"]: p for p in report["pareto"]}
+    assert sweep[0.0]["mean_reward"] == pytest.approx(0.75) and sweep[0.0]["mean_cost"] == pytest.approx(1.5)
+    # lambda 5: p - 5 * c / 4 makes the cheapest candidate a win every row.
+    assert sweep[5.0]["mean_reward"] == pytest.approx(0.5) and sweep[5.0]["mean_cost"] == pytest.approx(1.0)
+    at = report["cost_at_best_single_quality"]
+    assert at["mean_cost"] == pytest.approx(1.0) and at["cost_ratio_vs_best_single"] == pytest.approx(1.0)
+    cheap = evaluate(REWARDS, PROBS, LABELS, "a", costs=COSTS, lam=5.0)
+    assert cheap["router"]["mean_reward"] == pytest.approx(0.5)
+
+
+def test_without_costs_there_is_no_sweep():
+    r = evaluate(REWARDS, PROBS, LABELS, "b")
+    assert r["pareto"] == [] and r["router"]["mean_cost"] is None
+    assert r["baselines"]["best_single"]["candidate"] == "b"
+    assert "router" in format_table(r)
+
+
+def test_per_tag_and_table(report):
+    assert report["per_tag"]["x"] == {"n": 2, "router": 1.0, "best_single": 0.5, "oracle": 1.0}
+    assert report["per_tag"]["y"]["router"] == pytest.approx(0.5)
+    table = format_table(report)
+    assert "a *" in table and "gap closed=0.500" in table
+    json.dumps(report)  # the report is plain JSON
+
+
+def test_confusion_splits_ties():
+    m = confusion(REWARDS, np.array([0, 1, 0, 1]), LABELS)
+    assert m[0, 0] == pytest.approx(1.0) and m[0, 1] == pytest.approx(0.5) and m[1, 1] == pytest.approx(1.5)
+    assert m[2, 0] == pytest.approx(1.0) and m.sum() == pytest.approx(4)
+
+
+def test_entropy_bins():
+    bins = entropy_vs_correctness(np.array([0.1, 0.2, 1.0, 1.1]), np.array([1, 1, 0, 1]), bins=2)
+    assert [b["n"] for b in bins] == [2, 2]
+    assert [b["accuracy"] for b in bins] == [1.0, 0.5]
+
+
+def test_costs_per_answer_when_responses_exist_else_unit_prices():
+    prices = {"a": Cost(1.0, 2.0), "b": Cost(10.0, 20.0)}
+    rows = [Row("1", "q" * 8, {"a": 1.0, "b": 0.0}, responses={"a": "x" * 40, "b": "y" * 4})]
+    costs, unit = cost_matrix(RoutingDataset(rows), ["a", "b"], prices)
+    assert unit == "usd_per_query"
+    assert costs[0] == pytest.approx([(2 * 1 + 10 * 2) / 1e6, (2 * 10 + 1 * 20) / 1e6])
+    rows = [Row("1", "q", {"a": 1.0, "b": 0.0})]
+    costs, unit = cost_matrix(RoutingDataset(rows), ["a", "b"], prices)
+    assert unit == "usd_per_mtok" and costs.tolist() == [1.5, 15.0]
+
+
+def test_rewards_follow_the_router_label_order():
+    data = RoutingDataset([Row("1", "q", {"b": 0.2, "a": 0.7})], ["b", "a"])
+    assert aligned_rewards(data, ["a", "b", "z"])[0, :2].tolist() == [0.7, 0.2]
+    assert np.isnan(aligned_rewards(data, ["a", "b", "z"])[0, 2])

@@ -1,0 +1,140 @@
+"""The paper's Table 2 on our data: hard labels vs reward distillation vs tag-enhanced distillation.
+
+Every variant trains with the same backbone, seed and schedule on the same training rows, and is
+evaluated on the same held-out rows, so the table compares the labels and nothing else:
+
+    hard          cross entropy on the argmax reward (the paper's ablation)
+    beta=1        KL to softmax(r/tau), no tag enhancement
+    beta=0.3      KL to the tag-enhanced s*(q) (the paper's best)
+    beta=...      the sweep
+
+One split (80/10/10 by query hash, or the --dev/--test files), or k-fold cross-validation where
+each fold is held out once and the figures are pooled over all rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from zooter.training.dataset import RoutingDataset
+from zooter.training.train import TrainConfig, train
+
+
+def variants(betas: Sequence[float]) -> list[tuple[str, str, float]]:
+    out = [("hard", "hard", 1.0), ("beta=1", "kl", 1.0), ("beta=0.3", "kl", 0.3)]
+    out += [(f"beta={b:g}", "kl", float(b)) for b in betas if float(b) not in (1.0, 0.3)]
+    return out
+
+
+def hash_folds(queries: Sequence[str], k: int) -> list[list[int]]:
+    """k folds by query hash (seed 2, independent of the other splits' hashes)."""
+    from zooter.training.splits import query_hash
+
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for i, text in enumerate(queries):
+        folds[min(int(query_hash(text, seed=2) * k), k - 1)].append(i)
+    return folds
+
+
+def _splits(base: TrainConfig, out: Path, test: str | None, folds: int | None) -> list[dict]:
+    """[{train, dev, test}] file paths, one per fold (one for a single split)."""
+    from zooter.training.splits import split
+
+    data = RoutingDataset.load(base.data)
+    folder = out / "splits"
+    folder.mkdir(parents=True, exist_ok=True)
+    if folds:
+        result = []
+        parts = hash_folds(data.queries, folds)
+        for f, held in enumerate(parts):
+            rest = sorted(set(range(len(data))) - set(held))
+            paths = {"train": folder / f"fold{f}.train.jsonl", "dev": None, "test": folder / f"fold{f}.test.jsonl"}
+            data.subset(rest).save(paths["train"])
+            data.subset(held).save(paths["test"])
+            result.append(paths)
+        return result
+    if test:
+        return [{"train": Path(base.data), "dev": base.dev, "test": Path(test)}]
+    parts = split(data, dev=0.1, test=0.1, seed=0)
+    paths = {name: folder / f"{name}.jsonl" for name in ("train", "dev", "test")}
+    for name, subset in parts.items():
+        subset.save(paths[name])
+    return [paths]
+
+
+def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Sequence[float] = (0.1, 0.5, 0.7),
+              folds: int | None = None, candidates: str | None = None) -> dict:
+    from zooter.training.evaluate import evaluate_router
+
+    out = Path(out)
+    if base.frozen and not base.cache:
+        base = replace(base, cache=str(out / "cache"))
+    folds_paths = _splits(base, out, test, folds)
+    rows = []
+    for name, loss, beta in variants(betas):
+        reports = []
+        for f, paths in enumerate(folds_paths):
+            run = out / "runs" / name.replace("=", "") / (f"fold{f}" if folds else "")
+            cfg = replace(base, data=str(paths["train"]), dev=str(paths["dev"]) if paths["dev"] else None,
+                          out=str(run), loss=loss, beta=beta)
+            print(f"== {name}" + (f", fold {f + 1}/{len(folds_paths)}" if folds else ""), flush=True)
+            train(cfg)
+            predicted = _frozen_probs(run, paths["test"], cfg) if cfg.frozen else None
+            reports.append(evaluate_router(run, paths["test"], candidates=candidates, predicted=predicted))
+        rows.append(_pool(name, loss, beta, reports))
+    table = {"data": base.data, "folds": folds, "config": {"backbone": base.backbone, "frozen": base.frozen,
+             "tau": base.tau, "epochs": base.epochs, "lr": base.lr, "max_length": base.max_length, "seed": base.seed},
+             "variants": rows}
+    (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
+    print(format_table(table))
+    return table
+
+
+def _frozen_probs(run: Path, test_path, cfg: TrainConfig):
+    """Head-only runs share one encoder: reuse the cached test embeddings instead of re-encoding per variant."""
+    from safetensors.numpy import load_file
+
+    from zooter.runtime.decision import softmax
+    from zooter.training.model import RouterModel
+    from zooter.training.train import embed_texts
+
+    info = json.loads((run / "run.json").read_text())
+    cfg = cfg.resolved()
+    model, tokenizer = RouterModel.from_backbone(cfg.backbone, info["labels"])
+    x = embed_texts(model, tokenizer, RoutingDataset.load(test_path).queries, cfg.max_length, cache=cfg.cache, progress=None)
+    head = load_file(run / "head.safetensors")
+    return info["labels"], softmax(x @ head["weight"].T + head["bias"])
+
+
+def _pool(name: str, loss: str, beta: float, reports: list[dict]) -> dict:
+    """Figures pooled over folds: means weighted by rows, gap closed from the pooled means."""
+    n = np.array([r["n"] for r in reports], dtype=np.float64)
+
+    def mean(get):
+        return float(np.sum(n * np.array([get(r) for r in reports])) / n.sum())
+
+    router = mean(lambda r: r["router"]["mean_reward"])
+    best = mean(lambda r: r["baselines"]["best_single"]["mean_reward"])
+    oracle = mean(lambda r: r["baselines"]["oracle"]["mean_reward"])
+    return {"variant": name, "loss": loss, "beta": beta, "n": int(n.sum()), "mean_reward": router,
+            "best_single": best, "best_single_candidates": sorted({r["baselines"]["best_single"]["candidate"] for r in reports}),
+            "oracle": oracle, "gap_closed": (router - best) / (oracle - best) if oracle > best else None,
+            "mtr": mean(lambda r: r["mtr"]["router"]),
+            "win_tie_loss_vs_best_single": [int(sum(r["win_tie_loss_vs_best_single"][k] for r in reports)) for k in range(3)]}
+
+
+def format_table(table: dict) -> str:
+    lines = [f"{'variant':<10} {'reward':>7} {'vs best':>8} {'gap closed':>10} {'MTR':>5}  win/tie/loss"]
+    for row in table["variants"]:
+        gap = "-" if row["gap_closed"] is None else f"{row['gap_closed']:.3f}"
+        lines.append(f"{row['variant']:<10} {row['mean_reward']:>7.4f} {row['mean_reward'] - row['best_single']:>+8.4f} "
+                     f"{gap:>10} {row['mtr']:>5.2f}  {'/'.join(map(str, row['win_tie_loss_vs_best_single']))}")
+    first = table["variants"][0]
+    lines.append(f"n={first['n']}  best single {first['best_single']:.4f} ({', '.join(first['best_single_candidates'])})  "
+                 f"oracle {first['oracle']:.4f}" + (f"  ({table['folds']}-fold cross-validation)" if table["folds"] else ""))
+    return "\n".join(lines)
