@@ -144,7 +144,7 @@ def test_torn_journal_line_is_cut_and_pair_redone(tmp_path, server):
     assert len(pairs) == 6 == len(set(pairs))
 
 
-def test_cli_errors(tmp_path, server):
+def test_cli_errors(tmp_path, server, capsys):
     from zooter.cli import main
 
     queries = queries_file(tmp_path, 2)
@@ -156,6 +156,10 @@ def test_cli_errors(tmp_path, server):
         args = build_parser().parse_args(["generate", "--queries", str(queries), "--candidates", str(no_serve), "--out", str(tmp_path / "o.jsonl")])
         args.func(args)
     assert main(["generate", "--queries", str(queries), "--candidates", str(no_serve), "--out", str(tmp_path / "o.jsonl")]) == 2
+    bad_url = tmp_path / "badurl.yaml"
+    bad_url.write_text("- name: a\n  serve: {openai_base_url: 'localhost:1/v1'}\n- name: b\n  serve: {triton_model: m}\n")
+    assert main(["generate", "--queries", str(queries), "--candidates", str(bad_url), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "openai_base_url must start with http://" in capsys.readouterr().err
     cands = candidates_file(tmp_path, server, ["a", "b"])
     assert main(["generate", "--queries", str(queries), "--candidates", str(cands), "--out", str(tmp_path / "o.jsonl"),
                  "--candidate", "nope"]) == 2

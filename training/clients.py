@@ -63,7 +63,10 @@ class OpenAIClient:
     """An OpenAI-compatible chat-completions endpoint (vLLM, TGI, llama.cpp server, OpenAI itself)."""
 
     def __init__(self, serve: dict, sampling: Sampling, name: str):
-        self.url = str(serve["openai_base_url"]).rstrip("/") + "/chat/completions"
+        base = str(serve["openai_base_url"]).rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise UserError(f"candidate {name!r}: openai_base_url must start with http:// or https://, got {base!r}")
+        self.url = base + "/chat/completions"
         self.model = str(serve.get("model") or name)
         self.sampling = sampling
         self.headers = {"Content-Type": "application/json"}
