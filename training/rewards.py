@@ -48,6 +48,8 @@ class RewardModel:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this torch sees no CUDA GPU (use --device cpu or auto)")
         if dtype == "auto":
             if self.device.type == "cuda":
                 dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
@@ -61,6 +63,8 @@ class RewardModel:
             # Decoder reward models often ship without a pad token; batching needs one, and the model must
             # know it to find each sequence's last real token.
             self.tokenizer.pad_token = self.tokenizer.eos_token
+            if self.tokenizer.pad_token is None:
+                raise UserError(f"reward model {self.path}: its tokenizer has neither a pad nor an eos token to batch with")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         # We pad token lists we built ourselves (to shorten answers, not queries); the "use __call__" advice does not apply.
