@@ -15,13 +15,14 @@ QUERIES="$ZOOTER_DATA/mt_bench/question.jsonl"
 N_PROMPTS="${N_PROMPTS:-3}"
 # The stand-ins generate one answer at a time on 2 shared cores (~5-10 s each): keep answers short.
 export MAX_TOKENS="${MAX_TOKENS:-32}"
-ROUTING="$OUT/triton-repo/zooter_decide/1/routing.json"
+# The repository builder writes routing.json (which label is served by which model, stand-ins marked) beside its models.
+ROUTING=$(ls "$OUT"/triton-repo/*/1/routing.json 2>/dev/null | head -n 1 || true)
 
 generate_args=(--queries "$QUERIES" --limit "$N_PROMPTS" --source mt_bench --out "$DIR/answers.jsonl" --no-progress)
 rm -f "$DIR/answers.jsonl" "$DIR/answers.pairs.jsonl"
 
 used_triton=0
-if [ -f "$ROUTING" ] && grep -q '"stand_in": true' "$ROUTING"; then
+if [ -n "$ROUTING" ] && grep -q '"stand_in": true' "$ROUTING"; then
     echo "== answers from Triton stand-ins in $OUT/triton-repo (SmolLM2-135M-Instruct, CPU) =="
     if python - "$OUT" "$ROUTING" "$DIR" "${generate_args[@]}" <<'EOF'
 import json, os, sys
