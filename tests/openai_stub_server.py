@@ -10,6 +10,7 @@ be tested against real HTTP failures:
     verbose  answers with 40 copies of the prompt (always hits max_tokens)
     empty    answers with an empty string
     flaky    answers 503 to the first request for each prompt, then normally
+    limited  answers 429 with "Retry-After: 1" to the first request for each prompt, then normally
     broken   answers 500 every time
     missing  answers 404 "model not found"
     private  answers 401 unless the request carries "Authorization: Bearer test-key"
@@ -69,9 +70,11 @@ def make_handler(stats: Stats, delay: float):
         def log_message(self, *args):  # keep test output clean
             pass
 
-        def _send(self, code: int, obj) -> None:
+        def _send(self, code: int, obj, headers: dict | None = None) -> None:
             body = json.dumps(obj).encode()
             self.send_response(code)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -111,6 +114,9 @@ def make_handler(stats: Stats, delay: float):
                     return
                 if "flaky" in model and stats.first_time(model, prompt):
                     self._send(503, {"error": {"message": "overloaded, try again"}})
+                    return
+                if "limited" in model and stats.first_time(model, prompt):
+                    self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"})
                     return
                 words = answer_text(model, prompt).split()
                 finish = "length" if len(words) > max_tokens else "stop"

@@ -227,3 +227,14 @@ def test_api_key_from_environment(tmp_path, server, monkeypatch):
     assert summary.tallies["keyed"].answered == 2
     assert summary.tallies["keyless"].failed == 2 and "HTTP 401" in summary.failures[0][2]
     assert stats(server)["requests"]["private-too"] == 2  # a 401 is not retried
+
+
+def test_retry_after_is_honoured(tmp_path, server):
+    queries, _ = read_queries(queries_file(tmp_path, 2))
+    cands = parse_candidates([{"name": n, "serve": {"openai_base_url": server + "/v1"}} for n in ("a", "b-limited")])
+    summary = generate(queries, cands, tmp_path / "a.jsonl", policy=RetryPolicy(retries=2, backoff_s=0.01),
+                       progress=False)
+    limited = summary.tallies["b-limited"]
+    assert limited.answered == 2 and limited.retried == 2
+    # Each pair waited the server's 1 s, not the policy's ~10 ms.
+    assert limited.seconds >= 2 * 1.0

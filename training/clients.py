@@ -37,9 +37,10 @@ class Answer:
 class CallError(Exception):
     """A failed call; `retryable` is False when the same request can only fail again."""
 
-    def __init__(self, message: str, retryable: bool):
+    def __init__(self, message: str, retryable: bool, retry_after_s: float | None = None):
         super().__init__(message)
         self.retryable = retryable
+        self.retry_after_s = retry_after_s  # the server's own Retry-After, when it sent one
 
 
 @dataclass
@@ -57,6 +58,14 @@ def client_for(name: str, serve: dict, sampling: Sampling):
     if serve.get("triton_model"):
         return TritonClient(serve, sampling)
     raise UserError(f"candidate {name!r} has no usable 'serve' entry (need openai_base_url or triton_model), got {serve!r}")
+
+
+def _seconds(value) -> float | None:
+    """Retry-After as seconds (the HTTP-date form is rare from LLM servers and is ignored)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 class OpenAIClient:
@@ -92,7 +101,8 @@ class OpenAIClient:
             detail = err.read().decode("utf-8", "replace")[:300].strip()
             # 408/409/425/429 and 5xx are the server's momentary trouble; other 4xx are our request's fault.
             retryable = err.code in (408, 409, 425, 429) or err.code >= 500
-            raise CallError(f"HTTP {err.code} from {self.url}: {detail}", retryable) from None
+            raise CallError(f"HTTP {err.code} from {self.url}: {detail}", retryable,
+                            _seconds(err.headers.get("Retry-After") if err.headers else None)) from None
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
             raise CallError(f"cannot reach {self.url}: {reason}", True) from None

@@ -223,9 +223,11 @@ class RetryPolicy:
     backoff_s: float = 1.0    # first wait; doubles each time, with jitter
     max_wait_s: float = 30.0
 
-    def wait_s(self, attempt: int) -> float:
+    def wait_s(self, attempt: int, server_says: float | None = None) -> float:
         # Jitter spreads the retries of many workers that failed together, so they do not hit the server together.
-        return min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+        wait = min(self.max_wait_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random())
+        # A server that says when to come back (Retry-After) knows better than our guess, within our cap.
+        return max(wait, min(server_says, self.max_wait_s)) if server_says is not None else wait
 
 
 def call_with_retries(complete: Callable[[str], Answer], prompt: str, policy: RetryPolicy,
@@ -239,9 +241,10 @@ def call_with_retries(complete: Callable[[str], Answer], prompt: str, policy: Re
         except CallError as err:
             if not err.retryable or attempt > policy.retries or stop.is_set():
                 return None, str(err), attempt
+            server_says = err.retry_after_s
         except Exception as err:  # a client bug or an odd reply must cost one pair, not the run
             return None, f"{type(err).__name__}: {err}", attempt
-        if stop.wait(policy.wait_s(attempt)):
+        if stop.wait(policy.wait_s(attempt, server_says)):
             return None, "interrupted while waiting to retry", attempt
 
 
