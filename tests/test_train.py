@@ -1,0 +1,162 @@
+"""A tiny training run (tiny random encoder from conftest) lowers the loss and writes a run that loads;
+seeds make runs identical; resume continues exactly; the CLI trains, evaluates, tags and reproduces."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zooter.cli import main
+from zooter.training.dataset import RoutingDataset, Row
+from zooter.training.evaluate import predict_probs
+from zooter.training.model import RouterModel
+from zooter.training.train import TrainConfig, train
+
+CANDIDATES = ["mathy", "poet", "coder"]
+TOPICS = {
+    "mathy": ["solve for x: {n} x + {m} = 0", "what is {n} times {m}?", "compute the integral of x^{n}"],
+    "poet": ["write a poem about the {w}", "a haiku on {w} please", "compose a sonnet about {w}"],
+    "coder": ["fix this python function: def f({w}): return {n}", "write a sql query selecting {w}", "debug my javascript {w} loop"],
+}
+WORDS = ["sea", "moon", "city", "forest", "rain", "train", "river", "snow", "fire", "glass"]
+
+
+def synthetic(n: int, seed: int) -> RoutingDataset:
+    """Queries whose best candidate is their topic's specialist (with some noise); tags name the topic."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = CANDIDATES[i % 3]
+        text = rng.choice(TOPICS[topic]).format(n=rng.randint(2, 99), m=rng.randint(2, 99), w=rng.choice(WORDS))
+        rewards = {c: round(rng.uniform(0.0, 0.3), 3) for c in CANDIDATES}
+        rewards[topic] = round(rng.uniform(0.7, 1.0), 3)
+        rows.append(Row(f"{seed}-{i}", f"{text} #{i}", rewards, [f"topic:{topic}"], source="synthetic"))
+    return RoutingDataset(rows, CANDIDATES)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("routing")
+    paths = {}
+    for name, n, seed in (("train", 120, 0), ("dev", 30, 1), ("test", 30, 2)):
+        paths[name] = folder / f"{name}.jsonl"
+        synthetic(n, seed).save(paths[name])
+    paths["candidates"] = folder / "candidates.yaml"
+    paths["candidates"].write_text("\n".join(
+        f"- {{name: {c}, cost: {{input_per_mtok: {p}, output_per_mtok: {p}}}}}" for c, p in zip(CANDIDATES, (1.0, 0.2, 3.0))) + "\n")
+    return paths
+
+
+def config(files, tiny_backbone, out, **kw) -> TrainConfig:
+    base = dict(data=str(files["train"]), dev=str(files["dev"]), out=str(out), backbone=str(tiny_backbone),
+                epochs=4, lr=3e-3, max_length=32, batch_size=16, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def full_run(files, tiny_backbone, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    return out, train(config(files, tiny_backbone, out, candidates=str(files["candidates"])))
+
+
+def test_training_lowers_the_loss_and_writes_a_run_that_loads(full_run, files):
+    out, info = full_run
+    losses = [h["train_loss"] for h in info["curves"]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert not (out / "state.pt").exists()  # optimizer state is dropped once the run has finished
+    model, tokenizer, meta = RouterModel.load(out)
+    assert model.labels == CANDIDATES == meta["labels"]
+    for key in ("max_length", "backbone", "beta", "tau", "loss", "seed", "data_sha256", "best_single", "dev", "curves"):
+        assert key in meta, key
+    assert meta["beta"] == 0.3 and meta["loss"] == "kl" and meta["data_sha256"] == RoutingDataset.load(files["train"]).sha256()
+    assert meta["best_single"]["candidate"] in CANDIDATES
+    assert meta["dev"]["epoch"] == max(info["curves"], key=lambda h: h["dev_reward"])["epoch"]
+    assert json.loads((out / "curves.json").read_text()) == info["curves"]
+
+
+def test_predict_probs_on_a_run_matches_the_model(full_run, files):
+    out, _ = full_run
+    texts = RoutingDataset.load(files["test"]).queries[:5]
+    labels, probs = predict_probs(out, texts)
+    assert labels == CANDIDATES and probs.shape == (5, 3)
+    model, tokenizer, meta = RouterModel.load(out)
+    with torch.no_grad():
+        enc = tokenizer([texts[2]], truncation=True, max_length=meta["max_length"], return_tensors="pt")
+        expected = torch.softmax(model(**enc)["logits"], -1).numpy()[0]
+    assert probs[2] == pytest.approx(expected, abs=1e-5)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(files, tiny_backbone, tmp_path):
+    heads = []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train(config(files, tiny_backbone, tmp_path / name, seed=seed, epochs=1))
+        heads.append(load_file(tmp_path / name / "head.safetensors")["weight"])
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], heads[2])
+
+
+def test_frozen_head_learns_the_topics_and_resume_continues_exactly(files, tiny_backbone, tmp_path, monkeypatch):
+    straight = train(config(files, tiny_backbone, tmp_path / "straight", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache")))
+    assert straight["curves"][-1]["train_loss"] < straight["curves"][0]["train_loss"]
+    # The topics are learnable from a frozen random encoder's mean-pooled tokens: beat the best single on dev.
+    assert straight["dev"]["mean_reward"] > straight["dev"]["best_single_from_train"]
+
+    # Interrupt a second run after its 3rd epoch, then resume it: it must end where the straight run did.
+    import zooter.training.train as loop
+
+    calls = {"n": 0}
+    real = loop.routed_reward
+
+    def interrupt_after_three(*a):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(loop, "routed_reward", interrupt_after_three)
+    cfg = config(files, tiny_backbone, tmp_path / "resumed", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert (tmp_path / "resumed" / "state.pt").exists()
+    monkeypatch.setattr(loop, "routed_reward", real)
+    resumed = train(cfg, resume=True)
+    assert [h["dev_reward"] for h in resumed["curves"]] == [h["dev_reward"] for h in straight["curves"]]
+    assert torch.allclose(load_file(tmp_path / "resumed" / "head.safetensors")["weight"],
+                          load_file(tmp_path / "straight" / "head.safetensors")["weight"])
+
+
+def test_hard_labels_and_holdout_without_dev(files, tiny_backbone, tmp_path):
+    info = train(config(files, tiny_backbone, tmp_path / "hard", dev=None, loss="hard", frozen=True, epochs=2))
+    assert info["loss"] == "hard" and info["beta"] == 1.0
+    # 10% held out by query hash: the two parts partition the 120 training rows.
+    assert info["n_dev"] > 0 and info["n_train"] + info["n_dev"] == 120
+
+
+def test_cli_train_eval_and_plots(files, tiny_backbone, tmp_path, capsys):
+    run, report_path, plots = tmp_path / "run", tmp_path / "eval.json", tmp_path / "plots"
+    assert main(["train", "--data", str(files["train"]), "--dev", str(files["dev"]), "--out", str(run), "--backbone",
+                 str(tiny_backbone), "--frozen", "--epochs", "20", "--lr", "0.03", "--max-length", "32",
+                 "--candidates", str(files["candidates"])]) == 0
+    assert main(["eval", str(run), "--data", str(files["test"]), "--json", str(report_path), "--plots", str(plots)]) == 0
+    out = capsys.readouterr().out
+    assert "router" in out and "gap closed" in out
+    report = json.loads(report_path.read_text())
+    assert report["n"] == 30 and report["cost_unit"] == "usd_per_mtok"
+    assert set(report["baselines"]) >= {"best_single", "oracle", "random", "per_candidate"}
+    assert report["baselines"]["best_single"]["candidate"] == json.loads((run / "run.json").read_text())["best_single"]["candidate"]
+    assert len(report["pareto"]) > 3 and set(report["mtr"]) == {"router", *CANDIDATES}
+    assert {p.rsplit("/", 1)[1] for p in report["plots"]} >= {"quality_cost.png", "per_tag.png", "chosen_vs_best.png"}
+    assert all((plots / name).stat().st_size > 1000 for name in ("quality_cost.png", "per_tag.png", "chosen_vs_best.png"))
+
+
+def test_cli_errors_are_one_line(files, tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", str(tmp_path), "--data", str(files["test"]), "--json", str(tmp_path / "r.json")]) == 2
+    assert "neither a run" in capsys.readouterr().err
+    assert main(["train", "--data", str(files["train"]), "--out", str(tmp_path / "y"), "--beta", "2"]) == 2
