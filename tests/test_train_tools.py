@@ -1,0 +1,69 @@
+"""The k-means tagger, the LLM tag parser, and `zooter reproduce` on a tiny encoder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from zooter.cli import main
+from zooter.training.dataset import RoutingDataset
+from zooter.training.tags import kmeans, nearest, parse_llm_tags
+
+from test_train import files  # noqa: F401  (the shared synthetic data fixture)
+
+
+def test_kmeans_finds_separated_clusters():
+    rng = np.random.default_rng(0)
+    centers = np.eye(4)[:3] * 5
+    x = np.vstack([c + rng.normal(0, 0.3, size=(20, 4)) for c in centers])
+    c = kmeans(x, 3, seed=0)
+    assign = nearest(x, c, 1)[:, 0]
+    # Each true cluster maps to one centroid, and different clusters to different centroids.
+    groups = [set(assign[i * 20:(i + 1) * 20]) for i in range(3)]
+    assert all(len(g) == 1 for g in groups) and len(set.union(*groups)) == 3
+    two = nearest(x, c, 2)
+    assert two.shape == (60, 2) and (two[:, 0] != two[:, 1]).all()
+
+
+def test_parse_llm_tags():
+    assert parse_llm_tags("Math, Word Problems.\n") == ["llm:math", "llm:word-problems"]
+    assert parse_llm_tags("a, b, c, d") == ["llm:a", "llm:b", "llm:c"]
+
+
+def test_cli_tag_adds_kmeans_tags_and_reuses_centroids(files, tiny_backbone, tmp_path, capsys):
+    out, centroids = tmp_path / "tagged.jsonl", tmp_path / "centroids.npz"
+    assert main(["tag", str(files["train"]), "--out", str(out), "--k", "4", "--per-query", "2",
+                 "--backbone", str(tiny_backbone), "--centroids", str(centroids)]) == 0
+    data = RoutingDataset.load(out)
+    for row in data.rows:
+        kt = [t for t in row.tags if t.startswith("kmeans:")]
+        assert len(kt) == 2 and row.tags[0].startswith("topic:")  # existing tags kept, two nearest centroids added
+    assert centroids.is_file()
+    assert main(["tag", str(files["dev"]), "--out", str(tmp_path / "dev.jsonl"), "--replace", "--per-query", "1",
+                 "--backbone", str(tiny_backbone), "--centroids", str(centroids)]) == 0
+    assert "loaded from" in capsys.readouterr().out
+    dev = RoutingDataset.load(tmp_path / "dev.jsonl")
+    assert all(len(r.tags) == 1 and r.tags[0] in {f"kmeans:{j}" for j in range(4)} for r in dev.rows)
+
+
+def test_cli_reproduce_table(files, tiny_backbone, tmp_path, capsys):
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--data", str(files["train"]), "--dev", str(files["dev"]), "--test", str(files["test"]),
+                 "--out", str(out), "--backbone", str(tiny_backbone), "--frozen", "--epochs", "5", "--lr", "0.03",
+                 "--max-length", "32", "--betas", "0.5"]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert [v["variant"] for v in table["variants"]] == ["hard", "beta=1", "beta=0.3", "beta=0.5"]
+    assert all(v["n"] == 30 and 0 <= v["mean_reward"] <= 1 for v in table["variants"])
+    printed = capsys.readouterr().out
+    assert "gap closed" in printed and "beta=0.5" in printed
+
+
+def test_cli_reproduce_cross_validation(files, tiny_backbone, tmp_path):
+    out = tmp_path / "cv"
+    assert main(["reproduce", "--data", str(files["train"]), "--folds", "3", "--out", str(out), "--backbone",
+                 str(tiny_backbone), "--frozen", "--epochs", "3", "--max-length", "32", "--betas", ""]) == 0
+    table = json.loads((out / "table.json").read_text())
+    # Every row is held out exactly once across the folds.
+    assert table["folds"] == 3 and all(v["n"] == 120 for v in table["variants"])
