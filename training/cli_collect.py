@@ -60,12 +60,13 @@ def register(sub) -> None:
 
 
 def run_generate(args) -> int:
+    import sys
     from pathlib import Path
 
     from zooter.errors import UserError
     from zooter.training.candidates import load_candidates
     from zooter.training.clients import Sampling
-    from zooter.training.generate import RetryPolicy, generate, read_queries
+    from zooter.training.generate import RetryPolicy, generate, journal_path, read_queries
 
     for flag, value in (("--max-tokens", args.max_tokens), ("--concurrency", args.concurrency)):
         if value < 1:
@@ -89,13 +90,18 @@ def run_generate(args) -> int:
     if repeated:
         print(f"skipped {repeated} repeated lines of {args.queries}")
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, timeout_s=args.timeout)
-    summary = generate(queries, candidates, args.out, sampling=sampling, concurrency=args.concurrency,
-                       policy=RetryPolicy(retries=args.retries, backoff_s=args.backoff),
-                       source=args.source if args.source is not None else Path(args.queries).stem,
-                       progress=not args.no_progress)
+    try:
+        summary = generate(queries, candidates, args.out, sampling=sampling, concurrency=args.concurrency,
+                           policy=RetryPolicy(retries=args.retries, backoff_s=args.backoff),
+                           source=args.source if args.source is not None else Path(args.queries).stem,
+                           progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"stopped: finished pairs are kept in {journal_path(args.out, 'pairs')}; "
+              f"run the same command again to ask only the rest", file=sys.stderr)
+        raise
     for line in summary.lines():
         print(line)
-    print(f"wrote {args.out} ({summary.queries} rows, rewards null until `zooter score`); journal {summary.journal}")
+    print(f"wrote {args.out} (rewards null until `zooter score`); journal {summary.journal}")
     # Failed pairs are recorded, not fatal: exit 0 with the answers we have; 1 when nothing was answered at all.
     return 0 if summary.answered_total else 1
 

@@ -440,7 +440,8 @@ def _latest(records: Iterable[dict]) -> dict[tuple[str, str], dict]:
 
 def write_answers(queries: Sequence[Query], names: Sequence[str], records: Iterable[dict], out: str | Path,
                   source: str = "") -> int:
-    """Rewrite the answers file from journal records, in query order; returns how many records were left out."""
+    """Rewrite the answers file from journal records, in query order, one row per query with at least one
+    finished pair; returns how many records were left out (other queries or candidates)."""
     latest = _latest(records)
     wanted_ids = {q.id for q in queries}
     wanted_names = set(names)
@@ -448,6 +449,8 @@ def write_answers(queries: Sequence[Query], names: Sequence[str], records: Itera
 
     def rows():
         for q in queries:
+            if not any((q.id, name) in latest for name in names):
+                continue  # not asked yet (an interrupted run): no row rather than an empty one
             responses, errors, cut = {}, {}, []
             for name in names:
                 rec = latest.get((q.id, name))
