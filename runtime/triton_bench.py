@@ -2,9 +2,10 @@
 
 For concurrency 1, 8 and 32: the in-process Router (threads sharing one Router), Triton's
 zooter_route over HTTP and over gRPC (one client per thread, one query per request, as an app
-routes). Per-request latency percentiles and throughput for each; from Triton's metrics endpoint,
-the mean queue and compute time per request of each routing model during each Triton pass. Then
-every query is routed both ways once more and the decisions compared.
+routes), in interleaved rounds so that load from elsewhere falls on all alike. Per-request latency
+percentiles and throughput for each; from Triton's metrics endpoint, the mean queue and compute
+time per request of each routing model during the Triton passes. Then every query is routed both
+ways once more, one query per request, and the decisions compared (and again in batches of 32).
 
     triton_overhead_p50_ms = p50(HTTP, concurrency 1) - p50(in-process, concurrency 1)
     decisions_match        = [queries where Triton chose what the Router chose, queries]
@@ -106,23 +107,47 @@ def run_concurrent(make_call: Callable[[], Callable[[str], object]], queries: Se
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    out = percentiles(latencies) if latencies else {"n": 0}
-    out.update(concurrency=concurrency, throughput_qps=len(latencies) / wall if wall else 0.0, errors=len(errors))
+    out = {"_latencies": latencies, "wall_s": wall, "errors": len(errors)}
     if errors:
         out["first_error"] = errors[0]
     return out
 
 
-def _triton_caller(protocol: str, address: str):
-    from zooter.runtime.triton_client import ROUTE_MODEL
+def merge_cells(parts: list[dict]) -> dict:
+    """One cell from several rounds: percentiles over all latencies, throughput over all wall time."""
+    latencies = [ms for p in parts for ms in p.pop("_latencies")]
+    wall = sum(p["wall_s"] for p in parts)
+    out = percentiles(latencies) if latencies else {"n": 0}
+    out.update(throughput_qps=len(latencies) / wall if wall else 0.0, errors=sum(p["errors"] for p in parts))
+    first = next((p["first_error"] for p in parts if "first_error" in p), None)
+    if first:
+        out["first_error"] = first
+    return out
 
+
+def _route_one_by_one(address: str, queries: Sequence[str]) -> list[dict]:
+    from zooter.runtime.triton_client import _route_rows
+
+    client, module = _triton_client("http", address)
+    try:
+        return [_route_rows(client, module, [q])[0] for q in queries]
+    finally:
+        client.close()
+
+
+def _triton_client(protocol: str, address: str):
     if protocol == "grpc":
         import tritonclient.grpc as module
     else:
         import tritonclient.http as module
+    return module.InferenceServerClient(address), module
+
+
+def _triton_caller(protocol: str, address: str):
+    from zooter.runtime.triton_client import ROUTE_MODEL
 
     def make_call():
-        client = module.InferenceServerClient(address)
+        client, module = _triton_client(protocol, address)
         outputs = [module.InferRequestedOutput("candidate"), module.InferRequestedOutput("probabilities")]
 
         def call(text):
@@ -188,22 +213,41 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
             call(q)
 
     cells = []
+    names = list(engines)
     for c in concurrency:
         n = requests or max(len(queries), 4 * c)
-        # Engines alternate within each concurrency level, so load from other processes hits them alike.
-        for name, make_call in engines.items():
-            before = scrape(metrics) if have_metrics and name != "in-process" else None
-            cell = run_concurrent(make_call, queries, c, n)
-            cell["engine"] = name
-            if before is not None:
-                cell["server"] = server_side(before, scrape(metrics))
+        # Interleaved rounds, the engine order rotating: load from other processes on this machine
+        # then falls on every engine alike, and the ratios compare like with like.
+        rounds = max(1, min(8, n // (2 * c)))
+        parts = {name: [] for name in names}
+        served = {name: ({}, {}) for name in names}
+        for r in range(rounds):
+            size = n // rounds + (1 if r < n % rounds else 0)
+            for k in range(len(names)):
+                name = names[(r + k) % len(names)]
+                before = scrape(metrics) if have_metrics and name != "in-process" else None
+                parts[name].append(run_concurrent(engines[name], queries[r * size:] + queries[:r * size], c, size))
+                if before is not None:
+                    after = scrape(metrics)
+                    for key in set(before) | set(after):
+                        served[name][0][key] = served[name][0].get(key, 0.0) + before.get(key, 0.0)
+                        served[name][1][key] = served[name][1].get(key, 0.0) + after.get(key, 0.0)
+        for name in names:
+            cell = merge_cells(parts[name])
+            cell.update(engine=name, concurrency=c, rounds=rounds)
+            if served[name][1]:
+                cell["server"] = server_side(*served[name])
             cells.append(cell)
 
-    in_process = router.route_batch(queries)
-    via_triton = route_via_triton(f"http://{http_address}", queries)
+    # Decisions, one query per request both ways (as an app routes; no batch to share int8 scales with).
+    in_process = [router.route(q) for q in queries]
+    via_triton = _route_one_by_one(http_address, queries)
     matching = sum(a.candidate == b["candidate"] for a, b in zip(in_process, via_triton))
     max_diff = max(abs(a.probabilities[k] - b["probabilities"][k]) for a, b in zip(in_process, via_triton)
                    for k in a.probabilities)
+    # And in batches of 32 (Router.route_batch against route_via_triton, which form the same batches).
+    batched = sum(a.candidate == b["candidate"] for a, b in
+                  zip(router.route_batch(queries), route_via_triton(f"http://{http_address}", queries)))
 
     def p50(engine, c=1):
         return next((x["p50_ms"] for x in cells if x["engine"] == engine and x["concurrency"] == c and x["n"]), None)
@@ -214,6 +258,7 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
         "triton_overhead_p50_ms": (http - base) if http is not None and base is not None else None,
         "triton_grpc_overhead_p50_ms": (p50("triton-grpc") - base) if p50("triton-grpc") is not None else None,
         "decisions_match": [int(matching), len(queries)],
+        "decisions_match_batched": [int(batched), len(queries)],
         "max_probability_diff": float(max_diff),
         "cells": cells, "notes": notes,
     }
@@ -242,7 +287,9 @@ def format_table(report: dict) -> str:
     lines.append(f"Triton overhead at p50 (HTTP, concurrency 1): {overhead:+.2f} ms (target <= 1 ms)")
     if report.get("triton_grpc_overhead_p50_ms") is not None:
         lines.append(f"Triton overhead at p50 (gRPC, concurrency 1): {report['triton_grpc_overhead_p50_ms']:+.2f} ms")
-    lines.append(f"decisions through Triton = in-process: {m}/{n} ({100 * m / n:.1f}%), "
+    lines.append(f"decisions through Triton = in-process, one query per request: {m}/{n} ({100 * m / n:.1f}%), "
                  f"max probability difference {report['max_probability_diff']:.2e}")
+    mb, nb = report["decisions_match_batched"]
+    lines.append(f"decisions through Triton = in-process, batches of 32: {mb}/{nb} ({100 * mb / nb:.1f}%)")
     lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)

@@ -96,10 +96,15 @@ def route_via_triton(url: str, texts: Sequence[str]) -> list[dict]:
     if isinstance(texts, str):
         raise TypeError("route_via_triton takes a list of queries")
     client, module = route_client(url)
+    # Batches of similar lengths, as Router.route_batch forms them: less padding, and a dynamic int8
+    # router (activation scales span the batch) then sees the same batches as in-process.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list = [None] * len(texts)
     try:
-        out = []
-        for start in range(0, len(texts), BATCH):
-            out += _route_rows(client, module, list(texts[start:start + BATCH]))
+        for start in range(0, len(order), BATCH):
+            idx = order[start:start + BATCH]
+            for i, decision in zip(idx, _route_rows(client, module, [texts[i] for i in idx])):
+                out[i] = decision
         return out
     finally:
         client.close()

@@ -1,8 +1,13 @@
 """Triton python model `zooter_router` (python variant): token ids -> logits with onnxruntime.
 
-The same ONNX file and the same onnxruntime as the in-process Router. Requests batched together by
-Triton have different widths; they are right-padded to the widest (attention_mask 0, so mean
-pooling ignores the padding) and run as one batch, then split back per request.
+The same ONNX file and the same onnxruntime as the in-process Router. Requests that Triton hands
+over together are run one by one, each at its own width, never padded to each other:
+  - padding to the widest request costs compute on CPU (attention grows with the square of the
+    width) for little gain, since one request already keeps the cores busy;
+  - a dynamic int8 model scales its activations over the whole batch, padding included, so a
+    request merged with others could get (slightly) different probabilities than in-process.
+Triton's onnxruntime backend behaves alike: without ragged batching it only batches requests of
+the same shape. Dynamic batching still pays: one round trip to this process for many requests.
 """
 
 import json
@@ -27,17 +32,9 @@ class TritonPythonModel:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def execute(self, requests):
-        parts = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs}
-                 for r in requests]
-        width = max(p["input_ids"].shape[1] for p in parts)
-        feed = {}
-        for name in self.inputs:
-            feed[name] = np.concatenate(
-                [np.pad(p[name], ((0, 0), (0, width - p[name].shape[1]))) for p in parts]).astype(np.int64)
-        logits = self.session.run(["logits"], feed)[0].astype(np.float32)
-        responses, start = [], 0
-        for p in parts:
-            n = p["input_ids"].shape[0]
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits[start:start + n])]))
-            start += n
+        responses = []
+        for request in requests:
+            feed = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
+            logits = self.session.run(["logits"], feed)[0].astype(np.float32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits)]))
         return responses
