@@ -160,3 +160,20 @@ def test_cli_errors_are_one_line(files, tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--data", str(files["test"]), "--json", str(tmp_path / "r.json")]) == 2
     assert "neither a run" in capsys.readouterr().err
     assert main(["train", "--data", str(files["train"]), "--out", str(tmp_path / "y"), "--beta", "2"]) == 2
+
+
+def test_eval_takes_a_bundle_like_a_run(full_run, files, tmp_path):
+    """An exported fp32 bundle routes like its run, and `zooter eval` reads its provenance (best single)."""
+    run, _ = full_run
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle"), "--quantize", "none"]) == 0
+    texts = RoutingDataset.load(files["test"]).queries
+    run_labels, run_probs = predict_probs(run, texts)
+    labels, probs = predict_probs(tmp_path / "bundle", texts)
+    assert labels == run_labels
+    assert np.abs(probs - run_probs).max() < 1e-4
+    assert main(["eval", str(tmp_path / "bundle"), "--data", str(files["test"]), "--candidates", str(files["candidates"]),
+                 "--json", str(tmp_path / "bundle.json")]) == 0
+    assert main(["eval", str(run), "--data", str(files["test"]), "--json", str(tmp_path / "run.json")]) == 0
+    from_bundle, from_run = (json.loads((tmp_path / n).read_text()) for n in ("bundle.json", "run.json"))
+    assert from_bundle["router"]["mean_reward"] == pytest.approx(from_run["router"]["mean_reward"])
+    assert from_bundle["baselines"]["best_single"] == from_run["baselines"]["best_single"]

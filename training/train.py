@@ -54,6 +54,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     frozen: bool = False                # train the head only, on embeddings computed once
+    train_layers: int | None = None     # fine-tune only the top N transformer layers (None: all)
     cache: str | None = None            # folder caching frozen embeddings across runs
     threads: int | None = None          # torch CPU threads; None = torch's default
     keep_state: bool = False            # keep state.pt after the run ends (to extend it later)
@@ -140,6 +141,24 @@ def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_s
     return emb
 
 
+def freeze_lower_layers(model, keep: int) -> None:
+    """Fine-tune only the top `keep` transformer layers and the head. Backpropagation then stops at
+    the lowest trained layer, which is what makes fine-tuning affordable on a CPU."""
+    from torch import nn
+
+    n = model.encoder.config.num_hidden_layers
+    stacks = [m for m in model.encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not stacks:
+        raise UserError(f"cannot find the {n} transformer layers of {type(model.encoder).__name__}; drop --train-layers")
+    if not 0 <= keep <= n:
+        raise UserError(f"--train-layers must be between 0 and {n}, got {keep}")
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    for layer in list(stacks[0])[n - keep:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+
+
 def routed_reward(rewards: np.ndarray, logits: np.ndarray) -> float:
     """Dev metric: mean reward of the argmax candidate among each row's scored candidates."""
     choice = np.argmax(np.where(np.isnan(rewards), -np.inf, logits), axis=1)
@@ -188,10 +207,13 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     else:
         lengths = np.array([len(ids) for ids in tokenizer(queries, truncation=True, max_length=cfg.max_length)["input_ids"]])
         trained = model
+        if cfg.train_layers is not None:
+            freeze_lower_layers(model, cfg.train_layers)
 
     # AdamW without weight decay on biases and LayerNorm weights; linear warmup then linear decay.
-    decay = [p for n, p in trained.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in trained.named_parameters() if p.ndim < 2]
+    params = [p for p in trained.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     steps_per_epoch = math.ceil(len(queries) / cfg.batch_size / accelerator.num_processes)
