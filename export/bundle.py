@@ -93,18 +93,49 @@ def bundle_bytes(manifest: dict) -> int:
 
 
 # --- run -> bundle --------------------------------------------------------------------------------
-def _run_dev_file(run: Path, info: dict) -> Path | None:
-    """The run's dev rows, wherever training recorded them (a path in run.json, or RUN/dev.jsonl)."""
-    candidates = [info.get(k) for k in ("dev_data", "dev_path", "dev_file")]
-    data = info.get("data")
-    if isinstance(data, dict):
-        candidates += [data.get("dev"), data.get("dev_path")]
-    candidates.append(str(run / "dev.jsonl"))
-    for c in candidates:
-        if isinstance(c, str) and c:
-            path = Path(c) if Path(c).is_absolute() else (run / c if (run / c).is_file() else Path(c))
-            if path.is_file():
-                return path
+class Validation:
+    """Validation queries for the parity check, with their rewards when they are routing data."""
+
+    def __init__(self, texts: list[str], source: str, dataset=None):
+        self.texts, self.source, self.dataset = texts, source, dataset
+
+    def rewards(self, labels, n: int):
+        """(n, labels) reward matrix (NaN = not scored), or None when the rows carry no rewards for these labels."""
+        import numpy as np
+
+        if self.dataset is None or any(name not in self.dataset.candidates for name in labels):
+            return None
+        matrix = self.dataset.rewards()[:n]
+        return matrix[:, [self.dataset.candidates.index(name) for name in labels]].astype(np.float64)
+
+
+def _routing_or_lines(path: str | Path) -> Validation:
+    from zooter.runtime.bench import read_queries
+    from zooter.training.dataset import DataError, RoutingDataset
+
+    try:
+        data = RoutingDataset.load(path)
+    except (DataError, UnicodeDecodeError):  # not routing data: plain queries, one a line (or another JSON layout)
+        return Validation(read_queries(path), str(path))
+    return Validation(list(data.queries), str(path), data)
+
+
+def run_dev_queries(run: Path, info: dict) -> Validation | None:
+    """The run's dev rows: the --dev file training used, else the same hash-held-out share of its
+    --data that training held out (training.train.split_dev), else RUN/dev.jsonl."""
+    config = info.get("config") if isinstance(info.get("config"), dict) else {}
+    dev = config.get("dev") or info.get("dev_data")
+    if isinstance(dev, str) and Path(dev).is_file():
+        return _routing_or_lines(dev)
+    data = info.get("data") or config.get("data")
+    if isinstance(data, str) and Path(data).is_file():
+        from zooter.training.dataset import RoutingDataset
+        from zooter.training.train import split_dev
+
+        _, dev_rows = split_dev(RoutingDataset.load(data), None)
+        return Validation(list(dev_rows.queries), f"{data} (training's dev hold-out)", dev_rows)
+    if (run / "dev.jsonl").is_file():
+        return _routing_or_lines(run / "dev.jsonl")
     return None
 
 
@@ -158,7 +189,6 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     from zooter.export import parity as par
     from zooter.export.onnx_export import export_onnx
     from zooter.export.quantize import OPTIMIZATION_LEVEL, optimize, quantize_int8
-    from zooter.runtime.bench import read_queries
     from zooter.runtime.router import open_session
     from zooter.runtime.tokenize import load_tokenizer
     from zooter.training.model import RouterModel
@@ -168,12 +198,18 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     run, out = Path(run), Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out}: exists and is not empty; pass --force to replace it")
-    calib_path = Path(calib) if calib else _run_dev_file(run, read_run_info(run))
-    if calib_path is None:
+    info = read_run_info(run)
+    if calib and not Path(calib).is_file():
+        raise UserError(f"{calib}: no such --calib file")
+    validation = _routing_or_lines(calib) if calib else run_dev_queries(run, info)
+    if validation is None:
         raise UserError(f"{run}: run.json names no dev rows for the parity check; pass --calib FILE (queries, or routing JSONL)")
-    texts = read_queries(calib_path)[:parity_n]
+    texts, calib_path = validation.texts[:parity_n], validation.source
     if not texts:
         raise UserError(f"{calib_path}: no queries for the parity check")
+    recorded = info.get("candidates_file")
+    if not candidates and isinstance(recorded, str) and Path(recorded).is_file():
+        candidates = recorded
 
     started = time.perf_counter()
     model, hf_tokenizer, info = RouterModel.load(run)
@@ -219,6 +255,9 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
         parity = par.compare(reference, shipped_probs)
         parity.update(model=quantize if quantize != "none" else "fp32", reference="pytorch", data=str(calib_path),
                       threshold=par.MIN_AGREEMENT, fp32=par.compare(reference, fp32_probs))
+        rewards = validation.rewards(labels, len(texts))
+        if rewards is not None:
+            parity["routed_reward"] = par.routed_reward(rewards, reference, shipped_probs)
         parity["passed"] = parity["decision_agreement"] >= par.MIN_AGREEMENT
         par.gate(parity, allow_drift)
 

@@ -30,7 +30,7 @@ def register_export(sub) -> None:
                    help="validation queries for the parity check: one a line, or routing JSONL (default: the run's dev rows)")
     p.add_argument("--parity-n", type=int, default=1000, metavar="N", help="check at most N queries (default 1000)")
     p.add_argument("--allow-drift", action="store_true", help="write the bundle even when the parity gate fails")
-    p.add_argument("--candidates", metavar="YAML", help="candidates file whose costs go into the bundle (default: run.json's)")
+    p.add_argument("--candidates", metavar="YAML", help="candidates file whose costs go into the bundle (default: the one the run recorded)")
     p.add_argument("--lambda", dest="lam", type=float, default=0.0, metavar="X",
                    help="default cost weight of the decision (0 = best predicted candidate; needs costs)")
     p.add_argument("--arch", default="auto", choices=("auto", "avx512_vnni", "avx512", "avx2", "arm64"),
@@ -61,6 +61,9 @@ def run_export(args) -> int:
     print(f"parity vs PyTorch on {parity['n']} queries ({parity['data']}):")
     print(f"  {parity['model']:>5}: decision agreement {parity['decision_agreement']:.2%}, "
           f"max probability difference {parity['max_prob_diff']:.4f}")
+    if "routed_reward" in parity:
+        r = parity["routed_reward"]
+        print(f"         mean routed reward {r['exported']:.4f} vs PyTorch {r['pytorch']:.4f} ({r['difference']:+.4f})")
     fp32 = parity["fp32"]
     print(f"  {'fp32':>5}: decision agreement {fp32['decision_agreement']:.2%}, max probability difference {fp32['max_prob_diff']:.4f}")
     if not parity["passed"]:

@@ -63,11 +63,27 @@ def compare(reference: np.ndarray, probs: np.ndarray) -> dict:
     return {"decision_agreement": agree, "max_prob_diff": float(np.abs(reference - probs).max()), "n": int(len(probs))}
 
 
+def routed_reward(rewards: np.ndarray, reference: np.ndarray, probs: np.ndarray) -> dict:
+    """Mean reward of the candidates each model chooses (unscored pairs skipped): what a flipped
+    decision costs. Flips on near-ties between equally good candidates cost nothing."""
+    rows = np.arange(len(rewards))
+
+    def mean(p):
+        return float(np.nanmean(rewards[rows, rule.choose(p)]))
+
+    torch_reward, quantized_reward = mean(reference), mean(probs)
+    return {"pytorch": torch_reward, "exported": quantized_reward, "difference": quantized_reward - torch_reward}
+
+
 def gate(parity: dict, allow_drift: bool, threshold: float = MIN_AGREEMENT) -> None:
     if parity["decision_agreement"] >= threshold:
         return
     message = (f"parity gate: the {parity.get('model', 'quantized')} model agrees with PyTorch on "
                f"{parity['decision_agreement']:.2%} of {parity['n']} decisions (needs >= {threshold:.0%}; "
-               f"max probability difference {parity['max_prob_diff']:.4f})")
+               f"max probability difference {parity['max_prob_diff']:.4f}")
+    if "routed_reward" in parity:
+        r = parity["routed_reward"]
+        message += f"; mean routed reward {r['exported']:.4f} vs PyTorch {r['pytorch']:.4f}"
+    message += ")"
     if not allow_drift:
         raise ParityError(message + "; try --quantize none or fp16, or pass --allow-drift to ship it anyway")

@@ -57,6 +57,10 @@ def tiny_bundles(backbone: Path, root: Path) -> dict[str, Path]:
     run = make_tiny_run(backbone, root / "run")
     calib = root / "calib.txt"
     calib.write_text("\n".join(TEXTS) + "\n")
+    rng = np.random.default_rng(0)
+    (root / "calib.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "query": t, "rewards": {n: float(rng.random()) for n in LABELS}}) + "\n"
+        for i, t in enumerate(TEXTS)))
     candidates = root / "candidates.yaml"
     candidates.write_text("".join(f"- name: {n}\n  cost: {{input_per_mtok: {i}, output_per_mtok: {o}}}\n"
                                   for n, (i, o) in PRICES.items()))
@@ -156,14 +160,21 @@ def test_parity_gate_blocks_a_drifting_model(built, tmp_path, monkeypatch, capsy
         return out
 
     monkeypatch.setattr(parity, "compare", drifting)
-    args = ["export", str(built["run"]), "--out", str(tmp_path / "b"), "--calib", str(built["calib"]), "--parity-n", "8"]
+    calib = built["calib"].with_suffix(".jsonl")  # routing data: the gate also reports the routed reward
+    args = ["export", str(built["run"]), "--out", str(tmp_path / "b"), "--calib", str(calib), "--parity-n", "8"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "parity gate" in err and "90.00%" in err and "--allow-drift" in err
+    assert "parity gate" in err and "90.00%" in err and "--allow-drift" in err and "mean routed reward" in err
     assert not (tmp_path / "b").exists()
     assert main(args + ["--allow-drift"]) == 0
     manifest = json.loads((tmp_path / "b" / "router.json").read_text())
     assert manifest["parity"]["passed"] is False and manifest["parity"]["n"] == 8
+    rows = [json.loads(line) for line in calib.read_text().splitlines()[:8]]
+    rewards = np.array([[r["rewards"][n] for n in LABELS] for r in rows])
+    expected, _ = torch_choices(built["run"], [r["query"] for r in rows])
+    routed = manifest["parity"]["routed_reward"]
+    assert routed["pytorch"] == pytest.approx(rewards[np.arange(8), expected].mean())
+    assert routed["difference"] == pytest.approx(routed["exported"] - routed["pytorch"])
 
 
 def test_export_refuses_to_overwrite_and_needs_validation_rows(built, tmp_path, capsys):
