@@ -44,10 +44,12 @@ def serve(args) -> int:
                           metrics_port=args.metrics_port, explicit=args.explicit, log_file=args.log_file,
                           log_verbose=args.log_verbose)
     print(f"starting tritonserver on {server.repository} ...", flush=True)
-    server.start(timeout=args.timeout)
-    print(f"ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}", flush=True)
-    print(f"  zooter ask --triton {server.http_url} --stream \"...\"   (Ctrl-C stops the server)", flush=True)
-    return serve_forever(server)
+
+    def ready(server):
+        print(f"ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}", flush=True)
+        print(f"  zooter ask --triton {server.http_url} --stream \"...\"   (Ctrl-C stops the server)", flush=True)
+
+    return serve_forever(server, timeout=args.timeout, on_ready=ready)
 
 
 def ask(args) -> int:

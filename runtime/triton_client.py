@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -103,7 +104,11 @@ def route_via_triton(url: str, texts: Sequence[str]) -> list[dict]:
     try:
         for start in range(0, len(order), BATCH):
             idx = order[start:start + BATCH]
-            for i, decision in zip(idx, _route_rows(client, module, [texts[i] for i in idx])):
+            try:
+                decisions = _route_rows(client, module, [texts[i] for i in idx])
+            except TritonRequestError as err:   # "row N" counts in the sorted batch: name the caller's query
+                raise TritonRequestError(re.sub(r"\brow (\d+)", lambda m: f"query {idx[int(m.group(1))]}", str(err))) from None
+            for i, decision in zip(idx, decisions):
                 out[i] = decision
         return out
     finally:

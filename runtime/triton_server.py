@@ -227,23 +227,35 @@ class TritonServer:
         self._post(f"/v2/repository/models/{model}/unload")
 
 
-def serve_forever(server: TritonServer) -> int:
-    """Run until Ctrl-C or SIGTERM, then stop the server cleanly; returns the server's exit code."""
-    stop_requested = []
+class StopRequested(BaseException):
+    """Ctrl-C or SIGTERM arrived: stop the server (a BaseException, so no `except Exception` swallows it)."""
 
-    def _on_signal(signum, _frame):
-        stop_requested.append(signum)
 
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+def _raise_stop(signum, _frame):
+    raise StopRequested(signal.Signals(signum).name)
+
+
+def serve_forever(server: TritonServer, timeout: float = 300.0, on_ready=None) -> int:
+    """Start the server, call on_ready(server), run until Ctrl-C or SIGTERM, stop cleanly.
+
+    The signal handlers are installed before the server starts, so a stop that arrives while the
+    models load still shuts the child down. Returns 0 after a requested stop, else the server's code.
+    """
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop_requested and server.process.poll() is None:
-            time.sleep(0.2)
+        try:
+            server.start(timeout)
+            if on_ready is not None:
+                on_ready(server)
+            while server.process.poll() is None:
+                time.sleep(0.2)
+        except StopRequested as stop:
+            print(f"{stop}: stopping tritonserver ...", file=sys.stderr, flush=True)
+            code = server.stop()
+            print(f"tritonserver stopped (exit code {code})", file=sys.stderr, flush=True)
+            return 0
+        print(f"tritonserver exited on its own (code {server.process.returncode}):\n{server.log_tail()}", file=sys.stderr)
+        return server.process.returncode or 1
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if server.process.poll() is not None:
-        print(f"tritonserver exited on its own (code {server.process.returncode}):\n{server.log_tail()}", file=sys.stderr)
-        return server.process.returncode or 1
-    print("stopping tritonserver ...", file=sys.stderr)
-    server.stop()
-    return 0

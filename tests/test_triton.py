@@ -238,11 +238,11 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(triton_server):
     from zooter.runtime.triton_client import TritonRequestError, ask, route_via_triton
 
     url = triton_server.http_url
-    with pytest.raises(TritonRequestError, match="row 0: empty text"):
+    with pytest.raises(TritonRequestError, match="query 0: empty text"):
         route_via_triton(url, ["   "])
-    with pytest.raises(TritonRequestError, match=f"row 0: text of {MAX_TEXT_BYTES + 1} bytes is over the {MAX_TEXT_BYTES}-byte limit"):
+    with pytest.raises(TritonRequestError, match=f"query 0: text of {MAX_TEXT_BYTES + 1} bytes is over the {MAX_TEXT_BYTES}-byte limit"):
         route_via_triton(url, ["x" * (MAX_TEXT_BYTES + 1)])
-    with pytest.raises(TritonRequestError, match="row 1: empty text"):
+    with pytest.raises(TritonRequestError, match="query 1: empty text"):
         route_via_triton(url, ["a good question", "", "another good one"])
     with pytest.raises(TritonRequestError, match="empty text"):
         list(ask(url, "", stream=True, max_tokens=2))
@@ -252,6 +252,10 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(triton_server):
     wrong.set_data_from_numpy(np.array([[7]], dtype=np.int32))
     with pytest.raises(InferenceServerException, match="expects 'BYTES'"):
         client.infer("zooter_route", [wrong])
+    mixed = httpclient.InferInput("text", [3, 1], "BYTES")          # one request, good and bad rows
+    mixed.set_data_from_numpy(np.array([[b"a good question"], [b" \n "], [b"another good one"]], dtype=object))
+    with pytest.raises(InferenceServerException, match="row 1: empty text"):
+        client.infer("zooter_route", [mixed])
     many = httpclient.InferInput("text", [64, 1], "BYTES")
     many.set_data_from_numpy(np.array([[b"q"]] * 64, dtype=object))
     with pytest.raises(InferenceServerException, match="batch"):

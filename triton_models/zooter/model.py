@@ -103,6 +103,7 @@ class TritonPythonModel:
                 return
             skipped.append(f"{label}: {error}")
             if sender.is_cancelled():
+                sender.send(flags=FINAL)       # every stream ends with a final flag, or the model cannot unload
                 return
         sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
             "zooter: no candidate could answer: " + "; ".join(skipped))), flags=FINAL)
@@ -138,4 +139,5 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
-        self.pool.shutdown(wait=True, cancel_futures=False)
+        # Unloading waits for in-flight requests first; do not hang here on a stuck candidate.
+        self.pool.shutdown(wait=False, cancel_futures=True)

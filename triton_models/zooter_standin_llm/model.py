@@ -108,6 +108,7 @@ class TritonPythonModel:
             streamer = _Sender(self.tokenizer, pieces.append)
         with self.generate_lock:
             if sender.is_cancelled():
+                sender.send(flags=FINAL)
                 return
             if sampling["do_sample"]:
                 torch.manual_seed(int(_scalar(request, "random_seed", 0)))
