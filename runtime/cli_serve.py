@@ -12,6 +12,9 @@ def register(sub) -> None:
                     "nvidia-pytriton wheel (with the python-backend stub for this Python). Waits until the "
                     "server is ready, prints the endpoints, and stops it cleanly on Ctrl-C or SIGTERM.")
     p.add_argument("repository", help="model repository folder (zooter triton build --out)")
+    p.add_argument("--model-repository", action="append", default=[], metavar="DIR",
+                   help="another repository to serve alongside, e.g. the TensorRT-LLM ensembles the candidates "
+                        "file names (repeatable; model names must be unique across repositories)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; 0 = any free port)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; 0 = any free port)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002; 0 = any free)")
@@ -40,8 +43,8 @@ def register(sub) -> None:
 def serve(args) -> int:
     from zooter.runtime.triton_server import TritonServer, serve_forever
 
-    server = TritonServer(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, explicit=args.explicit, log_file=args.log_file,
+    server = TritonServer(args.repository, extra_repositories=args.model_repository, http_port=args.http_port,
+                          grpc_port=args.grpc_port, metrics_port=args.metrics_port, explicit=args.explicit, log_file=args.log_file,
                           log_verbose=args.log_verbose)
     print(f"starting tritonserver on {server.repository} ...", flush=True)
 

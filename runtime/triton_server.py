@@ -86,6 +86,7 @@ class TritonServer:
     """A tritonserver child process. Use as a context manager, or start()/stop()."""
 
     repository: Path
+    extra_repositories: Sequence[Path] = ()   # e.g. the TensorRT-LLM candidates' repository
     http_port: int = 0                 # 0: a free port
     grpc_port: int = 0
     metrics_port: int = 0
@@ -99,8 +100,10 @@ class TritonServer:
 
     def __post_init__(self):
         self.repository = Path(self.repository).resolve()
-        if not self.repository.is_dir():
-            raise UserError(f"{self.repository}: no such model repository")
+        self.extra_repositories = [Path(p).resolve() for p in self.extra_repositories]
+        for repo in [self.repository, *self.extra_repositories]:
+            if not repo.is_dir():
+                raise UserError(f"{repo}: no such model repository")
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
@@ -121,6 +124,7 @@ class TritonServer:
     # --- lifecycle -------------------------------------------------------------------------
     def command(self, install: TritonInstall, backends: Path | None) -> list[str]:
         cmd = [str(install.binary), f"--model-repository={self.repository}",
+               *(f"--model-repository={repo}" for repo in self.extra_repositories),
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", "--allow-cpu-metrics=true",
                "--allow-gpu-metrics=false", f"--log-verbose={self.log_verbose}",

@@ -63,27 +63,70 @@ def triton_bundle(tmp_path_factory, tiny_backbone, data_dir) -> Path:
     return work / "bundle"
 
 
-def candidates():
-    return parse_candidates([{"name": n, "cost": {"input_per_mtok": c, "output_per_mtok": c}}
+def candidates(real: dict | None = None):
+    """The test candidates; `real` maps some to a Triton model (serve.triton_model), the rest get stand-ins."""
+    real = real or {}
+    return parse_candidates([{"name": n, "cost": {"input_per_mtok": c, "output_per_mtok": c},
+                              **({"serve": {"triton_model": real[n]}} if n in real else {})}
                              for n, c in zip(LABELS, (1.0, 0.1, 0.5))])
 
 
+FAKE_TRTLLM = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    """Answers like a TensorRT-LLM ensemble that is not decoupled: one response, the whole text."""
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            text = pb_utils.get_input_tensor_by_name(r, "text_input").as_numpy().reshape(-1)[0].decode()
+            n = int(pb_utils.get_input_tensor_by_name(r, "max_tokens").as_numpy().reshape(-1)[0])
+            answer = f"[fake TensorRT-LLM ensemble] {n} tokens for: {text}"
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("text_output", np.array([[answer.encode()]], dtype=object))]))
+        return out
+'''
+FIXED_QUERY = "Write a haiku about routers."
+
+
 @pytest.fixture(scope="session")
-def triton_repo(tmp_path_factory, triton_bundle) -> Path:
+def trtllm_repo(tmp_path_factory) -> Path:
+    """A second repository holding `fake_trtllm`: TensorRT-LLM ensemble I/O, as a production candidate has."""
+    from zooter.export.triton_repo import LLM_INPUTS, _io_block
+
+    repo = tmp_path_factory.mktemp("trtllm_repo")
+    (repo / "fake_trtllm" / "1").mkdir(parents=True)
+    (repo / "fake_trtllm" / "config.pbtxt").write_text(
+        f'backend: "python"\nmax_batch_size: 8\ninput [\n{_io_block(LLM_INPUTS)}\n]\n'
+        'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]\n')
+    (repo / "fake_trtllm" / "1" / "model.py").write_text(FAKE_TRTLLM)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def real_candidate(triton_bundle) -> str:
+    """The candidate FIXED_QUERY is routed to: it is served by fake_trtllm, the others by stand-ins."""
+    from zooter.runtime.router import Router
+
+    return Router.load(triton_bundle).route(FIXED_QUERY).candidate
+
+
+@pytest.fixture(scope="session")
+def triton_repo(tmp_path_factory, triton_bundle, real_candidate) -> Path:
     from zooter.export.triton_repo import build_repository
 
     out = tmp_path_factory.mktemp("triton_repo") / "repo"
-    build_repository(triton_bundle, out, candidates(), stand_ins=True, max_text_bytes=MAX_TEXT_BYTES,
-                     default_max_tokens=8)
+    build_repository(triton_bundle, out, candidates({real_candidate: "fake_trtllm"}), stand_ins=True,
+                     max_text_bytes=MAX_TEXT_BYTES, default_max_tokens=8)
     return out
 
 
 @pytest.fixture(scope="session")
-def triton_server(triton_repo, tmp_path_factory):
+def triton_server(triton_repo, trtllm_repo, tmp_path_factory):
     from zooter.runtime.triton_server import TritonServer
 
     log = tmp_path_factory.mktemp("triton_log") / "server.log"
-    server = TritonServer(triton_repo, explicit=True, log_file=log)
+    server = TritonServer(triton_repo, extra_repositories=[trtllm_repo], explicit=True, log_file=log)
     server.start(timeout=300)
     yield server
     code = server.stop()
@@ -96,8 +139,8 @@ def test_every_generated_config_parses_with_tritons_protobuf(triton_bundle, tmp_
 
     fake_llm = tmp_path / "llm"            # the folder is only written into the config here
     repos = {
-        "python": build_repository(triton_bundle, tmp_path / "py", candidates(), stand_ins=True,
-                                   standin_model_dir=fake_llm),
+        "python": build_repository(triton_bundle, tmp_path / "py", candidates({"beta.chat": "beta_trtllm"}),
+                                   stand_ins=True, standin_model_dir=fake_llm),
         "onnxruntime": build_repository(triton_bundle, tmp_path / "ort", candidates(), router_backend="onnxruntime",
                                         router_device="gpu", tensorrt=True, standin_model_dir=fake_llm),
     }
@@ -120,8 +163,9 @@ def test_every_generated_config_parses_with_tritons_protobuf(triton_bundle, tmp_
         else:
             assert router.backend == "python" and (built.path / "zooter_router" / "1" / "model.py").is_file()
     built = repos["python"]
-    assert built.stand_ins == {"alpha-7b": "standin_alpha-7b", "beta.chat": "standin_beta.chat",
-                               "gamma/v2": "standin_gamma_v2"}
+    assert built.stand_ins == {"alpha-7b": "standin_alpha-7b", "gamma/v2": "standin_gamma_v2"}
+    assert built.serving["beta.chat"]["model"] == "beta_trtllm"
+    assert not (built.path / "beta_trtllm").exists(), "a real candidate's model lives in its own repository"
     names = [i.name for i in validate_repository(built.path)["standin_gamma_v2"].input]
     assert names[:2] == ["text_input", "max_tokens"] and "stream" in names and "temperature" in names
 
@@ -173,13 +217,14 @@ def test_route_command_uses_triton(triton_server, capsys):
 # --- answering through `zooter` ------------------------------------------------------------------------
 @pytest.mark.triton
 @pytest.mark.slow
-def test_stream_an_answer_from_a_standin_through_zooter(triton_server, triton_bundle, capsys):
+def test_stream_an_answer_from_a_standin_through_zooter(triton_server, triton_bundle, real_candidate, data_dir, capsys):
     from zooter.cli import main
     from zooter.runtime.router import Router
     from zooter.runtime.triton_client import ask
 
-    query = "What is the capital of France?"
-    chosen = Router.load(triton_bundle).route(query).candidate
+    router = Router.load(triton_bundle)
+    query = next(q for q in dcrouter_queries(data_dir, 200) if router.route(q).candidate != real_candidate)
+    chosen = router.route(query).candidate
     chunks = list(ask(f"grpc://{triton_server.grpc_url}", query, stream=True, max_tokens=6))
     assert len(chunks) >= 3, "a stream arrives in pieces"
     assert {c.candidate for c in chunks} == {chosen} and all(c.note == "" for c in chunks)
@@ -193,39 +238,62 @@ def test_stream_an_answer_from_a_standin_through_zooter(triton_server, triton_bu
 
 @pytest.mark.triton
 @pytest.mark.slow
-def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, triton_bundle):
+def test_a_candidate_with_a_triton_model_answers_with_its_ensemble_io(triton_server, real_candidate):
+    from zooter.runtime.triton_client import ask
+
+    chunks = list(ask(triton_server.http_url, FIXED_QUERY, stream=True, max_tokens=5, temperature=0.5))
+    assert [(c.candidate, c.text) for c in chunks] == [
+        (real_candidate, f"[fake TensorRT-LLM ensemble] 5 tokens for: {FIXED_QUERY}")]
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, triton_bundle, real_candidate):
     from zooter.export.triton_repo import model_name_for
     from zooter.runtime.router import Router
     from zooter.runtime.triton_client import ask
 
-    query = "Write a haiku about routers."
-    decision = Router.load(triton_bundle).route(query)
-    first, second = decision.ranking[0], decision.ranking[1]
+    ranking = Router.load(triton_bundle).route(FIXED_QUERY).ranking
+    assert ranking[0] == real_candidate
+    second = ranking[1]
     url = triton_server.http_url
     answers, errors = [], []
 
     def one():
         try:
-            answers.append(list(ask(url, query, stream=False, max_tokens=3))[-1])
+            answers.append(list(ask(url, FIXED_QUERY, stream=False, max_tokens=3))[-1])
         except Exception as err:
             errors.append(err)
 
-    threads = [threading.Thread(target=one) for _ in range(3)]
+    threads = [threading.Thread(target=one) for _ in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
-    triton_server.unload(model_name_for(first))          # mid-run: requests are queued or generating
+    time.sleep(0.2)
+    triton_server.unload("fake_trtllm")          # mid-run: some requests are in flight, more arrive after
     try:
-        after = list(ask(url, query, stream=False, max_tokens=3))
+        after = list(ask(url, FIXED_QUERY, stream=False, max_tokens=3))
         for t in threads:
             t.join(120)
-        assert not errors and len(answers) == 3, f"lost requests: {errors}"
+        assert not errors and len(answers) == 4, f"lost requests: {errors}"
+        assert {a.candidate for a in answers} <= {real_candidate, second}
         assert after[0].candidate == second
-        assert f"fallback to {second}" in after[0].note and f"{first}: model {model_name_for(first)} is not ready" in after[0].note
+        assert f"fallback to {second}" in after[0].note
+        assert f"{real_candidate}: model fake_trtllm is not ready" in after[0].note
         assert after[0].text.startswith(f"[stand-in SmolLM2-135M-Instruct for {second}]")
     finally:
-        triton_server.load(model_name_for(first))
-    assert list(ask(url, query, stream=False, max_tokens=2))[0].candidate == first
+        triton_server.load("fake_trtllm")
+    assert list(ask(url, FIXED_QUERY, stream=False, max_tokens=2))[0].candidate == real_candidate
+
+    # A stand-in unloaded: its candidate is skipped the same way.
+    triton_server.unload(model_name_for(second))
+    try:
+        triton_server.unload("fake_trtllm")
+        third = ranking[2]
+        answer = list(ask(url, FIXED_QUERY, stream=False, max_tokens=2))[0]
+        assert answer.candidate == third and f"{second}: model {model_name_for(second)} is not ready" in answer.note
+    finally:
+        triton_server.load("fake_trtllm")
+        triton_server.load(model_name_for(second))
 
 
 # --- bad input ----------------------------------------------------------------------------------------
