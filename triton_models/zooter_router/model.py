@@ -27,6 +27,10 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads") or 0)
         if threads:
             options.intra_op_num_threads = threads
+        # onnxruntime's worker threads spin for a while after each run by default. Here the next step
+        # (zooter_decide) and the next request's zooter_tokenize are other processes that need those
+        # cores right away, so the threads go to sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(folder / params["model_file"]), options,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
