@@ -70,7 +70,7 @@ echo
 echo "== routing latency: Triton (HTTP, gRPC) vs in-process, concurrency 1, 8, 32 =="
 zooter bench --triton "$URL" --bundle "$OUT/bundle" --queries "$QUESTIONS" --json "$OUT/triton-bench.json" > "$OUT/triton-bench.out"
 # The table; the full report is in $OUT/triton-bench.json.
-sed -n '/^routing latency/,/^note\|^decisions/p' "$OUT/triton-bench.out"
+awk '/^routing latency/ {show = 1} /^[{]/ {show = 0} show' "$OUT/triton-bench.out"
 
 echo
 echo "== stopping tritonserver (SIGTERM) =="

@@ -1,6 +1,7 @@
 """Routing latency through Triton against the in-process Router, measured side by side in one run.
 
-For concurrency 1, 8 and 32: the in-process Router (threads sharing one Router), Triton's
+For concurrency 1, 8 and 32: the in-process Router (threads sharing one Router, with the session
+options of Triton's python-backend router, so only Triton's own overhead differs), Triton's
 zooter_route over HTTP and over gRPC (one client per thread, one query per request, as an app
 routes), in interleaved rounds so that load from elsewhere falls on all alike. Per-request latency
 percentiles and throughput for each; from Triton's metrics endpoint, the mean queue and compute
@@ -169,6 +170,28 @@ def _reachable(protocol: str, address: str) -> bool:
         return False
 
 
+def _router_like_triton(bundle, threads: int | None):
+    """The in-process Router with the session options of Triton's python-backend router.
+
+    Both sides then run the same onnxruntime configuration (worker threads sleep rather than spin
+    after a run), so the difference is Triton's own overhead. Spinning matters on a busy machine: on
+    2 shared cores a spinning session was about 2x slower at p50 for this model.
+    """
+    import onnxruntime as ort
+
+    from zooter.runtime.router import Router, read_manifest
+    from zooter.runtime.tokenize import load_tokenizer
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(bundle / manifest["model_file"]), options, providers=["CPUExecutionProvider"])
+    return Router(session, load_tokenizer(bundle / "tokenizer.json", manifest["max_length"]), manifest, bundle)
+
+
 def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out: str | Path | None = None,
                  grpc_url: str | None = None, metrics_url: str | None = None,
                  concurrency: Sequence[int] = CONCURRENCY, requests: int | None = None, warmup: int = 10,
@@ -178,7 +201,6 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     url: Triton HTTP (host:port). grpc_url / metrics_url default to the HTTP port + 1 / + 2.
     requests: calls per (engine, concurrency) cell (default: max(len(queries), 4 * concurrency)).
     """
-    from zooter.runtime.router import Router
     from zooter.runtime.triton_client import parse_url, route_via_triton
 
     protocol, http_address = parse_url(url)
@@ -192,7 +214,7 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     if not _reachable("http", http_address):
         raise UserError(f"no ready zooter_route at http://{http_address}; start one with `zooter serve`")
 
-    router = Router.load(bundle, threads=threads)
+    router = _router_like_triton(bundle, threads)
     engines = {"in-process": lambda: (lambda text: router.route(text)),
                "triton-http": _triton_caller("http", http_address)}
     notes = []
