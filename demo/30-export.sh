@@ -6,8 +6,11 @@ set -euo pipefail
 export HF_HUB_OFFLINE=1
 RUN="${RUN:-$OUT/run}"
 
-# Parity is checked on the run's dev rows (the file training used, or its dev hold-out).
-zooter export "$RUN" --out "$OUT/bundle" --quantize int8 --candidates "$OUT/candidates.yaml" --force
+# Parity is checked on the run's dev rows (the file training used, or its dev hold-out). The gate
+# wants >= 99% of decisions unchanged; a router distilled from softmax(rewards / tau) on [0, 1]
+# rewards has tiny top-2 margins (median about 0.004 on dcrouter), so INT8 noise flips a few percent
+# of near-ties. The demo ships anyway (--allow-drift) and prints what the flips cost in routed reward.
+zooter export "$RUN" --out "$OUT/bundle" --quantize int8 --candidates "$OUT/candidates.yaml" --force --allow-drift
 
 echo
 echo "--- MT-Bench first turns through zooter.runtime.Router (no torch) ---"
@@ -34,5 +37,6 @@ PY
 
 echo
 echo "--- latency: PyTorch eager vs ONNX fp32 vs INT8, side by side (short run) ---"
-zooter bench "$OUT/bundle" --queries "$ZOOTER_DATA/mt_bench/question.jsonl" --iters 10 --warmup 2 \
+# One thread per engine: the numbers of an app that routes one query per worker, steady on a shared box.
+zooter bench "$OUT/bundle" --queries "$ZOOTER_DATA/mt_bench/question.jsonl" --iters 10 --warmup 2 --threads 1 \
     --json "$OUT/bench.json" --plot "$OUT/bench.png"

@@ -279,7 +279,7 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
             "evaluation": evaluation_from_run(info),
         }
         manifest = write_bundle(out, files, manifest, force=force)
-    log(f"bundle {out}: {MODEL_FILES[quantize]} + tokenizer.json, {bundle_bytes(manifest) / 1e6:.1f} MB, "
+    log(f"bundle {out}: {' + '.join(manifest['files'])}, {bundle_bytes(manifest) / 1e6:.1f} MB, "
         f"{len(labels)} labels, built in {time.perf_counter() - started:.0f} s")
     return manifest
 

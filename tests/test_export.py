@@ -184,3 +184,21 @@ def test_export_refuses_to_overwrite_and_needs_validation_rows(built, tmp_path, 
     assert "--calib" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--calib", str(built["calib"])]) == 2
     assert "no run.json" in capsys.readouterr().err
+
+
+def test_fp16_bundle_for_gpu_targets(built, tmp_path):
+    import onnx
+
+    from zooter.runtime.router import Router
+
+    out = tmp_path / "fp16"
+    assert main(["export", str(built["run"]), "--out", str(out), "--calib", str(built["calib"]), "--quantize", "fp16",
+                 "--parity-n", "12", "--allow-drift"]) == 0
+    manifest = json.loads((out / "router.json").read_text())
+    assert manifest["model_file"] == "model.fp16.onnx" and manifest["quantization"]["mode"] == "fp16"
+    model = onnx.load(str(out / "model.fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 I/O kept
+    assert manifest["parity"]["n"] == 12 and manifest["parity"]["max_prob_diff"] < 0.5
+    # Runs on the CPU provider too (slowly); on a GPU machine the Router picks CUDA/TensorRT first.
+    assert Router.load(out).route(TEXTS[0]).candidate in LABELS
