@@ -90,7 +90,9 @@ class RouterModel(nn.Module):
         if not info_path.is_file():
             raise UserError(f"{run}: not a zooter run (no run.json)")
         info = json.loads(info_path.read_text())
-        encoder = AutoModel.from_pretrained(run / "encoder")
+        # No pooler: the router mean-pools, and a BERT pooler would load as unused random weights.
+        encoder = (AutoModel.from_pretrained(run / "encoder", add_pooling_layer=False) if _has_pooler_arg(run / "encoder")
+                   else AutoModel.from_pretrained(run / "encoder"))
         model = cls(encoder, info["labels"])
         head = load_file(run / "head.safetensors")
         if head["weight"].shape[0] != len(model.labels):

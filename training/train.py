@@ -126,19 +126,33 @@ def in_length_order(texts: Sequence[str], tokenizer, max_length: int, batch_size
 
 def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64,
                 cache: str | Path | None = None, progress: str | None = "embedding") -> np.ndarray:
-    """The router's pooled encoder embeddings (the head's input), optionally cached on disk."""
-    path = None
-    if cache:
-        key = hashlib.sha256(json.dumps([str(model.encoder.name_or_path), max_length, list(texts)]).encode()).hexdigest()[:24]
-        path = Path(cache) / f"embeddings-{key}.npy"
-        if path.is_file():
-            return np.load(path)
-    model.eval()
-    emb = in_length_order(texts, tokenizer, max_length, batch_size, lambda enc: model.embed(**enc), progress=progress)
-    if path is not None:
+    """The router's pooled encoder embeddings (the head's input).
+
+    With a cache folder, vectors are kept per query text (one .npz per encoder and max_length), so
+    folds, splits and variants that share queries embed each query once.
+    """
+    texts = list(texts)
+    if not cache:
+        model.eval()
+        return in_length_order(texts, tokenizer, max_length, batch_size, lambda enc: model.embed(**enc), progress=progress)
+    encoder_key = hashlib.sha256(json.dumps([str(model.encoder.name_or_path), max_length]).encode()).hexdigest()[:16]
+    path = Path(cache) / f"embeddings-{encoder_key}.npz"
+    known: dict[str, np.ndarray] = {}
+    if path.is_file():
+        saved = np.load(path)
+        known = dict(zip(saved["keys"].tolist(), saved["vectors"]))
+    keys = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
+    missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
+    if missing:
+        model.eval()
+        fresh = in_length_order([texts[i] for i in missing], tokenizer, max_length, batch_size,
+                                lambda enc: model.embed(**enc), progress=progress)
+        known.update({keys[i]: v for i, v in zip(missing, fresh)})
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, emb)
-    return emb
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
+        tmp.replace(path)
+    return np.stack([known[k] for k in keys]).astype(np.float32)
 
 
 def freeze_lower_layers(model, keep: int) -> None:
@@ -253,6 +267,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
 
+    saved_once = False
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train", mininterval=1.0,
                disable=not accelerator.is_main_process)
     for epoch in range(start_epoch, cfg.epochs):
@@ -289,7 +304,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             bar.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {point['train_loss']:.4f}, dev routed reward {point['dev_reward']:.4f}")
             if point["dev_reward"] > best["dev_reward"]:
                 best = {"dev_reward": point["dev_reward"], "epoch": epoch + 1}
-                _save(accelerator.unwrap_model(trained) if not cfg.frozen else model, tokenizer, out, meta, history, best, dev_rewards, dev_data)
+                # A frozen encoder never changes: write it once, then only the head and run.json.
+                _save(accelerator.unwrap_model(trained) if not cfg.frozen else model, tokenizer, out, meta, history, best,
+                      dev_rewards, dev_data, head_only=cfg.frozen and saved_once)
+                saved_once = True
             (out / "curves.json").write_text(json.dumps(history, indent=2) + "\n")
             torch.save({"epoch": epoch + 1, "model": accelerator.unwrap_model(trained).state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
@@ -307,11 +325,20 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     return info
 
 
-def _save(model, tokenizer, out: Path, meta: dict, history: list, best: dict, dev_rewards: np.ndarray, dev_data) -> None:
+def _save(model, tokenizer, out: Path, meta: dict, history: list, best: dict, dev_rewards: np.ndarray, dev_data,
+          head_only: bool = False) -> None:
     dev_best = best_single(dev_data)
     r = np.where(np.isnan(dev_rewards), -np.inf, dev_rewards)
     dev = {"mean_reward": best["dev_reward"], "epoch": best["epoch"], "n": len(dev_data),
            "oracle": float(np.mean(r.max(axis=1))),
            "best_single_from_train": float(np.nanmean(dev_data.rewards()[:, dev_data.candidates.index(meta["best_single"]["candidate"])])),
            "best_single_on_dev": dev_best}
+    if head_only:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, out / "head.safetensors")
+        info = json.loads((out / "run.json").read_text())
+        info.update(meta, dev=dev, curves=history)
+        (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        return
     model.save(out, tokenizer, dict(meta, dev=dev, curves=history))
