@@ -93,7 +93,7 @@ class TritonPythonModel:
             if not model:
                 skipped.append(f"{label}: {self.serving.get(label, {}).get('why', 'no Triton model')}")
                 continue
-            if not pb_utils.is_model_ready(model):
+            if not self._ready(model):
                 skipped.append(f"{label}: model {model} is not ready")
                 continue
             note = "" if not skipped else f"fallback to {label}, the next most probable candidate; " + "; ".join(skipped)
@@ -107,6 +107,13 @@ class TritonPythonModel:
                 return
         sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
             "zooter: no candidate could answer: " + "; ".join(skipped))), flags=FINAL)
+
+    @staticmethod
+    def _ready(model):
+        try:
+            return pb_utils.is_model_ready(model)
+        except Exception:          # a model this server does not know is not ready either
+            return False
 
     def _candidate_inputs(self, request):
         tensors = []
