@@ -31,6 +31,12 @@ for category, ds in by_category.items():
     print(f"{category:<11} {len(ds):>3}  {conf:>9.3f}  " + ", ".join(f"{name} x{n}" for name, n in counts))
 overall = collections.Counter(d.candidate for d in decisions).most_common()
 print("all          " + ", ".join(f"{name} x{n}" for name, n in overall))
+if router.costs is not None:  # the cost-aware rule: argmax p_i - lambda * c_i / max(c)
+    for lam in (0.01, 0.05):
+        frugal = router.route_batch([r["turns"][0] for r in rows], lam=lam)
+        price = sum(router.costs[router.labels.index(d.candidate)] for d in frugal) / len(frugal)
+        counts = collections.Counter(d.candidate for d in frugal).most_common(3)
+        print(f"lambda={lam}: mean price {price:.2f} $/Mtok; " + ", ".join(f"{name} x{n}" for name, n in counts))
 single = router.route(rows[0]["turns"][0])
 print(f"one query, route(): {single.candidate} (p={single.confidence:.3f}) in {single.latency_ms:.1f} ms")
 PY
