@@ -67,3 +67,40 @@ def test_cli_reproduce_cross_validation(files, tiny_backbone, tmp_path):
     table = json.loads((out / "table.json").read_text())
     # Every row is held out exactly once across the folds.
     assert table["folds"] == 3 and all(v["n"] == 120 for v in table["variants"])
+
+
+def test_llm_tagger_against_a_local_openai_compatible_endpoint(files, tmp_path):
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body["model"], body["messages"][0]["content"]))
+            answer = "Math, Arithmetic" if "solve" in body["messages"][0]["content"] else "writing"
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        small = tmp_path / "small.jsonl"
+        RoutingDataset.load(files["test"]).subset(range(6)).save(small)
+        out = tmp_path / "llm.jsonl"
+        assert main(["tag", str(small), "--out", str(out), "--replace", "--llm-url",
+                     f"http://127.0.0.1:{server.server_port}/v1", "--llm-model", "tagger"]) == 0
+    finally:
+        server.shutdown()
+    rows = RoutingDataset.load(out).rows
+    assert len(seen) == 6 and seen[0][0] == "/v1/chat/completions" and seen[0][1] == "tagger"
+    for row in rows:
+        assert row.tags == (["llm:math", "llm:arithmetic"] if "solve" in row.query else ["llm:writing"])

@@ -60,7 +60,11 @@ class RouterModel(nn.Module):
     def from_backbone(cls, backbone: str | Path, labels: Sequence[str]) -> tuple["RouterModel", object]:
         """A fresh router on a local encoder folder; returns (model, tokenizer)."""
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        # Loading a BERT checkpoint without its pooler prints a long "weights not used" notice; the
+        # router mean-pools, so that is expected and only noise.
+        hf_logging.set_verbosity_error()
         path = Path(backbone)
         if not (path / "config.json").is_file():
             raise UserError(f"backbone {path}: not a Hugging Face model folder (no config.json)")
