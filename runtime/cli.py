@@ -124,8 +124,8 @@ def run_bench_cmd(args) -> int:
     queries = bench.read_queries(args.queries) if args.queries else None
     if args.triton:
         bench_triton = _lazy("zooter.runtime.triton_bench", "bench_triton")
-        report = bench_triton(args.triton, bundle, queries or bench.BUILTIN_QUERIES, args.json_out)
-        print(json.dumps(report, indent=2))
+        # bench_triton prints its own table; the full report goes to --json.
+        bench_triton(args.triton, bundle, queries or bench.BUILTIN_QUERIES, args.json_out, threads=args.threads)
         return 0
     if args.iters < 1 or args.warmup < 0:
         raise UserError("--iters must be >= 1 and --warmup >= 0")
