@@ -61,6 +61,9 @@ def run_export(args) -> int:
     print(f"parity vs PyTorch on {parity['n']} queries ({parity['data']}):")
     print(f"  {parity['model']:>5}: decision agreement {parity['decision_agreement']:.2%}, "
           f"max probability difference {parity['max_prob_diff']:.4f}")
+    if parity["decision_agreement"] < 1:
+        print(f"         flipped decisions all had a PyTorch top-2 margin <= {parity['max_flipped_margin']:.4f} "
+              f"(median margin {parity['reference_margin_p50']:.4f})")
     if "routed_reward" in parity:
         r = parity["routed_reward"]
         print(f"         mean routed reward {r['exported']:.4f} vs PyTorch {r['pytorch']:.4f} ({r['difference']:+.4f})")

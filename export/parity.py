@@ -59,8 +59,14 @@ def compare(reference: np.ndarray, probs: np.ndarray) -> dict:
     """Decision agreement (share of identical argmax choices) and the largest probability difference."""
     if reference.shape != probs.shape:
         raise ParityError(f"probability shapes differ: {reference.shape} vs {probs.shape}")
-    agree = float(np.mean(rule.choose(reference) == rule.choose(probs)))
-    return {"decision_agreement": agree, "max_prob_diff": float(np.abs(reference - probs).max()), "n": int(len(probs))}
+    same = rule.choose(reference) == rule.choose(probs)
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]  # PyTorch's lead of its choice over the runner-up
+    return {"decision_agreement": float(np.mean(same)), "max_prob_diff": float(np.abs(reference - probs).max()),
+            "n": int(len(probs)),
+            # Flips on near-ties are expected from any rounding; these say how near.
+            "reference_margin_p50": float(np.median(margin)),
+            "max_flipped_margin": float(margin[~same].max()) if (~same).any() else 0.0}
 
 
 def routed_reward(rewards: np.ndarray, reference: np.ndarray, probs: np.ndarray) -> dict:

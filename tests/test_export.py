@@ -117,6 +117,9 @@ def test_bundle_layout_and_manifest(built):
     assert parity["passed"] == (parity["decision_agreement"] >= MIN_AGREEMENT)
     assert parity["decision_agreement"] >= 0.9 and 0 < parity["max_prob_diff"] < 0.5
     assert parity["fp32"]["decision_agreement"] == 1.0 and parity["fp32"]["max_prob_diff"] < 1e-4
+    assert parity["fp32"]["max_flipped_margin"] == 0.0 and parity["reference_margin_p50"] > 0
+    if parity["decision_agreement"] < 1:  # a flip needs the two top candidates within twice the largest error
+        assert 0 < parity["max_flipped_margin"] <= 2 * parity["max_prob_diff"]
     # The int8 file is much smaller than the fp32 one.
     fp32 = json.loads((built["fp32"] / "router.json").read_text())
     assert manifest["files"]["model.int8.onnx"]["bytes"] < 0.5 * fp32["files"]["model.onnx"]["bytes"]
