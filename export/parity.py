@@ -87,6 +87,8 @@ def gate(parity: dict, allow_drift: bool, threshold: float = MIN_AGREEMENT) -> N
     message = (f"parity gate: the {parity.get('model', 'quantized')} model agrees with PyTorch on "
                f"{parity['decision_agreement']:.2%} of {parity['n']} decisions (needs >= {threshold:.0%}; "
                f"max probability difference {parity['max_prob_diff']:.4f}")
+    if "max_flipped_margin" in parity:
+        message += f"; flips where PyTorch's top two were within {parity['max_flipped_margin']:.4f}"
     if "routed_reward" in parity:
         r = parity["routed_reward"]
         message += f"; mean routed reward {r['exported']:.4f} vs PyTorch {r['pytorch']:.4f}"
