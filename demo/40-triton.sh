@@ -28,7 +28,7 @@ PY
 )
 URL="localhost:$PORT"
 LOG="$OUT/triton-serve.log"
-zooter serve "$REPO" --http-port "$PORT" --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
+zooter serve "$REPO" --explicit --http-port "$PORT" --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
     --log-file "$OUT/tritonserver.log" > "$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
@@ -71,6 +71,24 @@ echo "== routing latency: Triton (HTTP, gRPC) vs in-process, concurrency 1, 8, 3
 zooter bench --triton "$URL" --bundle "$OUT/bundle" --queries "$QUESTIONS" --json "$OUT/triton-bench.json" > "$OUT/triton-bench.out"
 # The table; the full report is in $OUT/triton-bench.json.
 awk '/^routing latency/ {show = 1} /^[{]/ {show = 0} show' "$OUT/triton-bench.out"
+
+echo
+echo "== fallback: 8 answers sent over 4 s, the chosen candidate's model unloaded halfway =="
+python - "$URL" "$REPO" <<'PY'
+import json, sys
+from pathlib import Path
+from zooter.runtime.triton_bench import fallback_drill
+from zooter.runtime.triton_client import route_via_triton
+url, repo = sys.argv[1:]
+query = "Explain the difference between a list and a tuple in Python."
+chosen = route_via_triton(url, [query])[0]["candidate"]
+model = json.loads((Path(repo) / "zooter" / "1" / "routing.json").read_text())["candidates"][chosen]["model"]
+drill = fallback_drill(url, query, model, requests=8, max_tokens=8, spread_s=4.0)
+print(f"  routed to {chosen} ({model}); answered {drill['answered']}/{drill['requests']}, lost {drill['lost']}, "
+      f"by fallback {drill['fallbacks']}")
+print(f"  answered by: {drill['by_candidate']}")
+print(f"  note: {drill['fallback_note']}")
+PY
 
 echo
 echo "== stopping tritonserver (SIGTERM) =="

@@ -315,3 +315,55 @@ def format_table(report: dict) -> str:
     lines.append(f"decisions through Triton = in-process, batches of 32: {mb}/{nb} ({100 * mb / nb:.1f}%)")
     lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
+
+
+def fallback_drill(url: str, query: str, model: str, requests: int = 8, max_tokens: int = 8,
+                   spread_s: float = 4.0) -> dict:
+    """Send `requests` answers through `zooter` spread over `spread_s` seconds, unload `model` halfway.
+
+    Needs a server with explicit model control (`zooter serve --explicit`). Requests already handed
+    to the model finish there (Triton drains a model before unloading it); later ones must be
+    answered by the fallback. The model is loaded again afterwards. Returns how many were answered,
+    by which candidate, how many by fallback, and the ones lost (errors).
+    """
+    from zooter.runtime.triton_client import ask, parse_url
+
+    protocol, address = parse_url(url)
+    if protocol != "http":
+        raise UserError("the drill needs the HTTP address (host:port): it unloads through the repository API")
+    answers, errors = [], []
+    lock = threading.Lock()
+
+    def one():
+        try:
+            chunks = list(ask(address, query, stream=False, max_tokens=max_tokens))
+            with lock:
+                answers.append({"candidate": chunks[-1].candidate, "note": chunks[-1].note})
+        except Exception as err:  # a lost request: counted, reported
+            with lock:
+                errors.append(str(err)[:300])
+
+    def repository(action):
+        req = urllib.request.Request(f"http://{address}/v2/repository/models/{model}/{action}", data=b"{}", method="POST")
+        urllib.request.urlopen(req, timeout=300).read()
+
+    threads = [threading.Thread(target=one) for _ in range(requests)]
+    unloader = threading.Thread(target=repository, args=("unload",))
+    try:
+        for i, t in enumerate(threads):
+            if i == requests // 2:
+                unloader.start()
+            t.start()
+            time.sleep(spread_s / requests)
+        for t in threads:
+            t.join()
+    finally:
+        if unloader.ident is not None:
+            unloader.join()
+        repository("load")
+    by: dict[str, int] = {}
+    for a in answers:
+        by[a["candidate"]] = by.get(a["candidate"], 0) + 1
+    return {"requests": requests, "answered": len(answers), "lost": len(errors), "errors": errors,
+            "by_candidate": by, "fallbacks": sum(1 for a in answers if a["note"]),
+            "fallback_note": next((a["note"] for a in answers if a["note"]), "")}

@@ -296,6 +296,22 @@ def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, tri
         triton_server.load(model_name_for(second))
 
 
+@pytest.mark.triton
+@pytest.mark.slow
+def test_fallback_drill_answers_every_request(triton_server, triton_bundle, real_candidate):
+    from zooter.runtime.router import Router
+    from zooter.runtime.triton_bench import fallback_drill
+
+    second = Router.load(triton_bundle).route(FIXED_QUERY).ranking[1]
+    drill = fallback_drill(triton_server.http_url, FIXED_QUERY, "fake_trtllm", requests=4, max_tokens=2, spread_s=2.0)
+    assert drill["answered"] == 4 and drill["lost"] == 0, drill["errors"]
+    assert set(drill["by_candidate"]) <= {real_candidate, second} and drill["by_candidate"].get(second, 0) >= 1
+    assert drill["fallbacks"] == drill["by_candidate"].get(second, 0)
+    import tritonclient.http as httpclient
+
+    assert httpclient.InferenceServerClient(triton_server.http_url).is_model_ready("fake_trtllm"), "loaded again"
+
+
 # --- bad input ----------------------------------------------------------------------------------------
 @pytest.mark.triton
 @pytest.mark.slow
