@@ -218,6 +218,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         dev_x = embed_texts(model, tokenizer, dev_data.queries, cfg.max_length, cache=cfg.cache, progress="embedding dev")
         lengths = np.ones(len(queries))
         trained = model.head
+        # A (hidden x labels) head gains nothing from threads, and on a shared CPU OpenMP threads
+        # waiting for each other made head steps 30x slower (measured): one thread for the head loop.
+        threads_before = torch.get_num_threads()
+        if not cfg.threads:
+            torch.set_num_threads(1)
     else:
         lengths = np.array([len(ids) for ids in tokenizer(queries, truncation=True, max_length=cfg.max_length)["input_ids"]])
         trained = model
@@ -314,6 +319,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                         "best": best, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, state_path)
         accelerator.wait_for_everyone()
     bar.close()
+    if cfg.frozen:
+        torch.set_num_threads(threads_before)
 
     info = json.loads((out / "run.json").read_text())
     info["curves"] = history
