@@ -81,6 +81,16 @@ def _private_backends(install: TritonInstall, workdir: Path) -> Path:
     return dest
 
 
+def _stop_with_parent() -> None:
+    """In the child, before exec: Linux sends it SIGTERM if the launcher dies (even by SIGKILL), so no
+    tritonserver is left holding its ports. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @dataclass
 class TritonServer:
     """A tritonserver child process. Use as a context manager, or start()/stop()."""
@@ -153,7 +163,8 @@ class TritonServer:
         backends = _private_backends(install, self._workdir) if install.from_wheel else None
         log = open(self.log_file, "ab") if self.log_file else open(self._workdir / "tritonserver.log", "ab")
         self.process = subprocess.Popen(self.command(install, backends), env=self.environment(install),
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_stop_with_parent)
         log.close()
         try:
             self.wait_ready(timeout)

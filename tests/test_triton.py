@@ -370,6 +370,20 @@ def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_
 
 
 # --- launcher -------------------------------------------------------------------------------------------
+def _kill_orphan_server(repo: Path) -> None:
+    """If `zooter serve` died without stopping its tritonserver, end that one server (found by its repository)."""
+    import os
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"tritonserver") and f"--model-repository={repo.resolve()}".encode() in args:
+            os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            pytest.fail("zooter serve left its tritonserver running")
+
+
 @pytest.mark.triton
 @pytest.mark.slow
 def test_zooter_serve_prints_endpoints_and_stops_on_sigterm(triton_bundle, tmp_path):
@@ -393,6 +407,7 @@ def test_zooter_serve_prints_endpoints_and_stops_on_sigterm(triton_bundle, tmp_p
     finally:
         if proc.poll() is None:
             proc.kill()
+        _kill_orphan_server(repo)
     with pytest.raises(OSError):
         import urllib.request
 
