@@ -83,7 +83,8 @@ def _private_backends(install: TritonInstall, workdir: Path) -> Path:
 
 def _stop_with_parent() -> None:
     """In the child, before exec: Linux sends it SIGTERM if the launcher dies (even by SIGKILL), so no
-    tritonserver is left holding its ports. Elsewhere a no-op."""
+    tritonserver is left holding its ports. Elsewhere a no-op. Linux ties this to the thread that
+    started the child: call start() from a thread that outlives the server (the main thread)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
