@@ -17,7 +17,7 @@ def register_export(sub) -> None:
         description="Export RUN (a training run folder) to BUNDLE: ONNX through optimum, ONNX Runtime transformer "
         "fusions, then dynamic INT8 (CPU) or fp16 (GPU) or neither. The exported model is checked against the "
         "PyTorch model on the run's dev rows (or --calib): decision agreement and largest probability difference "
-        "go into BUNDLE/router.json, and the export fails (exit 2) when agreement is below 99%% unless "
+        "go into BUNDLE/router.json, and the export fails (exit 2) when agreement is below 99% unless "
         "--allow-drift. The bundle holds the model, tokenizer.json and router.json (labels, max_length, "
         "checksums, quantization, costs, provenance, parity, evaluation).",
     )
