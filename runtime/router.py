@@ -186,10 +186,11 @@ class Router:
         """Route one query (str, or UTF-8 bytes). Raises TypeError for other types, EmptyQueryError for blank text."""
         if isinstance(text, (list, tuple)):
             raise TypeError("route takes one query; use route_batch for a list")
-        start = time.perf_counter()
-        probs = self.probabilities([text])
         lam = self._lambda(lam)
-        return self._decide(probs, lam, (time.perf_counter() - start) * 1000)[0]
+        start = time.perf_counter()
+        decision = self._decide(self.probabilities([text]), lam, 0.0)[0]
+        decision.latency_ms = (time.perf_counter() - start) * 1000
+        return decision
 
     def route_batch(self, texts: Sequence, lam: float | None = None, batch_size: int = 32) -> list[Decision]:
         """Route many queries, `batch_size` per model call, answers in input order; latency_ms is the batch's time."""
