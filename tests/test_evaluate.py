@@ -78,10 +78,13 @@ def test_per_tag_and_table(report):
     json.dumps(report)  # the report is plain JSON
 
 
-def test_confusion_splits_ties():
+def test_confusion_splits_ties_and_skips_rows_where_every_choice_ties():
     m = confusion(REWARDS, np.array([0, 1, 0, 1]), LABELS)
-    assert m[0, 0] == pytest.approx(1.0) and m[0, 1] == pytest.approx(0.5) and m[1, 1] == pytest.approx(1.5)
-    assert m[2, 0] == pytest.approx(1.0) and m.sum() == pytest.approx(4)
+    # Row 3 (a and b both 1, c unscored) is left out: any choice there is a best one.
+    assert m[0, 0] == pytest.approx(1.0) and m[1, 1] == pytest.approx(1.0) and m[2, 0] == pytest.approx(1.0)
+    assert m.sum() == pytest.approx(3)
+    m = confusion(np.array([[1.0, 1.0, 0.0]]), np.array([2]), LABELS)
+    assert m[0, 2] == pytest.approx(0.5) and m[1, 2] == pytest.approx(0.5)
 
 
 def test_entropy_bins():

@@ -23,7 +23,10 @@ import numpy as np
 
 from zooter.runtime.decision import choose
 
-LAMBDAS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+# Dense at small values: with tau = 1 on rewards in [0, 1] the router's probabilities differ by
+# hundredths, so the interesting trade-offs happen at lambda of a few thousandths.
+LAMBDAS = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.03,
+           0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 def masked_choice(probs: np.ndarray, scored: np.ndarray, costs: np.ndarray | None = None, lam: float = 0.0) -> np.ndarray:
@@ -198,12 +201,17 @@ def entropy_vs_correctness(label_entropy: np.ndarray, correct: np.ndarray, bins:
 
 
 def confusion(rewards: np.ndarray, choice: np.ndarray, labels: Sequence[str]) -> np.ndarray:
-    """(best, chosen) counts; a row with several tied best candidates counts for each of them, split evenly."""
+    """(best, chosen) counts over the rows where the choice matters; a row with several tied best
+    candidates counts for each of them, split evenly. Rows where every scored candidate ties (all
+    right or all wrong: common with 0/1 metrics) are left out: any choice is as good there."""
     m = len(labels)
     out = np.zeros((m, m))
     r = np.where(np.isnan(rewards), -np.inf, rewards)
     best = r == r.max(axis=1, keepdims=True)
+    scored = ~np.isnan(rewards)
     for i, c in enumerate(choice):
+        if best[i][scored[i]].all():
+            continue
         out[best[i], c] += 1.0 / best[i].sum()
     return out
 

@@ -73,7 +73,7 @@ def chosen_vs_best(matrix: np.ndarray, labels: Sequence[str], path: Path) -> Pat
             if matrix[i, j] >= 0.5:
                 ax.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", fontsize=6)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_title("Chosen vs best candidate")
+    ax.set_title("Chosen vs best candidate\n(rows where the choice matters)")
     return _save(fig, path)
 
 

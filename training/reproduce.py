@@ -87,8 +87,9 @@ def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Seque
             predicted = _frozen_probs(run, paths["test"], cfg) if cfg.frozen else None
             reports.append(evaluate_router(run, paths["test"], candidates=candidates, predicted=predicted))
         rows.append(_pool(name, loss, beta, reports))
-    table = {"data": base.data, "folds": folds, "config": {"backbone": base.backbone, "frozen": base.frozen,
-             "tau": base.tau, "epochs": base.epochs, "lr": base.lr, "max_length": base.max_length, "seed": base.seed},
+    used = base.resolved()
+    table = {"data": base.data, "folds": folds, "config": {"backbone": used.backbone, "frozen": used.frozen,
+             "tau": used.tau, "epochs": used.epochs, "lr": used.lr, "max_length": used.max_length, "seed": used.seed},
              "variants": rows}
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
     print(format_table(table))

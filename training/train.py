@@ -306,7 +306,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                  "lr": float(scheduler.get_last_lr()[0]), "seconds": round(time.time() - started, 1)}
         history.append(point)
         if accelerator.is_main_process:
-            bar.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {point['train_loss']:.4f}, dev routed reward {point['dev_reward']:.4f}")
+            if not cfg.frozen or (epoch + 1) % 10 == 0 or epoch + 1 == cfg.epochs:  # frozen epochs take a second
+                bar.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {point['train_loss']:.4f}, "
+                          f"dev routed reward {point['dev_reward']:.4f}")
             if point["dev_reward"] > best["dev_reward"]:
                 best = {"dev_reward": point["dev_reward"], "epoch": epoch + 1}
                 # A frozen encoder never changes: write it once, then only the head and run.json.
