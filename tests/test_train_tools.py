@@ -55,6 +55,8 @@ def test_cli_reproduce_table(files, tiny_backbone, tmp_path, capsys):
                  "--max-length", "32", "--betas", "0.5"]) == 0
     table = json.loads((out / "table.json").read_text())
     assert [v["variant"] for v in table["variants"]] == ["hard", "beta=1", "beta=0.3", "beta=0.5"]
+    assert sorted(p.name for p in (out / "reports").iterdir()) == ["beta0.3.json", "beta0.5.json", "beta1.json", "hard.json"]
+    assert not (out / "runs" / "hard").exists()  # deleted once evaluated (no --keep-runs)
     assert all(v["n"] == 30 and 0 <= v["mean_reward"] <= 1 for v in table["variants"])
     printed = capsys.readouterr().out
     assert "gap closed" in printed and "beta=0.5" in printed

@@ -199,7 +199,8 @@ def _register_reproduce(sub) -> None:
         description="Train the paper's variants on one split and evaluate each on the same held-out rows: hard "
         "labels (beta=1), distillation beta=1, tag-enhanced beta=0.3, and a beta sweep. Without --test, the data "
         "is split 80/10/10 by query hash. --folds N instead cross-validates (each fold held out once; for small "
-        "data such as AlpacaEval). Prints mean reward, gap closed and MTR per variant; writes DIR/table.json.")
+        "data such as AlpacaEval). Prints mean reward, gap closed and MTR per variant; writes DIR/table.json and "
+        "DIR/reports/ (run folders are deleted once evaluated unless --keep-runs).")
     p.add_argument("--data", required=True, help="routing data (JSONL)")
     p.add_argument("--dev", help="dev data (default: split from --data)")
     p.add_argument("--test", help="held-out data (default: split from --data)")
@@ -207,6 +208,7 @@ def _register_reproduce(sub) -> None:
     p.add_argument("--betas", default="0.1,0.5,0.7", help="extra beta values for the sweep (default 0.1,0.5,0.7)")
     p.add_argument("--folds", type=int, help="k-fold cross-validation instead of one split")
     p.add_argument("--candidates", help="candidates.yaml (costs in the reports)")
+    p.add_argument("--keep-runs", action="store_true", help="keep every variant's run folder (each holds an encoder copy)")
     add_training_flags(p)
     p.set_defaults(func=cmd_reproduce)
 
@@ -221,5 +223,6 @@ def cmd_reproduce(args) -> int:
     if args.folds is not None and args.folds < 2:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
     base = config_from(args, args.out, args.data, args.dev)
-    reproduce(base, out=args.out, test=args.test, betas=betas, folds=args.folds, candidates=args.candidates)
+    reproduce(base, out=args.out, test=args.test, betas=betas, folds=args.folds, candidates=args.candidates,
+              keep_runs=args.keep_runs)
     return 0

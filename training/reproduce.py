@@ -68,7 +68,13 @@ def _splits(base: TrainConfig, out: Path, test: str | None, folds: int | None) -
 
 
 def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Sequence[float] = (0.1, 0.5, 0.7),
-              folds: int | None = None, candidates: str | None = None) -> dict:
+              folds: int | None = None, candidates: str | None = None, keep_runs: bool = False) -> dict:
+    """Train and evaluate every variant; writes DIR/table.json and DIR/reports/<variant>[-fold<k>].json.
+
+    Run folders (each a full encoder copy) are deleted once evaluated unless keep_runs.
+    """
+    import shutil
+
     from zooter.training.evaluate import evaluate_router
 
     out = Path(out)
@@ -85,7 +91,13 @@ def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Seque
             print(f"== {name}" + (f", fold {f + 1}/{len(folds_paths)}" if folds else ""), flush=True)
             train(cfg)
             predicted = _frozen_probs(run, paths["test"], cfg) if cfg.frozen else None
-            reports.append(evaluate_router(run, paths["test"], candidates=candidates, predicted=predicted))
+            report = evaluate_router(run, paths["test"], candidates=candidates, predicted=predicted)
+            (out / "reports").mkdir(parents=True, exist_ok=True)
+            tag = name.replace("=", "") + (f"-fold{f}" if folds else "")
+            (out / "reports" / f"{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+            reports.append(report)
+            if not keep_runs:
+                shutil.rmtree(run)
         rows.append(_pool(name, loss, beta, reports))
     used = base.resolved()
     table = {"data": base.data, "folds": folds, "config": {"backbone": used.backbone, "frozen": used.frozen,
