@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 from pathlib import Path
 
 from zooter.errors import UserError
@@ -136,6 +136,8 @@ def cmd_train(args) -> int:
         config = config_from(args, args.out, args.data, args.dev)
     config.keep_state = args.keep_state
     info = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary is enough
+        return 0
     dev, best = info["dev"], info["best_single"]
     print(f"run written to {args.out} in {info['train_seconds']:.0f}s: best epoch {dev['epoch']}, dev routed reward "
           f"{dev['mean_reward']:.4f} vs best single ({best['candidate']}) {dev['best_single_from_train']:.4f}, "

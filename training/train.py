@@ -235,7 +235,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(queries) / cfg.batch_size / accelerator.num_processes)
+    # Every process must take the same number of steps (gradient syncs pair up): the batches are dealt
+    # round-robin and a remainder smaller than the process count is dropped.
+    steps_per_epoch = math.ceil(len(queries) / cfg.batch_size) // accelerator.num_processes
     total = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup * total)
     schedule = lambda step: min((step + 1) / max(warmup, 1), max(0.0, (total - step) / max(total - warmup, 1)))
@@ -280,7 +282,6 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         if cfg.frozen:
             model.encoder.eval()
         batches = length_batches(lengths, cfg.batch_size, rng)
-        # Each process takes every k-th batch; all take the same count so gradient syncs line up.
         mine = batches[accelerator.process_index::accelerator.num_processes][:steps_per_epoch]
         losses = []
         for idx in mine:
