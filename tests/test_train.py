@@ -177,3 +177,14 @@ def test_eval_takes_a_bundle_like_a_run(full_run, files, tmp_path):
     from_bundle, from_run = (json.loads((tmp_path / n).read_text()) for n in ("bundle.json", "run.json"))
     assert from_bundle["router"]["mean_reward"] == pytest.approx(from_run["router"]["mean_reward"])
     assert from_bundle["baselines"]["best_single"] == from_run["baselines"]["best_single"]
+
+
+def test_eval_adds_the_rmr_baseline(full_run, files, tmp_path):
+    """With a second reward file that agrees with the eval rewards, RMR picks each row's best: the oracle."""
+    run, _ = full_run
+    report_path = tmp_path / "rmr.json"
+    assert main(["eval", str(run), "--data", str(files["test"]), "--json", str(report_path), "--rmr", str(files["test"])]) == 0
+    report = json.loads(report_path.read_text())
+    rmr = report["baselines"]["rmr"]
+    assert rmr["mean_reward"] == pytest.approx(report["baselines"]["oracle"]["mean_reward"])
+    assert rmr["mean_cost"] == pytest.approx(1.0 + 0.2 + 3.0)  # every candidate is run: the summed unit prices

@@ -173,7 +173,7 @@ def cmd_eval(args) -> int:
     report = evaluate_router(args.router, args.data, candidates=args.candidates, lam=args.lam,
                              best_single=args.best_single, plots=args.plots)
     if args.rmr:
-        report["baselines"]["rmr"] = _rmr(args.data, args.rmr)
+        report["baselines"]["rmr"] = _rmr(args.data, args.rmr, report)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
@@ -184,14 +184,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _rmr(data_path: str, rmr_path: str) -> dict:
+def _rmr(data_path: str, rmr_path: str, report: dict) -> dict:
+    """Reward-model ranking (issue 6): run every candidate, keep the answer a second reward model ranks best."""
     from zooter.training.dataset import RoutingDataset
 
     try:
         from zooter.training.rmr import rmr_baseline
     except ImportError as err:
         raise UserError(f"the RMR baseline is unavailable ({err})") from None
-    return rmr_baseline(RoutingDataset.load(data_path), RoutingDataset.load(rmr_path))
+    costs = None
+    # RMR pays for every candidate; its cost is only comparable to the router's in unit prices.
+    if report.get("cost_unit") == "usd_per_mtok" and report.get("candidates_file"):
+        from zooter.training.candidates import costs_for, load_candidates
+
+        costs = costs_for(load_candidates(report["candidates_file"]), list(report["baselines"]["per_candidate"]))
+    return rmr_baseline(RoutingDataset.load(data_path), RoutingDataset.load(rmr_path), costs=costs)
 
 
 # --- reproduce --------------------------------------------------------------------------------

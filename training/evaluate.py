@@ -369,6 +369,7 @@ def evaluate_router(path, data_path, *, candidates: str | None = None, lam: floa
 
     report = evaluate(rewards, probs, labels, best, tags=[r.tags for r in data.rows], costs=costs, lam=lam)
     report["cost_unit"] = cost_unit
+    report["candidates_file"] = str(cands_file) if cands_file else None
     report["router_path"] = str(path)
     report["data"] = str(data_path)
     report["data_sha256"] = data.sha256()
