@@ -88,6 +88,21 @@ def parse_row(obj, path: str | Path = "<data>", line: int | None = None) -> Row:
     return Row(rid, query, rewards, list(tags), dict(responses) if responses is not None else None, source)
 
 
+def read_jsonl(path: str | Path):
+    """Yield (line number, decoded object) for each non-blank line; a bad line is a DataError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "no such file")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
+
+
 class RoutingDataset:
     """Rows plus the ordered candidate list; `rewards()` is the (rows x candidates) matrix with NaN for null."""
 
@@ -120,21 +135,11 @@ class RoutingDataset:
     # --- I/O -------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, candidates: Sequence[str] | None = None) -> "RoutingDataset":
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(path, None, "no such file")
         rows = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, text in enumerate(fh, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as err:
-                    raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
-                row = parse_row(obj, path, lineno)
-                row._line = lineno  # for error messages raised by dataset-level checks
-                rows.append(row)
+        for lineno, obj in read_jsonl(path):
+            row = parse_row(obj, path, lineno)
+            row._line = lineno  # for error messages raised by dataset-level checks
+            rows.append(row)
         if not rows:
             raise DataError(path, None, "no rows")
         return cls(rows, candidates, path)

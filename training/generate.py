@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 from zooter.errors import UserError
 from zooter.training.candidates import Candidate
 from zooter.training.clients import Answer, CallError, Sampling, client_for
-from zooter.training.dataset import DataError
+from zooter.training.dataset import DataError, read_jsonl
 
 
 # --- queries ------------------------------------------------------------------------------------
@@ -493,41 +493,31 @@ _CONTRACT_KEYS = {"id", "query", "rewards", "tags", "responses", "source", "rewa
 
 def read_answers(path: str | Path) -> list[AnswerRow]:
     """Read an answers file (rewards may all be null); every row needs an id, a query and a 'responses' object."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, "no such file")
     rows, ids = [], {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
-            if not isinstance(obj, dict):
-                raise DataError(path, lineno, "expected a JSON object")
-            rid = obj.get("id")
-            if not isinstance(rid, str) or not rid:
-                raise DataError(path, lineno, "'id' must be a non-empty string")
-            if rid in ids:
-                raise DataError(path, lineno, f"duplicate id {rid!r} (first seen on line {ids[rid]})")
-            ids[rid] = lineno
-            query = obj.get("query")
-            if not isinstance(query, str) or not query.strip():
-                raise DataError(path, lineno, f"row {rid!r}: empty query")
-            responses = obj.get("responses")
-            if not isinstance(responses, dict) or not all(isinstance(v, str) for v in responses.values()):
-                raise DataError(path, lineno, f"row {rid!r}: needs 'responses' {{candidate: text}} to score (run `zooter generate` first)")
-            rewards = obj.get("rewards") or {}
-            if not isinstance(rewards, dict):
-                raise DataError(path, lineno, f"row {rid!r}: 'rewards' must be an object")
-            candidates = list(dict.fromkeys([*rewards, *responses]))
-            tags = obj.get("tags", [])
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                raise DataError(path, lineno, f"row {rid!r}: 'tags' must be a list of strings")
-            extra = {k: v for k, v in obj.items() if k not in _CONTRACT_KEYS}
-            rows.append(AnswerRow(rid, query, candidates, dict(responses), list(tags), str(obj.get("source", "")), extra))
+    for lineno, obj in read_jsonl(path):
+        if not isinstance(obj, dict):
+            raise DataError(path, lineno, "expected a JSON object")
+        rid = obj.get("id")
+        if not isinstance(rid, str) or not rid:
+            raise DataError(path, lineno, "'id' must be a non-empty string")
+        if rid in ids:
+            raise DataError(path, lineno, f"duplicate id {rid!r} (first seen on line {ids[rid]})")
+        ids[rid] = lineno
+        query = obj.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(path, lineno, f"row {rid!r}: empty query")
+        responses = obj.get("responses")
+        if not isinstance(responses, dict) or not all(isinstance(v, str) for v in responses.values()):
+            raise DataError(path, lineno, f"row {rid!r}: needs 'responses' {{candidate: text}} to score (run `zooter generate` first)")
+        rewards = obj.get("rewards") or {}
+        if not isinstance(rewards, dict):
+            raise DataError(path, lineno, f"row {rid!r}: 'rewards' must be an object")
+        candidates = list(dict.fromkeys([*rewards, *responses]))
+        tags = obj.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise DataError(path, lineno, f"row {rid!r}: 'tags' must be a list of strings")
+        extra = {k: v for k, v in obj.items() if k not in _CONTRACT_KEYS}
+        rows.append(AnswerRow(rid, query, candidates, dict(responses), list(tags), str(obj.get("source", "")), extra))
     if not rows:
         raise DataError(path, None, "no rows")
     return rows
