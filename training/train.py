@@ -299,7 +299,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             optimizer.zero_grad()
             losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.4f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
 
         # Select by what routing is for: the dev reward of the routed candidate, not the dev loss.
         logits = dev_logits()
