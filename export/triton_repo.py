@@ -119,12 +119,12 @@ def _write_model(out: Path, name: str, config: str, files: dict[str, Path | str]
 
 def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
     """Unit prices in label order: the bundle's (what the in-process Router uses), else the candidates file's."""
-    from zooter.runtime.router import _unit_cost
+    from zooter.runtime.decision import unit_cost
     from zooter.training.candidates import costs_for
 
     bundled = bundle_info.get("costs")
     if isinstance(bundled, dict) and all(name in bundled for name in labels):
-        return [_unit_cost(bundled[name]) for name in labels]
+        return [unit_cost(bundled[name]) for name in labels]
     costs = costs_for(candidates, labels) if candidates is not None else None
     if costs is not None:
         return [costs[name].unit for name in labels]

@@ -23,6 +23,20 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def unit_price(input_per_mtok: float, output_per_mtok: float) -> float:
+    """One price per candidate for the rule (the router chooses before any answer's length is known)."""
+    return (float(input_per_mtok) + float(output_per_mtok)) / 2
+
+
+def unit_cost(cost) -> float:
+    """The unit price of a bundle's cost entry: {"unit"}, {"input_per_mtok", "output_per_mtok"}, or a number."""
+    if isinstance(cost, dict):
+        if "unit" in cost:
+            return float(cost["unit"])
+        return unit_price(cost["input_per_mtok"], cost["output_per_mtok"])
+    return float(cost)
+
+
 def utilities(probs: np.ndarray, costs: Sequence[float] | None = None, lam: float = 0.0) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
     if not lam or costs is None:

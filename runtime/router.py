@@ -124,7 +124,7 @@ class Router:
         # Costs in label order (unit price per million tokens); None when any candidate is unpriced.
         self.costs = None
         if costs and all(name in costs for name in self.labels):
-            self.costs = np.array([_unit_cost(costs[name]) for name in self.labels], dtype=np.float64)
+            self.costs = np.array([rule.unit_cost(costs[name]) for name in self.labels], dtype=np.float64)
         self.lam = float(manifest.get("lambda", 0.0) if lam is None else lam)
         if self.lam and self.costs is None:
             raise BundleError(f"lambda={self.lam} needs a price for every candidate; router.json has no costs")
@@ -209,11 +209,3 @@ class Router:
             for j, d in zip(idx, self._decide(probs, lam, (time.perf_counter() - start) * 1000)):
                 out[j] = d
         return out
-
-
-def _unit_cost(cost) -> float:
-    if isinstance(cost, dict):
-        if "unit" in cost:
-            return float(cost["unit"])
-        return (float(cost["input_per_mtok"]) + float(cost["output_per_mtok"])) / 2
-    return float(cost)

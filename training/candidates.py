@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from zooter.errors import UserError
+from zooter.runtime.decision import unit_price
 
 
 class CandidatesError(UserError):
@@ -33,7 +34,7 @@ class Cost:
     @property
     def unit(self) -> float:
         """Price per million tokens as one number, for data without responses (mean of in and out)."""
-        return (self.input_per_mtok + self.output_per_mtok) / 2
+        return unit_price(self.input_per_mtok, self.output_per_mtok)
 
     def of(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
