@@ -9,8 +9,11 @@ export HF_HUB_OFFLINE=1
 # --frozen: on 2 shared CPU cores full fine-tuning takes 15-40 minutes and measured no better than the
 # head-only router on dev (docs/training.md); the run folder is the same format, so export is unchanged.
 # The embeddings are cached per query in $OUT/embeddings and reused by the reproduction below.
+# --layers 2: MiniLM's first two layers route as well as all six (5-fold CV on dcrouter, docs/export-runtime.md)
+# at a third of the latency. --frozen trains quantization-aware by default: the head also sees the INT8
+# encoder's embeddings, so the INT8 bundle of stage 30 decides like PyTorch.
 zooter train --data "$OUT/dcrouter.train.jsonl" --dev "$OUT/dcrouter.dev.jsonl" \
-    --candidates "$OUT/candidates.yaml" --out "$OUT/run" --frozen --cache "$OUT/embeddings"
+    --candidates "$OUT/candidates.yaml" --out "$OUT/run" --frozen --layers 2 --cache "$OUT/embeddings"
 
 echo
 echo "--- the router on the held-out test split (queries never seen in training) ---"

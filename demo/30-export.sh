@@ -6,11 +6,15 @@ set -euo pipefail
 export HF_HUB_OFFLINE=1
 RUN="${RUN:-$OUT/run}"
 
-# Parity is checked on the run's dev rows (the file training used, or its dev hold-out). The gate
-# wants >= 99% of decisions unchanged; a router distilled from softmax(rewards / tau) on [0, 1]
-# rewards has tiny top-2 margins (median about 0.004 on dcrouter), so INT8 noise flips a few percent
-# of near-ties. The demo ships anyway (--allow-drift) and prints what the flips cost in routed reward.
-zooter export "$RUN" --out "$OUT/bundle" --quantize int8 --candidates "$OUT/candidates.yaml" --force --allow-drift
+# Parity is checked on the run's dev rows (the file training used), one query per call as Router.route
+# runs it. The gate wants >= 99% of decisions unchanged; stage 20 trained the head quantization-aware,
+# so no --allow-drift here. A second check on the held-out test rows prints the same figures.
+zooter export "$RUN" --out "$OUT/bundle" --quantize int8 --candidates "$OUT/candidates.yaml" --force
+echo
+echo "--- parity on the held-out test rows (never used for training or checkpoint choice) ---"
+zooter export "$RUN" --out "$OUT/bundle-heldout-check" --quantize int8 --candidates "$OUT/candidates.yaml" --force \
+    --calib "$OUT/dcrouter.test.jsonl" --allow-drift | grep -A3 "parity vs"
+rm -rf "$OUT/bundle-heldout-check"
 
 echo
 echo "--- MT-Bench first turns through zooter.runtime.Router (no torch) ---"

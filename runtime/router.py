@@ -105,7 +105,10 @@ def open_session(model_path: str | Path, providers: Sequence[str] | None = None,
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(model_path), options, providers=list(providers))
+    # onnxruntime's CPU SkipLayerNormalization kernel is slower than the Add + LayerNormalization it
+    # replaces (export/quantize.py): on the CPU alone, do not re-fuse them at load.
+    disabled = ["SkipLayerNormFusion"] if list(providers) == ["CPUExecutionProvider"] else []
+    return ort.InferenceSession(str(model_path), options, providers=list(providers), disabled_optimizers=disabled)
 
 
 class Router:

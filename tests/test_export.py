@@ -151,6 +151,28 @@ def test_int8_router_agrees_with_pytorch_as_parity_recorded(built):
     assert np.abs(got - probs).max() == pytest.approx(parity["max_prob_diff"], abs=1e-5)
 
 
+def test_int8_graph_keeps_the_vocabulary_per_row_and_the_head_in_fp32(built):
+    """The vocabulary table ships as int8 with one scale per row, each row within half a step of the
+    run's vector; the head's MatMul is not quantized (its input is the pooled embedding)."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.torch import load_file
+
+    model = onnx.load(str(built["int8"] / "model.int8.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    table = next(name for name in inits if name.endswith("word_embeddings.weight_int8"))
+    rows, scale = inits[table], inits[table.replace("_int8", "_row_scale")]
+    assert rows.dtype == np.int8 and scale.shape == (rows.shape[0], 1)
+    original = load_file(built["run"] / "encoder" / "model.safetensors")["embeddings.word_embeddings.weight"].numpy()
+    assert np.all(np.abs(rows * scale - original) <= scale / 2 + 1e-7)
+    producers = {out: n for n in model.graph.node for out in n.output}
+    head = producers["logits"]  # the quantizer splits the Gemm into MatMul + Add and leaves both in fp32
+    assert head.op_type == "Gemm" or (head.op_type == "Add" and producers[head.input[0]].op_type == "MatMul")
+    assert not [n for n in model.graph.node if n.op_type == "MatMulInteger" and "head" in n.name]
+    manifest = json.loads((built["int8"] / "router.json").read_text())
+    assert manifest["quantization"]["embedding"]["scale"] == "per row, symmetric int8"
+
+
 def test_parity_gate_blocks_a_drifting_model(built, tmp_path, monkeypatch, capsys):
     from zooter.export import parity
 

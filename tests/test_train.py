@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from zooter.cli import main
+from zooter.errors import UserError
 from zooter.training.dataset import RoutingDataset, Row
 from zooter.training.evaluate import predict_probs
 from zooter.training.model import RouterModel
@@ -188,3 +189,27 @@ def test_eval_adds_the_rmr_baseline(full_run, files, tmp_path):
     rmr = report["baselines"]["rmr"]
     assert rmr["mean_reward"] == pytest.approx(report["baselines"]["oracle"]["mean_reward"])
     assert rmr["mean_cost"] == pytest.approx(1.0 + 0.2 + 3.0)  # every candidate is run: the summed unit prices
+
+
+def test_layers_cuts_the_encoder_and_the_run_keeps_the_cut(files, tiny_backbone, tmp_path):
+    info = train(config(files, tiny_backbone, tmp_path / "run", frozen=True, epochs=2, layers=1, int8_consistency=0))
+    model, _, _ = RouterModel.load(tmp_path / "run")
+    assert model.encoder.config.num_hidden_layers == 1 and len(model.encoder.encoder.layer) == 1
+    assert info["config"]["layers"] == 1
+    with pytest.raises(UserError, match="--layers must be between 1 and 2"):
+        train(config(files, tiny_backbone, tmp_path / "bad", frozen=True, layers=3))
+
+
+def test_int8_consistency_measures_what_the_export_gate_measures(files, tiny_backbone, tmp_path):
+    """Training's INT8 agreement on dev (the checkpoint rule) is export's parity on the same rows:
+    the INT8 encoder built in training is the one the bundle ships."""
+    info = train(config(files, tiny_backbone, tmp_path / "run", frozen=True, epochs=3, int8_consistency=200.0))
+    assert all("dev_int8_agreement" in point for point in info["curves"])
+    recorded = info["dev"]["int8_agreement"]
+    assert recorded == info["curves"][info["dev"]["epoch"] - 1]["dev_int8_agreement"]
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"), "--calib", str(files["dev"]),
+                 "--allow-drift"]) == 0
+    parity = json.loads((tmp_path / "bundle" / "router.json").read_text())["parity"]
+    assert parity["n"] == 30 and parity["decision_agreement"] == pytest.approx(recorded)
+    with pytest.raises(UserError, match="needs --frozen"):
+        train(config(files, tiny_backbone, tmp_path / "full", int8_consistency=10.0))

@@ -77,7 +77,12 @@ def add_training_flags(p) -> None:
     p.add_argument("--warmup", type=float, default=0.1, help="warmup share of the steps (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, dropout and batch order (default 0)")
     p.add_argument("--frozen", action="store_true", help="train the head only, on encoder embeddings computed once (fast)")
+    p.add_argument("--layers", type=int, help="keep only the backbone's first N transformer layers: a faster router "
+                   "(default: all; the demo's router uses 2, see docs/export-runtime.md)")
     p.add_argument("--train-layers", type=int, help="fine-tune only the top N transformer layers and the head (default: all)")
+    p.add_argument("--int8-consistency", type=float, metavar="W",
+                   help="with --frozen: weight of the term that makes the head decide alike from the INT8 encoder's "
+                   "embeddings, so `zooter export --quantize int8` passes its parity gate (default 200; 0 turns it off)")
     p.add_argument("--cache", help="folder caching --frozen embeddings between runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
@@ -96,7 +101,8 @@ def config_from(args, out: str, data: str, dev: str | None):
     return TrainConfig(data=data, out=out, dev=dev, backbone=args.backbone, candidates=getattr(args, "candidates", None),
                        tau=args.tau, beta=args.beta, loss=args.loss, epochs=args.epochs, lr=args.lr,
                        max_length=args.max_length, batch_size=args.batch_size, weight_decay=args.weight_decay,
-                       warmup=args.warmup, seed=args.seed, frozen=args.frozen, train_layers=args.train_layers,
+                       warmup=args.warmup, seed=args.seed, frozen=args.frozen, layers=args.layers,
+                       int8_consistency=args.int8_consistency, train_layers=args.train_layers,
                        cache=args.cache, threads=args.threads)
 
 

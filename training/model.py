@@ -106,6 +106,29 @@ class RouterModel(nn.Module):
         return model.eval(), tokenizer, info
 
 
+def transformer_layers(encoder):
+    """The encoder's stack of transformer layers (an nn.ModuleList of num_hidden_layers blocks)."""
+    from torch import nn
+
+    n = encoder.config.num_hidden_layers
+    stacks = [m for m in encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not stacks:
+        raise UserError(f"cannot find the {n} transformer layers of {type(encoder).__name__}")
+    return stacks[0]
+
+
+def keep_first_layers(encoder, keep: int) -> None:
+    """Cut the encoder to its first `keep` layers, in place. Routing needs coarse features of the
+    query (topic, task, difficulty), which the lower layers already carry: on dcrouter a head on
+    MiniLM's layer 2 routes as well as one on layer 6 (docs/export-runtime.md), at a third of the cost."""
+    n = encoder.config.num_hidden_layers
+    if not 1 <= keep <= n:
+        raise UserError(f"--layers must be between 1 and {n} (the backbone's depth), got {keep}")
+    stack = transformer_layers(encoder)
+    del stack[keep:]
+    encoder.config.num_hidden_layers = keep
+
+
 def _has_pooler_arg(path: Path) -> bool:
     config = json.loads((path / "config.json").read_text())
     return config.get("model_type") in {"bert", "roberta", "xlm-roberta", "electra", "camembert"}

@@ -27,12 +27,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from zooter.errors import UserError
+from zooter.export.parity import MIN_AGREEMENT
+from zooter.export.quantize import INT8_RECIPE
 from zooter.training.dataset import RoutingDataset
 from zooter.training.labels import training_targets
 
 # Defaults measured on 2 CPU cores with all-MiniLM-L6-v2 on dcrouter (docs/training.md).
-FULL = {"epochs": 3, "lr": 5e-5}
-FROZEN = {"epochs": 40, "lr": 3e-3}
+# int8_consistency: weight of KL(p(e) || p(e_int8)) (training/quantized.py); 200 measured on dcrouter:
+# the INT8 bundle agrees with PyTorch on 99% of dev decisions at an unchanged dev routed reward.
+FULL = {"epochs": 3, "lr": 5e-5, "int8_consistency": 0.0}
+FROZEN = {"epochs": 40, "lr": 3e-3, "int8_consistency": 200.0}
 
 
 @dataclass
@@ -54,8 +58,10 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     frozen: bool = False                # train the head only, on embeddings computed once
+    layers: int | None = None           # keep only the backbone's first N transformer layers (None: all)
     train_layers: int | None = None     # fine-tune only the top N transformer layers (None: all)
     cache: str | None = None            # folder caching frozen embeddings across runs
+    int8_consistency: float | None = None  # None: FROZEN/FULL default; 0 turns quantization-aware training off
     threads: int | None = None          # torch CPU threads; None = torch's default
     keep_state: bool = False            # keep state.pt after the run ends (to extend it later)
 
@@ -64,6 +70,11 @@ class TrainConfig:
         out = TrainConfig(**asdict(self))
         out.epochs = self.epochs if self.epochs is not None else defaults["epochs"]
         out.lr = self.lr if self.lr is not None else defaults["lr"]
+        out.int8_consistency = self.int8_consistency if self.int8_consistency is not None else defaults["int8_consistency"]
+        if out.int8_consistency < 0:
+            raise UserError(f"--int8-consistency must be >= 0, got {out.int8_consistency}")
+        if out.int8_consistency > 0 and not self.frozen:
+            raise UserError("--int8-consistency needs --frozen: the INT8 encoder is built once, from the frozen encoder")
         if out.backbone is None:
             from zooter.training.model import default_backbone
 
@@ -125,17 +136,28 @@ def in_length_order(texts: Sequence[str], tokenizer, max_length: int, batch_size
 
 
 def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64,
-                cache: str | Path | None = None, progress: str | None = "embedding") -> np.ndarray:
-    """The router's pooled encoder embeddings (the head's input).
+                cache: str | Path | None = None, progress: str | None = "embedding", int8: bool = False) -> np.ndarray:
+    """The router's pooled encoder embeddings (the head's input); with `int8`, those of the INT8
+    encoder that export will build (training/quantized.py).
 
     With a cache folder, vectors are kept per query text (one .npz per encoder and max_length), so
     folds, splits and variants that share queries embed each query once.
     """
     texts = list(texts)
-    if not cache:
+
+    def compute(some: list[str]) -> np.ndarray:
         model.eval()
-        return in_length_order(texts, tokenizer, max_length, batch_size, lambda enc: model.embed(**enc), progress=progress)
-    encoder_key = hashlib.sha256(json.dumps([str(model.encoder.name_or_path), max_length]).encode()).hexdigest()[:16]
+        if int8:
+            from zooter.training.quantized import int8_embed
+
+            return int8_embed(model, tokenizer, some, max_length, progress=progress)
+        return in_length_order(some, tokenizer, max_length, batch_size, lambda enc: model.embed(**enc), progress=progress)
+
+    if not cache:
+        return compute(texts)
+    depth = model.encoder.config.num_hidden_layers
+    encoder_key = hashlib.sha256(json.dumps([str(model.encoder.name_or_path), max_length, depth]
+                                            + ([INT8_RECIPE, "one query per call"] if int8 else [])).encode()).hexdigest()[:16]
     path = Path(cache) / f"embeddings-{encoder_key}.npz"
     known: dict[str, np.ndarray] = {}
     if path.is_file():
@@ -144,9 +166,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_s
     keys = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
     missing = sorted({k: i for i, k in enumerate(keys) if k not in known}.values())
     if missing:
-        model.eval()
-        fresh = in_length_order([texts[i] for i in missing], tokenizer, max_length, batch_size,
-                                lambda enc: model.embed(**enc), progress=progress)
+        fresh = compute([texts[i] for i in missing])
         known.update({keys[i]: v for i, v in zip(missing, fresh)})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.stem + ".tmp.npz")
@@ -158,17 +178,15 @@ def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_s
 def freeze_lower_layers(model, keep: int) -> None:
     """Fine-tune only the top `keep` transformer layers and the head. Backpropagation then stops at
     the lowest trained layer, which is what makes fine-tuning affordable on a CPU."""
-    from torch import nn
+    from zooter.training.model import transformer_layers
 
     n = model.encoder.config.num_hidden_layers
-    stacks = [m for m in model.encoder.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not stacks:
-        raise UserError(f"cannot find the {n} transformer layers of {type(model.encoder).__name__}; drop --train-layers")
+    stack = transformer_layers(model.encoder)
     if not 0 <= keep <= n:
         raise UserError(f"--train-layers must be between 0 and {n}, got {keep}")
     for p in model.encoder.parameters():
         p.requires_grad_(False)
-    for layer in list(stacks[0])[n - keep:]:
+    for layer in list(stack)[n - keep:]:
         for p in layer.parameters():
             p.requires_grad_(True)
 
@@ -187,7 +205,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from zooter.training.model import RouterModel
+    from zooter.training.model import RouterModel, keep_first_layers
 
     cfg = config.resolved()
     out = Path(cfg.out)
@@ -210,12 +228,19 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
 
     # Model. The head's bias starts at the log of the mean target: the prior, so early steps learn the query.
     model, tokenizer = RouterModel.from_backbone(cfg.backbone, labels)
+    if cfg.layers is not None:
+        keep_first_layers(model.encoder, cfg.layers)
     with torch.no_grad():
         model.head.bias.copy_(torch.log(targets.mean(0).clamp(min=1e-6)))
     queries = train_data.queries
     if cfg.frozen:
         train_x = torch.tensor(embed_texts(model, tokenizer, queries, cfg.max_length, cache=cfg.cache, progress="embedding train"))
         dev_x = embed_texts(model, tokenizer, dev_data.queries, cfg.max_length, cache=cfg.cache, progress="embedding dev")
+        if cfg.int8_consistency:
+            train_q = torch.tensor(embed_texts(model, tokenizer, queries, cfg.max_length, cache=cfg.cache,
+                                               progress="int8 embedding train", int8=True))
+            dev_q = embed_texts(model, tokenizer, dev_data.queries, cfg.max_length, cache=cfg.cache,
+                                progress="int8 embedding dev", int8=True)
         lengths = np.ones(len(queries))
         trained = model.head
         # A (hidden x labels) head gains nothing from threads, and on a shared CPU OpenMP threads
@@ -254,12 +279,12 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
 
-    def dev_logits() -> np.ndarray:
+    def dev_logits(x=None) -> np.ndarray:
         inner = accelerator.unwrap_model(trained)
         inner.eval()
         if cfg.frozen:
             with torch.no_grad():
-                return inner(torch.tensor(dev_x, device=accelerator.device)).float().cpu().numpy()
+                return inner(torch.tensor(dev_x if x is None else x, device=accelerator.device)).float().cpu().numpy()
         return in_length_order(dev_data.queries, tokenizer, cfg.max_length, 64, lambda enc: inner(**enc)["logits"],
                                device=accelerator.device, progress="dev" if accelerator.is_main_process else None)
 
@@ -291,7 +316,12 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 enc = tokenizer([queries[i] for i in idx], truncation=True, max_length=cfg.max_length,
                                 padding=True, return_tensors="pt").to(accelerator.device)
                 logits = trained(**enc)["logits"]
-            loss = F.kl_div(F.log_softmax(logits.float(), -1), targets[idx].to(accelerator.device), reduction="batchmean")
+            log_p = F.log_softmax(logits.float(), -1)
+            loss = F.kl_div(log_p, targets[idx].to(accelerator.device), reduction="batchmean")
+            if cfg.frozen and cfg.int8_consistency:
+                # Decide alike from the INT8 encoder's embedding: KL(p || p_int8), both through the head.
+                log_q = F.log_softmax(trained(train_q[idx].to(accelerator.device)).float(), -1)
+                loss = loss + cfg.int8_consistency * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(trained.parameters(), cfg.clip)
             optimizer.step()
@@ -305,13 +335,19 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         logits = dev_logits()
         point = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_reward": routed_reward(dev_rewards, logits),
                  "lr": float(scheduler.get_last_lr()[0]), "seconds": round(time.time() - started, 1)}
+        if cfg.frozen and cfg.int8_consistency:
+            point["dev_int8_agreement"] = float(np.mean(dev_logits(dev_q).argmax(1) == logits.argmax(1)))
         history.append(point)
         if accelerator.is_main_process:
             if not cfg.frozen or (epoch + 1) % 10 == 0 or epoch + 1 == cfg.epochs:  # frozen epochs take a second
                 bar.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {point['train_loss']:.4f}, "
-                          f"dev routed reward {point['dev_reward']:.4f}")
-            if point["dev_reward"] > best["dev_reward"]:
-                best = {"dev_reward": point["dev_reward"], "epoch": epoch + 1}
+                          f"dev routed reward {point['dev_reward']:.4f}"
+                          + (f", INT8 agreement {point['dev_int8_agreement']:.2%}" if "dev_int8_agreement" in point else ""))
+            # The best dev reward among the checkpoints whose INT8 decisions would pass export's parity
+            # gate (all of them without --int8-consistency), else the best dev reward.
+            passes = point.get("dev_int8_agreement", 1.0) >= MIN_AGREEMENT
+            if (passes, point["dev_reward"]) > (best.get("passes", False), best["dev_reward"]):
+                best = {"dev_reward": point["dev_reward"], "epoch": epoch + 1, "passes": passes}
                 # A frozen encoder never changes: write it once, then only the head and run.json.
                 _save(accelerator.unwrap_model(trained) if not cfg.frozen else model, tokenizer, out, meta, history, best,
                       dev_rewards, dev_data, head_only=cfg.frozen and saved_once)
@@ -343,6 +379,8 @@ def _save(model, tokenizer, out: Path, meta: dict, history: list, best: dict, de
            "oracle": float(np.mean(r.max(axis=1))),
            "best_single_from_train": float(np.nanmean(dev_data.rewards()[:, dev_data.candidates.index(meta["best_single"]["candidate"])])),
            "best_single_on_dev": dev_best}
+    if "dev_int8_agreement" in history[-1]:
+        dev["int8_agreement"] = history[-1]["dev_int8_agreement"]  # _save runs at the best epoch: the last point
     if head_only:
         from safetensors.torch import save_file
 
