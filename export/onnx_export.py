@@ -8,6 +8,7 @@ encoder + mean pool + head as one graph.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from zooter.errors import UserError
@@ -36,7 +37,10 @@ def export_onnx(model, path: str | Path, opset: int | None = None) -> dict:
     if opset < config.DEFAULT_ONNX_OPSET:
         raise UserError(f"--opset {opset}: the {model.config.model_type} exporter needs opset >= {config.DEFAULT_ONNX_OPSET}")
     path = Path(path)
-    inputs, outputs = export(model.eval(), config, path, opset=opset)
+    with warnings.catch_warnings():
+        # The tracer notes every constant it bakes in (BERT's mask arithmetic); none depends on the input.
+        warnings.filterwarnings("ignore", message=".*(results are registered as constants|Converting a tensor to a Python).*")
+        inputs, outputs = export(model.eval(), config, path, opset=opset)
     if list(outputs) != ["logits"]:
         raise RuntimeError(f"exported outputs {outputs}, expected ['logits']")
     return {"inputs": list(inputs), "output": "logits", "opset": opset}

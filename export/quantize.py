@@ -10,6 +10,7 @@ ORTOptimizer takes our custom graph directly: it needs only the file and the bac
 
 from __future__ import annotations
 
+import logging
 import platform
 from pathlib import Path
 
@@ -113,6 +114,8 @@ def quantize_int8(onnx_path: Path, out_dir: Path, arch: str = "auto") -> tuple[P
     out_dir.mkdir(parents=True, exist_ok=True)
     staged = out_dir / onnx_path.name  # the fp32 file stays as it was: the bundle may ship it
     onnx.save(model, str(staged))
+    # The folder holds only the ONNX file, so optimum warns that it cannot find a config.json: expected.
+    logging.getLogger("optimum.onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = ORTQuantizer.from_pretrained(out_dir, file_name=staged.name)
     # Per-channel weight scales: on routers whose top two candidates are close, per-tensor scales
     # flipped several percent of decisions; per-channel costs about 0.1 MB.
