@@ -8,7 +8,8 @@ export HF_HUB_OFFLINE=1
 
 # --frozen: on 2 shared CPU cores full fine-tuning takes 15-40 minutes and measured no better than the
 # head-only router on dev (docs/training.md); the run folder is the same format, so export is unchanged.
-# The embeddings are cached per query in $OUT/embeddings and reused by the reproduction below.
+# Embeddings are cached per query (and per encoder depth) in $OUT/embeddings, so re-runs skip them; the
+# reproduction below uses all 6 layers, as in the paper's setting.
 # --layers 2: MiniLM's first two layers route as well as all six (5-fold CV on dcrouter, docs/export-runtime.md)
 # at a third of the latency. --frozen trains quantization-aware by default: the head also sees the INT8
 # encoder's embeddings, so the INT8 bundle of stage 30 decides like PyTorch.

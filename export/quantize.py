@@ -1,7 +1,8 @@
 """Graph optimization, dynamic INT8 and fp16 for an exported router, with optimum's ORTOptimizer and ORTQuantizer.
 
-    fp32 ONNX --ORTOptimizer (level 2: Attention, SkipLayerNorm, BiasGelu fusions)--> optimized fp32
-              --ORTQuantizer (dynamic int8 weights, per-CPU config)--------------> int8 (CPU)
+    fp32 ONNX --ORTOptimizer (level 2: Attention, BiasGelu; SkipLayerNorm on GPU only)--> optimized fp32
+              --ORTQuantizer (dynamic int8, per-channel weights, per-CPU config) + per-row int8
+                vocabulary table, head left fp32--------------------------------------> int8 (CPU)
               --ORTOptimizer (GPU fusions + fp16 weights, fp32 I/O)--------------> fp16 (GPU targets)
 
 ORTOptimizer takes our custom graph directly: it needs only the file and the backbone's config
@@ -19,7 +20,7 @@ from zooter.errors import UserError
 OPTIMIZATION_LEVEL = 2  # 99 adds layout rewrites tied to the machine that ran them: not for a portable file
 INT8_CONFIGS = ("avx512_vnni", "avx512", "avx2", "arm64")
 INT8_QUANTIZED_OPS = ("MatMul", "Attention")  # plus the vocabulary table, per row; the head stays fp32
-INT8_RECIPE = "dynamic, per-channel s8 weights, per-row vocabulary, LayerNorm unfused on CPU; ops " + "+".join(INT8_QUANTIZED_OPS)
+INT8_RECIPE = "dynamic, per-channel s7 weights on x86, per-row vocabulary, LayerNorm unfused on CPU; ops " + "+".join(INT8_QUANTIZED_OPS)
 
 
 def cpu_int8_config() -> str:
@@ -70,24 +71,35 @@ def quantize_embedding_rows(model) -> dict:
     from onnx import TensorProto, helper, numpy_helper
 
     tables = {i.name: i for i in model.graph.initializer if len(i.dims) == 2}
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
-    if not gathers:
+    users: dict[str, list] = {}
+    for n in model.graph.node:
+        for i, tensor in enumerate(n.input):
+            if tensor in tables:
+                users.setdefault(tensor, []).append((n, i))
+    # Only a table read by row-Gathers alone can be rewritten (an EmbedLayerNormalization fusion, say,
+    # reads the whole table); such a table is left to ORTQuantizer, which then quantizes the Gather.
+    candidates = [t for t, uses in users.items() if all(
+        n.op_type == "Gather" and i == 0 and helper.get_attribute_value(
+            next((a for a in n.attribute if a.name == "axis"), helper.make_attribute("axis", 0))) == 0
+        for n, i in uses)]
+    if not candidates:
         return {}
-    name = max({n.input[0] for n in gathers}, key=lambda t: tables[t].dims[0])
+    name = max(candidates, key=lambda t: tables[t].dims[0])
+    gathers = [n for n, _ in users[name]]
     table = numpy_helper.to_array(tables[name]).astype(np.float32)
     scale = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-12) / 127.0
     quantized = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
     model.graph.initializer.remove(tables[name])
     model.graph.initializer.extend([numpy_helper.from_array(quantized, name + "_int8"),
                                     numpy_helper.from_array(scale.astype(np.float32), name + "_row_scale")])
-    for node in [n for n in gathers if n.input[0] == name]:
+    for node in gathers:
         ids, out = node.input[1], node.output[0]
         at = list(model.graph.node).index(node)
         model.graph.node.remove(node)
-        new = [helper.make_node("Gather", [name + "_int8", ids], [out + "_int8"], name=node.name + "_int8", axis=0),
-               helper.make_node("Cast", [out + "_int8"], [out + "_rows"], name=node.name + "_cast", to=TensorProto.FLOAT),
-               helper.make_node("Gather", [name + "_row_scale", ids], [out + "_scale"], name=node.name + "_scale", axis=0),
-               helper.make_node("Mul", [out + "_rows", out + "_scale"], [out], name=node.name + "_dequantize")]
+        new = [helper.make_node("Gather", [name + "_int8", ids], [out + "_int8"], name=out + "_gather_int8", axis=0),
+               helper.make_node("Cast", [out + "_int8"], [out + "_rows"], name=out + "_cast", to=TensorProto.FLOAT),
+               helper.make_node("Gather", [name + "_row_scale", ids], [out + "_scale"], name=out + "_gather_scale", axis=0),
+               helper.make_node("Mul", [out + "_rows", out + "_scale"], [out], name=out + "_dequantize")]
         for offset, n in enumerate(new):
             model.graph.node.insert(at + offset, n)
     return {"table": name, "rows": int(table.shape[0]), "scale": "per row, symmetric int8",
@@ -125,13 +137,15 @@ def quantize_int8(onnx_path: Path, out_dir: Path, arch: str = "auto") -> tuple[P
     # onnxruntime's quantizer first splits a Gemm into "<name>_MatMul" + Add, so both names are listed.
     head = [name for n in model.graph.node if "logits" in n.output for name in (n.name, n.name + "_MatMul")]
     qconfig = getattr(AutoQuantizationConfig, arch)(is_static=False, per_channel=True, nodes_to_exclude=head)
-    qconfig.operators_to_quantize = list(INT8_QUANTIZED_OPS)
+    qconfig.operators_to_quantize = list(INT8_QUANTIZED_OPS) + ([] if embedding else ["Gather"])
     if arch in ("avx2", "avx512"):
-        # Signed weights take MLAS's u8 x s8 kernels, 10% faster here than optimum's default u8 x u8.
-        # vpmaddubsw cannot saturate: onnxruntime stores MatMul and Attention weights in 7 bits.
+        # Signed weights take MLAS's u8 x s8 kernels, 10% faster here than optimum's u8 x u8 on avx2.
+        # Without VNNI those kernels use vpmaddubsw, whose 16-bit pair sums saturate with full 8-bit
+        # weights (255 * 127 * 2 > 32767): reduce_range keeps the weights in 7 bits, which cannot.
         from onnxruntime.quantization import QuantType
 
         qconfig.weights_dtype = QuantType.QInt8
+        qconfig.reduce_range = True
     quantizer.quantize(save_dir=out_dir, quantization_config=qconfig, file_suffix="int8")
     path = Path(out_dir) / f"{onnx_path.stem}_int8.onnx"
     details = {"method": "dynamic", "config": arch, "per_channel": qconfig.per_channel,

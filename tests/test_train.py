@@ -196,6 +196,13 @@ def test_layers_cuts_the_encoder_and_the_run_keeps_the_cut(files, tiny_backbone,
     model, _, _ = RouterModel.load(tmp_path / "run")
     assert model.encoder.config.num_hidden_layers == 1 and len(model.encoder.encoder.layer) == 1
     assert info["config"]["layers"] == 1
+    # reproduce scores frozen heads on cached embeddings: those must come from the same cut encoder
+    from zooter.training.reproduce import _frozen_probs
+
+    cfg = config(files, tiny_backbone, tmp_path / "run", frozen=True, layers=1, int8_consistency=0, cache=str(tmp_path / "cache"))
+    labels, cached = _frozen_probs(tmp_path / "run", files["test"], cfg)
+    _, direct = predict_probs(tmp_path / "run", RoutingDataset.load(files["test"]).queries)
+    assert labels == CANDIDATES and cached == pytest.approx(direct, abs=1e-5)
     with pytest.raises(UserError, match="--layers must be between 1 and 2"):
         train(config(files, tiny_backbone, tmp_path / "bad", frozen=True, layers=3))
 

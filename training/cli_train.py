@@ -131,7 +131,9 @@ def cmd_train(args) -> int:
         saved = Path(args.out) / "config.json"
         if not saved.is_file():
             raise UserError(f"{args.out}: nothing to resume (no config.json)")
-        config = TrainConfig(**json.loads(saved.read_text()))
+        values = json.loads(saved.read_text())
+        values.setdefault("int8_consistency", 0.0)  # a run started before quantization-aware training had none
+        config = TrainConfig(**values)
     else:
         if not args.data:
             raise UserError("--data is required (unless --resume)")

@@ -117,12 +117,14 @@ def _frozen_probs(run: Path, test_path, cfg: TrainConfig):
     from safetensors.numpy import load_file
 
     from zooter.runtime.decision import softmax
-    from zooter.training.model import RouterModel
+    from zooter.training.model import RouterModel, keep_first_layers
     from zooter.training.train import embed_texts
 
     info = json.loads((run / "run.json").read_text())
     cfg = cfg.resolved()
     model, tokenizer = RouterModel.from_backbone(cfg.backbone, info["labels"])
+    if cfg.layers is not None:  # the heads were trained on the cut encoder's embeddings
+        keep_first_layers(model.encoder, cfg.layers)
     x = embed_texts(model, tokenizer, RoutingDataset.load(test_path).queries, cfg.max_length, cache=cfg.cache, progress=None)
     head = load_file(run / "head.safetensors")
     return info["labels"], softmax(x @ head["weight"].T + head["bias"])

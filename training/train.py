@@ -28,7 +28,7 @@ import numpy as np
 
 from zooter.errors import UserError
 from zooter.export.parity import MIN_AGREEMENT
-from zooter.export.quantize import INT8_RECIPE
+from zooter.export.quantize import INT8_RECIPE, cpu_int8_config
 from zooter.training.dataset import RoutingDataset
 from zooter.training.labels import training_targets
 
@@ -156,8 +156,10 @@ def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_s
     if not cache:
         return compute(texts)
     depth = model.encoder.config.num_hidden_layers
-    encoder_key = hashlib.sha256(json.dumps([str(model.encoder.name_or_path), max_length, depth]
-                                            + ([INT8_RECIPE, "one query per call"] if int8 else [])).encode()).hexdigest()[:16]
+    key = [str(model.encoder.name_or_path), max_length, depth]
+    if int8:  # the INT8 encoder also depends on the quantization recipe and this CPU's int8 config
+        key += [INT8_RECIPE, cpu_int8_config(), "one query per call"]
+    encoder_key = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     path = Path(cache) / f"embeddings-{encoder_key}.npz"
     known: dict[str, np.ndarray] = {}
     if path.is_file():
@@ -169,7 +171,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_s
         fresh = compute([texts[i] for i in missing])
         known.update({keys[i]: v for i, v in zip(missing, fresh)})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # processes of one launch write apart
         np.savez(tmp, keys=np.array(list(known)), vectors=np.stack(list(known.values())))
         tmp.replace(path)
     return np.stack([known[k] for k in keys]).astype(np.float32)
@@ -236,11 +238,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     if cfg.frozen:
         train_x = torch.tensor(embed_texts(model, tokenizer, queries, cfg.max_length, cache=cfg.cache, progress="embedding train"))
         dev_x = embed_texts(model, tokenizer, dev_data.queries, cfg.max_length, cache=cfg.cache, progress="embedding dev")
-        if cfg.int8_consistency:
-            train_q = torch.tensor(embed_texts(model, tokenizer, queries, cfg.max_length, cache=cfg.cache,
-                                               progress="int8 embedding train", int8=True))
-            dev_q = embed_texts(model, tokenizer, dev_data.queries, cfg.max_length, cache=cfg.cache,
-                                progress="int8 embedding dev", int8=True)
+        if cfg.int8_consistency:  # one call: the INT8 encoder is built once for train and dev
+            both = embed_texts(model, tokenizer, list(queries) + list(dev_data.queries), cfg.max_length,
+                               cache=cfg.cache, progress="int8 embedding", int8=True)
+            train_q, dev_q = torch.tensor(both[:len(queries)]), both[len(queries):]
         lengths = np.ones(len(queries))
         trained = model.head
         # A (hidden x labels) head gains nothing from threads, and on a shared CPU OpenMP threads
@@ -276,6 +277,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        best.setdefault("passes", best["epoch"] is not None)  # state saved before the INT8 checkpoint rule
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
 
