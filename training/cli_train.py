@@ -147,7 +147,9 @@ def cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary is enough
         return 0
     dev, best = info["dev"], info["best_single"]
-    print(f"run written to {args.out} in {info['train_seconds']:.0f}s: best epoch {dev['epoch']}, dev routed reward "
+    chosen = (f"head averaged over epochs {dev['averaged_epochs'][0]}-{dev['averaged_epochs'][1]}" if dev.get("averaged_epochs")
+              else f"best epoch {dev['epoch']}")
+    print(f"run written to {args.out} in {info['train_seconds']:.0f}s: {chosen}, dev routed reward "
           f"{dev['mean_reward']:.4f} vs best single ({best['candidate']}) {dev['best_single_from_train']:.4f}, "
           f"oracle {dev['oracle']:.4f} (n={dev['n']})")
     return 0

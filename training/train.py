@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 import numpy as np
 
 from zooter.errors import UserError
-from zooter.export.parity import MIN_AGREEMENT
 from zooter.export.quantize import INT8_RECIPE, cpu_int8_config
 from zooter.training.dataset import RoutingDataset
 from zooter.training.labels import training_targets
@@ -271,13 +270,20 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     trained, optimizer, scheduler = accelerator.prepare(trained, optimizer, scheduler)
 
     start_epoch, history, best = 0, [], {"dev_reward": -math.inf, "epoch": None}
+    # Quantization-aware runs keep the average of the head's weights over the second half of the
+    # epochs instead of choosing an epoch: in 5-fold CV on dcrouter the average both steadied the INT8
+    # decisions (pooled agreement 97.5% -> 99.2%) and routed better (docs/training.md), and the dev
+    # rows then stay out of the choice, so the export gate on them is a real check.
+    averaging = cfg.frozen and cfg.int8_consistency > 0
+    average_from = cfg.epochs // 2
+    head_sum, n_sum = None, 0
     if resume:
         state = torch.load(state_path, weights_only=False)
         accelerator.unwrap_model(trained).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        best.setdefault("passes", best["epoch"] is not None)  # state saved before the INT8 checkpoint rule
+        head_sum, n_sum = state.get("head_sum"), state.get("n_sum", 0)
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
 
@@ -333,6 +339,10 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
 
+        if averaging and epoch >= average_from:
+            weights = accelerator.unwrap_model(trained).state_dict()
+            head_sum = {k: v.detach().clone() + (head_sum[k] if head_sum else 0) for k, v in weights.items()}
+            n_sum += 1
         # Select by what routing is for: the dev reward of the routed candidate, not the dev loss.
         logits = dev_logits()
         point = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_reward": routed_reward(dev_rewards, logits),
@@ -345,11 +355,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
                 bar.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {point['train_loss']:.4f}, "
                           f"dev routed reward {point['dev_reward']:.4f}"
                           + (f", INT8 agreement {point['dev_int8_agreement']:.2%}" if "dev_int8_agreement" in point else ""))
-            # The best dev reward among the checkpoints whose INT8 decisions would pass export's parity
-            # gate (all of them without --int8-consistency), else the best dev reward.
-            passes = point.get("dev_int8_agreement", 1.0) >= MIN_AGREEMENT
-            if (passes, point["dev_reward"]) > (best.get("passes", False), best["dev_reward"]):
-                best = {"dev_reward": point["dev_reward"], "epoch": epoch + 1, "passes": passes}
+            if not averaging and point["dev_reward"] > best["dev_reward"]:
+                best = {"dev_reward": point["dev_reward"], "epoch": epoch + 1}
                 # A frozen encoder never changes: write it once, then only the head and run.json.
                 _save(accelerator.unwrap_model(trained) if not cfg.frozen else model, tokenizer, out, meta, history, best,
                       dev_rewards, dev_data, head_only=cfg.frozen and saved_once)
@@ -357,9 +364,21 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
             (out / "curves.json").write_text(json.dumps(history, indent=2) + "\n")
             torch.save({"epoch": epoch + 1, "model": accelerator.unwrap_model(trained).state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-                        "best": best, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, state_path)
+                        "best": best, "head_sum": head_sum, "n_sum": n_sum,
+                        "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, state_path)
         accelerator.wait_for_everyone()
     bar.close()
+    if averaging and accelerator.is_main_process:
+        head = accelerator.unwrap_model(trained)
+        head.load_state_dict({k: v / n_sum for k, v in head_sum.items()})
+        logits = dev_logits()
+        agreement = float(np.mean(dev_logits(dev_q).argmax(1) == logits.argmax(1)))
+        best = {"dev_reward": routed_reward(dev_rewards, logits), "epoch": None,
+                "averaged_epochs": [average_from + 1, cfg.epochs], "int8_agreement": agreement}
+        print(f"head averaged over epochs {average_from + 1}-{cfg.epochs}: dev routed reward {best['dev_reward']:.4f}, "
+              f"INT8 agreement {agreement:.2%}", flush=True)
+        _save(model, tokenizer, out, meta, history, best, dev_rewards, dev_data)
+    accelerator.wait_for_everyone()
     if cfg.frozen:
         torch.set_num_threads(threads_before)
 
@@ -378,11 +397,10 @@ def _save(model, tokenizer, out: Path, meta: dict, history: list, best: dict, de
     dev_best = best_single(dev_data)
     r = np.where(np.isnan(dev_rewards), -np.inf, dev_rewards)
     dev = {"mean_reward": best["dev_reward"], "epoch": best["epoch"], "n": len(dev_data),
+           **{k: best[k] for k in ("averaged_epochs", "int8_agreement") if k in best},
            "oracle": float(np.mean(r.max(axis=1))),
            "best_single_from_train": float(np.nanmean(dev_data.rewards()[:, dev_data.candidates.index(meta["best_single"]["candidate"])])),
            "best_single_on_dev": dev_best}
-    if "dev_int8_agreement" in history[-1]:
-        dev["int8_agreement"] = history[-1]["dev_int8_agreement"]  # _save runs at the best epoch: the last point
     if head_only:
         from safetensors.torch import save_file
 
