@@ -139,8 +139,10 @@ class TritonServer:
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", "--allow-cpu-metrics=true",
                "--allow-gpu-metrics=false", f"--log-verbose={self.log_verbose}",
-               # A short exit timeout: a stop should not hang on a stuck generation.
-               "--exit-timeout-secs=10"]
+               # Triton's own default: long enough for every python stub to finalize on a loaded
+               # 2-core box (10 s once cut the BLS model's unload short and the exit code was 1),
+               # short enough that a stop never hangs on a stuck generation.
+               "--exit-timeout-secs=30"]
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
         if self.explicit:
@@ -203,8 +205,9 @@ class TritonServer:
             time.sleep(0.25)
         raise UserError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton finishes in-flight requests and unloads models), SIGKILL if it hangs."""
+    def stop(self, timeout: float = 45.0) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests and unloads models), SIGKILL if it hangs
+        past its own 30 s exit timeout."""
         code = None
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
