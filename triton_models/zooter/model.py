@@ -12,8 +12,8 @@ Errors are sent as TritonError responses; nothing here raises into the server.
 """
 
 import json
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,21 +44,18 @@ class TritonPythonModel:
         self.default_max_tokens = int(params.get("default_max_tokens") or 128)
         self.input_names = [i["name"] for i in config["input"]]
         # Threads wait on other models most of the time; 64 bounds the open streams per instance.
-        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="zooter")
-        self.inflight = set()
-        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(64)
 
     def execute(self, requests):
+        # One daemon thread a request (a pool's workers are joined when the stub exits, so one stuck
+        # on a candidate would hold the server's stop until its exit timeout).
         for request in requests:
-            future = self.pool.submit(self._answer, request)
-            with self.lock:
-                self.inflight.add(future)
-            future.add_done_callback(self._done)
+            threading.Thread(target=self._answer_when_free, args=(request,), name="zooter", daemon=True).start()
         return None
 
-    def _done(self, future):
-        with self.lock:
-            self.inflight.discard(future)
+    def _answer_when_free(self, request):
+        with self.slots:
+            self._answer(request)
 
     # --- one request ------------------------------------------------------------------------
     def _answer(self, request):
@@ -126,25 +123,50 @@ class TritonPythonModel:
         return tensors
 
     def _stream_from(self, label, model, inputs, note, sender):
-        """Forward the candidate's responses; returns None on success, else the error text."""
-        try:
-            responses = pb_utils.InferenceRequest(model_name=model, requested_output_names=["text_output"],
-                                                  inputs=inputs).exec(decoupled=True)
-            for response in responses:
-                if response.has_error():
-                    return f"model {model} failed: {response.error().message()}"
-                out = pb_utils.get_output_tensor_by_name(response, "text_output")
-                if out is None:          # the empty final response that closes a stream
-                    continue
-                chunk = "".join(_text(v) for v in out.as_numpy().reshape(-1))
-                sender.send(pb_utils.InferenceResponse([_str_tensor("text_output", chunk),
-                                                        _str_tensor("candidate", label), _str_tensor("note", note)]))
-                if sender.is_cancelled():
-                    return None
-        except pb_utils.TritonModelException as err:
-            return f"model {model} failed: {err}"
-        return None
+        """Forward the candidate's responses; returns None on success, else the error text.
+
+        A helper thread reads the candidate's stream: a request that reached a candidate as it was
+        being unloaded can wait forever for responses, and this thread must still end the client's
+        stream (the model cannot unload while a stream of ours is open). So every second without a
+        response, the candidate's readiness is checked, and a candidate gone away is an error (the
+        caller falls back); the abandoned reader is a daemon and dies with the stub.
+        """
+        received = queue.SimpleQueue()
+
+        def read():
+            try:
+                request = pb_utils.InferenceRequest(model_name=model, requested_output_names=["text_output"],
+                                                    inputs=inputs)
+                for response in request.exec(decoupled=True):
+                    received.put(response)
+            except pb_utils.TritonModelException as err:
+                received.put(err)
+            received.put(None)
+
+        threading.Thread(target=read, name="zooter-read", daemon=True).start()
+        while True:
+            try:
+                response = received.get(timeout=1.0)
+            except queue.Empty:
+                if not self._ready(model):
+                    return f"model {model} was unloaded mid-answer"
+                continue
+            if response is None:
+                return None
+            if isinstance(response, Exception):
+                return f"model {model} failed: {response}"
+            if response.has_error():
+                return f"model {model} failed: {response.error().message()}"
+            out = pb_utils.get_output_tensor_by_name(response, "text_output")
+            if out is None:          # the empty final response that closes a stream
+                continue
+            chunk = "".join(_text(v) for v in out.as_numpy().reshape(-1))
+            sender.send(pb_utils.InferenceResponse([_str_tensor("text_output", chunk),
+                                                    _str_tensor("candidate", label), _str_tensor("note", note)]))
+            if sender.is_cancelled():
+                return None
 
     def finalize(self):
-        # Unloading waits for in-flight requests first; do not hang here on a stuck candidate.
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # Unloading waits for our open streams first (each ends with a final flag, see _stream_from);
+        # request and reader threads are daemons, so none can keep the stub from exiting.
+        pass
