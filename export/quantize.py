@@ -78,10 +78,11 @@ def quantize_embedding_rows(model) -> dict:
                 users.setdefault(tensor, []).append((n, i))
     # Only a table read by row-Gathers alone can be rewritten (an EmbedLayerNormalization fusion, say,
     # reads the whole table); such a table is left to ORTQuantizer, which then quantizes the Gather.
-    candidates = [t for t, uses in users.items() if all(
-        n.op_type == "Gather" and i == 0 and helper.get_attribute_value(
-            next((a for a in n.attribute if a.name == "axis"), helper.make_attribute("axis", 0))) == 0
-        for n, i in uses)]
+    def row_gather(node, position) -> bool:
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        return node.op_type == "Gather" and position == 0 and axis == 0
+
+    candidates = [t for t, uses in users.items() if all(row_gather(n, i) for n, i in uses)]
     if not candidates:
         return {}
     name = max(candidates, key=lambda t: tables[t].dims[0])
