@@ -13,7 +13,7 @@ zooter export "$RUN" --out "$OUT/bundle" --quantize int8 --candidates "$OUT/cand
 echo
 echo "--- parity on the held-out test rows (never used for training or checkpoint choice) ---"
 zooter export "$RUN" --out "$OUT/bundle-heldout-check" --quantize int8 --candidates "$OUT/candidates.yaml" --force \
-    --calib "$OUT/dcrouter.test.jsonl" --allow-drift | grep -A3 "parity vs"
+    --parity-data "$OUT/dcrouter.test.jsonl" --allow-drift | grep -A3 "parity vs"
 rm -rf "$OUT/bundle-heldout-check"
 
 echo

@@ -43,7 +43,7 @@ echo
 echo "== the 80 MT-Bench first turns, routed through Triton (zooter_route ensemble) =="
 python - "$URL" "$QUESTIONS" "$OUT/triton-routes.jsonl" <<'PY'
 import collections, json, sys
-from zooter.runtime.triton_client import route_via_triton
+from zooter.serving.triton_client import route_via_triton
 url, questions, out = sys.argv[1:]
 rows = [json.loads(line) for line in open(questions) if line.strip()]
 answers = route_via_triton(url, [r["turns"][0] for r in rows])
@@ -77,8 +77,8 @@ echo "== fallback: 8 answers sent over 4 s, the chosen candidate's model unloade
 python - "$URL" "$REPO" <<'PY'
 import json, sys
 from pathlib import Path
-from zooter.runtime.triton_bench import fallback_drill
-from zooter.runtime.triton_client import route_via_triton
+from zooter.serving.triton_bench import fallback_drill
+from zooter.serving.triton_client import route_via_triton
 url, repo = sys.argv[1:]
 query = "Explain the difference between a list and a tuple in Python."
 chosen = route_via_triton(url, [query])[0]["candidate"]

@@ -29,8 +29,8 @@ import json, os, sys
 from pathlib import Path
 
 from zooter.cli import main
-from zooter.runtime.triton_server import TritonServer
-from zooter.training.candidates import Candidate, load_candidates, save_candidates
+from zooter.serving.triton_server import TritonServer
+from zooter.serving.candidates import Candidate, load_candidates, save_candidates
 
 out, routing, folder, args = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]), sys.argv[4:]
 stand_ins = {label: s["model"] for label, s in routing["candidates"].items() if s.get("stand_in")}

@@ -1,98 +1,24 @@
-"""The bundle: a folder an app or Triton loads without the training code.
+"""A training run becomes a bundle: ONNX export -> fusions -> int8 / fp16 -> parity gate -> bundle folder.
 
-    BUNDLE/model.int8.onnx   (or model.onnx for --quantize none, model.fp16.onnx for fp16)
-    BUNDLE/tokenizer.json    the backbone's tokenizer (tokenizers library format)
-    BUNDLE/router.json       the manifest below
-
-router.json:
-    format_version  FORMAT_VERSION; readers refuse newer versions
-    labels          candidate names in logit order (every consumer takes them from here)
-    max_length      tokens per query after truncation
-    model_file, inputs, output   the ONNX file to load, its input names, its output name ("logits")
-    files           {file name: {"sha256", "bytes"}} for every file but router.json
-    quantization    {"mode": "int8"|"fp16"|"none", optimizer and quantizer settings}
-    costs           {candidate: {"input_per_mtok", "output_per_mtok", "unit"}} or null
-    lambda          the default cost weight of the decision rule (0 = plain argmax)
-    provenance      the run's training record (data_sha256, backbone, beta, tau, loss, seed, ...)
-    parity          {"decision_agreement", "max_prob_diff", "n", ...} of the shipped model vs PyTorch
-    evaluation      the run's dev figures, copied from run.json
-
-This module imports only the standard library at the top: the runtime reads FORMAT_VERSION.
+The bundle's format and its writer live in zooter.runtime.bundle (apps read it without this
+package); this module assembles what goes in: the model files, labels and max_length from the run,
+costs from the candidates file, the INT8 recipe, the parity figures, provenance and evaluation.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
+import tempfile
+import time
 from pathlib import Path
 
-FORMAT_VERSION = 1
-MANIFEST = "router.json"
-MODEL_FILES = {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "none": "model.onnx"}
-# run.json keys that describe training, copied as provenance; "labels"/"max_length" get their own fields.
-PROVENANCE_SKIP = {"labels", "max_length", "costs", "evaluation", "dev", "dev_metrics"}
-EVALUATION_KEYS = ("evaluation", "dev", "dev_metrics", "best_single")
+from zooter.runtime.bundle import MODEL_FILES, bundle_bytes, write_bundle
+from zooter.runtime.errors import UserError
+
+# The training record a bundle carries (run.json keys); everything else in run.json stays in the run.
+PROVENANCE_KEYS = ("data", "data_sha256", "dev_sha256", "backbone", "beta", "tau", "loss", "seed", "frozen",
+                   "candidates_file", "best_single", "n_train", "n_dev", "tags", "config", "curves", "train_seconds")
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def evaluation_from_run(info: dict) -> dict:
-    out = {key: info[key] for key in EVALUATION_KEYS if key in info}
-    out.update({k: v for k, v in info.items() if k.startswith("dev_") and k not in out and k != "dev_data"})
-    return out
-
-
-def provenance_from_run(info: dict, run: Path) -> dict:
-    out = {k: v for k, v in info.items() if k not in PROVENANCE_SKIP and not k.startswith("dev_")}
-    out["run"] = str(Path(run).resolve())
-    return out
-
-
-def write_bundle(out: Path, files: dict[str, Path], manifest: dict, force: bool = False) -> dict:
-    """Copy `files` ({bundle name: source path}) into `out` with their checksums and write router.json.
-
-    The bundle is assembled beside `out` and renamed into place, so a failed export never leaves
-    a half-written bundle where an app expects a whole one.
-    """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            from zooter.errors import UserError
-
-            raise UserError(f"{out}: exists and is not empty; pass --force to replace it")
-        if not (out / MANIFEST).is_file():
-            from zooter.errors import UserError
-
-            raise UserError(f"{out}: exists and is not a bundle; refusing to replace it")
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    entries = {}
-    for name, src in files.items():
-        shutil.copyfile(src, staging / name)
-        entries[name] = {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
-    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": entries}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    return manifest
-
-
-def bundle_bytes(manifest: dict) -> int:
-    return sum(entry["bytes"] for entry in manifest["files"].values())
-
-
-# --- run -> bundle --------------------------------------------------------------------------------
 class Validation:
     """Validation queries for the parity check, with their rewards when they are routing data."""
 
@@ -109,33 +35,32 @@ class Validation:
         return matrix[:, [self.dataset.candidates.index(name) for name in labels]].astype(np.float64)
 
 
-def _routing_or_lines(path: str | Path) -> Validation:
-    from zooter.runtime.bench import read_queries
-    from zooter.training.dataset import DataError, RoutingDataset
+def validation_from_file(path: str | Path) -> Validation:
+    """Routing data (with rewards), else any queries file zooter.runtime.queries reads."""
+    from zooter.runtime.errors import DataError
+    from zooter.runtime.queries import read_queries
+    from zooter.training.dataset import RoutingDataset
 
     try:
         data = RoutingDataset.load(path)
-    except (DataError, UnicodeDecodeError):  # not routing data: plain queries, one a line (or another JSON layout)
-        return Validation(read_queries(path), str(path))
+    except DataError:  # not routing data: plain queries, one a line (or another JSON layout)
+        return Validation([q.text for q in read_queries(path)[0]], str(path))
     return Validation(list(data.queries), str(path), data)
 
 
-def run_dev_queries(run: Path, info: dict) -> Validation | None:
+def run_dev_queries(info: dict) -> Validation | None:
     """The run's dev rows: the --dev file training used, else the same hash-held-out share of its
-    --data that training held out (training.train.split_dev), else RUN/dev.jsonl."""
-    config = info.get("config") if isinstance(info.get("config"), dict) else {}
-    dev = config.get("dev") or info.get("dev_data")
-    if isinstance(dev, str) and Path(dev).is_file():
-        return _routing_or_lines(dev)
-    data = info.get("data") or config.get("data")
-    if isinstance(data, str) and Path(data).is_file():
-        from zooter.training.dataset import RoutingDataset
-        from zooter.training.train import split_dev
+    --data that training held out (zooter.training.train.split_dev)."""
+    from zooter.training.dataset import RoutingDataset
+    from zooter.training.train import split_dev
 
+    config = info.get("config") or {}
+    if config.get("dev") and Path(config["dev"]).is_file():
+        return validation_from_file(config["dev"])
+    data = info.get("data")
+    if isinstance(data, str) and Path(data).is_file():
         _, dev_rows = split_dev(RoutingDataset.load(data), None)
         return Validation(list(dev_rows.queries), f"{data} (training's dev hold-out)", dev_rows)
-    if (run / "dev.jsonl").is_file():
-        return _routing_or_lines(run / "dev.jsonl")
     return None
 
 
@@ -145,68 +70,58 @@ def _tokenizer_json(run: Path, hf_tokenizer, work: Path) -> Path:
         return path
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if backend is None:
-        from zooter.errors import UserError
-
         raise UserError(f"{run}/encoder: no tokenizer.json and the tokenizer is not a fast one; the runtime needs tokenizer.json")
     backend.save(str(work / "tokenizer.json"))
     return work / "tokenizer.json"
 
 
-def _costs(candidates_file, labels, info: dict) -> dict | None:
-    if candidates_file:
-        from zooter.training.candidates import costs_for, load_candidates
+def bundle_costs(candidates_file: str | Path | None, labels) -> dict | None:
+    """{label: {input_per_mtok, output_per_mtok, unit}} from a candidates file; None without prices."""
+    if not candidates_file:
+        return None
+    from zooter.serving.candidates import costs_for, load_candidates
 
-        costs = costs_for(load_candidates(candidates_file), labels)
-        if costs is None:
-            return None
-        return {name: {"input_per_mtok": c.input_per_mtok, "output_per_mtok": c.output_per_mtok, "unit": c.unit}
-                for name, c in costs.items()}
-    costs = info.get("costs")
-    if isinstance(costs, dict) and all(name in costs for name in labels):
-        out = {}
-        for name in labels:
-            c = costs[name]
-            if isinstance(c, dict) and "input_per_mtok" in c and "output_per_mtok" in c:
-                unit = (float(c["input_per_mtok"]) + float(c["output_per_mtok"])) / 2
-                out[name] = {"input_per_mtok": float(c["input_per_mtok"]), "output_per_mtok": float(c["output_per_mtok"]), "unit": unit}
-            else:
-                return None
-        return out
-    return None
+    costs = costs_for(load_candidates(candidates_file), labels)
+    if costs is None:
+        return None
+    return {name: {"input_per_mtok": c.input_per_mtok, "output_per_mtok": c.output_per_mtok, "unit": c.unit}
+            for name, c in costs.items()}
 
 
 def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opset: int | None = None,
-                  calib: str | Path | None = None, allow_drift: bool = False, candidates: str | Path | None = None,
-                  lam: float = 0.0, parity_n: int = 1000, arch: str = "auto", keep_fp32: bool = False,
-                  force: bool = False, log=print) -> dict:
+                  parity_data: str | Path | None = None, allow_drift: bool = False,
+                  candidates: str | Path | None = None, lam: float = 0.0, parity_n: int = 1000, arch: str = "auto",
+                  keep_fp32: bool = False, force: bool = False, log=print) -> dict:
     """RUN folder -> ONNX -> fused -> int8/fp16 -> parity gate -> BUNDLE folder; returns router.json."""
-    import tempfile
-    import time
-
+    import numpy as np
     from tqdm import tqdm
 
-    from zooter.errors import UserError
     from zooter.export import parity as par
     from zooter.export.onnx_export import export_onnx
-    from zooter.export.quantize import OPTIMIZATION_LEVEL, optimize, quantize_int8
-    from zooter.runtime.router import open_session
+    from zooter.export.quantize import Int8Recipe, optimize, quantize_int8
+    from zooter.runtime.decision import check_weight
+    from zooter.runtime.router import Router
+    from zooter.runtime.session import open_session
     from zooter.runtime.tokenize import load_tokenizer
-    from zooter.training.model import RouterModel
+    from zooter.training.model import RouterModel, TorchRouter, read_run_info
 
     if quantize not in MODEL_FILES:
         raise UserError(f"--quantize {quantize}: choose int8, fp16 or none")
+    lam = check_weight(lam, "--lambda")
+    recipe = Int8Recipe.for_cpu(arch) if quantize == "int8" else None
     run, out = Path(run), Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out}: exists and is not empty; pass --force to replace it")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
+        raise UserError(f"{out}: exists and is not an empty folder; pass --force to replace a bundle there")
     info = read_run_info(run)
-    if calib and not Path(calib).is_file():
-        raise UserError(f"{calib}: no such --calib file")
-    validation = _routing_or_lines(calib) if calib else run_dev_queries(run, info)
+    if parity_data and not Path(parity_data).is_file():
+        raise UserError(f"{parity_data}: no such --parity-data file")
+    validation = validation_from_file(parity_data) if parity_data else run_dev_queries(info)
     if validation is None:
-        raise UserError(f"{run}: run.json names no dev rows for the parity check; pass --calib FILE (queries, or routing JSONL)")
-    texts, calib_path = validation.texts[:parity_n], validation.source
+        raise UserError(f"{run}: run.json names no dev rows for the parity check; pass --parity-data FILE "
+                        f"(queries, or routing JSONL)")
+    texts, source = validation.texts[:parity_n], validation.source
     if not texts:
-        raise UserError(f"{calib_path}: no queries for the parity check")
+        raise UserError(f"{source}: no queries for the parity check")
     recorded = info.get("candidates_file")
     if not candidates and isinstance(recorded, str) and Path(recorded).is_file():
         candidates = recorded
@@ -215,9 +130,8 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     model, hf_tokenizer, info = RouterModel.load(run)
     labels = list(model.labels)
     limit = int(getattr(model.config, "max_position_embeddings", 512) or 512)
-    max_length = int(info.get("max_length") or min(getattr(hf_tokenizer, "model_max_length", limit), limit))
-    max_length = min(max_length, limit)
-    costs = _costs(candidates, labels, info)
+    max_length = min(int(info.get("max_length") or limit), limit)
+    costs = bundle_costs(candidates, labels)
     if lam and costs is None:
         raise UserError(f"--lambda {lam} needs a price for every candidate: pass --candidates with costs")
 
@@ -229,9 +143,9 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
         steps.update()
         fp32_path, fused = optimize(work / "model.onnx", model.config, work / "opt")
         steps.update()
-        quant: dict = {"mode": quantize, "optimization_level": OPTIMIZATION_LEVEL, "fused_operators": fused}
+        quant: dict = {"mode": quantize, "fused_operators": fused}
         if quantize == "int8":
-            shipped, details = quantize_int8(fp32_path, work / "int8", arch)
+            shipped, details = quantize_int8(fp32_path, work / "int8", recipe)
             quant.update(details)
         elif quantize == "fp16":
             shipped, fused16 = optimize(work / "model.onnx", model.config, work / "fp16", fp16=True)
@@ -244,16 +158,24 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
         steps.close()
 
         tokenizer = load_tokenizer(tokenizer_path, max_length)
+        manifest = {"labels": labels, "max_length": max_length, "inputs": io["inputs"], "output": io["output"],
+                    "costs": None, "lambda": 0.0}
         bar = tqdm(total=len(texts) * (3 if shipped != fp32_path else 2), desc="parity", unit="query", leave=False)
-        reference = par.torch_probabilities(model, tokenizer, texts, max_length, io["inputs"], progress=bar)
-        fp32_probs = par.onnx_probabilities(open_session(fp32_path, ["CPUExecutionProvider"]), tokenizer, texts, max_length, progress=bar)
+        reference = TorchRouter(model, tokenizer, max_length).probabilities(texts)
+        bar.update(len(texts))
+        fp32 = Router(open_session(fp32_path, ["CPUExecutionProvider"]), tokenizer, manifest)
+        fp32_probs = fp32.probabilities(texts)
+        bar.update(len(texts))
         # One query per call, as Router.route runs it: dynamic int8 scales come from the whole batch
         # (padding included), so a batched check would not measure what single-query routing does.
-        shipped_probs = fp32_probs if shipped == fp32_path else par.onnx_probabilities(
-            open_session(shipped, ["CPUExecutionProvider"]), tokenizer, texts, max_length, batch_size=1, progress=bar)
+        shipped_probs = fp32_probs
+        if shipped != fp32_path:
+            exported = Router(open_session(shipped, ["CPUExecutionProvider"]), tokenizer, manifest)
+            shipped_probs = np.vstack([exported.probabilities([t]) for t in texts])
+            bar.update(len(texts))
         bar.close()
         parity = par.compare(reference, shipped_probs)
-        parity.update(model=quantize if quantize != "none" else "fp32", reference="pytorch", data=str(calib_path),
+        parity.update(model=quantize if quantize != "none" else "fp32", reference="pytorch", data=str(source),
                       threshold=par.MIN_AGREEMENT, fp32=par.compare(reference, fp32_probs))
         rewards = validation.rewards(labels, len(texts))
         if rewards is not None:
@@ -273,21 +195,12 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
             "opset": io["opset"],
             "quantization": quant,
             "costs": costs,
-            "lambda": float(lam),
-            "provenance": provenance_from_run(info, run),
+            "lambda": lam,
+            "provenance": {**{k: info[k] for k in PROVENANCE_KEYS if k in info}, "run": str(run.resolve())},
             "parity": parity,
-            "evaluation": evaluation_from_run(info),
+            "evaluation": {"dev": info.get("dev"), "best_single": info.get("best_single")},
         }
         manifest = write_bundle(out, files, manifest, force=force)
     log(f"bundle {out}: {' + '.join(manifest['files'])}, {bundle_bytes(manifest) / 1e6:.1f} MB, "
         f"{len(labels)} labels, built in {time.perf_counter() - started:.0f} s")
     return manifest
-
-
-def read_run_info(run: Path) -> dict:
-    path = Path(run) / "run.json"
-    if not path.is_file():
-        from zooter.errors import UserError
-
-        raise UserError(f"{run}: not a zooter run (no run.json)")
-    return json.loads(path.read_text(encoding="utf-8"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 
 TASK = "text-classification"
 

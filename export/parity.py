@@ -1,58 +1,22 @@
 """Parity gate: does the exported model decide like the PyTorch router it came from?
 
-Every engine sees the same token ids (runtime.tokenize.encode), so the figures measure the model
-conversion alone. Decisions use the shared rule (runtime.decision.choose, lambda = 0).
+The caller runs every engine on the same token ids (zooter.runtime.tokenize.encode, used by both the
+Router and the TorchRouter), so the figures measure the model conversion alone. Decisions use the
+shared rule (zooter.runtime.decision.choose, lambda = 0).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 
-from zooter.errors import UserError
 from zooter.runtime import decision as rule
-from zooter.runtime.tokenize import encode
+from zooter.runtime.errors import UserError
 
 MIN_AGREEMENT = 0.99
 
 
 class ParityError(UserError):
     """The quantized model disagrees with PyTorch too often to ship."""
-
-
-def _batches(tokenizer, texts: Sequence[str], max_length: int, batch_size: int):
-    # Batches of similar length waste little compute on padding; results come back in input order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        yield idx, encode(tokenizer, [texts[i] for i in idx], max_length)
-
-
-def torch_probabilities(model, tokenizer, texts, max_length: int, inputs: Sequence[str], batch_size: int = 32, progress=None) -> np.ndarray:
-    import torch
-
-    out = np.zeros((len(texts), len(model.labels)))
-    with torch.inference_mode():
-        for idx, feeds in _batches(tokenizer, texts, max_length, batch_size):
-            logits = model(**{k: torch.from_numpy(feeds[k]) for k in inputs})["logits"]
-            out[idx] = rule.softmax(logits.float().numpy())
-            if progress:
-                progress.update(len(idx))
-    return out
-
-
-def onnx_probabilities(session, tokenizer, texts, max_length: int, batch_size: int = 32, progress=None) -> np.ndarray:
-    names = [i.name for i in session.get_inputs()]
-    out = None
-    for idx, feeds in _batches(tokenizer, texts, max_length, batch_size):
-        logits = session.run(["logits"], {k: feeds[k] for k in names})[0]
-        if out is None:
-            out = np.zeros((len(texts), logits.shape[-1]))
-        out[idx] = rule.softmax(logits)
-        if progress:
-            progress.update(len(idx))
-    return out
 
 
 def compare(reference: np.ndarray, probs: np.ndarray) -> dict:

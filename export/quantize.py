@@ -1,9 +1,14 @@
 """Graph optimization, dynamic INT8 and fp16 for an exported router, with optimum's ORTOptimizer and ORTQuantizer.
 
     fp32 ONNX --ORTOptimizer (level 2: Attention, BiasGelu; SkipLayerNorm on GPU only)--> optimized fp32
-              --ORTQuantizer (dynamic int8, per-channel weights, per-CPU config) + per-row int8
-                vocabulary table, head left fp32--------------------------------------> int8 (CPU)
+              --ORTQuantizer (dynamic int8, Int8Recipe) + per-row int8 vocabulary table,
+                head left fp32------------------------------------------------------> int8 (CPU)
               --ORTOptimizer (GPU fusions + fp16 weights, fp32 I/O)--------------> fp16 (GPU targets)
+
+The INT8 settings are data: a frozen `Int8Recipe`, written into router.json and into the key of the
+quantization-aware training cache (zooter.export.int8_encoder), so the recipe that built a bundle's
+model and the one its head was trained against can be compared, and a changed recipe never reuses
+stale embeddings. Why each setting is what it is: docs/export-runtime.md.
 
 ORTOptimizer takes our custom graph directly: it needs only the file and the backbone's config
 (for the fused attention's head count and hidden size).
@@ -13,14 +18,43 @@ from __future__ import annotations
 
 import logging
 import platform
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 
 OPTIMIZATION_LEVEL = 2  # 99 adds layout rewrites tied to the machine that ran them: not for a portable file
 INT8_CONFIGS = ("avx512_vnni", "avx512", "avx2", "arm64")
-INT8_QUANTIZED_OPS = ("MatMul", "Attention")  # plus the vocabulary table, per row; the head stays fp32
-INT8_RECIPE = "dynamic, per-channel s7 weights on x86, per-row vocabulary, LayerNorm unfused on CPU; ops " + "+".join(INT8_QUANTIZED_OPS)
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How `zooter export --quantize int8` builds the INT8 model (and training its INT8 encoder)."""
+
+    config: str                                   # optimum's per-CPU quantization config
+    weights: str                                  # QInt8 (signed) or QUInt8
+    reduce_range: bool                            # 7-bit weights
+    per_channel: bool = True                      # one weight scale per output channel
+    method: str = "dynamic"                       # activation scales computed per call, no calibration
+    operators: tuple[str, ...] = ("MatMul", "Attention")
+    vocabulary: str = "int8 per row"              # the word-embedding table, rewritten before ORTQuantizer
+    head: str = "fp32"                            # the linear head over the candidates stays fp32
+    optimization_level: int = OPTIMIZATION_LEVEL
+    skip_layer_norm_fusion: bool = False          # Add + LayerNormalization stay unfused on CPU
+
+    @classmethod
+    def for_cpu(cls, arch: str = "auto") -> "Int8Recipe":
+        arch = cpu_int8_config() if arch == "auto" else arch
+        if arch not in INT8_CONFIGS:
+            raise UserError(f"--arch {arch}: choose one of auto, {', '.join(INT8_CONFIGS)}")
+        # Signed weights everywhere (on avx2 optimum's default would be unsigned); without VNNI they
+        # keep 7 bits, so MLAS's vpmaddubsw pair sums cannot saturate.
+        return cls(config=arch, weights="QInt8", reduce_range=arch in ("avx2", "avx512"))
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["operators"] = list(self.operators)
+        return out
 
 
 def cpu_int8_config() -> str:
@@ -47,9 +81,9 @@ def optimize(onnx_path: Path, config, out_dir: Path, gpu: bool = False, fp16: bo
 
     optimizer = ORTOptimizer([Path(onnx_path)], config)
     on_gpu = gpu or fp16
-    # On the CPU, onnxruntime's fused SkipLayerNormalization kernel took 160 us a call at 64 tokens
-    # where Add + LayerNormalization take 30 us: unfused, the 2-layer INT8 router ran 10% faster
-    # (docs/export-runtime.md). Router sessions on the CPU keep it unfused at load as well.
+    # On the CPU, onnxruntime's fused SkipLayerNormalization kernel is slower than the Add +
+    # LayerNormalization it replaces (docs/export-runtime.md has the timings): CPU targets keep them
+    # unfused, and Router sessions on the CPU do not re-fuse them at load.
     opt = OptimizationConfig(optimization_level=OPTIMIZATION_LEVEL, optimize_for_gpu=on_gpu, fp16=fp16,
                              disable_skip_layer_norm_fusion=not on_gpu, disable_bias_skip_layer_norm_fusion=not on_gpu)
     suffix = "fp16" if fp16 else "optimized"
@@ -62,10 +96,10 @@ def quantize_embedding_rows(model) -> dict:
     """The vocabulary table (the graph's largest Gather table) as int8 with one scale per row, in place.
 
     ORTQuantizer gives a Gather one scale for the whole table, set by its most extreme value, so
-    rare tokens with small vectors keep few levels; on MiniLM that alone moved pooled embeddings by
-    3% and flipped 3.4% of a router's decisions. One scale per row keeps every token's vector to
-    within 0.4% of its own range. The table stays int8 on disk and in memory: the graph gathers the
-    int8 rows and their scales and multiplies only the rows the query uses.
+    rare tokens with small vectors keep few levels (on MiniLM enough to flip a router's decisions:
+    docs/export-runtime.md). One scale per row keeps every token's vector within half a step of its
+    own range. The table stays int8 on disk and in memory: the graph gathers the int8 rows and their
+    scales and multiplies only the rows the query uses.
     """
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -107,22 +141,21 @@ def quantize_embedding_rows(model) -> dict:
             "max_abs_error": float((np.abs(quantized * scale - table)).max())}
 
 
-def quantize_int8(onnx_path: Path, out_dir: Path, arch: str = "auto") -> tuple[Path, dict]:
-    """Dynamic int8 (weights int8, activations quantized at run time: no calibration needed)."""
+def quantize_int8(onnx_path: Path, out_dir: Path, recipe: Int8Recipe) -> tuple[Path, dict]:
+    """Dynamic int8 (weights int8, activations quantized at run time: no calibration needed) by `recipe`;
+    returns (path, {"recipe", "embedding", "fp32_nodes"})."""
     import onnx
+    from onnxruntime.quantization import QuantType
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    arch = cpu_int8_config() if arch == "auto" else arch
-    if arch not in INT8_CONFIGS:
-        raise UserError(f"--arch {arch}: choose one of auto, {', '.join(INT8_CONFIGS)}")
     onnx_path = Path(onnx_path)
-    # The fused Attention/SkipLayerNorm ops live in the com.microsoft domain, which onnx's shape
-    # inference (run inside the quantizer) cannot type; ORT's symbolic inference can, so the
-    # quantizer finds every MatMul's type already annotated.
+    # The fused Attention ops live in the com.microsoft domain, which onnx's shape inference (run
+    # inside the quantizer) cannot type; ORT's symbolic inference can, so the quantizer finds every
+    # MatMul's type already annotated.
     model = SymbolicShapeInference.infer_shapes(onnx.load(str(onnx_path)), auto_merge=True)
-    embedding = quantize_embedding_rows(model)
+    embedding = quantize_embedding_rows(model) if recipe.vocabulary == "int8 per row" else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staged = out_dir / onnx_path.name  # the fp32 file stays as it was: the bundle may ship it
@@ -130,28 +163,16 @@ def quantize_int8(onnx_path: Path, out_dir: Path, arch: str = "auto") -> tuple[P
     # The folder holds only the ONNX file, so optimum warns that it cannot find a config.json: expected.
     logging.getLogger("optimum.onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = ORTQuantizer.from_pretrained(out_dir, file_name=staged.name)
-    # Per-channel weight scales: on routers whose top two candidates are close, per-tensor scales
-    # flipped several percent of decisions; per-channel costs about 0.1 MB.
-    # The vocabulary table is already int8 (per row, above); the position and token-type tables are
-    # small and stay fp32. The head (hidden x labels) costs nothing to run in fp32, so its input, the
-    # pooled embedding, is not rounded to 8 bits right before the decision.
-    # onnxruntime's quantizer first splits a Gemm into "<name>_MatMul" + Add, so both names are listed.
+    # The head (hidden x labels) costs nothing to run in fp32, and its input, the pooled embedding,
+    # is then not rounded to 8 bits right before the decision. onnxruntime's quantizer first splits
+    # a Gemm into "<name>_MatMul" + Add, so both names are listed.
     head = [name for n in model.graph.node if "logits" in n.output for name in (n.name, n.name + "_MatMul")]
-    qconfig = getattr(AutoQuantizationConfig, arch)(is_static=False, per_channel=True, nodes_to_exclude=head)
-    qconfig.operators_to_quantize = list(INT8_QUANTIZED_OPS) + ([] if embedding else ["Gather"])
-    if arch in ("avx2", "avx512"):
-        # Signed weights take MLAS's u8 x s8 kernels, 10% faster here than optimum's u8 x u8 on avx2.
-        # Without VNNI those kernels use vpmaddubsw, whose 16-bit pair sums saturate with full 8-bit
-        # weights (255 * 127 * 2 > 32767): reduce_range keeps the weights in 7 bits, which cannot.
-        from onnxruntime.quantization import QuantType
-
-        qconfig.weights_dtype = QuantType.QInt8
-        qconfig.reduce_range = True
+    qconfig = getattr(AutoQuantizationConfig, recipe.config)(is_static=recipe.method == "static",
+                                                             per_channel=recipe.per_channel,
+                                                             nodes_to_exclude=head if recipe.head == "fp32" else [])
+    qconfig.operators_to_quantize = list(recipe.operators) + ([] if embedding else ["Gather"])
+    qconfig.weights_dtype = getattr(QuantType, recipe.weights)
+    qconfig.reduce_range = recipe.reduce_range
     quantizer.quantize(save_dir=out_dir, quantization_config=qconfig, file_suffix="int8")
     path = Path(out_dir) / f"{onnx_path.stem}_int8.onnx"
-    details = {"method": "dynamic", "config": arch, "per_channel": qconfig.per_channel,
-               "weights": str(qconfig.weights_dtype).rsplit(".", 1)[-1],
-               "activations": str(qconfig.activations_dtype).rsplit(".", 1)[-1],
-               "operators": [str(getattr(o, "value", o)) for o in qconfig.operators_to_quantize],
-               "fp32_nodes": head, "embedding": embedding}
-    return path, details
+    return path, {"recipe": recipe.to_json(), "fp32_nodes": head, "embedding": embedding}

@@ -24,7 +24,7 @@ from pathlib import Path
 from string import Template
 from typing import Sequence
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_models"
 MARKER = ".zooter-triton-repo"
@@ -72,12 +72,10 @@ class BuiltRepository:
 
 def read_bundle(bundle: str | Path) -> tuple[Path, dict]:
     """The bundle folder and its router.json, after the Router's own checks (files present, checksums)."""
-    from zooter.runtime.router import read_manifest
+    from zooter.runtime.bundle import read_manifest
 
     bundle = Path(bundle)
-    info = read_manifest(bundle, verify=True)
-    info.setdefault("inputs", ["input_ids", "attention_mask"])
-    return bundle, info
+    return bundle, read_manifest(bundle, verify=True)
 
 
 def model_name_for(candidate: str) -> str:
@@ -120,11 +118,10 @@ def _write_model(out: Path, name: str, config: str, files: dict[str, Path | str]
 def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
     """Unit prices in label order: the bundle's (what the in-process Router uses), else the candidates file's."""
     from zooter.runtime.decision import unit_cost
-    from zooter.training.candidates import costs_for
+    from zooter.serving.candidates import costs_for
 
-    bundled = bundle_info.get("costs")
-    if isinstance(bundled, dict) and all(name in bundled for name in labels):
-        return [unit_cost(bundled[name]) for name in labels]
+    if bundle_info.get("costs"):
+        return [unit_cost(bundle_info["costs"][name]) for name in labels]
     costs = costs_for(candidates, labels) if candidates is not None else None
     if costs is not None:
         return [costs[name].unit for name in labels]
@@ -150,7 +147,7 @@ def _serving(candidates, labels, stand_ins: bool) -> dict:
 
 
 def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence | None = None, *,
-                     router_backend: str = "python", stand_ins: bool = False, cost_lambda: float | None = None,
+                     router_backend: str = "python", stand_ins: bool = False, lam: float | None = None,
                      max_batch_size: int = 32, max_text_bytes: int = 65536, router_device: str = "cpu",
                      tensorrt: bool = False, default_max_tokens: int = 128, standin_model_dir: str | Path | None = None,
                      intra_op_threads: int = 0) -> BuiltRepository:
@@ -161,17 +158,17 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
         raise UserError(f"--router-backend must be python or onnxruntime, not {router_backend!r}")
     if tensorrt and (router_backend != "onnxruntime" or router_device != "gpu"):
         raise UserError("--tensorrt needs --router-backend onnxruntime --router-device gpu")
-    if cost_lambda is None:           # the bundle's default, as the in-process Router
-        cost_lambda = float(info.get("lambda") or 0.0)
-    if cost_lambda < 0:
-        raise UserError(f"--cost-lambda must be >= 0, got {cost_lambda}")
+    from zooter.runtime.decision import check_weight
+
+    # The bundle's default, as the in-process Router.
+    lam = check_weight(info.get("lambda", 0.0) if lam is None else lam, "--lambda")
     if candidates is not None:
-        from zooter.training.candidates import costs_for
+        from zooter.serving.candidates import costs_for
 
         costs_for(candidates, labels)        # every label must be in the candidates file (raises, naming them)
     costs = _unit_costs(candidates, labels, info)
-    if cost_lambda and costs is None:
-        raise UserError("--cost-lambda needs a cost for every candidate (in the candidates file or the bundle)")
+    if lam and costs is None:
+        raise UserError("--lambda needs a cost for every candidate (in the candidates file or the bundle)")
     serving = _serving(candidates, labels, stand_ins)
 
     out = Path(out)
@@ -184,10 +181,10 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
 
     token_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in info["inputs"]]
     token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
-    common = {"max_batch_size": max_batch_size, "num_labels": len(labels), "cost_lambda": repr(float(cost_lambda)),
+    common = {"max_batch_size": max_batch_size, "num_labels": len(labels), 
               "llm_inputs": _io_block(LLM_INPUTS), "default_max_tokens": default_max_tokens,
               "labels_json": _pbtxt_string(json.dumps(labels))}
-    routing = {"labels": labels, "costs": costs, "candidates": serving,
+    routing = {"labels": labels, "costs": costs, "candidates": serving, "decision": {"lambda": lam},
                "bundle": {k: info.get(k) for k in ("format_version", "max_length", "model_file")}}
     built = BuiltRepository(out, labels, serving=serving)
 

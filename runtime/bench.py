@@ -1,28 +1,27 @@
-"""Latency benchmarks of a bundle: PyTorch eager, ONNX fp32 and the shipped (INT8) model, side by side.
+"""Latency benchmarks of a bundle: the shipped (INT8) model beside other engines, side by side.
 
 Every engine answers the same texts through the same tokenizer code, and the engines take turns
 call by call, so a noisy machine slows them alike and the ratios stay fair. Timed: one call from
 text to probabilities (tokenize + model + softmax), per query length and per batch size; plus the
 user's own queries at their natural lengths, which `--budget-ms` checks (p99 of the shipped model).
 
-PyTorch is measured only when the bundle's run folder is present and torch is installed; ONNX fp32
-comes from the bundle when it carries model.onnx, else it is re-exported from the run.
+This module measures; it builds only the ONNX engines a bundle carries. The PyTorch and
+re-exported fp32 baselines come from zooter.export.baselines (they need torch), handed in as
+`baselines` by the CLI.
 """
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from zooter.errors import UserError
-from zooter.runtime import decision as rule
-from zooter.runtime.tokenize import encode
+from zooter.runtime.queries import read_queries as read_query_file
 
 LENGTHS = (16, 64, 256, 512)
 BATCHES = (1, 8, 32)
@@ -57,24 +56,8 @@ BUILTIN_QUERIES = [
 
 
 def read_queries(path: str | Path) -> list[str]:
-    """Queries from a file: one a line, or JSON lines with "query" (routing data), "text", "prompt" or "turns"."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such queries file")
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    if not lines or not lines[0].lstrip().startswith("{"):
-        return lines
-    out = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: invalid JSON: {err.msg}") from None
-        text = obj.get("query") or obj.get("text") or obj.get("prompt") or (obj.get("turns") or [None])[0]
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path}:{number}: no query text (expected 'query', 'text', 'prompt' or 'turns')")
-        out.append(text)
-    return out
+    """The texts of a queries file (any layout zooter.runtime.queries reads)."""
+    return [q.text for q in read_query_file(path)[0]]
 
 
 def texts_of_length(tokenizer_path: Path, pool: Sequence[str], tokens: int, count: int) -> list[str]:
@@ -98,11 +81,12 @@ def texts_of_length(tokenizer_path: Path, pool: Sequence[str], tokens: int, coun
     return out
 
 
-def percentiles(ms: Sequence[float], batch: int, cpu_ms: Sequence[float] | None = None) -> dict:
-    a = np.asarray(ms)
-    out = {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
-           "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()),
-           "qps": float(batch * 1000 / a.mean()), "n": int(len(a))}
+def percentiles(ms: Sequence[float], batch: int = 1, cpu_ms: Sequence[float] | None = None) -> dict:
+    """Latency percentiles (ms) of calls that each answered `batch` queries, and their throughput."""
+    a = np.asarray(ms, dtype=np.float64)
+    out = {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+           "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()),
+           "qps": float(batch * 1000 / a.mean())}
     if cpu_ms is not None:
         # CPU time of this process per call: on a shared machine, close to what the call takes on a
         # core of its own (with one thread); with more threads it sums them.
@@ -110,42 +94,17 @@ def percentiles(ms: Sequence[float], batch: int, cpu_ms: Sequence[float] | None 
     return out
 
 
-# --- engines: each turns a list of texts into probabilities ---------------------------------------
-def onnx_engine(router) -> Callable:
-    return router.probabilities
+@dataclass
+class Engine:
+    """Something to time: infer(texts) -> probabilities, with its cold start and a description."""
+
+    infer: Callable
+    cold_start_ms: float
+    info: dict = field(default_factory=dict)
 
 
-def torch_engine(run: Path, tokenizer, max_length: int, inputs: Sequence[str], threads: int | None):
-    """(infer, cold_start_ms) for the run's PyTorch model in eager mode."""
-    import torch
-
-    from zooter.training.model import RouterModel
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    start = time.perf_counter()
-    model, _, _ = RouterModel.load(run)
-
-    def infer(texts):
-        feeds = encode(tokenizer, texts, max_length)
-        with torch.inference_mode():
-            logits = model(**{k: torch.from_numpy(feeds[k]) for k in inputs})["logits"]
-        return rule.softmax(logits.numpy())
-
-    infer(["cold start"])
-    return infer, (time.perf_counter() - start) * 1000, model
-
-
-def fp32_from_run(model, work: Path) -> Path:
-    from zooter.export.onnx_export import export_onnx
-    from zooter.export.quantize import optimize
-
-    export_onnx(model, work / "model.onnx")
-    path, _ = optimize(work / "model.onnx", model.config, work / "opt")
-    return path
-
-
-def measure(engines: dict[str, Callable], cells: list[dict], iters: int, warmup: int, progress=None) -> None:
+def measure(engines: dict[str, Callable], cells: list[dict], iters: int, warmup: int,
+            progress: Callable[[int], None] | None = None) -> None:
     """Fill cell["results"][engine]; engines alternate call by call so load spikes hit them alike."""
     for cell in cells:
         times: dict[str, list[float]] = {name: [] for name in engines}
@@ -160,18 +119,18 @@ def measure(engines: dict[str, Callable], cells: list[dict], iters: int, warmup:
                     times[name].append((time.perf_counter() - start) * 1000)
                     cpu[name].append((time.process_time() - start_cpu) * 1000)
             if progress and i >= warmup:
-                progress.update(1)
+                progress(1)
         cell["results"] = {name: percentiles(ms, cell["batch"], cpu[name]) for name, ms in times.items()}
 
 
-def run_bench(bundle: str | Path, queries: Sequence[str] | None = None, run: str | Path | None = None,
-              lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = BATCHES, iters: int = 20, warmup: int = 3,
-              threads: int | None = None, providers: Sequence[str] | None = None, with_torch: bool = True) -> dict:
-    import tempfile
-
-    from tqdm import tqdm
-
-    from zooter.runtime.router import Router, open_session, read_manifest
+def run_bench(bundle: str | Path, queries: Sequence[str] | None = None, baselines: dict[str, Engine] | None = None,
+              skipped: dict[str, str] | None = None, lengths: Sequence[int] = LENGTHS, batches: Sequence[int] = BATCHES,
+              iters: int = 20, warmup: int = 3, threads: int | None = None, providers: Sequence[str] | None = None,
+              progress: Callable[[int], None] | None = None) -> dict:
+    """Time the bundle's model, its fp32 model.onnx when it ships one, and `baselines` (say PyTorch),
+    side by side; `progress(n)` is called as timed rounds finish. Returns the report (see format_table)."""
+    from zooter.runtime.bundle import read_manifest
+    from zooter.runtime.router import Router
 
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -180,77 +139,52 @@ def run_bench(bundle: str | Path, queries: Sequence[str] | None = None, run: str
     report: dict = {"bundle": str(bundle), "model_file": manifest["model_file"], "shipped": shipped,
                     "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                                 "python": sys.version.split()[0]},
-                    "threads": threads, "iters": iters, "warmup": warmup, "engines": {}, "skipped": {}}
+                    "threads": threads, "iters": iters, "warmup": warmup, "engines": {}, "skipped": dict(skipped or {})}
     engines: dict[str, Callable] = {}
     max_length = int(manifest["max_length"])
 
-    with tempfile.TemporaryDirectory(prefix="zooter-bench-") as tmp:
-        # Cold start: from files on disk to the first answer, in this process (libraries already imported).
-        start = time.perf_counter()
-        router = Router.load(bundle, providers=providers, threads=threads)
-        router.route(queries[0])
-        report["engines"][shipped] = {"cold_start_ms": (time.perf_counter() - start) * 1000, "file": manifest["model_file"],
-                                      "providers": router.providers}
-        report["providers"] = router.providers
-
-        run_dir = Path(run) if run else Path(manifest.get("provenance", {}).get("run", "") or "/nonexistent")
-        torch_model = None
-        if not with_torch:
-            report["skipped"]["torch"] = "--no-torch"
-        elif not (run_dir / "run.json").is_file():
-            report["skipped"]["torch"] = f"run folder {run_dir} not found (pass --run RUN)"
-        else:
-            try:
-                import torch  # noqa: F401
-            except ImportError:
-                report["skipped"]["torch"] = "torch is not installed"
-        if "torch" not in report["skipped"]:
-            infer, cold, torch_model = torch_engine(run_dir, router.tokenizer, max_length, router.input_names, threads)
-            engines["torch"] = infer
-            report["engines"]["torch"] = {"cold_start_ms": cold, "run": str(run_dir)}
-
-        if shipped != "fp32":
+    # Cold start: from files on disk to the first answer, in this process (libraries already imported).
+    start = time.perf_counter()
+    router = Router.load(bundle, providers=providers, threads=threads)
+    router.route(queries[0])
+    report["engines"][shipped] = {"cold_start_ms": (time.perf_counter() - start) * 1000, "file": manifest["model_file"],
+                                  "providers": router.providers}
+    report["providers"] = router.providers
+    for name, engine in (baselines or {}).items():
+        engines[name] = engine.infer
+        report["engines"][name] = {"cold_start_ms": engine.cold_start_ms, **engine.info}
+    if shipped != "fp32" and "fp32" not in engines:
+        if "model.onnx" in manifest["files"]:
             start = time.perf_counter()
-            if "model.onnx" in manifest["files"]:
-                fp32 = Router.load(bundle, providers=providers, threads=threads, model_file="model.onnx")
-                source = "bundle"
-            elif torch_model is not None:
-                path = fp32_from_run(torch_model, Path(tmp))
-                start = time.perf_counter()  # the export is not part of the cold start
-                fp32 = Router(open_session(path, providers, threads), router.tokenizer, dict(manifest, model_file="model.onnx"))
-                source = "re-exported from the run"
-            else:
-                fp32 = None
-                report["skipped"]["fp32"] = "the bundle has no model.onnx and the run is not available"
-            if fp32 is not None:
-                fp32.route(queries[0])
-                report["engines"]["fp32"] = {"cold_start_ms": (time.perf_counter() - start) * 1000, "source": source}
-                engines["fp32"] = onnx_engine(fp32)
-        engines[shipped] = onnx_engine(router)
+            fp32 = Router.load(bundle, providers=providers, threads=threads, model_file="model.onnx")
+            fp32.route(queries[0])
+            report["engines"]["fp32"] = {"cold_start_ms": (time.perf_counter() - start) * 1000, "source": "bundle"}
+            engines["fp32"] = fp32.probabilities
+        else:
+            report["skipped"].setdefault("fp32", "the bundle has no model.onnx and no run to re-export it from")
+    engines[shipped] = router.probabilities
 
-        tokenizer_path = bundle / "tokenizer.json"
-        cells = []
-        # The router reads at most max_length tokens: longer targets collapse into one capped cell.
-        capped = sorted({min(int(t), max_length) for t in lengths})
-        if capped != sorted(int(t) for t in lengths):
-            report["capped_at_max_length"] = max_length
-        for tokens in capped:
-            cells.append({"tokens_target": tokens, "batch": 1,
-                          "_inputs": [[t] for t in texts_of_length(tokenizer_path, queries, tokens, 16)]})
-        for batch in batches:
-            if batch > 1:
-                n = min(RATIO_TOKENS, max_length)
-                texts = texts_of_length(tokenizer_path, queries, n, batch * 4)
-                cells.append({"tokens_target": RATIO_TOKENS, "batch": int(batch),
-                              "_inputs": [texts[i:i + batch] for i in range(0, len(texts), batch)]})
-        natural = {"tokens_target": None, "batch": 1, "_inputs": [[q] for q in queries]}
-        for cell in cells + [natural]:
-            sizes = [len(e.ids) for b in cell["_inputs"] for e in router.tokenizer.encode_batch(b)]
-            cell["tokens"] = float(np.mean(sizes))
-        bar = tqdm(total=(len(cells) + 1) * iters, desc="bench", unit="round", leave=False)
-        measure(engines, cells, iters, warmup, bar)
-        measure(engines, [natural], max(iters, min(len(queries), 200)), warmup, bar)
-        bar.close()
+    tokenizer_path = bundle / "tokenizer.json"
+    cells = []
+    # The router reads at most max_length tokens: longer targets collapse into one capped cell.
+    capped = sorted({min(int(t), max_length) for t in lengths})
+    if capped != sorted(int(t) for t in lengths):
+        report["capped_at_max_length"] = max_length
+    for tokens in capped:
+        cells.append({"tokens_target": tokens, "batch": 1,
+                      "_inputs": [[t] for t in texts_of_length(tokenizer_path, queries, tokens, 16)]})
+    for batch in batches:
+        if batch > 1:
+            n = min(RATIO_TOKENS, max_length)
+            texts = texts_of_length(tokenizer_path, queries, n, batch * 4)
+            cells.append({"tokens_target": RATIO_TOKENS, "batch": int(batch),
+                          "_inputs": [texts[i:i + batch] for i in range(0, len(texts), batch)]})
+    natural = {"tokens_target": None, "batch": 1, "_inputs": [[q] for q in queries]}
+    for cell in cells + [natural]:
+        sizes = [len(e.ids) for b in cell["_inputs"] for e in router.tokenizer.encode_batch(b)]
+        cell["tokens"] = float(np.mean(sizes))
+    measure(engines, cells, iters, warmup, progress)
+    measure(engines, [natural], max(iters, min(len(queries), 200)), warmup, progress)
 
     report["cells"] = cells
     report["queries"] = dict(natural, n=len(queries))
@@ -303,28 +237,3 @@ def format_table(report: dict) -> str:
     for name, why in report["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
-
-
-def plot(report: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    single = [c for c in report["cells"] if c["batch"] == 1]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name in single[0]["results"] if single else []:
-        xs = [c["tokens"] for c in single]
-        line, = ax.plot(xs, [c["results"][name]["p50_ms"] for c in single], marker="o", label=f"{name} p50")
-        ax.plot(xs, [c["results"][name]["p99_ms"] for c in single], linestyle="--", color=line.get_color(), label=f"{name} p99")
-    if "budget" in report:
-        ax.axhline(report["budget"]["ms"], color="red", linewidth=0.8, label="budget")
-    ax.set_xlabel("query length (tokens)")
-    ax.set_ylabel("latency per query (ms)")
-    ax.set_yscale("log")
-    ax.set_title(f"zooter router latency, batch 1 ({report['model_file']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -11,9 +11,26 @@ lambda = 0 is plain ZOOTER (argmax); larger lambda buys cheaper candidates at so
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
+
+from zooter.runtime.errors import SettingError
+
+
+def check_weight(value, name: str = "lambda") -> float:
+    """A decision setting (cost weight, tolerance, margin): a finite number >= 0, else a SettingError.
+
+    NaN would make every utility NaN and argmax pick the first label, silently; a negative weight
+    would prefer dearer candidates. Both are refused everywhere the rule is configured.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise SettingError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise SettingError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -39,6 +56,7 @@ def unit_cost(cost) -> float:
 
 def utilities(probs: np.ndarray, costs: Sequence[float] | None = None, lam: float = 0.0) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
+    lam = check_weight(lam)
     if not lam or costs is None:
         return probs
     c = np.asarray(costs, dtype=np.float64)

@@ -13,7 +13,6 @@ tokenizer is configured once at load and never mutated, and every call keeps its
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +20,13 @@ from typing import Sequence
 
 import numpy as np
 
-from zooter.errors import UserError
-from zooter.export.bundle import FORMAT_VERSION, sha256_file
 from zooter.runtime import decision as rule
+from zooter.runtime.bundle import BundleError, read_manifest
+from zooter.runtime.errors import SettingError
+from zooter.runtime.session import open_session
 from zooter.runtime.tokenize import clean_query, encode, load_tokenizer
 
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-class BundleError(UserError):
-    """The bundle is missing a file, was modified, or does not fit together."""
+__all__ = ["Router", "Decision", "BundleError"]
 
 
 @dataclass
@@ -46,71 +42,6 @@ class Decision:
                 "ranking": self.ranking, "latency_ms": self.latency_ms}
 
 
-def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
-    """router.json of a bundle, after checking that every listed file is there with its checksum."""
-    bundle = Path(bundle)
-    manifest_path = bundle / "router.json"
-    if not bundle.is_dir():
-        raise BundleError(f"{bundle}: no such bundle folder")
-    if not manifest_path.is_file():
-        raise BundleError(f"{manifest_path}: missing file (not a zooter bundle?)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{manifest_path}: invalid JSON: {err.msg}") from None
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: format_version {version!r}; this zooter reads up to {FORMAT_VERSION}")
-    for key in ("labels", "max_length", "model_file", "files"):
-        if key not in manifest:
-            raise BundleError(f"{manifest_path}: no {key!r}")
-    for name in (manifest["model_file"], "tokenizer.json"):
-        if name not in manifest["files"]:
-            raise BundleError(f"{manifest_path}: {name} is not listed under 'files'")
-    for name, entry in manifest["files"].items():
-        path = bundle / name
-        if not path.is_file():
-            raise BundleError(f"{path}: missing file listed in router.json")
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise BundleError(f"{path}: checksum mismatch (sha256 differs from router.json): the file is damaged or was modified")
-    return manifest
-
-
-def default_providers(available: Sequence[str] | None = None) -> list[str]:
-    """GPU execution providers when this onnxruntime has them, the CPU always last."""
-    import onnxruntime as ort
-
-    available = set(available if available is not None else ort.get_available_providers())
-    return [p for p in PREFERRED_PROVIDERS if p in available] or ["CPUExecutionProvider"]
-
-
-def open_session(model_path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 spin: bool = False):
-    """An onnxruntime session. Worker threads do not spin-wait between calls unless `spin`: on a
-    machine whose cores are shared (an app server, a CI box), spinning workers steal the cores the
-    next call needs; on dedicated cores spinning saves a few microseconds of wake-up per call."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if providers is None:
-        providers = default_providers(available)
-    else:
-        missing = [p for p in providers if p not in available]
-        if missing:
-            raise UserError(f"execution provider(s) {missing} not available in this onnxruntime (has {available})")
-    options = ort.SessionOptions()
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    # onnxruntime's CPU SkipLayerNormalization kernel is slower than the Add + LayerNormalization it
-    # replaces (export/quantize.py): on the CPU alone, do not re-fuse them at load.
-    disabled = ["SkipLayerNormFusion"] if list(providers) == ["CPUExecutionProvider"] else []
-    return ort.InferenceSession(str(model_path), options, providers=list(providers), disabled_optimizers=disabled)
-
-
 class Router:
     """A loaded bundle: tokenizer, ONNX session, labels, costs and the decision rule."""
 
@@ -124,11 +55,11 @@ class Router:
         self.output = manifest.get("output", "logits")
         self.input_names = [i.name for i in session.get_inputs()]
         costs = manifest.get("costs") or None
-        # Costs in label order (unit price per million tokens); None when any candidate is unpriced.
+        # Costs in label order (unit price per million tokens); None when the bundle has none.
         self.costs = None
-        if costs and all(name in costs for name in self.labels):
+        if costs:
             self.costs = np.array([rule.unit_cost(costs[name]) for name in self.labels], dtype=np.float64)
-        self.lam = float(manifest.get("lambda", 0.0) if lam is None else lam)
+        self.lam = rule.check_weight(manifest.get("lambda", 0.0) if lam is None else lam, "lambda")
         if self.lam and self.costs is None:
             raise BundleError(f"lambda={self.lam} needs a price for every candidate; router.json has no costs")
         self._check_label_count()
@@ -139,6 +70,8 @@ class Router:
         """Open a bundle folder. `model_file` picks another listed ONNX file (say model.onnx beside
         model.int8.onnx); `spin` lets idle onnxruntime threads spin-wait (only for dedicated cores)."""
         bundle = Path(bundle)
+        if lam is not None:
+            rule.check_weight(lam, "lambda")    # before the model loads: a bad setting fails fast
         manifest = read_manifest(bundle, verify=verify)
         name = model_file or manifest["model_file"]
         if name not in manifest["files"]:
@@ -166,13 +99,35 @@ class Router:
         feeds = {name: feeds[name] for name in self.input_names}
         return self.session.run([self.output], feeds)[0]
 
-    def probabilities(self, texts: Sequence) -> np.ndarray:
-        return rule.softmax(self.logits(texts))
+    def probabilities(self, texts: Sequence, batch_size: int = 32) -> np.ndarray:
+        """(len(texts), labels) probabilities in input order, `batch_size` queries per model call.
+
+        Batches are formed from queries of similar length: less padding to compute, and with
+        dynamic int8 (whose activation scales span the whole batch, padding included) answers
+        closer to routing each query alone."""
+        if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+            raise TypeError(f"expected a list of queries, got {type(texts).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise SettingError(f"batch_size must be a positive integer, got {batch_size!r}")
+        cleaned = []
+        for i, t in enumerate(texts):
+            try:
+                cleaned.append(clean_query(t))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"query {i}: {err}" if len(texts) > 1 else str(err)) from None
+        if len(cleaned) <= batch_size:
+            return rule.softmax(self.logits(cleaned))
+        order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i]))
+        out = np.empty((len(cleaned), len(self.labels)), dtype=np.float64)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            out[idx] = rule.softmax(self.logits([cleaned[j] for j in idx]))
+        return out
 
     def _lambda(self, lam: float | None) -> float:
-        lam = self.lam if lam is None else float(lam)
+        lam = self.lam if lam is None else rule.check_weight(lam, "lambda")
         if lam and self.costs is None:
-            raise ValueError(f"lambda={lam} needs a price for every candidate; this bundle has no costs")
+            raise SettingError(f"lambda={lam} needs a price for every candidate; this bundle has no costs")
         return lam
 
     def _decide(self, probs: np.ndarray, lam: float, latency_ms: float) -> list[Decision]:
@@ -191,24 +146,16 @@ class Router:
             raise TypeError("route takes one query; use route_batch for a list")
         lam = self._lambda(lam)
         start = time.perf_counter()
-        decision = self._decide(self.probabilities([text]), lam, 0.0)[0]
+        decision = self._decide(rule.softmax(self.logits([text])), lam, 0.0)[0]
         decision.latency_ms = (time.perf_counter() - start) * 1000
         return decision
 
     def route_batch(self, texts: Sequence, lam: float | None = None, batch_size: int = 32) -> list[Decision]:
-        """Route many queries, `batch_size` per model call, answers in input order; latency_ms is the batch's time."""
+        """Route many queries, `batch_size` per model call (see probabilities), answers in input order;
+        latency_ms is the whole call's time. A bad query raises the error route() would, naming its index."""
         if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
             raise TypeError(f"route_batch takes a list of queries, got {type(texts).__name__}")
         lam = self._lambda(lam)
-        cleaned = [clean_query(t) for t in texts]
-        # Batches of similar lengths: less padding to compute, and with dynamic int8 (whose scales
-        # span the whole batch, padding included) answers closer to single-query routing.
-        order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i]))
-        out: list[Decision | None] = [None] * len(cleaned)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            start = time.perf_counter()
-            probs = self.probabilities([cleaned[j] for j in idx])
-            for j, d in zip(idx, self._decide(probs, lam, (time.perf_counter() - start) * 1000)):
-                out[j] = d
-        return out
+        start = time.perf_counter()
+        probs = self.probabilities(texts, batch_size) if len(texts) else np.zeros((0, len(self.labels)))
+        return self._decide(probs, lam, (time.perf_counter() - start) * 1000)

@@ -7,18 +7,22 @@ only (no transformers), so it runs inside apps and the Triton python backend.
 Bad input:
   None or a non-string  -> TypeError naming the type
   bytes                 -> decoded as UTF-8, invalid sequences replaced (U+FFFD)
+  a str with lone surrogates (undecodable bytes from argv or a file read with surrogateescape,
+  or a "\\udcff" JSON escape) -> each replaced by U+FFFD: no tokenizer can take them
   empty or blank        -> EmptyQueryError (a ValueError)
   longer than max_length tokens -> truncated (the head and the final [SEP] are kept)
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class EmptyQueryError(ValueError):
@@ -30,6 +34,8 @@ def clean_query(text) -> str:
         text = bytes(text).decode("utf-8", errors="replace")
     elif not isinstance(text, str):
         raise TypeError(f"a query must be a str (or UTF-8 bytes), got {type(text).__name__}")
+    else:
+        text = _SURROGATE.sub("\ufffd", text)
     if not text.strip():
         raise EmptyQueryError("empty query: give the text to route")
     return text

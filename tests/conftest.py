@@ -42,3 +42,48 @@ def tiny_backbone(tmp_path_factory) -> Path:
     BertModel(config, add_pooling_layer=False).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_backbone, tmp_path_factory) -> dict[str, Path]:
+    """{"run", "parity", "candidates", "int8", "fp32"}: the tiny router exported once per session."""
+    import json
+
+    import numpy as np
+
+    from tiny import LABELS, PRICES, TEXTS, make_tiny_run
+    from zooter.cli import main
+
+    root = tmp_path_factory.mktemp("export")
+    run = make_tiny_run(tiny_backbone, root / "run")
+    parity = root / "parity.txt"
+    parity.write_text("\n".join(TEXTS) + "\n")
+    rng = np.random.default_rng(0)
+    (root / "parity.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "query": t, "rewards": {n: float(rng.random()) for n in LABELS}}) + "\n"
+        for i, t in enumerate(TEXTS)))
+    candidates = root / "candidates.yaml"
+    candidates.write_text("".join(f"- name: {n}\n  cost: {{input_per_mtok: {i}, output_per_mtok: {o}}}\n"
+                                  for n, (i, o) in PRICES.items()))
+    # A 32-wide encoder quantizes far more coarsely than a real one (a flip or two in 40 decisions), so the
+    # shared int8 bundle is built with --allow-drift; the gate itself is tested in test_export.py.
+    assert main(["export", str(run), "--out", str(root / "int8"), "--parity-data", str(parity),
+                 "--candidates", str(candidates), "--allow-drift"]) == 0
+    assert main(["export", str(run), "--out", str(root / "fp32"), "--parity-data", str(parity), "--quantize", "none"]) == 0
+    return {"run": run, "parity": parity, "candidates": candidates, "int8": root / "int8", "fp32": root / "fp32"}
+
+
+@pytest.fixture(scope="session")
+def routing_files(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic routing data (train 120, dev 30, test 30 rows) and a priced candidates file."""
+    from tiny import CANDIDATES, synthetic
+
+    folder = tmp_path_factory.mktemp("routing")
+    paths = {}
+    for name, n, seed in (("train", 120, 0), ("dev", 30, 1), ("test", 30, 2)):
+        paths[name] = folder / f"{name}.jsonl"
+        synthetic(n, seed).save(paths[name])
+    paths["candidates"] = folder / "candidates.yaml"
+    paths["candidates"].write_text("\n".join(
+        f"- {{name: {c}, cost: {{input_per_mtok: {p}, output_per_mtok: {p}}}}}" for c, p in zip(CANDIDATES, (1.0, 0.2, 3.0))) + "\n")
+    return paths

@@ -62,4 +62,4 @@ def test_bad_file_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.jsonl:1: row 'a': empty query" in err and "Traceback" not in err
     assert main(["data", "stats", str(tmp_path / "missing.jsonl")]) == 2
-    assert "missing.jsonl: no such file" in capsys.readouterr().err
+    assert "missing.jsonl: no such routing-data file" in capsys.readouterr().err

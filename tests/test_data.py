@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from zooter.training import importers
-from zooter.training.candidates import CandidatesError, from_prices, load_candidates, save_candidates
+from zooter.serving.candidates import CandidatesError, from_prices, load_candidates, save_candidates
 from zooter.training.dataset import DataError, RoutingDataset
 from zooter.training.splits import dedupe, normalize, split, split_indices
 from zooter.training.stats import data_stats
@@ -112,7 +112,7 @@ def test_validation_errors_name_the_line(tmp_path, bad, reason):
     with pytest.raises(DataError, match=reason) as info:
         RoutingDataset.load(path)
     assert info.value.line == 2
-    assert f"bad.jsonl:2:" in str(info.value)
+    assert "bad.jsonl:2:" in str(info.value)
 
 
 def test_unknown_candidate_and_too_few_candidates(tmp_path):

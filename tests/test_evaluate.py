@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from zooter.training.candidates import Cost
+from zooter.serving.candidates import Cost
 from zooter.training.dataset import RoutingDataset, Row
 from zooter.training.evaluate import (aligned_rewards, confusion, cost_matrix, entropy_vs_correctness, evaluate,
                                       format_table, mean_task_rank)

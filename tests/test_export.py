@@ -1,7 +1,5 @@
-"""`zooter export`: a tiny run becomes an ONNX bundle whose decisions match PyTorch, behind a parity gate.
-
-The bundles built here are shared with test_runtime.py and test_bench.py through `tiny_bundles`.
-"""
+"""`zooter export`: a tiny run becomes an ONNX bundle whose decisions match PyTorch, behind a parity gate
+(the tiny bundles are bundles once per session by the `bundles` fixture in conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,69 +11,7 @@ import pytest
 
 from zooter.cli import main
 
-LABELS = ["alpha-7b", "beta-70b", "gamma-8b", "delta-1b"]
-PRICES = {"alpha-7b": (0.2, 0.2), "beta-70b": (0.9, 0.9), "gamma-8b": (0.1, 0.1), "delta-1b": (0.02, 0.04)}
-
-# Varied queries (short, long, code, maths) for the parity check and the decision comparisons.
-SEEDS = ["What is 17 times 23?", "Write a sonnet about the sea.", "def add(a, b): return a + b  # explain",
-         "Translate 'good morning' to French.", "Which planet has the most moons?",
-         "Prove that there are infinitely many primes.", "Summarise the plot of Hamlet in two sentences.",
-         "How do I reverse a linked list in C?", "Give three tips for a job interview.",
-         "A bat and a ball cost 1.10 in total; the bat costs 1.00 more than the ball. How much is the ball?"]
-TEXTS = [f"{a} {b}" if i % 3 else a for i, (a, b) in enumerate((a, b) for a in SEEDS for b in SEEDS[:4])]
-
-_BUILT: dict[str, Path] = {}
-
-
-def make_tiny_run(backbone: Path, run: Path) -> Path:
-    """An untrained router on the tiny backbone whose head reads the embedding's deviation from the mean
-    query, scaled to unit spread: decisions then vary from query to query with clear margins, as a
-    trained router's do, instead of one candidate winning everything by a hair."""
-    import torch
-
-    from zooter.training.model import RouterModel
-
-    torch.manual_seed(1)
-    model, tokenizer = RouterModel.from_backbone(backbone, LABELS)
-    batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    with torch.no_grad():
-        emb = model.eval().embed(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        mean, std = emb.mean(0), emb.std(0).clamp(min=1e-6)
-        weight = torch.randn(len(LABELS), emb.shape[1]) / std / emb.shape[1] ** 0.5 * 10
-        model.head.weight.copy_(weight)
-        model.head.bias.copy_(-(weight @ mean))
-    model.save(run, tokenizer, {"max_length": 128, "data_sha256": "0" * 64, "backbone": str(backbone), "beta": 0.3,
-                                "tau": 1.0, "loss": "kl", "seed": 1, "best_single": "alpha-7b",
-                                "dev": {"mean_reward": 0.5}})
-    return run
-
-
-def tiny_bundles(backbone: Path, root: Path) -> dict[str, Path]:
-    """{"run", "calib", "candidates", "int8", "fp32"}: built once per test session."""
-    if _BUILT:
-        return _BUILT
-    run = make_tiny_run(backbone, root / "run")
-    calib = root / "calib.txt"
-    calib.write_text("\n".join(TEXTS) + "\n")
-    rng = np.random.default_rng(0)
-    (root / "calib.jsonl").write_text("".join(
-        json.dumps({"id": f"q{i}", "query": t, "rewards": {n: float(rng.random()) for n in LABELS}}) + "\n"
-        for i, t in enumerate(TEXTS)))
-    candidates = root / "candidates.yaml"
-    candidates.write_text("".join(f"- name: {n}\n  cost: {{input_per_mtok: {i}, output_per_mtok: {o}}}\n"
-                                  for n, (i, o) in PRICES.items()))
-    # A 32-wide encoder quantizes far more coarsely than a real one (a flip or two in 40 decisions), so the
-    # shared int8 bundle is built with --allow-drift; the gate itself is tested on its own below.
-    assert main(["export", str(run), "--out", str(root / "int8"), "--calib", str(calib),
-                 "--candidates", str(candidates), "--allow-drift"]) == 0
-    assert main(["export", str(run), "--out", str(root / "fp32"), "--calib", str(calib), "--quantize", "none"]) == 0
-    _BUILT.update(run=run, calib=calib, candidates=candidates, int8=root / "int8", fp32=root / "fp32")
-    return _BUILT
-
-
-@pytest.fixture(scope="module")
-def built(tiny_backbone, tmp_path_factory):
-    return tiny_bundles(tiny_backbone, tmp_path_factory.mktemp("export"))
+from tiny import LABELS, TEXTS
 
 
 def torch_choices(run: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -92,14 +28,15 @@ def torch_choices(run: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return choose(probs), probs
 
 
-def test_bundle_layout_and_manifest(built):
-    from zooter.export.bundle import FORMAT_VERSION
+def test_bundle_layout_and_manifest(bundles):
     from zooter.export.parity import MIN_AGREEMENT
-    from zooter.runtime.router import sha256_file
+    from zooter.export.quantize import Int8Recipe
+    from zooter.runtime.bundle import FORMAT_VERSION, manifest_digest
+    from zooter.runtime.files import sha256_file
 
-    bundle = built["int8"]
+    bundle = bundles["int8"]
     manifest = json.loads((bundle / "router.json").read_text())
-    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["manifest_sha256"] == manifest_digest(manifest)
     assert manifest["labels"] == LABELS and manifest["max_length"] == 128
     assert manifest["model_file"] == "model.int8.onnx" and manifest["output"] == "logits"
     assert manifest["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
@@ -107,13 +44,15 @@ def test_bundle_layout_and_manifest(built):
     for name, entry in manifest["files"].items():
         assert sha256_file(bundle / name) == entry["sha256"] and (bundle / name).stat().st_size == entry["bytes"]
     q = manifest["quantization"]
-    assert q["mode"] == "int8" and q["method"] == "dynamic" and q["fused_operators"].get("Attention") == 2
+    assert q["mode"] == "int8" and q["fused_operators"].get("Attention") == 2
+    assert q["recipe"] == Int8Recipe.for_cpu().to_json() and q["recipe"]["method"] == "dynamic"
     assert manifest["costs"]["delta-1b"] == {"input_per_mtok": 0.02, "output_per_mtok": 0.04, "unit": pytest.approx(0.03)}
     prov = manifest["provenance"]
-    assert prov["beta"] == 0.3 and prov["data_sha256"] == "0" * 64 and Path(prov["run"]) == built["run"].resolve()
-    assert manifest["evaluation"]["dev"] == {"mean_reward": 0.5}
+    assert prov["beta"] == 0.3 and prov["data_sha256"] == "0" * 64 and Path(prov["run"]) == bundles["run"].resolve()
+    assert manifest["evaluation"]["dev"] == {"mean_reward": 0.5, "n": len(TEXTS)}
+    assert manifest["evaluation"]["best_single"]["candidate"] == "alpha-7b"
     parity = manifest["parity"]
-    assert parity["n"] == len(TEXTS) and parity["threshold"] == MIN_AGREEMENT
+    assert parity["n"] == len(set(TEXTS))  # the parity file's repeated lines count once and parity["threshold"] == MIN_AGREEMENT
     assert parity["passed"] == (parity["decision_agreement"] >= MIN_AGREEMENT)
     assert parity["decision_agreement"] >= 0.9 and 0 < parity["max_prob_diff"] < 0.5
     assert parity["fp32"]["decision_agreement"] == 1.0 and parity["fp32"]["max_prob_diff"] < 1e-4
@@ -121,16 +60,16 @@ def test_bundle_layout_and_manifest(built):
     if parity["decision_agreement"] < 1:  # a flip needs the two top candidates within twice the largest error
         assert 0 < parity["max_flipped_margin"] <= 2 * parity["max_prob_diff"]
     # The int8 file is much smaller than the fp32 one.
-    fp32 = json.loads((built["fp32"] / "router.json").read_text())
+    fp32 = json.loads((bundles["fp32"] / "router.json").read_text())
     assert manifest["files"]["model.int8.onnx"]["bytes"] < 0.5 * fp32["files"]["model.onnx"]["bytes"]
     assert fp32["costs"] is None and fp32["quantization"]["mode"] == "none"
 
 
-def test_fp32_router_decides_like_pytorch(built):
+def test_fp32_router_decides_like_pytorch(bundles):
     from zooter.runtime.router import Router
 
-    router = Router.load(built["fp32"])
-    expected, probs = torch_choices(built["run"], TEXTS)
+    router = Router.load(bundles["fp32"])
+    expected, probs = torch_choices(bundles["run"], TEXTS)
     decisions = router.route_batch(TEXTS)
     assert [d.candidate for d in decisions] == [LABELS[i] for i in expected]
     got = np.array([[d.probabilities[n] for n in LABELS] for d in decisions])
@@ -138,11 +77,11 @@ def test_fp32_router_decides_like_pytorch(built):
     assert len(set(expected)) > 1  # the comparison means something only if the choices vary
 
 
-def test_int8_router_agrees_with_pytorch_as_parity_recorded(built):
+def test_int8_router_agrees_with_pytorch_as_parity_recorded(bundles):
     from zooter.runtime.router import Router
 
-    router = Router.load(built["int8"])
-    expected, probs = torch_choices(built["run"], TEXTS)
+    router = Router.load(bundles["int8"])
+    expected, probs = torch_choices(bundles["run"], TEXTS)
     decisions = [router.route(t) for t in TEXTS]  # the parity check runs one query at a time too
     agreement = np.mean([d.candidate == LABELS[e] for d, e in zip(decisions, expected)])
     parity = router.manifest["parity"]
@@ -151,29 +90,29 @@ def test_int8_router_agrees_with_pytorch_as_parity_recorded(built):
     assert np.abs(got - probs).max() == pytest.approx(parity["max_prob_diff"], abs=1e-5)
 
 
-def test_int8_graph_keeps_the_vocabulary_per_row_and_the_head_in_fp32(built):
+def test_int8_graph_keeps_the_vocabulary_per_row_and_the_head_in_fp32(bundles):
     """The vocabulary table ships as int8 with one scale per row, each row within half a step of the
     run's vector; the head's MatMul is not quantized (its input is the pooled embedding)."""
     import onnx
     from onnx import numpy_helper
     from safetensors.torch import load_file
 
-    model = onnx.load(str(built["int8"] / "model.int8.onnx"))
+    model = onnx.load(str(bundles["int8"] / "model.int8.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     table = next(name for name in inits if name.endswith("word_embeddings.weight_int8"))
     rows, scale = inits[table], inits[table.replace("_int8", "_row_scale")]
     assert rows.dtype == np.int8 and scale.shape == (rows.shape[0], 1)
-    original = load_file(built["run"] / "encoder" / "model.safetensors")["embeddings.word_embeddings.weight"].numpy()
+    original = load_file(bundles["run"] / "encoder" / "model.safetensors")["embeddings.word_embeddings.weight"].numpy()
     assert np.all(np.abs(rows * scale - original) <= scale / 2 + 1e-7)
     producers = {out: n for n in model.graph.node for out in n.output}
     head = producers["logits"]  # the quantizer splits the Gemm into MatMul + Add and leaves both in fp32
     assert head.op_type == "Gemm" or (head.op_type == "Add" and producers[head.input[0]].op_type == "MatMul")
     assert not [n for n in model.graph.node if n.op_type == "MatMulInteger" and "head" in n.name]
-    manifest = json.loads((built["int8"] / "router.json").read_text())
+    manifest = json.loads((bundles["int8"] / "router.json").read_text())
     assert manifest["quantization"]["embedding"]["scale"] == "per row, symmetric int8"
 
 
-def test_parity_gate_blocks_a_drifting_model(built, tmp_path, monkeypatch, capsys):
+def test_parity_gate_blocks_a_drifting_model(bundles, tmp_path, monkeypatch, capsys):
     from zooter.export import parity
 
     real = parity.compare
@@ -185,8 +124,8 @@ def test_parity_gate_blocks_a_drifting_model(built, tmp_path, monkeypatch, capsy
         return out
 
     monkeypatch.setattr(parity, "compare", drifting)
-    calib = built["calib"].with_suffix(".jsonl")  # routing data: the gate also reports the routed reward
-    args = ["export", str(built["run"]), "--out", str(tmp_path / "b"), "--calib", str(calib), "--parity-n", "8"]
+    calib = bundles["parity"].with_suffix(".jsonl")  # routing data: the gate also reports the routed reward
+    args = ["export", str(bundles["run"]), "--out", str(tmp_path / "b"), "--parity-data", str(calib), "--parity-n", "8"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "parity gate" in err and "90.00%" in err and "--allow-drift" in err and "mean routed reward" in err
@@ -196,28 +135,28 @@ def test_parity_gate_blocks_a_drifting_model(built, tmp_path, monkeypatch, capsy
     assert manifest["parity"]["passed"] is False and manifest["parity"]["n"] == 8
     rows = [json.loads(line) for line in calib.read_text().splitlines()[:8]]
     rewards = np.array([[r["rewards"][n] for n in LABELS] for r in rows])
-    expected, _ = torch_choices(built["run"], [r["query"] for r in rows])
+    expected, _ = torch_choices(bundles["run"], [r["query"] for r in rows])
     routed = manifest["parity"]["routed_reward"]
     assert routed["pytorch"] == pytest.approx(rewards[np.arange(8), expected].mean())
     assert routed["difference"] == pytest.approx(routed["exported"] - routed["pytorch"])
 
 
-def test_export_refuses_to_overwrite_and_needs_validation_rows(built, tmp_path, capsys):
-    assert main(["export", str(built["run"]), "--out", str(built["int8"]), "--calib", str(built["calib"])]) == 2
+def test_export_refuses_to_overwrite_and_needs_validation_rows(bundles, tmp_path, capsys):
+    assert main(["export", str(bundles["run"]), "--out", str(bundles["int8"]), "--parity-data", str(bundles["parity"])]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["export", str(built["run"]), "--out", str(tmp_path / "b")]) == 2
-    assert "--calib" in capsys.readouterr().err
-    assert main(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--calib", str(built["calib"])]) == 2
+    assert main(["export", str(bundles["run"]), "--out", str(tmp_path / "b")]) == 2
+    assert "--parity-data" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "b"), "--parity-data", str(bundles["parity"])]) == 2
     assert "no run.json" in capsys.readouterr().err
 
 
-def test_fp16_bundle_for_gpu_targets(built, tmp_path):
+def test_fp16_bundle_for_gpu_targets(bundles, tmp_path):
     import onnx
 
     from zooter.runtime.router import Router
 
     out = tmp_path / "fp16"
-    assert main(["export", str(built["run"]), "--out", str(out), "--calib", str(built["calib"]), "--quantize", "fp16",
+    assert main(["export", str(bundles["run"]), "--out", str(out), "--parity-data", str(bundles["parity"]), "--quantize", "fp16",
                  "--parity-n", "12", "--allow-drift"]) == 0
     manifest = json.loads((out / "router.json").read_text())
     assert manifest["model_file"] == "model.fp16.onnx" and manifest["quantization"]["mode"] == "fp16"

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from openai_stub_server import answer_text, serve
-from zooter.errors import UserError
-from zooter.training.candidates import parse_candidates
-from zooter.training.clients import Sampling
+from zooter.runtime.errors import UserError
+from zooter.serving.candidates import parse_candidates
+from zooter.serving.clients import Sampling
 from zooter.training.dataset import DataError, RoutingDataset
-from zooter.training.generate import RetryPolicy, generate, journal_path, read_answers, read_queries
+from zooter.runtime.queries import read_queries
+from zooter.training.generate import RetryPolicy, generate, journal_path, read_answers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def test_answers_failures_retries_and_limits(tmp_path, server):
     assert [r["id"] for r in rows] == [q.id for q in queries]
     first = rows[0]
     # The exact deterministic answer came back through HTTP, cut at 12 words where the server said "length".
-    assert first["responses"]["alpha"] == answer_text("alpha", queries[0].query)
+    assert first["responses"]["alpha"] == answer_text("alpha", queries[0].text)
     assert first["responses"]["eps-empty"] == ""
     assert len(first["responses"]["beta-verbose"].split()) == 12
     assert first["hit_max_tokens"] == ["beta-verbose"]
@@ -113,18 +114,18 @@ def test_answers_failures_retries_and_limits(tmp_path, server):
 def test_queries_formats(tmp_path, data_dir):
     mt, _ = read_queries(data_dir / "mt_bench" / "question.jsonl")
     assert len(mt) == 80 and mt[0].id == "81" and mt[0].tags == ["writing"]
-    assert mt[0].query.startswith("Compose an engaging travel blog post")
+    assert mt[0].text.startswith("Compose an engaging travel blog post")
     plain = tmp_path / "q.txt"
     plain.write_text("hello there\n\nhello there\nsecond one\n")
     queries, repeated = read_queries(plain)
-    assert [q.query for q in queries] == ["hello there", "second one"] and repeated == 1
+    assert [q.text for q in queries] == ["hello there", "second one"] and repeated == 1
     assert queries[0].id == read_queries(plain)[0][0].id  # stable across reads
     dup = tmp_path / "dup.jsonl"
     dup.write_text('{"id": "a", "query": "x"}\n{"id": "a", "query": "y"}\n')
     with pytest.raises(DataError, match=r"dup.jsonl:2: duplicate id 'a'"):
         read_queries(dup)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "a", "text": "x"}\n')
+    bad.write_text('{"id": "a", "body": "x"}\n')
     with pytest.raises(DataError, match="no query"):
         read_queries(bad)
 

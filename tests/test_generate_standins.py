@@ -7,13 +7,13 @@ reads needs no real router: its router.json names labels and a placeholder model
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from zooter.training.candidates import Candidate
-from zooter.training.clients import Sampling
-from zooter.training.generate import generate, read_answers, read_queries
+from zooter.serving.candidates import Candidate
+from zooter.serving.clients import Sampling
+from zooter.runtime.queries import read_queries
+from zooter.training.generate import generate, read_answers
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
@@ -22,19 +22,20 @@ LABELS = ["gemma-2-9b-it", "qwen2.5-7b-instruct"]
 
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory, tiny_backbone):
-    from zooter.export.bundle import write_bundle
+    from zooter.runtime.bundle import write_bundle
     from zooter.export.triton_repo import build_repository
-    from zooter.runtime.triton_server import TritonServer
+    from zooter.serving.triton_server import TritonServer
 
     root = tmp_path_factory.mktemp("standins")
     placeholder = root / "router.onnx"
     placeholder.write_bytes(b"placeholder: the router is not loaded in this test")
     bundle = root / "bundle"
     write_bundle(bundle, {"router.onnx": placeholder, "tokenizer.json": tiny_backbone / "tokenizer.json"},
-                 {"labels": LABELS, "max_length": 64, "model_file": "router.onnx"})
+                 {"labels": LABELS, "max_length": 64, "model_file": "router.onnx", "inputs": ["input_ids", "attention_mask"],
+                  "output": "logits"})
     built = build_repository(bundle, root / "repo", None, stand_ins=True)
     assert set(built.stand_ins) == set(LABELS)
-    with TritonServer(root / "repo", explicit=True,
+    with TritonServer(root / "repo", model_control=True,
                       load_models=["zooter_standin_llm", *built.stand_ins.values()]) as server:
         yield server, built.stand_ins
 

@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from zooter.training.candidates import parse_candidates
-from zooter.training.clients import Sampling
-from zooter.training.generate import RetryPolicy, generate, read_answers, read_queries
+from zooter.serving.candidates import parse_candidates
+from zooter.serving.clients import Sampling
+from zooter.runtime.queries import read_queries
+from zooter.training.generate import RetryPolicy, generate, read_answers
 
 pytestmark = pytest.mark.triton
 
@@ -69,7 +70,7 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    from zooter.runtime.triton_server import TritonServer
+    from zooter.serving.triton_server import TritonServer
 
     repo = tmp_path_factory.mktemp("echo_repo")
     for name, policy in (("echo", ""), ("echo_stream", "model_transaction_policy { decoupled: true }")):

@@ -56,17 +56,27 @@ def test_rows_with_unknown_or_no_tags_keep_their_distribution():
     assert mixed == pytest.approx(dists)
 
 
-def test_tag_means_come_from_the_training_rows_only():
-    train = np.array([[1.0, 0.0], [0.0, 1.0]])
-    targets, s_t = training_targets(train, [["x"], ["x"]], tau=1.0, beta=0.0)
-    # beta 0: every training row gets exactly the tag mean of the two training rows.
-    s = reward_distribution(train)
-    assert s_t["x"] == pytest.approx(s.mean(0))
-    assert targets[0] == pytest.approx(s.mean(0))
-    # A row outside the training set (say a dev row tagged x that favours candidate 0) changes nothing.
-    more = np.vstack([train, [[1.0, 0.0]]])
-    _, s_t_more = training_targets(more, [["x"], ["x"], ["x"]], tau=1.0, beta=0.0)
-    assert not np.allclose(s_t_more["x"], s_t["x"])
+def test_tag_means_come_from_the_training_rows_only(tmp_path):
+    """The training targets' tag means use the training rows alone: dev rows carrying the same tag,
+    whatever their rewards, change nothing (zooter.training.train.prepare, as `zooter train` runs it)."""
+    from zooter.training.dataset import RoutingDataset, Row
+    from zooter.training.train import TrainConfig, prepare
+
+    train_rows = [Row("t1", "first training query", {"a": 1.0, "b": 0.0}, ["x"]),
+                  Row("t2", "second training query", {"a": 0.0, "b": 1.0}, ["x"]),
+                  Row("t3", "third training query", {"a": 0.2, "b": 0.4}, ["y"])]
+    RoutingDataset(train_rows, ["a", "b"]).save(tmp_path / "train.jsonl")
+    targets = {}
+    for name, dev_reward in (("dev_a", 1.0), ("dev_b", 0.0)):
+        dev_rows = [Row(f"d{i}", f"dev query {i}", {"a": dev_reward, "b": 1.0 - dev_reward}, ["x"]) for i in range(5)]
+        RoutingDataset(dev_rows, ["a", "b"]).save(tmp_path / f"{name}.jsonl")
+        cfg = TrainConfig(data=str(tmp_path / "train.jsonl"), dev=str(tmp_path / f"{name}.jsonl"), out=str(tmp_path / "run"),
+                          backbone="unused", beta=0.0)
+        targets[name] = prepare(cfg).targets
+    np.testing.assert_array_equal(targets["dev_a"], targets["dev_b"])
+    # beta 0: each training row gets its tags' mean over the training rows carrying them.
+    s = reward_distribution(np.array([[1.0, 0.0], [0.0, 1.0], [0.2, 0.4]]))
+    assert targets["dev_a"][0] == pytest.approx(s[:2].mean(0)) and targets["dev_a"][2] == pytest.approx(s[2])
 
 
 def test_hard_labels_mask_nulls_and_break_ties_by_training_mean():

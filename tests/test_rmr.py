@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zooter.errors import UserError
-from zooter.training.candidates import Cost
+from zooter.runtime.errors import UserError
+from zooter.serving.candidates import Cost
 from zooter.training.dataset import Row, RoutingDataset
 from zooter.training.rmr import rmr_baseline
 

@@ -12,34 +12,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_export import LABELS, PRICES, TEXTS, tiny_bundles
+from tiny import LABELS, PRICES, TEXTS
 from zooter.cli import main
 
 
 @pytest.fixture(scope="module")
-def built(tiny_backbone, tmp_path_factory):
-    return tiny_bundles(tiny_backbone, tmp_path_factory.mktemp("export"))
-
-
-@pytest.fixture(scope="module")
-def router(built):
+def router(bundles):
     from zooter.runtime.router import Router
 
-    return Router.load(built["int8"])
+    return Router.load(bundles["int8"])
 
 
 @pytest.fixture()
-def copy_of(built, tmp_path):
+def copy_of(bundles, tmp_path):
     def make(kind="int8") -> Path:
-        return Path(shutil.copytree(built[kind], tmp_path / kind))
+        return Path(shutil.copytree(bundles[kind], tmp_path / kind))
 
     return make
 
 
-def test_runtime_imports_no_torch_or_transformers(built):
+def test_runtime_imports_no_torch_or_transformers(bundles):
     code = ("import sys, zooter.runtime, zooter.runtime.tokenize, zooter.runtime.decision\n"
             "from zooter.runtime import Router, Decision\n"
-            f"d = Router.load({str(built['int8'])!r}).route('hello there')\n"
+            f"d = Router.load({str(bundles['int8'])!r}).route('hello there')\n"
             "assert isinstance(d, Decision), d\n"
             "print(sorted(m for m in ('torch', 'transformers', 'optimum', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -108,17 +103,20 @@ def test_damaged_bundles_are_refused(copy_of):
 
 
 def test_label_count_must_match_the_model(copy_of):
+    from zooter.runtime.bundle import manifest_digest
     from zooter.runtime.router import BundleError, Router
 
     bundle = copy_of()
     manifest = json.loads((bundle / "router.json").read_text())
     manifest["labels"] = LABELS[:-1]
+    manifest["costs"] = {k: v for k, v in manifest["costs"].items() if k in LABELS[:-1]}
+    manifest["manifest_sha256"] = manifest_digest(manifest)   # a consistent manifest for another model
     (bundle / "router.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="4 outputs but router.json lists 3 labels"):
         Router.load(bundle)
     manifest["labels"], manifest["format_version"] = LABELS, 99
     (bundle / "router.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="format_version 99"):
+    with pytest.raises(BundleError, match="'format_version' is 99"):
         Router.load(bundle)
 
 
@@ -136,16 +134,16 @@ def test_many_threads_get_the_sequential_answers(router):
     assert [[d.candidate for d in b] for b in batches] == [[d.candidate for d in router.route_batch(c)] for c in chunks]
 
 
-def test_route_batch_matches_route_on_fp32(built):
+def test_route_batch_matches_route_on_fp32(bundles):
     from zooter.runtime.router import Router
 
-    fp32 = Router.load(built["fp32"], threads=1)
+    fp32 = Router.load(bundles["fp32"], threads=1)
     single = np.array([[fp32.route(t).probabilities[n] for n in LABELS] for t in TEXTS])
     batched = np.array([[d.probabilities[n] for n in LABELS] for d in fp32.route_batch(TEXTS, batch_size=16)])
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
-def test_cost_aware_lambda(built, router):
+def test_cost_aware_lambda(bundles, router):
     from zooter.runtime.router import BundleError, Router
 
     cheapest = min(PRICES, key=lambda n: sum(PRICES[n]))
@@ -153,38 +151,51 @@ def test_cost_aware_lambda(built, router):
     plain = [router.route(t).candidate for t in TEXTS]
     frugal = [router.route(t, lam=100.0).candidate for t in TEXTS]
     assert set(frugal) == {cheapest} and set(plain) != {cheapest}
-    assert Router.load(built["int8"], lam=100.0).route(TEXTS[0]).candidate == cheapest
+    assert Router.load(bundles["int8"], lam=100.0).route(TEXTS[0]).candidate == cheapest
     with pytest.raises(ValueError, match="no costs"):
-        Router.load(built["fp32"]).route("hi", lam=0.5)
+        Router.load(bundles["fp32"]).route("hi", lam=0.5)
     with pytest.raises(BundleError, match="no costs"):
-        Router.load(built["fp32"], lam=0.5)
+        Router.load(bundles["fp32"], lam=0.5)
 
 
-def test_providers(built):
-    from zooter.errors import UserError
-    from zooter.runtime.router import Router, default_providers
+def test_providers(bundles):
+    from zooter.runtime.errors import UserError
+    from zooter.runtime.router import Router
+    from zooter.runtime.session import default_providers
 
     assert default_providers(["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]) == [
         "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert default_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
-    assert "CPUExecutionProvider" in Router.load(built["int8"]).providers
+    assert "CPUExecutionProvider" in Router.load(bundles["int8"]).providers
     with pytest.raises(UserError, match="not available"):
-        Router.load(built["int8"], providers=["NoSuchExecutionProvider"])
+        Router.load(bundles["int8"], providers=["NoSuchExecutionProvider"])
 
 
-def test_route_command(built, router, capsys, monkeypatch):
+def test_route_command(bundles, router, capsys, monkeypatch):
     import io
 
-    assert main(["route", str(built["int8"]), TEXTS[0], "--json"]) == 0
+    assert main(["route", str(bundles["int8"]), TEXTS[0], "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["candidate"] == router.route(TEXTS[0]).candidate and set(out["probabilities"]) == set(LABELS)
 
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"{TEXTS[1]}\n\n{TEXTS[2]}\n"))
-    assert main(["route", str(built["int8"])]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == [router.route(TEXTS[1]).candidate, router.route(TEXTS[2]).candidate]
+    # Options after the bundle, before the text, as users type them.
+    assert main(["route", str(bundles["int8"]), "--json", TEXTS[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["candidate"] == router.route(TEXTS[0]).candidate
 
-    assert main(["route", str(built["int8"]), " "]) == 2
+    # stdin: a blank line and a line that is not UTF-8 keep their place; the bad bytes are replaced.
+    raw = f"{TEXTS[1]}\n\n".encode() + b"caf\xe9 au lait?\n" + f"{TEXTS[2]}\n".encode()
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert main(["route", str(bundles["int8"]), "--json"]) == 2
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["candidate"] == router.route(TEXTS[1]).candidate and rows[3]["candidate"] == router.route(TEXTS[2]).candidate
+    assert "empty query" in rows[1]["error"] and rows[2]["candidate"] == router.route("caf\ufffd au lait?").candidate
+
+    # A lone surrogate (an undecodable argv byte) is replaced, and the query answered.
+    assert main(["route", str(bundles["int8"]), "caf\udce9"]) == 0
+    assert capsys.readouterr().out.split("\t")[0] == router.route("caf\ufffd").candidate
+
+    assert main(["route", str(bundles["int8"]), " "]) == 2
     assert "empty query" in capsys.readouterr().err
-    assert main(["route", str(built["int8"].parent / "missing"), "hi"]) == 2
+    assert main(["route", str(bundles["int8"].parent / "missing"), "hi"]) == 2
     assert "no such bundle" in capsys.readouterr().err

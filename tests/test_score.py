@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 from zooter.training.dataset import RoutingDataset
 from zooter.training.generate import journal_path
 from zooter.training.rewards import RewardModel, score_file

@@ -4,7 +4,6 @@ seeds make runs identical; resume continues exactly; the CLI trains, evaluates, 
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -12,61 +11,35 @@ import torch
 from safetensors.torch import load_file
 
 from zooter.cli import main
-from zooter.errors import UserError
-from zooter.training.dataset import RoutingDataset, Row
-from zooter.training.evaluate import predict_probs
+from zooter.runtime.errors import UserError
+from zooter.training.dataset import RoutingDataset
+from zooter.export.int8_encoder import Int8Embedder
+from zooter.training.evaluate import open_router
 from zooter.training.model import RouterModel
 from zooter.training.train import TrainConfig, train
 
-CANDIDATES = ["mathy", "poet", "coder"]
-TOPICS = {
-    "mathy": ["solve for x: {n} x + {m} = 0", "what is {n} times {m}?", "compute the integral of x^{n}"],
-    "poet": ["write a poem about the {w}", "a haiku on {w} please", "compose a sonnet about {w}"],
-    "coder": ["fix this python function: def f({w}): return {n}", "write a sql query selecting {w}", "debug my javascript {w} loop"],
-}
-WORDS = ["sea", "moon", "city", "forest", "rain", "train", "river", "snow", "fire", "glass"]
+from tiny import CANDIDATES
 
 
-def synthetic(n: int, seed: int) -> RoutingDataset:
-    """Queries whose best candidate is their topic's specialist (with some noise); tags name the topic."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        topic = CANDIDATES[i % 3]
-        text = rng.choice(TOPICS[topic]).format(n=rng.randint(2, 99), m=rng.randint(2, 99), w=rng.choice(WORDS))
-        rewards = {c: round(rng.uniform(0.0, 0.3), 3) for c in CANDIDATES}
-        rewards[topic] = round(rng.uniform(0.7, 1.0), 3)
-        rows.append(Row(f"{seed}-{i}", f"{text} #{i}", rewards, [f"topic:{topic}"], source="synthetic"))
-    return RoutingDataset(rows, CANDIDATES)
+def fit(cfg: TrainConfig, **kw) -> dict:
+    """train() as the CLI calls it: with export's INT8 encoder for quantization-aware heads."""
+    return train(cfg, int8_embedder=Int8Embedder(), **kw)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("routing")
-    paths = {}
-    for name, n, seed in (("train", 120, 0), ("dev", 30, 1), ("test", 30, 2)):
-        paths[name] = folder / f"{name}.jsonl"
-        synthetic(n, seed).save(paths[name])
-    paths["candidates"] = folder / "candidates.yaml"
-    paths["candidates"].write_text("\n".join(
-        f"- {{name: {c}, cost: {{input_per_mtok: {p}, output_per_mtok: {p}}}}}" for c, p in zip(CANDIDATES, (1.0, 0.2, 3.0))) + "\n")
-    return paths
-
-
-def config(files, tiny_backbone, out, **kw) -> TrainConfig:
-    base = dict(data=str(files["train"]), dev=str(files["dev"]), out=str(out), backbone=str(tiny_backbone),
+def config(routing_files, tiny_backbone, out, **kw) -> TrainConfig:
+    base = dict(data=str(routing_files["train"]), dev=str(routing_files["dev"]), out=str(out), backbone=str(tiny_backbone),
                 epochs=4, lr=3e-3, max_length=32, batch_size=16, threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
 
 @pytest.fixture(scope="module")
-def full_run(files, tiny_backbone, tmp_path_factory):
+def full_run(routing_files, tiny_backbone, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    return out, train(config(files, tiny_backbone, out, candidates=str(files["candidates"])))
+    return out, fit(config(routing_files, tiny_backbone, out, candidates=str(routing_files["candidates"])))
 
 
-def test_training_lowers_the_loss_and_writes_a_run_that_loads(full_run, files):
+def test_training_lowers_the_loss_and_writes_a_run_that_loads(full_run, routing_files):
     out, info = full_run
     losses = [h["train_loss"] for h in info["curves"]]
     assert len(losses) == 4 and losses[-1] < losses[0]
@@ -75,16 +48,17 @@ def test_training_lowers_the_loss_and_writes_a_run_that_loads(full_run, files):
     assert model.labels == CANDIDATES == meta["labels"]
     for key in ("max_length", "backbone", "beta", "tau", "loss", "seed", "data_sha256", "best_single", "dev", "curves"):
         assert key in meta, key
-    assert meta["beta"] == 0.3 and meta["loss"] == "kl" and meta["data_sha256"] == RoutingDataset.load(files["train"]).sha256()
+    assert meta["beta"] == 0.3 and meta["loss"] == "kl" and meta["data_sha256"] == RoutingDataset.load(routing_files["train"]).sha256()
     assert meta["best_single"]["candidate"] in CANDIDATES
     assert meta["dev"]["epoch"] == max(info["curves"], key=lambda h: h["dev_reward"])["epoch"]
     assert json.loads((out / "curves.json").read_text()) == info["curves"]
 
 
-def test_predict_probs_on_a_run_matches_the_model(full_run, files):
+def test_torch_router_on_a_run_matches_the_model(full_run, routing_files):
     out, _ = full_run
-    texts = RoutingDataset.load(files["test"]).queries[:5]
-    labels, probs = predict_probs(out, texts)
+    texts = RoutingDataset.load(routing_files["test"]).queries[:5]
+    router = open_router(out)
+    labels, probs = router.labels, router.probabilities(texts)
     assert labels == CANDIDATES and probs.shape == (5, 3)
     model, tokenizer, meta = RouterModel.load(out)
     with torch.no_grad():
@@ -93,17 +67,17 @@ def test_predict_probs_on_a_run_matches_the_model(full_run, files):
     assert probs[2] == pytest.approx(expected, abs=1e-5)
 
 
-def test_same_seed_same_weights_other_seed_other_weights(files, tiny_backbone, tmp_path):
+def test_same_seed_same_weights_other_seed_other_weights(routing_files, tiny_backbone, tmp_path):
     heads = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        train(config(files, tiny_backbone, tmp_path / name, seed=seed, epochs=1))
+        fit(config(routing_files, tiny_backbone, tmp_path / name, seed=seed, epochs=1))
         heads.append(load_file(tmp_path / name / "head.safetensors")["weight"])
     assert torch.equal(heads[0], heads[1])
     assert not torch.equal(heads[0], heads[2])
 
 
-def test_frozen_head_learns_the_topics_and_resume_continues_exactly(files, tiny_backbone, tmp_path, monkeypatch):
-    straight = train(config(files, tiny_backbone, tmp_path / "straight", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache")))
+def test_frozen_head_learns_the_topics_and_resume_continues_exactly(routing_files, tiny_backbone, tmp_path, monkeypatch):
+    straight = fit(config(routing_files, tiny_backbone, tmp_path / "straight", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache")))
     assert straight["curves"][-1]["train_loss"] < straight["curves"][0]["train_loss"]
     # The topics are learnable from a frozen random encoder's mean-pooled tokens: beat the best single on dev.
     assert straight["dev"]["mean_reward"] > straight["dev"]["best_single_from_train"]
@@ -121,30 +95,31 @@ def test_frozen_head_learns_the_topics_and_resume_continues_exactly(files, tiny_
         return real(*a)
 
     monkeypatch.setattr(loop, "routed_reward", interrupt_after_three)
-    cfg = config(files, tiny_backbone, tmp_path / "resumed", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache"))
+    cfg = config(routing_files, tiny_backbone, tmp_path / "resumed", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache"))
     with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    assert (tmp_path / "resumed" / "state.pt").exists()
+        fit(cfg)
+    # The interrupted run is in its partial folder, never in RUN itself.
+    assert (tmp_path / ".resumed.partial" / "state.pt").exists() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(loop, "routed_reward", real)
-    resumed = train(cfg, resume=True)
+    resumed = fit(cfg, resume=True)
     assert [h["dev_reward"] for h in resumed["curves"]] == [h["dev_reward"] for h in straight["curves"]]
     assert torch.allclose(load_file(tmp_path / "resumed" / "head.safetensors")["weight"],
                           load_file(tmp_path / "straight" / "head.safetensors")["weight"])
 
 
-def test_hard_labels_and_holdout_without_dev(files, tiny_backbone, tmp_path):
-    info = train(config(files, tiny_backbone, tmp_path / "hard", dev=None, loss="hard", frozen=True, epochs=2))
+def test_hard_labels_and_holdout_without_dev(routing_files, tiny_backbone, tmp_path):
+    info = fit(config(routing_files, tiny_backbone, tmp_path / "hard", dev=None, loss="hard", frozen=True, epochs=2))
     assert info["loss"] == "hard" and info["beta"] == 1.0
     # 10% held out by query hash: the two parts partition the 120 training rows.
     assert info["n_dev"] > 0 and info["n_train"] + info["n_dev"] == 120
 
 
-def test_cli_train_eval_and_plots(files, tiny_backbone, tmp_path, capsys):
+def test_cli_train_eval_and_plots(routing_files, tiny_backbone, tmp_path, capsys):
     run, report_path, plots = tmp_path / "run", tmp_path / "eval.json", tmp_path / "plots"
-    assert main(["train", "--data", str(files["train"]), "--dev", str(files["dev"]), "--out", str(run), "--backbone",
+    assert main(["train", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--out", str(run), "--backbone",
                  str(tiny_backbone), "--frozen", "--epochs", "20", "--lr", "0.03", "--max-length", "32",
-                 "--candidates", str(files["candidates"])]) == 0
-    assert main(["eval", str(run), "--data", str(files["test"]), "--json", str(report_path), "--plots", str(plots)]) == 0
+                 "--candidates", str(routing_files["candidates"])]) == 0
+    assert main(["eval", str(run), "--data", str(routing_files["test"]), "--json", str(report_path), "--plots", str(plots)]) == 0
     out = capsys.readouterr().out
     assert "router" in out and "gap closed" in out
     report = json.loads(report_path.read_text())
@@ -156,68 +131,71 @@ def test_cli_train_eval_and_plots(files, tiny_backbone, tmp_path, capsys):
     assert all((plots / name).stat().st_size > 1000 for name in ("quality_cost.png", "per_tag.png", "chosen_vs_best.png"))
 
 
-def test_cli_errors_are_one_line(files, tmp_path, capsys):
+def test_cli_errors_are_one_line(routing_files, tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "x")]) == 2
-    assert main(["eval", str(tmp_path), "--data", str(files["test"]), "--json", str(tmp_path / "r.json")]) == 2
+    assert main(["eval", str(tmp_path), "--data", str(routing_files["test"]), "--json", str(tmp_path / "r.json")]) == 2
     assert "neither a run" in capsys.readouterr().err
-    assert main(["train", "--data", str(files["train"]), "--out", str(tmp_path / "y"), "--beta", "2"]) == 2
+    assert main(["train", "--data", str(routing_files["train"]), "--out", str(tmp_path / "y"), "--beta", "2"]) == 2
 
 
-def test_eval_takes_a_bundle_like_a_run(full_run, files, tmp_path):
+def test_eval_takes_a_bundle_like_a_run(full_run, routing_files, tmp_path):
     """An exported fp32 bundle routes like its run, and `zooter eval` reads its provenance (best single)."""
     run, _ = full_run
     assert main(["export", str(run), "--out", str(tmp_path / "bundle"), "--quantize", "none"]) == 0
-    texts = RoutingDataset.load(files["test"]).queries
-    run_labels, run_probs = predict_probs(run, texts)
-    labels, probs = predict_probs(tmp_path / "bundle", texts)
+    texts = RoutingDataset.load(routing_files["test"]).queries
+    run_router, bundle_router = open_router(run), open_router(tmp_path / "bundle")
+    run_labels, run_probs = run_router.labels, run_router.probabilities(texts)
+    labels, probs = bundle_router.labels, bundle_router.probabilities(texts)
     assert labels == run_labels
     assert np.abs(probs - run_probs).max() < 1e-4
-    assert main(["eval", str(tmp_path / "bundle"), "--data", str(files["test"]), "--candidates", str(files["candidates"]),
+    assert main(["eval", str(tmp_path / "bundle"), "--data", str(routing_files["test"]), "--candidates", str(routing_files["candidates"]),
                  "--json", str(tmp_path / "bundle.json")]) == 0
-    assert main(["eval", str(run), "--data", str(files["test"]), "--json", str(tmp_path / "run.json")]) == 0
+    assert main(["eval", str(run), "--data", str(routing_files["test"]), "--json", str(tmp_path / "run.json")]) == 0
     from_bundle, from_run = (json.loads((tmp_path / n).read_text()) for n in ("bundle.json", "run.json"))
     assert from_bundle["router"]["mean_reward"] == pytest.approx(from_run["router"]["mean_reward"])
     assert from_bundle["baselines"]["best_single"] == from_run["baselines"]["best_single"]
 
 
-def test_eval_adds_the_rmr_baseline(full_run, files, tmp_path):
+def test_eval_adds_the_rmr_baseline(full_run, routing_files, tmp_path):
     """With a second reward file that agrees with the eval rewards, RMR picks each row's best: the oracle."""
     run, _ = full_run
     report_path = tmp_path / "rmr.json"
-    assert main(["eval", str(run), "--data", str(files["test"]), "--json", str(report_path), "--rmr", str(files["test"])]) == 0
+    assert main(["eval", str(run), "--data", str(routing_files["test"]), "--json", str(report_path), "--rmr", str(routing_files["test"])]) == 0
     report = json.loads(report_path.read_text())
     rmr = report["baselines"]["rmr"]
     assert rmr["mean_reward"] == pytest.approx(report["baselines"]["oracle"]["mean_reward"])
     assert rmr["mean_cost"] == pytest.approx(1.0 + 0.2 + 3.0)  # every candidate is run: the summed unit prices
 
 
-def test_layers_cuts_the_encoder_and_the_run_keeps_the_cut(files, tiny_backbone, tmp_path):
-    info = train(config(files, tiny_backbone, tmp_path / "run", frozen=True, epochs=2, layers=1, int8_consistency=0))
+def test_layers_cuts_the_encoder_and_the_run_keeps_the_cut(routing_files, tiny_backbone, tmp_path):
+    info = fit(config(routing_files, tiny_backbone, tmp_path / "run", frozen=True, epochs=2, layers=1, int8_consistency=0))
     model, _, _ = RouterModel.load(tmp_path / "run")
     assert model.encoder.config.num_hidden_layers == 1 and len(model.encoder.encoder.layer) == 1
     assert info["config"]["layers"] == 1
     # reproduce scores frozen heads on cached embeddings: those must come from the same cut encoder
-    from zooter.training.reproduce import _frozen_probs
+    from zooter.training.reproduce import frozen_router
 
-    cfg = config(files, tiny_backbone, tmp_path / "run", frozen=True, layers=1, int8_consistency=0, cache=str(tmp_path / "cache"))
-    labels, cached = _frozen_probs(tmp_path / "run", files["test"], cfg)
-    _, direct = predict_probs(tmp_path / "run", RoutingDataset.load(files["test"]).queries)
-    assert labels == CANDIDATES and cached == pytest.approx(direct, abs=1e-5)
+    cfg = config(routing_files, tiny_backbone, tmp_path / "run", frozen=True, layers=1, int8_consistency=0, cache=str(tmp_path / "cache"))
+    texts = RoutingDataset.load(routing_files["test"]).queries
+    cached_router = frozen_router(tmp_path / "run", cfg)
+    cached = cached_router.probabilities(texts)
+    direct = open_router(tmp_path / "run").probabilities(texts)
+    assert cached_router.labels == CANDIDATES and cached == pytest.approx(direct, abs=1e-5)
     with pytest.raises(UserError, match="--layers must be between 1 and 2"):
-        train(config(files, tiny_backbone, tmp_path / "bad", frozen=True, layers=3))
+        fit(config(routing_files, tiny_backbone, tmp_path / "bad", frozen=True, layers=3))
 
 
-def test_int8_consistency_measures_what_the_export_gate_measures(files, tiny_backbone, tmp_path):
+def test_int8_consistency_measures_what_the_export_gate_measures(routing_files, tiny_backbone, tmp_path):
     """The run keeps the head averaged over the second half of the epochs, and training's INT8
     agreement of that head on dev is export's parity on the same rows: the INT8 encoder built in
     training is the one the bundle ships."""
-    info = train(config(files, tiny_backbone, tmp_path / "run", frozen=True, epochs=4, int8_consistency=200.0))
+    info = fit(config(routing_files, tiny_backbone, tmp_path / "run", frozen=True, epochs=4, int8_consistency=200.0))
     assert all("dev_int8_agreement" in point for point in info["curves"])
     assert info["dev"]["averaged_epochs"] == [3, 4] and info["dev"]["epoch"] is None
     recorded = info["dev"]["int8_agreement"]
-    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"), "--calib", str(files["dev"]),
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "bundle"), "--parity-data", str(routing_files["dev"]),
                  "--allow-drift"]) == 0
     parity = json.loads((tmp_path / "bundle" / "router.json").read_text())["parity"]
     assert parity["n"] == 30 and parity["decision_agreement"] == pytest.approx(recorded)
     with pytest.raises(UserError, match="needs --frozen"):
-        train(config(files, tiny_backbone, tmp_path / "full", int8_consistency=10.0))
+        fit(config(routing_files, tiny_backbone, tmp_path / "full", int8_consistency=10.0))

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from zooter.cli import main
 from zooter.training.dataset import RoutingDataset
 from zooter.training.tags import kmeans, nearest, parse_llm_tags
 
-from test_train import files  # noqa: F401  (the shared synthetic data fixture)
 
 
 def test_kmeans_finds_separated_clusters():
@@ -32,25 +30,25 @@ def test_parse_llm_tags():
     assert parse_llm_tags("a, b, c, d") == ["llm:a", "llm:b", "llm:c"]
 
 
-def test_cli_tag_adds_kmeans_tags_and_reuses_centroids(files, tiny_backbone, tmp_path, capsys):
+def test_cli_tag_adds_kmeans_tags_and_reuses_centroids(routing_files, tiny_backbone, tmp_path, capsys):
     out, centroids = tmp_path / "tagged.jsonl", tmp_path / "centroids.npz"
-    assert main(["tag", str(files["train"]), "--out", str(out), "--k", "4", "--per-query", "2",
+    assert main(["tag", str(routing_files["train"]), "--out", str(out), "--k", "4", "--per-query", "2",
                  "--backbone", str(tiny_backbone), "--centroids", str(centroids)]) == 0
     data = RoutingDataset.load(out)
     for row in data.rows:
         kt = [t for t in row.tags if t.startswith("kmeans:")]
         assert len(kt) == 2 and row.tags[0].startswith("topic:")  # existing tags kept, two nearest centroids added
     assert centroids.is_file()
-    assert main(["tag", str(files["dev"]), "--out", str(tmp_path / "dev.jsonl"), "--replace", "--per-query", "1",
+    assert main(["tag", str(routing_files["dev"]), "--out", str(tmp_path / "dev.jsonl"), "--replace", "--per-query", "1",
                  "--backbone", str(tiny_backbone), "--centroids", str(centroids)]) == 0
     assert "loaded from" in capsys.readouterr().out
     dev = RoutingDataset.load(tmp_path / "dev.jsonl")
     assert all(len(r.tags) == 1 and r.tags[0] in {f"kmeans:{j}" for j in range(4)} for r in dev.rows)
 
 
-def test_cli_reproduce_table(files, tiny_backbone, tmp_path, capsys):
+def test_cli_reproduce_table(routing_files, tiny_backbone, tmp_path, capsys):
     out = tmp_path / "repro"
-    assert main(["reproduce", "--data", str(files["train"]), "--dev", str(files["dev"]), "--test", str(files["test"]),
+    assert main(["reproduce", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--test", str(routing_files["test"]),
                  "--out", str(out), "--backbone", str(tiny_backbone), "--frozen", "--epochs", "5", "--lr", "0.03",
                  "--max-length", "32", "--betas", "0.5"]) == 0
     table = json.loads((out / "table.json").read_text())
@@ -62,16 +60,16 @@ def test_cli_reproduce_table(files, tiny_backbone, tmp_path, capsys):
     assert "gap closed" in printed and "beta=0.5" in printed
 
 
-def test_cli_reproduce_cross_validation(files, tiny_backbone, tmp_path):
+def test_cli_reproduce_cross_validation(routing_files, tiny_backbone, tmp_path):
     out = tmp_path / "cv"
-    assert main(["reproduce", "--data", str(files["train"]), "--folds", "3", "--out", str(out), "--backbone",
+    assert main(["reproduce", "--data", str(routing_files["train"]), "--folds", "3", "--out", str(out), "--backbone",
                  str(tiny_backbone), "--frozen", "--epochs", "3", "--max-length", "32", "--betas", ""]) == 0
     table = json.loads((out / "table.json").read_text())
     # Every row is held out exactly once across the folds.
     assert table["folds"] == 3 and all(v["n"] == 120 for v in table["variants"])
 
 
-def test_llm_tagger_against_a_local_openai_compatible_endpoint(files, tmp_path):
+def test_llm_tagger_against_a_local_openai_compatible_endpoint(routing_files, tmp_path):
     import http.server
     import threading
 
@@ -96,7 +94,7 @@ def test_llm_tagger_against_a_local_openai_compatible_endpoint(files, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         small = tmp_path / "small.jsonl"
-        RoutingDataset.load(files["test"]).subset(range(6)).save(small)
+        RoutingDataset.load(routing_files["test"]).subset(range(6)).save(small)
         out = tmp_path / "llm.jsonl"
         assert main(["tag", str(small), "--out", str(out), "--replace", "--llm-url",
                      f"http://127.0.0.1:{server.server_port}/v1", "--llm-model", "tagger"]) == 0

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zooter.training.candidates import parse_candidates
+from zooter.serving.candidates import parse_candidates
 
 LABELS = ["alpha-7b", "beta.chat", "gamma/v2"]     # '/' is not allowed in a Triton model name
 MAX_TEXT_BYTES = 4096
@@ -52,13 +52,13 @@ def triton_bundle(tmp_path_factory, tiny_backbone, data_dir) -> Path:
         weight = directions[:len(LABELS)] / (sv[:len(LABELS), None] / len(texts) ** 0.5) * 4
         model.head.weight.copy_(weight)
         model.head.bias.copy_(-weight @ centre)
-    model.save(work / "run", tokenizer, {"max_length": 128})
-    calib = work / "calib.txt"
-    calib.write_text("\n".join(texts) + "\n")
+    model.save(work / "run", tokenizer, {"max_length": 128, "best_single": {"candidate": LABELS[0], "mean_reward": 0.5}})
+    parity = work / "parity.txt"
+    parity.write_text("\n".join(texts) + "\n")
     cands = work / "candidates.yaml"
     cands.write_text("".join(f"- {{name: {n}, cost: {{input_per_mtok: {c}, output_per_mtok: {c}}}}}\n"
                              for n, c in zip(LABELS, (1.0, 0.1, 0.5))))
-    export_bundle(work / "run", work / "bundle", quantize="none", calib=calib, parity_n=40,
+    export_bundle(work / "run", work / "bundle", quantize="none", parity_data=parity, parity_n=40,
                   candidates=cands, log=lambda *a, **k: None)
     return work / "bundle"
 
@@ -123,10 +123,10 @@ def triton_repo(tmp_path_factory, triton_bundle, real_candidate) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_server(triton_repo, trtllm_repo, tmp_path_factory):
-    from zooter.runtime.triton_server import TritonServer
+    from zooter.serving.triton_server import TritonServer
 
     log = tmp_path_factory.mktemp("triton_log") / "server.log"
-    server = TritonServer(triton_repo, extra_repositories=[trtllm_repo], explicit=True, log_file=log)
+    server = TritonServer(triton_repo, extra_repositories=[trtllm_repo], model_control=True, log_file=log)
     server.start(timeout=300)
     yield server
     code = server.stop()
@@ -171,7 +171,7 @@ def test_every_generated_config_parses_with_tritons_protobuf(triton_bundle, tmp_
 
 
 def test_build_refuses_a_foreign_folder_and_unknown_candidates(triton_bundle, tmp_path):
-    from zooter.errors import UserError
+    from zooter.runtime.errors import UserError
     from zooter.export.triton_repo import build_repository
 
     foreign = tmp_path / "mine"
@@ -190,7 +190,7 @@ def test_build_refuses_a_foreign_folder_and_unknown_candidates(triton_bundle, tm
 @pytest.mark.slow
 def test_routing_through_triton_equals_the_in_process_router(triton_server, triton_bundle, data_dir):
     from zooter.runtime.router import Router
-    from zooter.runtime.triton_client import route_via_triton
+    from zooter.serving.triton_client import route_via_triton
 
     queries = dcrouter_queries(data_dir, 48)
     expected = Router.load(triton_bundle).route_batch(queries)
@@ -220,7 +220,7 @@ def test_route_command_uses_triton(triton_server, capsys):
 def test_stream_an_answer_from_a_standin_through_zooter(triton_server, triton_bundle, real_candidate, data_dir, capsys):
     from zooter.cli import main
     from zooter.runtime.router import Router
-    from zooter.runtime.triton_client import ask
+    from zooter.serving.triton_client import ask
 
     router = Router.load(triton_bundle)
     query = next(q for q in dcrouter_queries(data_dir, 200) if router.route(q).candidate != real_candidate)
@@ -239,7 +239,7 @@ def test_stream_an_answer_from_a_standin_through_zooter(triton_server, triton_bu
 @pytest.mark.triton
 @pytest.mark.slow
 def test_a_candidate_with_a_triton_model_answers_with_its_ensemble_io(triton_server, real_candidate):
-    from zooter.runtime.triton_client import ask
+    from zooter.serving.triton_client import ask
 
     chunks = list(ask(triton_server.http_url, FIXED_QUERY, stream=True, max_tokens=5, temperature=0.5))
     assert [(c.candidate, c.text) for c in chunks] == [
@@ -251,7 +251,7 @@ def test_a_candidate_with_a_triton_model_answers_with_its_ensemble_io(triton_ser
 def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, triton_bundle, real_candidate):
     from zooter.export.triton_repo import model_name_for
     from zooter.runtime.router import Router
-    from zooter.runtime.triton_client import ask
+    from zooter.serving.triton_client import ask
 
     ranking = Router.load(triton_bundle).route(FIXED_QUERY).ranking
     assert ranking[0] == real_candidate
@@ -300,10 +300,11 @@ def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, tri
 @pytest.mark.slow
 def test_fallback_drill_answers_every_request(triton_server, triton_bundle, real_candidate):
     from zooter.runtime.router import Router
-    from zooter.runtime.triton_bench import fallback_drill
+    from zooter.serving.triton_bench import fallback_drill
 
     second = Router.load(triton_bundle).route(FIXED_QUERY).ranking[1]
-    drill = fallback_drill(triton_server.http_url, FIXED_QUERY, "fake_trtllm", requests=4, max_tokens=2, spread_s=2.0)
+    drill = fallback_drill(triton_server.http_url, FIXED_QUERY, "fake_trtllm", requests=4, max_tokens=2, spread_s=2.0,
+                           key=triton_server.control_key)
     assert drill["answered"] == 4 and drill["lost"] == 0, drill["errors"]
     assert set(drill["by_candidate"]) <= {real_candidate, second} and drill["by_candidate"].get(second, 0) >= 1
     assert drill["fallbacks"] == drill["by_candidate"].get(second, 0)
@@ -319,19 +320,32 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(triton_server):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    from zooter.runtime.triton_client import TritonRequestError, ask, route_via_triton
+    from zooter.runtime.errors import UserError
+    from zooter.serving.triton_client import TritonRequestError, ask, route_via_triton
 
     url = triton_server.http_url
-    with pytest.raises(TritonRequestError, match="query 0: empty text"):
+    # The client refuses what the server would refuse, before a round trip, naming the query.
+    with pytest.raises(UserError, match="query 0: empty text"):
         route_via_triton(url, ["   "])
-    with pytest.raises(TritonRequestError, match=f"query 0: text of {MAX_TEXT_BYTES + 1} bytes is over the {MAX_TEXT_BYTES}-byte limit"):
-        route_via_triton(url, ["x" * (MAX_TEXT_BYTES + 1)])
-    with pytest.raises(TritonRequestError, match="query 1: empty text"):
+    with pytest.raises(UserError, match="query 0: 65537 bytes is over Triton's 65536-byte limit"):
+        route_via_triton(url, ["x" * 65537])
+    with pytest.raises(UserError, match="query 1: empty text"):
         route_via_triton(url, ["a good question", "", "another good one"])
-    with pytest.raises(TritonRequestError, match="empty text"):
+    with pytest.raises(UserError, match="empty text"):
         list(ask(url, "", stream=True, max_tokens=2))
 
+    # The server checks the same, with the repository's own limit (4096 bytes here), naming the query.
+    with pytest.raises(TritonRequestError, match=f"query 0: text of {MAX_TEXT_BYTES + 1} bytes is over the {MAX_TEXT_BYTES}-byte limit"):
+        route_via_triton(url, ["x" * (MAX_TEXT_BYTES + 1)])
     client = httpclient.InferenceServerClient(url)
+    blank = httpclient.InferInput("text", [1, 1], "BYTES")
+    blank.set_data_from_numpy(np.array([[b"   "]], dtype=object))
+    with pytest.raises(InferenceServerException, match="row 0: empty text"):
+        client.infer("zooter_route", [blank])
+    long = httpclient.InferInput("text", [1, 1], "BYTES")
+    long.set_data_from_numpy(np.array([[b"x" * (MAX_TEXT_BYTES + 1)]], dtype=object))
+    with pytest.raises(InferenceServerException, match=f"over the {MAX_TEXT_BYTES}-byte limit"):
+        client.infer("zooter_route", [long])
     wrong = httpclient.InferInput("text", [1, 1], "INT32")
     wrong.set_data_from_numpy(np.array([[7]], dtype=np.int32))
     with pytest.raises(InferenceServerException, match="expects 'BYTES'"):
@@ -353,7 +367,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(triton_server):
 @pytest.mark.triton
 @pytest.mark.slow
 def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_bundle, data_dir, tmp_path):
-    from zooter.runtime.triton_bench import bench_triton
+    from zooter.serving.triton_bench import bench_triton
 
     report = bench_triton(triton_server.http_url, triton_bundle, dcrouter_queries(data_dir, 16),
                           json_out=tmp_path / "bench.json", grpc_url=f"grpc://{triton_server.grpc_url}",
@@ -386,22 +400,94 @@ def _kill_orphan_server(repo: Path) -> None:
 
 @pytest.mark.triton
 @pytest.mark.slow
-def test_zooter_serve_prints_endpoints_and_stops_on_sigterm(triton_bundle, tmp_path):
+def listeners(port: int) -> set[str]:
+    """The local addresses listening on `port` (from /proc/net/tcp and tcp6), as IP strings."""
+    import ipaddress
+
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                raw = bytes.fromhex(address)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(raw)
+                found.add(str(getattr(ip, "ipv4_mapped", None) or ip))   # gRPC listens on ::ffff:127.0.0.1
+    return found
+
+
+def test_launcher_is_safe_by_default(triton_repo):
+    """Without options: every endpoint on 127.0.0.1, no model control, control APIs behind a random key."""
+    from zooter.serving.triton_server import TritonInstall, TritonServer
+
+    server = TritonServer(triton_repo)
+    cmd = server.command(TritonInstall(binary=Path("tritonserver")), None)
+    for name in ("http", "grpc", "metrics"):
+        assert f"--{name}-address=127.0.0.1" in cmd
+    assert not any(c.startswith("--model-control-mode") for c in cmd)
+    key = server.control_key
+    assert len(key) >= 32 and key != TritonServer(triton_repo).control_key
+    assert f"--http-restricted-api=model-repository,logging,trace:zooter-control-key={key}" in cmd
+    assert f"--grpc-restricted-protocol=model-repository,logging,trace:zooter-control-key={key}" in cmd
+    opened = TritonServer(triton_repo, host="0.0.0.0", model_control=True)
+    assert "--http-address=0.0.0.0" in opened.command(TritonInstall(binary=Path("tritonserver")), None)
+    assert opened.http_url.startswith("127.0.0.1:")   # this machine's clients still use loopback
+
+
+def test_zooter_serve_binds_loopback_and_guards_model_control(triton_bundle, tmp_path):
+    import os
+    import stat
+    import urllib.error
+    import urllib.request
+
     from zooter.export.triton_repo import build_repository
-    from zooter.runtime.triton_server import free_port
+    from zooter.serving.triton_client import TritonRequestError, load_model, unload_model
+    from zooter.serving.triton_server import free_port
 
     repo = build_repository(triton_bundle, tmp_path / "repo", candidates()).path   # routing only: starts fast
-    ports = [str(free_port()) for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "zooter.cli", "serve", str(repo), "--http-port", ports[0],
-                             "--grpc-port", ports[1], "--metrics-port", ports[2]],
+    ports = [free_port() for _ in range(3)]
+    key_file = tmp_path / "control.key"
+    proc = subprocess.Popen([sys.executable, "-m", "zooter.cli", "serve", str(repo), "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--model-control",
+                             "--control-key-file", str(key_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("ready:"):
+                lines.append(next(proc.stdout))
                 break
-        assert lines and lines[-1].startswith(f"ready: http localhost:{ports[0]}  grpc localhost:{ports[1]}"), "".join(lines)
+        assert lines[-2].startswith(f"ready: http 127.0.0.1:{ports[0]}  grpc 127.0.0.1:{ports[1]}  "
+                                    f"metrics 127.0.0.1:{ports[2]}"), "".join(lines)
+        assert "model control: on" in lines[-1] and str(key_file) in lines[-1]
+        for port in ports:    # nothing listens on another interface
+            assert listeners(port) == {"127.0.0.1"}, (port, listeners(port))
+        assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+        key = key_file.read_text().strip()
+        url = f"127.0.0.1:{ports[0]}"
+        with pytest.raises(TritonRequestError, match="unload zooter_decide: HTTP 4"):
+            unload_model(url, "zooter_decide")                   # no key: refused
+        with pytest.raises(TritonRequestError, match="HTTP 4"):
+            unload_model(url, "zooter_decide", key="wrong-key")
+        request = urllib.request.Request(f"http://{url}/v2/logging", data=b'{"log_verbose_level": 1}', method="POST")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(request, timeout=10)          # the logging API needs the key too
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://{url}/v2/models/zooter_decide/ready", timeout=10) as r:
+                    return r.status == 200
+            except urllib.error.HTTPError:
+                return False
+
+        assert ready()
+        unload_model(url, "zooter_decide", key=key)              # with the key: done
+        assert not ready()
+        load_model(url, "zooter_decide", key=key)
+        assert ready()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
@@ -409,6 +495,4 @@ def test_zooter_serve_prints_endpoints_and_stops_on_sigterm(triton_bundle, tmp_p
             proc.kill()
         _kill_orphan_server(repo)
     with pytest.raises(OSError):
-        import urllib.request
-
-        urllib.request.urlopen(f"http://localhost:{ports[0]}/v2/health/live", timeout=2)
+        urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/live", timeout=2)

@@ -18,16 +18,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from zooter.errors import UserError
+from zooter.runtime.errors import DataError
+from zooter.runtime.files import read_jsonl, write_jsonl_atomic
 
-
-class DataError(UserError):
-    """A routing-data file breaks the contract; the message names the file and line."""
-
-    def __init__(self, path: str | Path, line: int | None, reason: str):
-        self.path, self.line, self.reason = str(path), line, reason
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {reason}")
+__all__ = ["DataError", "Row", "RoutingDataset", "parse_row", "read_jsonl"]
 
 
 @dataclass
@@ -88,21 +82,6 @@ def parse_row(obj, path: str | Path = "<data>", line: int | None = None) -> Row:
     return Row(rid, query, rewards, list(tags), dict(responses) if responses is not None else None, source)
 
 
-def read_jsonl(path: str | Path):
-    """Yield (line number, decoded object) for each non-blank line; a bad line is a DataError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, None, "no such file")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, text in enumerate(fh, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield lineno, json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
-
-
 class RoutingDataset:
     """Rows plus the ordered candidate list; `rewards()` is the (rows x candidates) matrix with NaN for null."""
 
@@ -136,7 +115,7 @@ class RoutingDataset:
     @classmethod
     def load(cls, path: str | Path, candidates: Sequence[str] | None = None) -> "RoutingDataset":
         rows = []
-        for lineno, obj in read_jsonl(path):
+        for lineno, obj in read_jsonl(path, "routing-data file"):
             row = parse_row(obj, path, lineno)
             row._line = lineno  # for error messages raised by dataset-level checks
             rows.append(row)
@@ -145,13 +124,7 @@ class RoutingDataset:
         return cls(rows, candidates, path)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in self.rows:
-                fh.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_jsonl_atomic((row.to_json() for row in self.rows), path)
 
     # --- views -----------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -247,56 +247,36 @@ def _fmt(value, digits: int) -> str:
 
 
 # --- running a saved router over a data file ------------------------------------------------------
-def predict_probs(path, texts, batch_size: int = 64) -> tuple[list[str], np.ndarray]:
-    """(labels, probabilities) of a run folder (run.json) or an exported bundle (router.json)."""
+def open_router(path, cache=None):
+    """The router saved at `path`: an exported bundle (zooter.runtime.Router, no torch) or a training
+    run (TorchRouter). Both answer `labels` and `probabilities(texts)` alike."""
     from pathlib import Path
 
-    from zooter.errors import UserError
-    from zooter.runtime.decision import softmax
+    from zooter.runtime.errors import UserError
 
     path = Path(path)
-    texts = list(texts)
     if (path / "router.json").is_file():
-        from zooter.runtime.router import Router  # torch-free: the exported ONNX model
+        from zooter.runtime.router import Router
 
-        router = Router.load(path)
-        labels = list(router.labels)
-        decisions = router.route_batch(texts)
-        return labels, np.array([[d.probabilities[name] for name in labels] for d in decisions], dtype=np.float64)
+        return Router.load(path)
     if (path / "run.json").is_file():
-        from zooter.training.model import RouterModel
-        from zooter.training.train import in_length_order
+        from zooter.training.model import TorchRouter
 
-        model, tokenizer, info = RouterModel.load(path)
-        logits = in_length_order(texts, tokenizer, int(info["max_length"]), batch_size,
-                                 lambda enc: model(**enc)["logits"], progress="routing")
-        return list(model.labels), softmax(logits)
+        return TorchRouter.load(path, cache=cache)
     raise UserError(f"{path}: neither a run (run.json) nor a bundle (router.json)")
 
 
 def provenance(path) -> dict:
-    """The training facts a run or bundle carries: run.json, or router.json (searched for the same keys)."""
+    """The training facts a run (run.json) or a bundle (router.json's provenance) records."""
     import json
     from pathlib import Path
 
     path = Path(path)
-    for name in ("run.json", "router.json"):
-        if (path / name).is_file():
-            info = json.loads((path / name).read_text())
-            found = {}
-            _collect(info, found, ("best_single", "tau", "candidates_file", "curves"))
-            return found
+    if (path / "run.json").is_file():
+        return json.loads((path / "run.json").read_text())
+    if (path / "router.json").is_file():
+        return json.loads((path / "router.json").read_text()).get("provenance", {})
     return {}
-
-
-def _collect(obj, found: dict, keys) -> None:
-    # The bundle nests provenance under a section of its own choosing; the first match wins.
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if key in keys and key not in found:
-                found[key] = value
-        for value in obj.values():
-            _collect(value, found, keys)
 
 
 def approx_tokens(text: str) -> int:
@@ -331,21 +311,22 @@ def aligned_rewards(data, labels: Sequence[str]) -> np.ndarray:
 
 
 def evaluate_router(path, data_path, *, candidates: str | None = None, lam: float = 0.0,
-                    best_single: str | None = None, plots: str | None = None,
-                    predicted: tuple[list[str], np.ndarray] | None = None) -> dict:
+                    best_single: str | None = None, plots: str | None = None, router=None) -> dict:
     """`zooter eval`: route every row of data_path with a run or bundle, score it, optionally plot it.
 
-    `predicted` (labels, probs) skips the model when the caller already has its probabilities."""
+    `router`: an already open router (anything with `labels` and `probabilities(texts)`) for the
+    run or bundle at `path`."""
     from pathlib import Path
 
-    from zooter.errors import UserError
-    from zooter.training.candidates import costs_for, load_candidates
+    from zooter.runtime.errors import UserError
+    from zooter.serving.candidates import costs_for, load_candidates
     from zooter.training.dataset import RoutingDataset
     from zooter.training.labels import entropy, reward_distribution
 
     facts = provenance(path)
     data = RoutingDataset.load(data_path)
-    labels, probs = predicted if predicted is not None else predict_probs(path, data.queries)
+    router = router or open_router(path)
+    labels, probs = list(router.labels), router.probabilities(data.queries)
     rewards = aligned_rewards(data, labels)
     keep = ~np.isnan(rewards).all(axis=1)
     if not keep.any():

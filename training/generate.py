@@ -25,101 +25,22 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from zooter.errors import UserError
-from zooter.training.candidates import Candidate
-from zooter.training.clients import Answer, CallError, Sampling, client_for
-from zooter.training.dataset import DataError, read_jsonl
+from zooter.runtime.errors import DataError, UserError
+from zooter.runtime.files import read_jsonl, write_jsonl_atomic
+from zooter.runtime.queries import Query, read_queries
+from zooter.serving.candidates import Candidate
+from zooter.serving.clients import Answer, CallError, Sampling, client_for
 
-
-# --- queries ------------------------------------------------------------------------------------
-
-@dataclass
-class Query:
-    id: str
-    query: str
-    tags: list[str] = field(default_factory=list)
-
-
-def query_id(text: str) -> str:
-    """A stable id for a query given as plain text: the same text always gets the same id."""
-    return "q-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+__all__ = ["Journal", "RetryPolicy", "GenerateSummary", "Query", "generate", "journal_path", "read_answers",
+           "read_queries", "text_sha", "write_answers"]
 
 
 def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _query_from_object(obj, path, line) -> Query:
-    if not isinstance(obj, dict):
-        raise DataError(path, line, f"expected a JSON object, got {type(obj).__name__}")
-    text = obj.get("query", obj.get("prompt", obj.get("instruction")))
-    if text is None and isinstance(obj.get("turns"), list) and obj["turns"]:
-        text = obj["turns"][0]  # MT-Bench question.jsonl: route on the first turn
-    if not isinstance(text, str) or not text.strip():
-        raise DataError(path, line, "no query: expected a non-empty 'query' (or 'prompt', 'instruction', 'turns'[0])")
-    rid = obj.get("id", obj.get("question_id"))
-    rid = query_id(text) if rid is None else str(rid)
-    tags = obj.get("tags")
-    if tags is None:
-        tags = [str(obj["category"])] if obj.get("category") else []
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise DataError(path, line, f"query {rid!r}: 'tags' must be a list of strings")
-    return Query(rid, text, list(tags))
-
-
-def read_queries(path: str | Path) -> tuple[list[Query], int]:
-    """Queries from one-query-a-line text, JSONL ({"query"|"prompt"|"instruction"|"turns", "id"?, "tags"?|"category"?})
-    or a JSON list of such objects. Returns (queries, repeated plain-text lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such queries file")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    out: list[Query] = []
-    skipped = 0
-    if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(path, err.lineno, f"invalid JSON: {err.msg}") from None
-        out = [_query_from_object(obj, path, None) for obj in items]
-    elif stripped.startswith("{"):
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
-            query = _query_from_object(obj, path, lineno)
-            query._line = lineno
-            out.append(query)
-    else:
-        seen = set()
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            line = line.strip()
-            if not line:
-                continue
-            if line in seen:
-                skipped += 1
-                continue
-            seen.add(line)
-            query = Query(query_id(line), line)
-            query._line = lineno
-            out.append(query)
-    ids: dict[str, int | None] = {}
-    for query in out:
-        line = getattr(query, "_line", None)
-        if query.id in ids:
-            raise DataError(path, line, f"duplicate id {query.id!r} (first seen on line {ids[query.id]})")
-        ids[query.id] = line
-    if not out:
-        raise DataError(path, None, "no queries")
-    return out, skipped
 
 
 # --- the journal ----------------------------------------------------------------------------------
@@ -201,18 +122,6 @@ class Journal:
 def journal_path(out: str | Path, kind: str) -> Path:
     out = Path(out)
     return out.with_name(out.stem + f".{kind}.jsonl")
-
-
-def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
 
 
 # --- calling with retries -------------------------------------------------------------------------
@@ -338,7 +247,7 @@ def generate(queries: Sequence[Query], candidates: Sequence[Candidate], out: str
         answered: set[tuple[str, str]] = set()
         for rec in journal.records():
             q = by_id.get(rec.get("id"))
-            if q is not None and rec.get("query_sha") != text_sha(q.query):
+            if q is not None and rec.get("query_sha") != text_sha(q.text):
                 raise UserError(f"{journal.path} holds an answer for id {q.id!r} to a different query text; "
                                 f"ids must name the same query across runs (use a new --out for new queries)")
             if rec.get("error") is None:
@@ -363,11 +272,11 @@ def generate(queries: Sequence[Query], candidates: Sequence[Candidate], out: str
                 return
             tally = tallies[name]
             start = time.monotonic()
-            answer, error, attempts = call_with_retries(clients[name].complete, query.query, policy, stop)
+            answer, error, attempts = call_with_retries(clients[name].complete, query.text, policy, stop)
             elapsed = time.monotonic() - start
             if error is not None and stop.is_set() and error.startswith("interrupted"):
                 return  # not a real failure: the run is stopping; the pair stays pending
-            record = {"id": query.id, "candidate": name, "query_sha": text_sha(query.query),
+            record = {"id": query.id, "candidate": name, "query_sha": text_sha(query.text),
                       "response": None if answer is None else answer.text, "error": error,
                       "attempts": attempts, "latency_s": round(elapsed, 4), "finish_reason": None,
                       "output_tokens": None, "at": round(time.time(), 3)}
@@ -462,7 +371,7 @@ def write_answers(queries: Sequence[Query], names: Sequence[str], records: Itera
                         cut.append(name)
                 else:
                     errors[name] = rec["error"]
-            row = {"id": q.id, "query": q.query, "rewards": {name: None for name in names}, "tags": q.tags,
+            row = {"id": q.id, "query": q.text, "rewards": {name: None for name in names}, "tags": q.tags,
                    "responses": responses, "source": source}
             if errors:
                 row["errors"] = errors

@@ -9,27 +9,28 @@ jsonl        the contract itself, validated.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
 
-from zooter.errors import UserError
-from zooter.training.dataset import DataError, RoutingDataset, Row, parse_row
+from zooter.runtime.errors import DataError, UserError
+from zooter.runtime.files import read_text
+from zooter.runtime.queries import text_id
+from zooter.training.dataset import RoutingDataset, Row, parse_row
 
 ALPACA_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 
 
-def row_id(prefix: str, text: str) -> str:
-    """Stable id from the query text, so re-importing gives the same ids."""
-    return f"{prefix}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:12]}"
-
-
 def _load_json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(read_text(path, "JSON file"))
     except json.JSONDecodeError as err:
         raise DataError(path, err.lineno, f"invalid JSON: {err.msg}") from None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(path, None, "holds an escaped lone surrogate (such as \\udcff): not valid Unicode text") from None
+    return obj
 
 
 def _preference_reward(value, path: Path, index: int) -> float | None:
@@ -73,7 +74,7 @@ def import_alpaca_eval(src: str | Path, models: Sequence[str] | None = None) -> 
                 raise DataError(path, None, f"record {i}: missing instruction")
             row = by_text.get(text)
             if row is None:
-                row = by_text[text] = Row(row_id("alpaca", text), text, {}, [], {}, "alpaca_eval")
+                row = by_text[text] = Row(text_id(text, "alpaca"), text, {}, [], {}, "alpaca_eval")
             if model in row.rewards:
                 continue  # the same instruction twice in one file: keep the first judgement
             row.rewards[model] = _preference_reward(rec.get("preference"), path, i)
@@ -108,7 +109,7 @@ def import_scores(src: str | Path) -> RoutingDataset:
             tags.append(f"cluster:{rec['cluster_id']}")
         if rec.get("task"):
             tags.append(f"task:{rec['task']}")
-        rid = row_id("q", text)
+        rid = text_id(text, "q")
         if rid in seen:
             # The same question twice: a second id keeps both, the split keeps them together.
             seen[rid] += 1

@@ -5,6 +5,9 @@ A run folder stores the model as
     RUN/head.safetensors  {"weight": (labels, hidden), "bias": (labels,)}
     RUN/run.json        {"labels": [...], "pooling": "mean", "max_length": int, ...training config}
 so the label order always travels with the weights.
+
+`TorchRouter` is the PyTorch side of the runtime's Router: `probabilities(texts)` from a run, used by
+evaluation, the export parity gate, the latency baseline and the paper's reproduction alike.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 
 
 def default_backbone() -> str:
@@ -73,12 +77,18 @@ class RouterModel(nn.Module):
         return cls(encoder, labels), tokenizer
 
     def save(self, run: str | Path, tokenizer, meta: dict) -> None:
-        from safetensors.torch import save_file
-
+        """The whole run folder: encoder, tokenizer, head, run.json."""
         run = Path(run)
         (run / "encoder").mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(run / "encoder")
         tokenizer.save_pretrained(run / "encoder")
+        self.save_head(run, meta)
+
+    def save_head(self, run: str | Path, meta: dict) -> None:
+        """The head and run.json only: a frozen encoder is written once, the head at every checkpoint."""
+        from safetensors.torch import save_file
+
+        run = Path(run)
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, run / "head.safetensors")
         info = dict(meta, labels=self.labels, pooling="mean")
         (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -86,24 +96,104 @@ class RouterModel(nn.Module):
     @classmethod
     def load(cls, run: str | Path) -> tuple["RouterModel", object, dict]:
         """Load a run folder; returns (model in eval mode, tokenizer, run.json)."""
-        from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
         run = Path(run)
-        info_path = run / "run.json"
-        if not info_path.is_file():
-            raise UserError(f"{run}: not a zooter run (no run.json)")
-        info = json.loads(info_path.read_text())
+        info = read_run_info(run)
         # No pooler: the router mean-pools, and a BERT pooler would load as unused random weights.
         encoder = (AutoModel.from_pretrained(run / "encoder", add_pooling_layer=False) if _has_pooler_arg(run / "encoder")
                    else AutoModel.from_pretrained(run / "encoder"))
         model = cls(encoder, info["labels"])
-        head = load_file(run / "head.safetensors")
-        if head["weight"].shape[0] != len(model.labels):
-            raise UserError(f"{run}: head has {head['weight'].shape[0]} outputs but run.json lists {len(model.labels)} labels")
-        model.head.load_state_dict(head)
+        model.load_head(run)
         tokenizer = AutoTokenizer.from_pretrained(run / "encoder")
         return model.eval(), tokenizer, info
+
+    def load_head(self, run: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        head = load_file(Path(run) / "head.safetensors")
+        if head["weight"].shape[0] != len(self.labels):
+            raise UserError(f"{run}: head has {head['weight'].shape[0]} outputs but run.json lists {len(self.labels)} labels")
+        self.head.load_state_dict(head)
+
+
+def read_run_info(run: str | Path) -> dict:
+    """A run folder's run.json (a UserError when the folder is not a run)."""
+    path = Path(run) / "run.json"
+    try:
+        if not path.is_file():
+            raise UserError(f"{run}: not a zooter run (no run.json)")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise UserError(f"{run}: permission denied (cannot read the run)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not valid JSON ({err})") from None
+
+
+class TorchRouter:
+    """A run's PyTorch router with the Router's interface: `labels` and `probabilities(texts)`.
+
+    Queries are tokenized by zooter.runtime.tokenize from the run's tokenizer.json, exactly as the
+    exported bundle tokenizes them, so a comparison with the bundle measures the model alone. With
+    `cache` (head-only runs over a shared frozen encoder), pooled embeddings come from the embedding
+    cache (zooter.training.embed) and only the head runs.
+    """
+
+    def __init__(self, model: RouterModel, tokenizer, max_length: int, cache: str | Path | None = None,
+                 hf_tokenizer=None, batch_size: int = 32):
+        self.model = model.eval()
+        self.labels = list(model.labels)
+        self.tokenizer = tokenizer            # tokenizers.Tokenizer, as the runtime's
+        self.hf_tokenizer = hf_tokenizer      # transformers tokenizer, for the embedding cache
+        self.max_length = int(max_length)
+        self.cache = cache
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, run: str | Path, encoder: tuple[RouterModel, object] | None = None,
+             cache: str | Path | None = None) -> "TorchRouter":
+        """The run's router. `encoder` = (model, hf_tokenizer) of the frozen backbone the run's head was
+        trained on: only the head is read from the run, and with `cache` its embeddings are reused."""
+        from zooter.runtime.tokenize import load_tokenizer
+
+        run = Path(run)
+        if encoder is None:
+            model, hf_tokenizer, info = RouterModel.load(run)
+        else:
+            info = read_run_info(run)
+            backbone, hf_tokenizer = encoder
+            model = RouterModel(backbone.encoder, info["labels"])
+            model.load_head(run)
+        max_length = int(info["max_length"])
+        tokenizer_json = Path(hf_tokenizer.name_or_path) / "tokenizer.json"
+        if not tokenizer_json.is_file():
+            tokenizer_json = run / "encoder" / "tokenizer.json"
+        return cls(model, load_tokenizer(tokenizer_json, max_length), max_length, cache=cache, hf_tokenizer=hf_tokenizer)
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        if self.cache is not None:
+            from zooter.training.embed import embed_texts
+
+            x = embed_texts(self.model, self.hf_tokenizer, texts, self.max_length, cache=self.cache, progress=None)
+            with torch.inference_mode():
+                return self.model.head(torch.from_numpy(x)).float().numpy()
+        from zooter.runtime.tokenize import encode
+
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths: little padding
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                feeds = encode(self.tokenizer, [texts[i] for i in idx], self.max_length)
+                out[idx] = self.model(**{k: torch.from_numpy(feeds[k]) for k in names})["logits"].float().numpy()
+        return out
+
+    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
+        from zooter.runtime.decision import softmax
+
+        return softmax(self.logits(texts))
 
 
 def transformer_layers(encoder):
@@ -119,8 +209,8 @@ def transformer_layers(encoder):
 
 def keep_first_layers(encoder, keep: int) -> None:
     """Cut the encoder to its first `keep` layers, in place. Routing needs coarse features of the
-    query (topic, task, difficulty), which the lower layers already carry: on dcrouter a head on
-    MiniLM's layer 2 routes as well as one on layer 6 (docs/export-runtime.md), at a third of the cost."""
+    query (topic, task, difficulty), which the lower layers already carry (docs/training.md compares
+    the depths on dcrouter), and every layer cut is latency saved."""
     n = encoder.config.num_hidden_layers
     if not 1 <= keep <= n:
         raise UserError(f"--layers must be between 1 and {n} (the backbone's depth), got {keep}")

@@ -68,14 +68,16 @@ def _splits(base: TrainConfig, out: Path, test: str | None, folds: int | None) -
 
 
 def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Sequence[float] = (0.1, 0.5, 0.7),
-              folds: int | None = None, candidates: str | None = None, keep_runs: bool = False) -> dict:
+              folds: int | None = None, candidates: str | None = None, keep_runs: bool = False,
+              int8_embedder=None) -> dict:
     """Train and evaluate every variant; writes DIR/table.json and DIR/reports/<variant>[-fold<k>].json.
 
     Run folders (each a full encoder copy) are deleted once evaluated unless keep_runs.
+    `int8_embedder`: for quantization-aware variants (zooter.training.train.train).
     """
     import shutil
 
-    from zooter.training.evaluate import evaluate_router
+    from zooter.training.evaluate import evaluate_router, open_router
 
     out = Path(out)
     if base.frozen and not base.cache:
@@ -93,9 +95,9 @@ def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Seque
             cfg = replace(base, data=str(paths["train"]), dev=str(paths["dev"]) if paths["dev"] else None,
                           out=str(run), loss=loss, beta=beta)
             print(f"== {name}" + (f", fold {f + 1}/{len(folds_paths)}" if folds else ""), flush=True)
-            train(cfg)
-            predicted = _frozen_probs(run, paths["test"], cfg) if cfg.frozen else None
-            report = evaluate_router(run, paths["test"], candidates=candidates, predicted=predicted)
+            train(cfg, force=True, int8_embedder=int8_embedder)
+            router = frozen_router(run, cfg) if cfg.frozen else open_router(run)
+            report = evaluate_router(run, paths["test"], candidates=candidates, router=router)
             (out / "reports").mkdir(parents=True, exist_ok=True)
             tag = name.replace("=", "") + (f"-fold{f}" if folds else "")
             (out / "reports" / f"{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -112,22 +114,16 @@ def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Seque
     return table
 
 
-def _frozen_probs(run: Path, test_path, cfg: TrainConfig):
-    """Head-only runs share one encoder: reuse the cached test embeddings instead of re-encoding per variant."""
-    from safetensors.numpy import load_file
+def frozen_router(run: Path, cfg: TrainConfig):
+    """Head-only runs share one encoder: a TorchRouter on the backbone (cut as the run was) whose test
+    embeddings come from the cache, instead of re-encoding the test rows for every variant."""
+    from zooter.training.model import RouterModel, TorchRouter, keep_first_layers
 
-    from zooter.runtime.decision import softmax
-    from zooter.training.model import RouterModel, keep_first_layers
-    from zooter.training.train import embed_texts
-
-    info = json.loads((run / "run.json").read_text())
     cfg = cfg.resolved()
-    model, tokenizer = RouterModel.from_backbone(cfg.backbone, info["labels"])
-    if cfg.layers is not None:  # the heads were trained on the cut encoder's embeddings
-        keep_first_layers(model.encoder, cfg.layers)
-    x = embed_texts(model, tokenizer, RoutingDataset.load(test_path).queries, cfg.max_length, cache=cfg.cache, progress=None)
-    head = load_file(run / "head.safetensors")
-    return info["labels"], softmax(x @ head["weight"].T + head["bias"])
+    backbone, tokenizer = RouterModel.from_backbone(cfg.backbone, ["_", "__"])  # its head is unused
+    if cfg.layers is not None:
+        keep_first_layers(backbone.encoder, cfg.layers)
+    return TorchRouter.load(run, encoder=(backbone, tokenizer), cache=cfg.cache)
 
 
 def _pool(name: str, loss: str, beta: float, reports: list[dict]) -> dict:

@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zooter.errors import UserError
-from zooter.training.generate import Journal, journal_path, read_answers, text_sha, write_jsonl_atomic
+from zooter.runtime.errors import UserError
+from zooter.runtime.files import write_jsonl_atomic
+from zooter.training.generate import Journal, journal_path, read_answers, text_sha
 
 
 class RewardModel:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 from zooter.training.dataset import RoutingDataset
 
 

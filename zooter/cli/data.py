@@ -1,21 +1,9 @@
-"""Subcommands of `zooter` that belong to zooter.training (registered by zooter.cli).
-
-`data ...` lives here; training/evaluation commands in cli_train.py; answer collection and
-reward scoring in cli_collect.py. Handlers import heavy libraries only when they run.
-"""
+"""zooter data import|stats|candidates|split|dedupe: the routing-data contract and public importers."""
 
 from __future__ import annotations
 
 
 def register(sub) -> None:
-    from zooter.training import cli_collect, cli_train
-
-    register_data(sub)
-    cli_train.register(sub)
-    cli_collect.register(sub)
-
-
-def register_data(sub) -> None:
     data = sub.add_parser(
         "data",
         help="import, inspect, split and de-duplicate routing data",
@@ -77,13 +65,13 @@ def register_data(sub) -> None:
 def _candidate_names(path):
     if not path:
         return None
-    from zooter.training.candidates import load_candidates
+    from zooter.serving.candidates import load_candidates
 
     return [c.name for c in load_candidates(path)]
 
 
 def cmd_import(args) -> int:
-    from zooter.errors import UserError
+    from zooter.runtime.errors import UserError
     from zooter.training import importers, stats
 
     if args.models and args.kind != "alpaca-eval":
@@ -113,7 +101,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_candidates(args) -> int:
-    from zooter.training.candidates import from_prices, save_candidates
+    from zooter.serving.candidates import from_prices, save_candidates
     from zooter.training.dataset import RoutingDataset
 
     candidates = from_prices(args.prices)
@@ -126,7 +114,7 @@ def cmd_candidates(args) -> int:
 
 
 def cmd_split(args) -> int:
-    from zooter.errors import UserError
+    from zooter.runtime.errors import UserError
     from zooter.training.dataset import RoutingDataset
     from zooter.training.splits import split
 

@@ -1,4 +1,4 @@
-"""Subcommands: zooter generate, score. Handlers import heavy libraries only when they run."""
+"""zooter generate, zooter score: collect every candidate's answers, then score them with a reward model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def register(sub) -> None:
         "pairs that failed last time. OUT is rewritten from the journal when the run ends: routing-data rows "
         "with responses filled and rewards null, ready for `zooter score`.")
     p.add_argument("--queries", required=True,
-                   help="one query a line; or JSONL/JSON with 'query' (or 'prompt', 'instruction', MT-Bench "
+                   help="one query a line; or JSONL/JSON with 'query' (or 'prompt', 'instruction', 'text', MT-Bench "
                         "'turns'), optional 'id' (or 'question_id') and 'tags' (or 'category')")
     p.add_argument("--candidates", required=True, help="candidates YAML; each asked candidate needs a serve entry")
     p.add_argument("--out", required=True, help="answers file to write (JSONL)")
@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--backoff", type=float, default=1.0, help="first wait before a retry in seconds (default 1); doubles each time, with jitter")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds one call may take (default 120)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_generate)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
         "score",
@@ -56,17 +56,18 @@ def register(sub) -> None:
     p.add_argument("--label", type=int, help="which output is the reward, for a model with several outputs")
     p.add_argument("--name", help="reward model name recorded as provenance (default: the folder's name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_score)
+    p.set_defaults(func=cmd_score)
 
 
-def run_generate(args) -> int:
+def cmd_generate(args) -> int:
     import sys
     from pathlib import Path
 
-    from zooter.errors import UserError
-    from zooter.training.candidates import load_candidates
-    from zooter.training.clients import Sampling
-    from zooter.training.generate import RetryPolicy, generate, journal_path, read_queries
+    from zooter.runtime.errors import UserError
+    from zooter.serving.candidates import load_candidates
+    from zooter.serving.clients import Sampling
+    from zooter.runtime.queries import read_queries
+    from zooter.training.generate import RetryPolicy, generate, journal_path
 
     for flag, value in (("--max-tokens", args.max_tokens), ("--concurrency", args.concurrency)):
         if value < 1:
@@ -106,8 +107,8 @@ def run_generate(args) -> int:
     return 0 if summary.answered_total else 1
 
 
-def run_score(args) -> int:
-    from zooter.errors import UserError
+def cmd_score(args) -> int:
+    from zooter.runtime.errors import UserError
     from zooter.training.rewards import RewardModel, score_file
 
     if args.batch_size < 1:

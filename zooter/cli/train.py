@@ -1,12 +1,11 @@
-"""Subcommands: zooter tag, train, eval, reproduce. Handlers import heavy libraries only when they run."""
+"""zooter tag, train, eval, reproduce: tags, the router's training, its evaluation, the paper's Table 2."""
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 
 
 def register(sub) -> None:
@@ -106,19 +105,30 @@ def config_from(args, out: str, data: str, dev: str | None):
                        cache=args.cache, threads=args.threads)
 
 
+def _int8_embedder(config):
+    """The INT8 encoder export will build, for quantization-aware head training (zooter.export)."""
+    if not config.frozen or config.resolved().int8_consistency == 0:
+        return None
+    from zooter.export.int8_encoder import Int8Embedder
+
+    return Int8Embedder()
+
+
 def _register_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a router from rewards (ZOOTER reward distillation)",
         description="Train the router: an encoder with a linear head over the candidates, distilled with "
         "KL(s* || softmax(logits)) where s*(q) is the tag-enhanced softmax of the rewards. Keeps the checkpoint "
         "with the best dev routing reward. Writes RUN/ (encoder/, head.safetensors, run.json, config.json, "
-        "curves.json). Multi-GPU: `accelerate launch -m zooter.cli train ...` or `torchrun --nproc-per-node N -m "
+        "curves.json) into .RUN.partial beside it and renames it into place when done, so an interrupted run "
+        "never mixes with a finished one (--resume continues it). Multi-GPU: `accelerate launch -m zooter.cli train ...` or `torchrun --nproc-per-node N -m "
         "zooter.cli train ...`.")
     p.add_argument("--data", help="training data (JSONL)")
     p.add_argument("--dev", help="dev data for checkpoint selection (default: 10%% of --data held out by query hash)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--candidates", help="candidates.yaml (recorded in the run so eval and export find the costs)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last epoch")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of --out from its last epoch")
+    p.add_argument("--force", action="store_true", help="replace the run already in --out (or an interrupted one)")
     p.add_argument("--keep-state", action="store_true", help="keep RUN/state.pt (optimizer state) after the run ends")
     add_training_flags(p)
     p.set_defaults(func=cmd_train)
@@ -127,23 +137,22 @@ def _register_train(sub) -> None:
 def cmd_train(args) -> int:
     from zooter.training.train import TrainConfig, train
 
+    from zooter.training.train import RunFolder
+
+    if args.resume and args.force:
+        raise UserError("--resume continues a run and --force replaces it: give one of them")
     if args.resume:
-        saved = Path(args.out) / "config.json"
-        if not saved.is_file():
-            raise UserError(f"{args.out}: nothing to resume (no config.json)")
-        values = json.loads(saved.read_text())
-        values.setdefault("int8_consistency", 0.0)  # a run started before quantization-aware training had none
-        config = TrainConfig(**values)
+        config = TrainConfig(**RunFolder.saved_config(args.out))
     else:
         if not args.data:
             raise UserError("--data is required (unless --resume)")
         if args.candidates:
-            from zooter.training.candidates import load_candidates
+            from zooter.serving.candidates import load_candidates
 
             load_candidates(args.candidates)  # fail now, not after training
         config = config_from(args, args.out, args.data, args.dev)
     config.keep_state = args.keep_state
-    info = train(config, resume=args.resume)
+    info = train(config, resume=args.resume, force=args.force, int8_embedder=_int8_embedder(config))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary is enough
         return 0
     dev, best = info["dev"], info["best_single"]
@@ -178,14 +187,16 @@ def _register_eval(sub) -> None:
 def cmd_eval(args) -> int:
     from zooter.training.evaluate import evaluate_router, format_table
 
-    if args.lam < 0:
-        raise UserError(f"--lambda must be >= 0, got {args.lam}")
+    from zooter.runtime.decision import check_weight
+
+    check_weight(args.lam, "--lambda")
     report = evaluate_router(args.router, args.data, candidates=args.candidates, lam=args.lam,
                              best_single=args.best_single, plots=args.plots)
     if args.rmr:
         report["baselines"]["rmr"] = _rmr(args.data, args.rmr, report)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    from zooter.runtime.files import write_text_atomic
+
+    write_text_atomic(json.dumps(report, indent=2) + "\n", args.json)
     print(format_table(report))
     if "rmr" in report["baselines"]:
         rmr = report["baselines"]["rmr"]
@@ -205,7 +216,7 @@ def _rmr(data_path: str, rmr_path: str, report: dict) -> dict:
     costs = None
     # RMR pays for every candidate; its cost is only comparable to the router's in unit prices.
     if report.get("cost_unit") == "usd_per_mtok" and report.get("candidates_file"):
-        from zooter.training.candidates import costs_for, load_candidates
+        from zooter.serving.candidates import costs_for, load_candidates
 
         costs = costs_for(load_candidates(report["candidates_file"]), list(report["baselines"]["per_candidate"]))
     return rmr_baseline(RoutingDataset.load(data_path), RoutingDataset.load(rmr_path), costs=costs)
@@ -243,5 +254,5 @@ def cmd_reproduce(args) -> int:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
     base = config_from(args, args.out, args.data, args.dev)
     reproduce(base, out=args.out, test=args.test, betas=betas, folds=args.folds, candidates=args.candidates,
-              keep_runs=args.keep_runs)
+              keep_runs=args.keep_runs, int8_embedder=_int8_embedder(base))
     return 0

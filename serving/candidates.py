@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 from zooter.runtime.decision import unit_price
 
 

@@ -1,22 +1,17 @@
-"""Subcommands of `zooter` that belong to zooter.export: `export` here, `triton build` in cli_triton.py."""
+"""zooter export: a trained run becomes a bundle (ONNX, INT8 or fp16, behind the parity gate)."""
 
 from __future__ import annotations
 
+from zooter.runtime.errors import UserError
+
 
 def register(sub) -> None:
-    from zooter.export import cli_triton
-
-    register_export(sub)
-    cli_triton.register(sub)
-
-
-def register_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a trained run to an ONNX bundle (fused, INT8 or fp16) behind a parity gate",
         description="Export RUN (a training run folder) to BUNDLE: ONNX through optimum, ONNX Runtime transformer "
         "fusions, then dynamic INT8 (CPU) or fp16 (GPU) or neither. The exported model is checked against the "
-        "PyTorch model on the run's dev rows (or --calib): decision agreement and largest probability difference "
+        "PyTorch model on the run's dev rows (or --parity-data): decision agreement and largest probability difference "
         "go into BUNDLE/router.json, and the export fails (exit 2) when agreement is below 99% unless "
         "--allow-drift. The bundle holds the model, tokenizer.json and router.json (labels, max_length, "
         "checksums, quantization, costs, provenance, parity, evaluation).",
@@ -26,31 +21,30 @@ def register_export(sub) -> None:
     p.add_argument("--quantize", choices=("int8", "fp16", "none"), default="int8",
                    help="int8: dynamic INT8 for CPUs (default); fp16: half-precision weights for GPU targets; none: fp32")
     p.add_argument("--opset", type=int, default=None, metavar="N", help="ONNX opset (default: optimum's for the backbone)")
-    p.add_argument("--calib", metavar="FILE",
+    p.add_argument("--parity-data", metavar="FILE",
                    help="validation queries for the parity check: one a line, or routing JSONL (default: the run's dev rows)")
     p.add_argument("--parity-n", type=int, default=1000, metavar="N", help="check at most N queries (default 1000)")
     p.add_argument("--allow-drift", action="store_true", help="write the bundle even when the parity gate fails")
     p.add_argument("--candidates", metavar="YAML", help="candidates file whose costs go into the bundle (default: the one the run recorded)")
     p.add_argument("--lambda", dest="lam", type=float, default=0.0, metavar="X",
-                   help="default cost weight of the decision (0 = best predicted candidate; needs costs)")
+                   help="default cost weight of the decision, >= 0 (0 = best predicted candidate; needs costs)")
     p.add_argument("--arch", default="auto", choices=("auto", "avx512_vnni", "avx512", "avx2", "arm64"),
                    help="INT8 kernel config for the target CPU (default: this machine's)")
     p.add_argument("--keep-fp32", action="store_true", help="also ship the fused fp32 model.onnx (bench and GPU use it)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--json", action="store_true", help="print router.json instead of the summary")
-    p.set_defaults(func=run_export)
+    p.set_defaults(func=cmd_export)
 
 
-def run_export(args) -> int:
+def cmd_export(args) -> int:
     import json
 
-    from zooter.export.bundle import bundle_bytes, export_bundle
+    from zooter.export.bundle import export_bundle
+    from zooter.runtime.bundle import bundle_bytes
 
     if args.parity_n < 1:
-        from zooter.errors import UserError
-
         raise UserError("--parity-n must be at least 1")
-    manifest = export_bundle(args.run, args.out, quantize=args.quantize, opset=args.opset, calib=args.calib,
+    manifest = export_bundle(args.run, args.out, quantize=args.quantize, opset=args.opset, parity_data=args.parity_data,
                              allow_drift=args.allow_drift, candidates=args.candidates, lam=args.lam,
                              parity_n=args.parity_n, arch=args.arch, keep_fp32=args.keep_fp32, force=args.force,
                              log=(lambda *a: None) if args.json else print)
@@ -71,6 +65,6 @@ def run_export(args) -> int:
     print(f"  {'fp32':>5}: decision agreement {fp32['decision_agreement']:.2%}, max probability difference {fp32['max_prob_diff']:.4f}")
     if not parity["passed"]:
         print(f"WARNING: below the {parity['threshold']:.0%} gate; written anyway (--allow-drift)")
-    print(f"files: " + ", ".join(f"{n} ({e['bytes'] / 1e6:.1f} MB)" for n, e in manifest["files"].items())
+    print("files: " + ", ".join(f"{n} ({e['bytes'] / 1e6:.1f} MB)" for n, e in manifest["files"].items())
           + f"; total {bundle_bytes(manifest) / 1e6:.1f} MB")
     return 0

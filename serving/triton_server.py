@@ -5,12 +5,18 @@ python backend without a stub; the stub must match the Python that will run the 
 one), so the backends folder is copied into a private work folder with the right stub beside
 libtriton_python.so. The wheel's own folder is never written to: it is shared by everyone using
 the venv. The python-backend stub runs the `python3` first on PATH, so the child gets this
-interpreter's bin folder first on PATH. Standard library only (zooter.runtime imports no torch).
+interpreter's bin folder first on PATH.
+
+Safe by default (docs/triton.md, "Security"): HTTP, gRPC and metrics bind 127.0.0.1 unless a host
+is given; model control (load, unload, upload through the repository API) is off unless asked for,
+and the repository, logging and trace APIs are always restricted to requests that carry the
+launcher's random control key in the `zooter-control-key` header.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 
 
 @dataclass
@@ -92,6 +98,11 @@ def _stop_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+LOCALHOST = "127.0.0.1"
+# Control APIs: loading models runs their code; logging and trace settings choose files to write.
+RESTRICTED_APIS = "model-repository,logging,trace"
+
+
 @dataclass
 class TritonServer:
     """A tritonserver child process. Use as a context manager, or start()/stop()."""
@@ -101,7 +112,9 @@ class TritonServer:
     http_port: int = 0                 # 0: a free port
     grpc_port: int = 0
     metrics_port: int = 0
-    explicit: bool = False             # explicit model control: load/unload through the API
+    host: str = LOCALHOST              # the address every endpoint binds; 0.0.0.0 opens them to the network
+    model_control: bool = False        # explicit model control: load/unload through the API, behind control_key
+    control_key: str | None = None     # for the restricted repository and logging APIs; None: a random one
     load_models: Sequence[str] = ("*",)
     log_file: Path | None = None
     log_verbose: int = 0
@@ -115,39 +128,64 @@ class TritonServer:
         for repo in [self.repository, *self.extra_repositories]:
             if not repo.is_dir():
                 raise UserError(f"{repo}: no such model repository")
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(self, name)
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise UserError(f"{name.replace('_', '-')} must be a port number (0-65535), got {port!r}")
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
+        # Always a key: the logging API (log files, verbosity) is a control API even without model control.
+        self.control_key = self.control_key or secrets.token_urlsafe(32)
+        if self.control_key and not all(c.isalnum() or c in "-_" for c in self.control_key):
+            raise UserError("the control key may hold only letters, digits, '-' and '_'")
 
     # --- endpoints -------------------------------------------------------------------------
     @property
+    def client_host(self) -> str:
+        """Where this machine's clients reach the server: the bind address, or loopback for a wildcard."""
+        return LOCALHOST if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
+        return f"{self.client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{self.client_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://localhost:{self.metrics_port}/metrics"
+        return f"http://{self.client_host}:{self.metrics_port}/metrics"
+
+    def bound(self) -> dict[str, str]:
+        """The addresses the server listens on, as the banner prints them."""
+        return {"http": f"{self.host}:{self.http_port}", "grpc": f"{self.host}:{self.grpc_port}",
+                "metrics": f"{self.host}:{self.metrics_port}"}
 
     # --- lifecycle -------------------------------------------------------------------------
     def command(self, install: TritonInstall, backends: Path | None) -> list[str]:
         cmd = [str(install.binary), f"--model-repository={self.repository}",
                *(f"--model-repository={repo}" for repo in self.extra_repositories),
-               f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
-               f"--metrics-port={self.metrics_port}", "--allow-cpu-metrics=true",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", "--allow-cpu-metrics=true",
                "--allow-gpu-metrics=false", f"--log-verbose={self.log_verbose}",
                # Triton's own default: long enough for every python stub to finalize on a loaded
-               # 2-core box (10 s once cut the BLS model's unload short and the exit code was 1),
-               # short enough that a stop never hangs on a stuck generation.
+               # machine (a shorter one cut the BLS model's unload short: docs/triton.md), short
+               # enough that a stop never hangs on a stuck generation.
                "--exit-timeout-secs=30"]
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
-        if self.explicit:
+        if self.model_control:
             cmd.append("--model-control-mode=explicit")
             cmd += [f"--load-model={name}" for name in self.load_models]
+        if self.control_key:
+            # Every model-repository (index, load, unload, upload), logging and trace call needs the key.
+            from zooter.serving.triton_client import CONTROL_HEADER
+
+            cmd += [f"--http-restricted-api={RESTRICTED_APIS}:{CONTROL_HEADER}={self.control_key}",
+                    f"--grpc-restricted-protocol={RESTRICTED_APIS}:{CONTROL_HEADER}={self.control_key}"]
         return cmd + list(self.extra_args)
 
     def environment(self, install: TritonInstall) -> dict:
@@ -231,19 +269,16 @@ class TritonServer:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
 
-    # --- model control (explicit mode) ------------------------------------------------------
-    def _post(self, path: str) -> None:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=b"{}", method="POST")
-        try:
-            urllib.request.urlopen(req, timeout=300).read()
-        except urllib.error.HTTPError as err:
-            raise RuntimeError(f"{path}: {err.read().decode(errors='replace')}") from None
-
+    # --- model control (explicit mode, with the control key) -------------------------------------
     def load(self, model: str) -> None:
-        self._post(f"/v2/repository/models/{model}/load")
+        from zooter.serving.triton_client import load_model
+
+        load_model(self.http_url, model, self.control_key)
 
     def unload(self, model: str) -> None:
-        self._post(f"/v2/repository/models/{model}/unload")
+        from zooter.serving.triton_client import unload_model
+
+        unload_model(self.http_url, model, self.control_key)
 
 
 class StopRequested(BaseException):

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from zooter.errors import UserError
+from zooter.runtime.errors import UserError
 
 
 @dataclass
@@ -137,20 +137,18 @@ class TritonClient:
         self._lock = threading.Lock()
 
     def _module(self):
-        if self.protocol == "grpc":
-            import tritonclient.grpc as module
-        else:
-            import tritonclient.http as module
-        return module
+        from zooter.serving.triton_client import client_module
+
+        return client_module(self.protocol)
 
     def _connect(self):
         # One connection per worker thread: the tritonclient clients are not meant to be shared across threads.
+        from zooter.serving.triton_client import connect
+
         client = getattr(self._local, "client", None)
         if client is None:
-            if self.protocol == "http":
-                client = self._module().InferenceServerClient(url=self.url, network_timeout=self.sampling.timeout_s)
-            else:
-                client = self._module().InferenceServerClient(url=self.url)
+            options = {"network_timeout": self.sampling.timeout_s} if self.protocol == "http" else {}
+            client, _ = connect(self.url, self.protocol, **options)
             self._local.client = client
         return client
 
@@ -238,31 +236,19 @@ class TritonClient:
     def _stream_infer(self, client, inputs, outputs) -> str:
         """A decoupled model over gRPC. Responses are joined in order: with stream=False the answer comes
         whole in one response; a model that streams anyway sends deltas, which join to the same answer."""
-        import queue
+        from zooter.serving.triton_client import TritonRequestError, stream
 
         if self.protocol != "grpc":
             raise CallError(f"triton model {self.model!r} is decoupled: set protocol: grpc in its serve entry", False)
-        responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        parts = []
         try:
-            client.async_stream_infer(self.model, inputs, outputs=outputs, enable_empty_final_response=True)
-            parts = []
-            while True:
-                try:
-                    result, error = responses.get(timeout=self.sampling.timeout_s)
-                except queue.Empty:
-                    raise CallError(f"triton {self.model!r}: no response within {self.sampling.timeout_s}s", True) from None
-                if error is not None:
-                    raise error
+            for result in stream(client, self.model, inputs, outputs, timeout=self.sampling.timeout_s):
                 values = result.as_numpy("text_output")
                 if values is not None:
                     parts.append(_text(values))
-                final = result.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    break
-            return "".join(parts)
-        finally:
-            client.stop_stream()
+        except TritonRequestError as err:
+            raise CallError(f"triton {self.model!r} at {self.url}: {err}", not err.client_error) from None
+        return "".join(parts)
 
 
 def _text(values) -> str:

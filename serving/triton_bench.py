@@ -24,7 +24,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from zooter.errors import UserError
+from zooter.runtime.bench import percentiles
+from zooter.runtime.errors import UserError
+from zooter.serving.triton_client import ROUTE_MODEL, connect, control, parse_url, route_rows, route_via_triton
 
 CONCURRENCY = (1, 8, 32)
 METRIC_MODELS = ("zooter_route", "zooter_tokenize", "zooter_router", "zooter_decide")
@@ -66,12 +68,6 @@ def server_side(before: dict, after: dict) -> dict:
                       "request_ms": delta("nv_inference_request_duration_us") / n / 1000,
                       "executions": int(delta("nv_inference_exec_count"))}
     return out
-
-
-def percentiles(ms: Sequence[float]) -> dict:
-    a = np.asarray(ms, dtype=np.float64)
-    return {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean())}
 
 
 def run_concurrent(make_call: Callable[[], Callable[[str], object]], queries: Sequence[str], concurrency: int,
@@ -126,29 +122,17 @@ def merge_cells(parts: list[dict]) -> dict:
     return out
 
 
-def _route_one_by_one(address: str, queries: Sequence[str]) -> list[dict]:
-    from zooter.runtime.triton_client import _route_rows
-
-    client, module = _triton_client("http", address)
+def _route_one_by_one(url: str, queries: Sequence[str]) -> list[dict]:
+    client, module = connect(url)
     try:
-        return [_route_rows(client, module, [q])[0] for q in queries]
+        return [route_rows(client, module, [q])[0] for q in queries]
     finally:
         client.close()
 
 
-def _triton_client(protocol: str, address: str):
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-    else:
-        import tritonclient.http as module
-    return module.InferenceServerClient(address), module
-
-
-def _triton_caller(protocol: str, address: str):
-    from zooter.runtime.triton_client import ROUTE_MODEL
-
+def _triton_caller(url: str, protocol: str):
     def make_call():
-        client, module = _triton_client(protocol, address)
+        client, module = connect(url, protocol)
         outputs = [module.InferRequestedOutput("candidate"), module.InferRequestedOutput("probabilities")]
 
         def call(text):
@@ -159,37 +143,12 @@ def _triton_caller(protocol: str, address: str):
     return make_call
 
 
-def _reachable(protocol: str, address: str) -> bool:
+def _reachable(url: str, protocol: str) -> bool:
     try:
-        if protocol == "grpc":
-            import tritonclient.grpc as module
-        else:
-            import tritonclient.http as module
-        return bool(module.InferenceServerClient(address).is_model_ready("zooter_route"))
-    except Exception:
+        client, _ = connect(url, protocol)
+        return bool(client.is_model_ready(ROUTE_MODEL))
+    except Exception:   # refused, wrong protocol on that port: not reachable
         return False
-
-
-def _router_like_triton(bundle, threads: int | None):
-    """The in-process Router with the session options of Triton's python-backend router.
-
-    Both sides then run the same onnxruntime configuration (worker threads sleep rather than spin
-    after a run), so the difference is Triton's own overhead. Spinning matters on a busy machine: on
-    2 shared cores a spinning session was about 2x slower at p50 for this model.
-    """
-    import onnxruntime as ort
-
-    from zooter.runtime.router import Router, read_manifest
-    from zooter.runtime.tokenize import load_tokenizer
-
-    bundle = Path(bundle)
-    manifest = read_manifest(bundle)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(bundle / manifest["model_file"]), options, providers=["CPUExecutionProvider"])
-    return Router(session, load_tokenizer(bundle / "tokenizer.json", manifest["max_length"]), manifest, bundle)
 
 
 def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out: str | Path | None = None,
@@ -201,8 +160,6 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     url: Triton HTTP (host:port). grpc_url / metrics_url default to the HTTP port + 1 / + 2.
     requests: calls per (engine, concurrency) cell (default: max(len(queries), 4 * concurrency)).
     """
-    from zooter.runtime.triton_client import parse_url, route_via_triton
-
     protocol, http_address = parse_url(url)
     if protocol != "http":
         raise UserError("bench --triton takes the HTTP address (host:port); gRPC is found at the HTTP port + 1")
@@ -211,15 +168,17 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     queries = [q for q in queries if isinstance(q, str) and q.strip()]
     if not queries:
         raise UserError("no queries to benchmark")
-    if not _reachable("http", http_address):
+    if not _reachable(http_address, "http"):
         raise UserError(f"no ready zooter_route at http://{http_address}; start one with `zooter serve`")
 
-    router = _router_like_triton(bundle, threads)
+    from zooter.runtime.router import Router
+
+    router = Router.load(bundle, providers=["CPUExecutionProvider"], threads=threads)
     engines = {"in-process": lambda: (lambda text: router.route(text)),
-               "triton-http": _triton_caller("http", http_address)}
+               "triton-http": _triton_caller(http_address, "http")}
     notes = []
-    if _reachable("grpc", grpc_address):
-        engines["triton-grpc"] = _triton_caller("grpc", grpc_address)
+    if _reachable(grpc_address, "grpc"):
+        engines["triton-grpc"] = _triton_caller(grpc_address, "grpc")
     else:
         notes.append(f"gRPC at {grpc_address} not reachable: skipped")
     try:
@@ -318,15 +277,15 @@ def format_table(report: dict) -> str:
 
 
 def fallback_drill(url: str, query: str, model: str, requests: int = 8, max_tokens: int = 8,
-                   spread_s: float = 4.0) -> dict:
+                   spread_s: float = 4.0, key: str | None = None) -> dict:
     """Send `requests` answers through `zooter` spread over `spread_s` seconds, unload `model` halfway.
 
-    Needs a server with explicit model control (`zooter serve --explicit`). Requests already handed
+    Needs a server with model control (`zooter serve --model-control`) and its control `key`. Requests already handed
     to the model finish there (Triton drains a model before unloading it); later ones must be
     answered by the fallback. The model is loaded again afterwards. Returns how many were answered,
     by which candidate, how many by fallback, and the ones lost (errors).
     """
-    from zooter.runtime.triton_client import ask, parse_url
+    from zooter.serving.triton_client import ask
 
     protocol, address = parse_url(url)
     if protocol != "http":
@@ -344,8 +303,7 @@ def fallback_drill(url: str, query: str, model: str, requests: int = 8, max_toke
                 errors.append(str(err)[:300])
 
     def repository(action):
-        req = urllib.request.Request(f"http://{address}/v2/repository/models/{model}/{action}", data=b"{}", method="POST")
-        urllib.request.urlopen(req, timeout=300).read()
+        control(address, model, action, key)
 
     threads = [threading.Thread(target=one) for _ in range(requests)]
     unloader = threading.Thread(target=repository, args=("unload",))

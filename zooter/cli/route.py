@@ -1,0 +1,190 @@
+"""zooter route, zooter bench: choose candidates with a bundle (or through Triton) and time it."""
+
+from __future__ import annotations
+
+import sys
+
+from zooter.runtime.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "route",
+        help="choose a candidate LLM for queries with a bundle (or a Triton server)",
+        description="Route queries with BUNDLE (from `zooter export`): prints the chosen candidate, its "
+        "probability and the latency per query. Queries come from the arguments, or one a line from stdin "
+        "(bytes that are not UTF-8 are replaced, and the query is answered). With --triton URL, the queries "
+        "go to a running `zooter serve` instead and no BUNDLE is given. Output lines follow the input "
+        "lines one for one: a blank or bad query gets an error line (exit status 2 at the end).",
+    )
+    p.add_argument("args", nargs="*", metavar="BUNDLE [TEXT ...]",
+                   help="the bundle folder, then queries (none: read one a line from stdin)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object a line: line, candidate, confidence, probabilities, ranking, latency_ms "
+                        "(or line and error)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="X",
+                   help="cost weight of the decision, >= 0 (default: the bundle's; 0 = best predicted candidate)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    p.add_argument("--triton", metavar="URL", help="route through a Triton server at URL instead of a local bundle")
+    p.set_defaults(func=cmd_route, trailing="args")
+
+    b = sub.add_parser(
+        "bench",
+        help="latency of a bundle vs PyTorch: cold start, p50/p95/p99, throughput by length and batch",
+        description="Measure, side by side in one run, PyTorch eager (when the bundle's run is present), ONNX fp32 "
+        "and the bundle's model: cold start; p50, p95, p99 and throughput for queries of about 16, 64, 256 and 512 "
+        "tokens, for batches of 1, 8 and 32 (at 64 tokens), and for the given queries at their own lengths. "
+        "Prints ratios against PyTorch. With --budget-ms, exits 1 when the bundle model's p99 on the queries "
+        "exceeds the budget. With --triton URL: routing latency through Triton against in-process instead.",
+    )
+    b.add_argument("bundle", nargs="?", metavar="BUNDLE", help="bundle folder")
+    b.add_argument("--bundle", dest="bundle_opt", metavar="BUNDLE", help="same as the positional BUNDLE")
+    b.add_argument("--queries", metavar="FILE", help="queries: one a line, or JSON lines with a query (default: a built-in mix)")
+    b.add_argument("--run", metavar="RUN", help="run folder for the PyTorch baseline (default: the one router.json names)")
+    b.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    b.add_argument("--lengths", type=int, nargs="+", default=[16, 64, 256, 512], metavar="T", help="query lengths in tokens")
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], metavar="B", help="batch sizes (batches > 1 at 64 tokens)")
+    b.add_argument("--iters", type=int, default=20, metavar="N", help="timed calls per engine and cell (default 20)")
+    b.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls first (default 3)")
+    b.add_argument("--threads", type=int, default=None, metavar="N", help="threads for onnxruntime and torch")
+    b.add_argument("--budget-ms", type=float, default=None, metavar="X", help="fail when p99 latency exceeds X ms")
+    b.add_argument("--json", dest="json_out", metavar="OUT", help="write the full report as JSON")
+    b.add_argument("--plot", metavar="FILE", help="plot latency against tokens (PNG)")
+    b.add_argument("--triton", metavar="URL", help="benchmark a Triton server at URL instead (needs --bundle)")
+    b.set_defaults(func=cmd_bench)
+
+
+def _queries(texts: list[str]) -> list[tuple[int, str]]:
+    """(line number, text): the arguments, else stdin one a line. Bytes that are not UTF-8 are replaced."""
+    if texts:
+        return list(enumerate(texts, start=1))
+    if sys.stdin.isatty():
+        raise UserError("no query given: pass TEXT or pipe queries, one a line, on stdin")
+    return [(n, raw.decode("utf-8", errors="replace").rstrip("\r\n")) for n, raw in enumerate(sys.stdin.buffer, start=1)]
+
+
+def _emit(args, line: int, text: str, answer: dict | None, error: str | None) -> None:
+    import json
+
+    if error is not None:
+        print(json.dumps({"line": line, "error": error}) if args.json else f"error\t{error}\t(line {line})", flush=True)
+        print(f"zooter route: line {line}: {error}", file=sys.stderr)
+    elif args.json:
+        print(json.dumps({"line": line, **answer}), flush=True)
+    else:
+        confidence = f"{answer['confidence']:.3f}\t{answer['latency_ms']:.1f} ms\t" if "confidence" in answer else ""
+        print(f"{answer['candidate']}\t{confidence}{text[:60]!r}", flush=True)
+
+
+def cmd_route(args) -> int:
+    from zooter.runtime.decision import check_weight
+
+    if args.lam is not None:
+        check_weight(args.lam, "--lambda")
+    if args.triton:
+        return _route_triton(args)
+    if not args.args:
+        raise UserError("give the BUNDLE folder first (or --triton URL)")
+    from zooter.runtime.router import Router
+
+    router = Router.load(args.args[0], threads=args.threads, lam=args.lam)
+    status = 0
+    for line, text in _queries(args.args[1:]):
+        try:
+            answer, error = router.route(text).to_json(), None
+        except (TypeError, ValueError) as err:   # EmptyQueryError is a ValueError
+            answer, error, status = None, str(err), 2
+        _emit(args, line, text, answer, error)
+    return status
+
+
+def _route_triton(args) -> int:
+    from zooter.serving.triton_client import TritonRequestError, check_text, route_via_triton
+
+    if args.lam is not None:
+        raise UserError("--lambda applies to a local bundle; a Triton repository has its lambda built in (zooter triton build --lambda)")
+    queries, good, status = _queries(args.args), [], 0
+    for line, text in queries:
+        try:
+            check_text(text)
+            good.append((line, text))
+        except (UserError, TypeError) as err:
+            _emit(args, line, text, None, str(err).replace("query 0: ", ""))
+            status = 2
+    try:
+        answers = route_via_triton(args.triton, [text for _, text in good]) if good else []
+    except TritonRequestError as err:
+        raise UserError(f"Triton: {err}") from None
+    for (line, text), answer in zip(good, answers):
+        _emit(args, line, text, answer, None)
+    return status
+
+
+def cmd_bench(args) -> int:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    bundle = args.bundle or args.bundle_opt
+    if args.bundle and args.bundle_opt and args.bundle != args.bundle_opt:
+        raise UserError("give BUNDLE once (positional or --bundle)")
+    if bundle is None:
+        raise UserError("give the BUNDLE folder")
+    from zooter.runtime import bench
+
+    queries = bench.read_queries(args.queries) if args.queries else None
+    if args.triton:
+        from zooter.serving.triton_bench import bench_triton
+
+        # bench_triton prints its own table; the full report goes to --json.
+        bench_triton(args.triton, bundle, queries or bench.BUILTIN_QUERIES, args.json_out, threads=args.threads)
+        return 0
+    if args.iters < 1 or args.warmup < 0:
+        raise UserError("--iters must be >= 1 and --warmup >= 0")
+    if any(t < 3 for t in args.lengths) or any(b < 1 for b in args.batches):
+        raise UserError("--lengths must be >= 3 tokens and --batches >= 1")
+    from zooter.runtime.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    with tempfile.TemporaryDirectory(prefix="zooter-bench-") as work:
+        baselines, skipped = {}, {}
+        if args.no_torch:
+            skipped["torch"] = "--no-torch"
+        else:
+            try:
+                from zooter.export.baselines import pytorch_baselines
+            except ModuleNotFoundError as err:
+                skipped["torch"] = f"{err.name} is not installed (the train extra)"
+            else:
+                run = args.run or (manifest.get("provenance") or {}).get("run") or "/nonexistent"
+                baselines, skipped = pytorch_baselines(run, manifest, args.threads, work)
+        report = bench.run_bench(bundle, queries, baselines=baselines, skipped=skipped, lengths=args.lengths,
+                                 batches=args.batches, iters=args.iters, warmup=args.warmup, threads=args.threads,
+                                 progress=_progress_bar(args.iters * (len(args.lengths) + len(args.batches))))
+    status = 0
+    if args.budget_ms is not None:
+        budget = bench.check_budget(report, args.budget_ms)
+        status = 0 if budget["passed"] else 1
+    print(bench.format_table(report))
+    if args.budget_ms is not None:
+        b = report["budget"]
+        verdict = "within" if b["passed"] else "OVER"
+        print(f"budget: {b['engine']} p99 {b['p99_ms']:.2f} ms on the given queries is {verdict} {b['ms']:g} ms")
+    if args.json_out:
+        from zooter.runtime.files import write_text_atomic
+
+        write_text_atomic(json.dumps(report, indent=2) + "\n", Path(args.json_out))
+    if args.plot:
+        from zooter.training.plots import latency
+
+        latency(report, args.plot)
+    return status
+
+
+def _progress_bar(total: int):
+    """A tqdm bar's update, when tqdm is installed (an app venv may not have it)."""
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        return None
+    return tqdm(total=total, desc="bench", unit="round", leave=False).update
