@@ -90,11 +90,11 @@ def parse_candidates(items, source: str = "<candidates>") -> list[Candidate]:
 def load_candidates(path: str | Path) -> list[Candidate]:
     import yaml
 
+    from zooter.runtime.files import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise CandidatesError(f"{path}: no such candidates file")
     try:
-        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+        items = yaml.safe_load(read_text(path, "candidates file"))
     except yaml.YAMLError as err:
         raise CandidatesError(f"{path}: invalid YAML: {err}") from None
     return parse_candidates(items, str(path))
@@ -103,7 +103,9 @@ def load_candidates(path: str | Path) -> list[Candidate]:
 def save_candidates(candidates: Sequence[Candidate], path: str | Path) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump([c.to_json() for c in candidates], sort_keys=False), encoding="utf-8")
+    from zooter.runtime.files import write_text_atomic
+
+    write_text_atomic(yaml.safe_dump([c.to_json() for c in candidates], sort_keys=False), path)
 
 
 def costs_for(candidates: Sequence[Candidate], labels: Sequence[str]) -> dict[str, Cost] | None:

@@ -209,12 +209,11 @@ def route_via_triton(url: str, texts: Sequence[str]) -> list[dict]:
         raise TypeError("route_via_triton takes a list of queries")
     for i, t in enumerate(texts):
         check_text(t, i)
+    client, module = connect(url)
     try:
-        client, module = connect(url)
         client.is_server_live()
-    except UserError:
-        raise
     except Exception as err:   # refused, unknown host: tritonclient raises its own types
+        client.close()
         raise unreachable(url, err) from None
     # Batches of similar lengths, as Router.route_batch forms them: less padding, and a dynamic int8
     # router (activation scales span the batch) then sees the same batches as in-process.

@@ -193,7 +193,11 @@ class RunFolder:
         if finished and not force:
             raise UserError(f"{self.out}: a trained run is already there; pass --force to replace it "
                             f"(or --resume to continue it)")
-        if main:
+        self.fresh = True
+
+    def start(self, main: bool = True) -> None:
+        """Create the partial folder of a new run (after the data has been read without error)."""
+        if main and getattr(self, "fresh", False):
             shutil.rmtree(self.work, ignore_errors=True)
             self.work.mkdir(parents=True)
 
@@ -348,8 +352,9 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, int8_e
                         "zooter.export.int8_encoder: pass int8_embedder=Int8Embedder()")
     accelerator, rng = _setup(cfg)
     folder = RunFolder(cfg.out, resume=resume, force=force, main=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
     problem = prepare(cfg)
+    folder.start(accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (folder.work / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     started = time.time()

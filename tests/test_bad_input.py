@@ -1,0 +1,231 @@
+"""Bad input gets one clear line and exit status 2, never a wrong answer and never a traceback;
+nothing the user had is lost or mixed (issue 10, items 2-4)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tiny import LABELS, TEXTS
+from zooter.cli import main
+from zooter.runtime.bundle import BundleError
+from zooter.runtime.errors import SettingError
+
+
+@pytest.fixture()
+def bundle_copy(bundles, tmp_path):
+    def make(kind="int8") -> Path:
+        dest = tmp_path / f"copy-{kind}"
+        shutil.copytree(bundles[kind], dest)
+        return dest
+    return make
+
+
+def edit_manifest(bundle: Path, change) -> None:
+    manifest = json.loads((bundle / "router.json").read_text())
+    change(manifest)
+    (bundle / "router.json").write_text(json.dumps(manifest))
+
+
+# --- cost weights ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-0.5"])
+def test_a_cost_weight_that_is_not_a_finite_non_negative_number_is_refused_everywhere(bundles, tmp_path, capsys, value):
+    from zooter.runtime.router import Router
+
+    number = float(value)
+    assert main(["route", f"--lambda={value}", str(bundles["int8"]), "Prove that sqrt 2 is irrational"]) == 2
+    err = capsys.readouterr().err
+    assert "lambda must be a finite number >= 0" in err and "Traceback" not in err
+    with pytest.raises(SettingError, match="lambda"):
+        Router.load(bundles["int8"], lam=number)
+    router = Router.load(bundles["int8"])
+    with pytest.raises(SettingError, match="lambda"):
+        router.route(TEXTS[0], lam=number)
+    with pytest.raises(SettingError, match="lambda"):
+        router.route_batch(TEXTS[:2], lam=number)
+    assert main(["eval", str(bundles["int8"]), "--data", str(bundles["parity"].with_suffix(".jsonl")), f"--lambda={value}",
+                 "--json", str(tmp_path / "r.json"), "--best-single", LABELS[0]]) == 2
+    assert "lambda" in capsys.readouterr().err
+    assert main(["export", str(bundles["run"]), "--out", str(tmp_path / "b"), f"--lambda={value}"]) == 2
+    assert "lambda" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert main(["triton", "build", str(bundles["int8"]), "--candidates", str(bundles["candidates"]),
+                 "--out", str(tmp_path / "repo"), f"--lambda={value}"]) == 2
+    assert "lambda must be a finite number >= 0" in capsys.readouterr().err and not (tmp_path / "repo").exists()
+
+
+def test_router_json_lambda_nan_is_refused_on_load(bundle_copy):
+    from zooter.runtime.bundle import manifest_digest
+    from zooter.runtime.router import Router
+
+    bundle = bundle_copy()
+
+    def nan_lambda(m):
+        m["lambda"] = math.nan
+        m["manifest_sha256"] = manifest_digest(m)   # even a consistently signed NaN is refused
+    edit_manifest(bundle, nan_lambda)
+    with pytest.raises(BundleError, match="'lambda' must be a finite number"):
+        Router.load(bundle)
+
+
+# --- router.json ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.update(labels=[LABELS[0]] * 4), "'labels' repeats"),
+    (lambda m: m.update(labels="abcd"), "'labels' must be a list"),
+    (lambda m: m.update(max_length=-5), "'max_length' must be an integer"),
+    (lambda m: m.update(labels=[LABELS[1], LABELS[0], *LABELS[2:]]), "was modified after export"),
+    (lambda m: m.update(files={"../escape.onnx": {"sha256": "0" * 64}}), "not a plain file name"),
+    (lambda m: m.pop("manifest_sha256"), "no 'manifest_sha256'"),
+])
+def test_router_json_is_validated_strictly_naming_the_key(bundle_copy, capsys, change, message):
+    bundle = bundle_copy()
+    edit_manifest(bundle, change)
+    assert main(["route", str(bundle), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "router.json" in err and "Traceback" not in err
+
+
+def test_router_json_that_is_a_list_or_not_json(bundle_copy, capsys):
+    bundle = bundle_copy()
+    (bundle / "router.json").write_text("[1, 2, 3]")
+    assert main(["route", str(bundle), "hello"]) == 2
+    assert "expected a JSON object, got list" in capsys.readouterr().err
+    (bundle / "router.json").write_bytes(b"\xff\xfe junk")
+    assert main(["route", str(bundle), "hello"]) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+
+
+# --- text the tokenizer cannot take ---------------------------------------------------------------------
+def test_lone_surrogates_are_replaced_and_routed(bundles):
+    from zooter.runtime.router import Router
+
+    router = Router.load(bundles["int8"])
+    replaced = router.route("caf\ufffd au lait")
+    assert router.route("caf\udce9 au lait").candidate == replaced.candidate
+    assert router.route_batch(["\ud800 lone high surrogate", TEXTS[0]])[0].candidate == router.route("\ufffd lone high surrogate").candidate
+
+
+def test_route_batch_names_the_bad_row_and_checks_batch_size(bundles):
+    from zooter.runtime.router import Router
+    from zooter.runtime.tokenize import EmptyQueryError
+
+    router = Router.load(bundles["int8"])
+    with pytest.raises(EmptyQueryError, match="query 2: empty query"):
+        router.route_batch([TEXTS[0], TEXTS[1], "  ", TEXTS[2]])
+    with pytest.raises(TypeError, match="query 1: a query must be a str"):
+        router.route_batch([TEXTS[0], None])
+    for size in (0, -1, 1.5):
+        with pytest.raises(SettingError, match="batch_size must be a positive integer"):
+            router.route_batch(TEXTS[:3], batch_size=size)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'{"id": "a", "query": "caf\xe9", "rewards": {"x": 1, "y": 0}}\n', "not valid UTF-8"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "not valid UTF-8"),   # binary junk
+    (b'{"id": "a", "query": "\\udcff", "rewards": {"x": 1, "y": 0}}\n', "lone surrogate"),
+])
+def test_bad_bytes_in_data_files_name_the_line(tmp_path, capsys, content, reason):
+    good = b'{"id": "ok", "query": "fine", "rewards": {"x": 0.5, "y": 0.2}}\n'
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(good + content)
+    assert main(["data", "import", "jsonl", str(data), "--out", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"data.jsonl:2: " in err and reason in err and "Traceback" not in err
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--frozen"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.jsonl:2: " in err and reason in err and not (tmp_path / "run").exists()
+
+
+def test_out_pointing_at_a_folder_leaves_nothing_behind(routing_files, tmp_path, capsys):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert main(["data", "import", "jsonl", str(routing_files["test"]), "--out", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert list(folder.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["a-folder"]
+
+
+def test_unreadable_bundle_and_data_are_one_line_errors(bundles, routing_files):
+    """Without the right to read (root gives up its override of file permissions): permission denied,
+    named, exit 2."""
+    base = Path(tempfile.mkdtemp(prefix="zooter-perm-"))
+    try:
+        os.chmod(base, 0o755)
+        bundle, data = base / "bundle", base / "data.jsonl"
+        shutil.copytree(bundles["int8"], bundle)
+        shutil.copy(routing_files["test"], data)
+        os.chmod(bundle / "router.json", 0)
+        os.chmod(data, 0)
+        prefix = []
+        if os.geteuid() == 0:   # root reads everything: drop the capabilities that let it
+            if not shutil.which("setpriv"):
+                pytest.skip("running as root without setpriv: cannot take away the right to read")
+            prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+        for args, expected in ((["route", str(bundle), "hello"], "permission denied"),
+                               (["data", "stats", str(data)], "permission denied")):
+            done = subprocess.run([*prefix, sys.executable, "-m", "zooter.cli", *args], capture_output=True, text=True,
+                                  cwd=base)
+            assert done.returncode == 2, done.stderr
+            assert expected in done.stderr and "Traceback" not in done.stderr
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_missing_extras_name_the_extra_to_install(bundles, routing_files, monkeypatch, capsys):
+    for module in ("tritonclient", "tritonclient.http", "tritonclient.grpc", "tritonclient.utils"):
+        monkeypatch.setitem(sys.modules, module, None)   # import fails as in a venv without the extra
+    assert main(["route", "--triton", "127.0.0.1:9", "hello"]) == 2
+    assert "pip install 'zooter[triton]'" in capsys.readouterr().err
+    for module in ("torch", "torch.nn", "transformers", "accelerate"):
+        monkeypatch.setitem(sys.modules, module, None)
+    for module in [m for m in sys.modules if m.startswith(("zooter.training.model", "zooter.export.int8_encoder"))]:
+        monkeypatch.delitem(sys.modules, module)   # imported by earlier tests: import them afresh
+    assert main(["train", "--data", str(routing_files["train"]), "--out", "/nonexistent/run", "--frozen"]) == 2
+    assert "pip install 'zooter[train]'" in capsys.readouterr().err
+
+
+def test_route_through_triton_refused_port_empty_and_long_text(capsys):
+    from zooter.serving.triton_server import free_port
+
+    port = free_port()   # nothing listens there
+    assert main(["route", "--triton", f"127.0.0.1:{port}", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach Triton at 127.0.0.1:{port}" in err and "Traceback" not in err
+    assert main(["route", "--triton", f"127.0.0.1:{port}", "--json", "  ", "x" * 70000]) == 2
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["line"] for r in rows] == [1, 2]
+    assert "empty text" in rows[0]["error"] and "70000 bytes is over" in rows[1]["error"]
+
+
+# --- nothing lost, nothing mixed ------------------------------------------------------------------------
+def test_train_refuses_an_existing_run_and_never_mixes_one(routing_files, tiny_backbone, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--out", str(out),
+            "--backbone", str(tiny_backbone), "--frozen", "--epochs", "2", "--max-length", "32", "--int8-consistency", "0"]
+    assert main(args) == 0
+    first = (out / "head.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "a trained run is already there; pass --force" in capsys.readouterr().err
+    assert (out / "head.safetensors").read_bytes() == first
+
+    # Ctrl-C while replacing it: the old run stays whole; the new one waits in .run.partial.
+    import zooter.training.train as loop
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "routed_reward", interrupt)
+    assert main(args + ["--force", "--seed", "5"]) == 130
+    assert (out / "head.safetensors").read_bytes() == first and json.loads((out / "run.json").read_text())["seed"] == 0
+    assert (tmp_path / ".run.partial").is_dir()
+    monkeypatch.undo()
+    assert main(args + ["--seed", "5"]) == 2
+    assert "an interrupted run" in capsys.readouterr().err
+    assert main(args + ["--force", "--seed", "5"]) == 0
+    assert json.loads((out / "run.json").read_text())["seed"] == 5 and not (tmp_path / ".run.partial").exists()
