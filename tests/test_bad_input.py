@@ -137,10 +137,10 @@ def test_bad_bytes_in_data_files_name_the_line(tmp_path, capsys, content, reason
     data.write_bytes(good + content)
     assert main(["data", "import", "jsonl", str(data), "--out", str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert f"data.jsonl:2: " in err and reason in err and "Traceback" not in err
+    assert "data.jsonl:2: " in err and reason in err and "Traceback" not in err
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--frozen"]) == 2
     err = capsys.readouterr().err
-    assert f"data.jsonl:2: " in err and reason in err and not (tmp_path / "run").exists()
+    assert "data.jsonl:2: " in err and reason in err and not (tmp_path / "run").exists()
 
 
 def test_out_pointing_at_a_folder_leaves_nothing_behind(routing_files, tmp_path, capsys):
