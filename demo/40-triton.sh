@@ -26,10 +26,12 @@ for base in range(18000, 30000, 3):
     break
 PY
 )
-URL="localhost:$PORT"
+URL="127.0.0.1:$PORT"
 LOG="$OUT/triton-serve.log"
-zooter serve "$REPO" --explicit --http-port "$PORT" --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
-    --log-file "$OUT/tritonserver.log" > "$LOG" 2>&1 &
+# Model control is off by default; the fallback drill below unloads a candidate, so it is on here. The
+# repository API then needs the control key, which the launcher writes to a file readable by us alone.
+zooter serve "$REPO" --model-control --control-key-file "$OUT/control.key" --http-port "$PORT" \
+    --grpc-port $((PORT + 1)) --metrics-port $((PORT + 2)) --log-file "$OUT/tritonserver.log" > "$LOG" 2>&1 &
 SERVER=$!
 trap 'kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true' EXIT
 for _ in $(seq 600); do
@@ -74,16 +76,16 @@ awk '/^routing latency/ {show = 1} /^[{]/ {show = 0} show' "$OUT/triton-bench.ou
 
 echo
 echo "== fallback: 8 answers sent over 4 s, the chosen candidate's model unloaded halfway =="
-python - "$URL" "$REPO" <<'PY'
+python - "$URL" "$REPO" "$OUT/control.key" <<'PY'
 import json, sys
 from pathlib import Path
 from zooter.serving.triton_bench import fallback_drill
 from zooter.serving.triton_client import route_via_triton
-url, repo = sys.argv[1:]
+url, repo, key_file = sys.argv[1:]
 query = "Explain the difference between a list and a tuple in Python."
 chosen = route_via_triton(url, [query])[0]["candidate"]
 model = json.loads((Path(repo) / "zooter" / "1" / "routing.json").read_text())["candidates"][chosen]["model"]
-drill = fallback_drill(url, query, model, requests=8, max_tokens=8, spread_s=4.0)
+drill = fallback_drill(url, query, model, requests=8, max_tokens=8, spread_s=4.0, key=Path(key_file).read_text().strip())
 print(f"  routed to {chosen} ({model}); answered {drill['answered']}/{drill['requests']}, lost {drill['lost']}, "
       f"by fallback {drill['fallbacks']}")
 print(f"  answered by: {drill['by_candidate']}")

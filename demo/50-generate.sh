@@ -37,7 +37,7 @@ stand_ins = {label: s["model"] for label, s in routing["candidates"].items() if 
 chosen = list(stand_ins)[:3]
 prices = {c.name: c.cost for c in load_candidates(out / "candidates.yaml")} if (out / "candidates.yaml").is_file() else {}
 # Only the models this stage calls: the shared tiny LLM and three stand-ins, not the router.
-with TritonServer(out / "triton-repo", explicit=True,
+with TritonServer(out / "triton-repo", model_control=True,
                   load_models=["zooter_standin_llm", *(stand_ins[c] for c in chosen)]) as server:
     candidates = [Candidate(name, prices.get(name), {"triton_model": stand_ins[name], "triton_url": server.grpc_url,
                                                       "protocol": "grpc", "max_concurrency": 2}) for name in chosen]

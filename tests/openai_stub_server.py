@@ -14,6 +14,8 @@ be tested against real HTTP failures:
     broken   answers 500 every time
     missing  answers 404 "model not found"
     private  answers 401 unless the request carries "Authorization: Bearer test-key"
+    paired   holds each request until another request of the model is (or was) in flight, at most
+             10 s: a client's concurrency then shows in max_in_flight however loaded the machine is
 GET /stats returns {"requests": {model: n}, "max_in_flight": {model: n}}: how many requests each model got,
 and the most that were in flight at once (tests read it to check per-candidate concurrency limits).
 """
@@ -49,6 +51,16 @@ class Stats:
             self.requests[model] = self.requests.get(model, 0) + 1
             self.in_flight[model] = self.in_flight.get(model, 0) + 1
             self.max_in_flight[model] = max(self.max_in_flight.get(model, 0), self.in_flight[model])
+
+    def wait_for_company(self, model: str, timeout: float = 10.0) -> None:
+        """Hold a request until another one of the same model is in flight (or one has been): a client
+        that sends concurrently shows it whatever the machine's load; one that does not waits here."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.max_in_flight.get(model, 0) >= 2:
+                    return
+            time.sleep(0.005)
 
     def leave(self, model: str) -> None:
         with self.lock:
@@ -103,6 +115,8 @@ def make_handler(stats: Stats, delay: float):
             try:
                 if delay:
                     time.sleep(delay)
+                if "paired" in model:
+                    stats.wait_for_company(model)
                 if "private" in model and self.headers.get("Authorization") != "Bearer test-key":
                     self._send(401, {"error": {"message": "invalid api key"}})
                     return

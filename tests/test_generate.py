@@ -62,7 +62,7 @@ def pairs_in(journal: Path) -> list[tuple[str, str]]:
 
 
 def test_answers_failures_retries_and_limits(tmp_path, server):
-    names = ["alpha", "beta-verbose", "gamma-flaky", "delta-broken", "eps-empty", "zeta-missing"]
+    names = ["alpha", "beta-verbose", "gamma-flaky", "delta-broken", "eps-empty-paired", "zeta-missing"]
     cands = parse_candidates(
         [{"name": n, "serve": {"openai_base_url": server + "/v1", **({"max_concurrency": 1} if n == "alpha" else {})}}
          for n in names])
@@ -76,7 +76,7 @@ def test_answers_failures_retries_and_limits(tmp_path, server):
     first = rows[0]
     # The exact deterministic answer came back through HTTP, cut at 12 words where the server said "length".
     assert first["responses"]["alpha"] == answer_text("alpha", queries[0].text)
-    assert first["responses"]["eps-empty"] == ""
+    assert first["responses"]["eps-empty-paired"] == ""
     assert len(first["responses"]["beta-verbose"].split()) == 12
     assert first["hit_max_tokens"] == ["beta-verbose"]
     # flaky: 503 once per prompt, then answered after one retry.
@@ -86,14 +86,14 @@ def test_answers_failures_retries_and_limits(tmp_path, server):
     assert all(v is None for v in first["rewards"].values()) and first["source"] == "unit"
 
     t = summary.tallies
-    assert (t["alpha"].answered, t["gamma-flaky"].retried, t["eps-empty"].empty) == (6, 6, 6)
+    assert (t["alpha"].answered, t["gamma-flaky"].retried, t["eps-empty-paired"].empty) == (6, 6, 6)
     assert (t["delta-broken"].failed, t["zeta-missing"].failed, t["beta-verbose"].hit_max_tokens) == (6, 6, 6)
     assert summary.answered_total == 24 and summary.failed_total == 12
     seen = stats(server)
     assert seen["requests"]["delta-broken"] == 6 * 3  # first try + 2 retries
     assert seen["requests"]["zeta-missing"] == 6      # a 404 is never retried
     assert seen["max_in_flight"]["alpha"] == 1        # the serve entry's max_concurrency
-    assert 1 < seen["max_in_flight"]["eps-empty"] <= 3
+    assert 1 < seen["max_in_flight"]["eps-empty-paired"] <= 3
     text = "\n".join(summary.lines())
     assert "delta-broken" in text and "failed:" in text
 
