@@ -29,7 +29,7 @@ EXTRAS = {"torch": "train", "transformers": "train", "optimum": "train", "onnx":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zooter.cli import collect, data, export, route, train, triton
+    from zooter.cli import collect, data, export, gateway, route, train, triton
 
     parser = argparse.ArgumentParser(
         prog="zooter",
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zooter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for group in (data, train, collect, export, route, triton):
+    for group in (data, train, collect, export, route, triton, gateway):
         group.register(sub)
     return parser
 

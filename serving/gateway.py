@@ -1,0 +1,342 @@
+"""zooter gateway: an OpenAI-compatible HTTP front door that routes every request to a candidate LLM.
+
+    POST /v1/chat/completions, POST /v1/completions   streaming (SSE, `data: [DONE]`) or not
+    GET  /v1/models    `zooter` and every candidate
+    GET  /health       liveness and readiness with the upstreams' state (?probe=live: liveness alone)
+    GET  /metrics      Prometheus
+
+`model: "zooter"` routes (per-request options in a `zooter` object: lambda, tolerance, candidates); a
+candidate's name goes straight to it. Headers x-zooter-candidate, x-zooter-confidence, x-zooter-fallback
+show the decision. Back ends and fallback: gateway_backends.py; upstreams: gateway_upstreams.py;
+request checks: gateway_requests.py; metrics: gateway_metrics.py. docs/gateway.md has the whole story.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import math
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from zooter.runtime.errors import UserError
+from zooter.serving.gateway_backends import MID, Answer, BundleBackend, TritonBackend, remaining
+from zooter.serving.gateway_metrics import Metrics
+from zooter.serving.gateway_requests import ApiError, parse_chat, parse_completion, read_json
+from zooter.serving.gateway_upstreams import UpstreamError
+
+log = logging.getLogger("zooter.gateway")
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class GatewaySettings:
+    bundle: str | Path | None = None         # with candidates: route in process
+    candidates: str | Path | None = None
+    triton: str | None = None                # or: every request through Triton's `zooter` model (gRPC)
+    lam: float | None = None                 # cost weight of the in-process rule (None: the bundle's)
+    api_keys: Sequence[str] = ()             # bearer tokens clients must send; empty: no authentication
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 300.0           # a whole request, stream included
+    upstream_timeout: float = 60.0           # an upstream's first token, and each token after it
+    connect_timeout: float = 5.0
+    max_tokens: int = 256                    # for Triton models when a request sends no max_tokens
+
+    def check(self) -> None:
+        if bool(self.triton) == bool(self.bundle or self.candidates):
+            raise UserError("give either --triton URL or --bundle B --candidates FILE")
+        if not self.triton and not (self.bundle and self.candidates):
+            raise UserError("--bundle and --candidates go together")
+        for name in ("request_timeout", "upstream_timeout", "connect_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value!r}")
+        for name in ("max_body_bytes", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.triton and self.lam is not None:
+            raise UserError("--lambda applies to --bundle; a Triton repository has its lambda built in "
+                            "(zooter triton build --lambda)")
+
+
+def load_api_keys(path: str | Path) -> list[str]:
+    """One key a line; blank lines and lines starting with # are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such API keys file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read the API keys file: {err}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise UserError(f"{path}: no API keys in the file (one key a line)")
+    return keys
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _sse(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _has_text(data: dict) -> bool:
+    for choice in data.get("choices") or ():
+        if isinstance(choice, dict) and (choice.get("text") or (choice.get("delta") or {}).get("content")):
+            return True
+    return False
+
+
+class Gateway:
+    """The state behind the app: settings, the back end, metrics, the hashed client keys."""
+
+    def __init__(self, settings: GatewaySettings):
+        import httpx
+
+        settings.check()
+        self.settings = settings
+        self.metrics = Metrics()
+        self.keys = [_digest(k) for k in settings.api_keys]
+        self.http = None
+        if settings.triton:
+            self.backend = TritonBackend(settings, self.metrics)
+        else:
+            self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.upstream_timeout, connect=settings.connect_timeout),
+                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=128))
+            self.backend = BundleBackend(settings, self.metrics, self.http, self.redact)
+        self.secrets = self.backend.secrets
+        self.created = int(time.time())
+
+    async def close(self) -> None:
+        await self.backend.close()
+        if self.http is not None:
+            await self.http.aclose()
+
+    def redact(self, text: str) -> str:
+        """Upstream keys never leave the gateway: not in errors, not in logs (an upstream may echo one)."""
+        for secret in self.secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+    def authorize(self, request) -> None:
+        if not self.keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = _digest(token.strip())
+        # Every key is compared, in constant time over equal-length digests: timing says nothing about a key.
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(given, key)
+        if not (ok and scheme.lower() == "bearer"):
+            raise ApiError(401, "missing or invalid API key: send Authorization: Bearer <key>", code="invalid_api_key",
+                           headers={"www-authenticate": "Bearer"})
+
+    # --- answering ---------------------------------------------------------------------------------
+    async def answer(self, request, kind: str):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        endpoint = request.url.path
+        deadline = time.perf_counter() + self.settings.request_timeout
+        self.metrics.in_flight.inc()
+        streaming = False
+        try:
+            self.authorize(request)
+            body = await read_json(request, self.settings.max_body_bytes)
+            call = parse_chat(body) if kind == "chat" else parse_completion(body)
+            answer = await self.backend.answer(call, deadline)
+            headers = self._headers(answer)
+            if answer.rest is not None:
+                streaming = True
+                return StreamingResponse(self._relay(endpoint, answer, deadline), media_type="text/event-stream",
+                                         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+            self.metrics.upstream.labels(answer.candidate).observe(time.perf_counter() - answer.started)
+            self._count_tokens(answer.candidate, answer.completion.get("usage"), 0)
+            self.metrics.requests.labels(endpoint, answer.candidate, "200").inc()
+            return JSONResponse(answer.completion, headers=headers)
+        except ApiError as err:
+            self.metrics.requests.labels(endpoint, "", str(err.status)).inc()
+            return error_response(err)
+        except Exception:
+            log.exception("unexpected error answering %s", endpoint)
+            self.metrics.requests.labels(endpoint, "", "500").inc()
+            return error_response(ApiError(500, "internal error in the gateway", "server_error", "internal_error"))
+        finally:
+            if not streaming:
+                self.metrics.in_flight.dec()
+
+    @staticmethod
+    def _headers(answer: Answer) -> dict:
+        headers = {"x-zooter-candidate": answer.candidate, "x-zooter-fallback": "true" if answer.fallback else "false"}
+        if answer.confidence is not None:
+            headers["x-zooter-confidence"] = f"{answer.confidence:.4f}"
+        return headers
+
+    def _count_tokens(self, candidate: str, usage, chunks: int) -> None:
+        completion_tokens = chunks
+        if isinstance(usage, dict):
+            prompt = usage.get("prompt_tokens")
+            if isinstance(prompt, int):
+                self.metrics.tokens.labels(candidate, "prompt").inc(prompt)
+            if isinstance(usage.get("completion_tokens"), int):
+                completion_tokens = usage["completion_tokens"]
+        if completion_tokens:
+            self.metrics.tokens.labels(candidate, "completion").inc(completion_tokens)
+
+    async def _relay(self, endpoint: str, answer: Answer, deadline: float):
+        """The stream to the client: the chunks up to the first token, then the rest as they come. A failure
+        now ends the stream with an error event (and no [DONE]): the client must not take half an answer
+        for a whole one."""
+        import anyio
+
+        name, status, chunks, usage = answer.candidate, "499", 0, None   # 499: the client went away
+        self.metrics.ttft.labels(name).observe(time.perf_counter() - answer.started)
+        try:
+            for data in answer.chunks:
+                chunks += _has_text(data)
+                yield _sse(data)
+            while True:
+                timeout = min(self.settings.upstream_timeout, remaining(deadline))
+                try:
+                    with anyio.fail_after(timeout):
+                        data = await answer.rest.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise UpstreamError("timeout", f"no token for {timeout:g} s") from None
+                chunks += _has_text(data)
+                usage = data.get("usage") or usage
+                yield _sse(data)
+            status = "200"
+            yield DONE
+        except UpstreamError as err:
+            status = "200"
+            self.metrics.failure(name, MID, err.reason)
+            log.warning("%s failed mid-stream (%s): %s", name, err.message, self.redact(err.detail))
+            yield _sse(ApiError(502, f"{name} failed mid-answer: {err.message}; the answer is incomplete",
+                                "upstream_error", "stream_interrupted").body())
+        finally:
+            await answer.rest.aclose()
+            self.metrics.upstream.labels(name).observe(time.perf_counter() - answer.started)
+            self._count_tokens(name, usage, chunks)
+            self.metrics.requests.labels(endpoint, name, status).inc()
+            self.metrics.in_flight.dec()
+
+    # --- the other endpoints -----------------------------------------------------------------------
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            self.authorize(request)
+        except ApiError as err:
+            return error_response(err)
+        names = ["zooter", *await self.backend.models()]
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": self.created,
+                                                         "owned_by": "zooter"} for name in names]})
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        if request.query_params.get("probe") == "live":
+            return JSONResponse({"live": True})
+        ready, upstreams = await self.backend.health()
+        up = sum(state == "up" for state in upstreams.values())
+        status = "ok" if ready and up == len(upstreams) else "degraded" if ready else "unavailable"
+        return JSONResponse({"status": status, "live": True, "ready": ready, "backend": self.backend.kind,
+                             "upstreams": upstreams}, status_code=200 if ready else 503)
+
+    async def prometheus(self, request):
+        from starlette.responses import Response
+
+        try:
+            self.authorize(request)
+        except ApiError as err:
+            return error_response(err)
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def error_response(err: ApiError):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def create_app(settings: GatewaySettings, on_ready: Callable[[Gateway], None] | None = None):
+    """The ASGI app. Loads the router and candidates now (a UserError for bad input); upstream clients start
+    and stop with the app (gRPC's asyncio channels belong to the serving loop)."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    gateway = Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await gateway.backend.start()
+        if on_ready is not None:
+            on_ready(gateway)
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    async def http_error(request, exc: HTTPException):     # unknown paths and methods, in OpenAI's shape too
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       code=code))
+
+    async def chat_completions(request):
+        return await gateway.answer(request, "chat")
+
+    async def completions(request):
+        return await gateway.answer(request, "completions")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                            Route("/v1/completions", completions, methods=["POST"]),
+                            Route("/v1/models", gateway.models, methods=["GET"]),
+                            Route("/health", gateway.health, methods=["GET"]),
+                            Route("/metrics", gateway.prometheus, methods=["GET"])],
+                    lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.gateway = gateway
+    return app
+
+
+def listen(host: str, port: int):
+    """A listening socket, bound before the server starts so that a busy port is one clear line."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def serve(settings: GatewaySettings, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> int:
+    """Run the gateway until Ctrl-C or SIGTERM (uvicorn drains open requests first)."""
+    import uvicorn
+
+    def ready(gateway: Gateway) -> None:
+        keys = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API keys (anyone who can connect may call)"
+        print(f"zooter gateway ready: http://{host}:{sock.getsockname()[1]}/v1  ({gateway.backend.describe()}; {keys})",
+              flush=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"  listening on {host}: reachable from other machines; set --api-keys-file and put TLS in front",
+                  flush=True)
+
+    app = create_app(settings, on_ready=ready)     # the router and candidates load first: bad input fails fast
+    sock = listen(host, port)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

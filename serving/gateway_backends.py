@@ -1,0 +1,308 @@
+"""The gateway's two back ends: who picks the candidate, and what happens when it cannot answer.
+
+    BundleBackend   the in-process Router ranks the candidates (in a thread pool, never on the event loop);
+                    the first that answers gets the request: a failure before its first token passes the
+                    request to the next in the ranking, invisibly to the client
+    TritonBackend   the `zooter` model of a Triton repository does both inside Triton
+
+Both hand the gateway an Answer: the candidate, whether it was a fallback, and the answer's start (a
+stream's chunks up to the first token) or all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import AsyncIterator
+
+from zooter.runtime.errors import UserError
+from zooter.serving.gateway_requests import ApiError, Call, invalid
+from zooter.serving.gateway_upstreams import (GrpcClients, OpenAIUpstream, TritonModelUpstream, TritonZooter,
+                                              UpstreamError, chunk, completion, is_token, new_id)
+
+log = logging.getLogger("zooter.gateway")
+BEFORE, MID = "before_first_token", "mid_stream"
+
+
+@dataclass
+class Answer:
+    candidate: str
+    fallback: bool
+    confidence: float | None           # the router's probability of the candidate that answered; None unrouted
+    started: float                     # perf_counter() when the request went to the candidate that answered
+    chunks: list = field(default_factory=list)   # streaming: the chunks up to the first token
+    rest: AsyncIterator | None = None  # streaming: the chunks after them
+    completion: dict | None = None     # not streaming: the whole answer
+
+
+def remaining(deadline: float) -> float:
+    left = deadline - time.perf_counter()
+    if left <= 0:
+        raise UpstreamError("timeout", "the request timed out")
+    return left
+
+
+async def first_token(chunks: AsyncIterator, timeout: float) -> list:
+    """The chunks up to and including the first that carries part of the answer."""
+    import anyio
+
+    got = []
+    try:
+        with anyio.fail_after(timeout):
+            async for data in chunks:
+                got.append(data)
+                if is_token(data):
+                    return got
+    except TimeoutError:
+        raise UpstreamError("timeout", f"no first token within {timeout:g} s") from None
+    raise UpstreamError("broken", "closed the stream without answering")
+
+
+def unknown_model(model: str, names: list[str]) -> ApiError:
+    return ApiError(404, f"unknown model {model!r}: use 'zooter' to route, or one of the candidates {names}",
+                    code="model_not_found", param="model")
+
+
+class BundleBackend:
+    kind = "bundle"
+
+    def __init__(self, settings, metrics, http, redact):
+        from zooter.runtime.router import Router
+        from zooter.serving.candidates import CandidatesError, load_candidates
+
+        self.settings, self.metrics, self.redact = settings, metrics, redact
+        self.router = Router.load(settings.bundle, lam=settings.lam)
+        candidates = load_candidates(settings.candidates)
+        self.names = [c.name for c in candidates]
+        missing = [label for label in self.router.labels if label not in self.names]
+        if missing:
+            raise CandidatesError(f"{settings.candidates}: no entry for the router's candidate(s) {missing}")
+        # The Router gains `tolerance` in a parallel change; a bundle's Router without it says so per request.
+        self.tolerance = "tolerance" in inspect.signature(self.router.route).parameters
+        self.grpc = GrpcClients()
+        self.upstreams, self.unservable = {}, {}
+        for c in candidates:
+            if c.serve.get("openai_base_url"):
+                self.upstreams[c.name] = OpenAIUpstream(c.name, c.serve, http)
+            elif c.serve.get("triton_model"):
+                self.upstreams[c.name] = TritonModelUpstream(c.name, c.serve, self.grpc, settings.max_tokens)
+            else:
+                self.unservable[c.name] = "no serve entry (openai_base_url or triton_model)"
+        if not any(label in self.upstreams for label in self.router.labels):
+            raise UserError(f"{settings.candidates}: none of the router's candidates has a serve entry "
+                            "(openai_base_url or triton_model): nothing could answer")
+        self.secrets = [u.secret for u in self.upstreams.values() if getattr(u, "secret", None)]
+        # Routing is CPU work in onnxruntime: one thread per core, off the event loop.
+        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="zooter-route")
+
+    def describe(self) -> str:
+        return (f"bundle {self.settings.bundle} ({len(self.router.labels)} candidates routed, "
+                f"{len(self.upstreams)} callable)")
+
+    async def start(self) -> None:
+        for name, why in self.unservable.items():
+            log.warning("candidate %s cannot be called: %s (the router's choice passes it to the next)", name, why)
+
+    async def close(self) -> None:
+        await self.grpc.close()
+        self.pool.shutdown(wait=False)
+
+    async def models(self) -> list[str]:
+        return self.names
+
+    async def health(self) -> tuple[bool, dict]:
+        names = list(self.upstreams)
+        states = dict(zip(names, await asyncio.gather(*(self.upstreams[n].probe() for n in names))))
+        states.update({name: f"down: {why}" for name, why in self.unservable.items()})
+        ready = any(states.get(label) == "up" for label in self.router.labels)
+        return ready, {name: states[name] for name in self.names}
+
+    async def _route(self, call: Call) -> tuple[list[str], dict[str, float] | None]:
+        """(the candidates to try, best first; the router's probabilities, or None when the client named one)."""
+        if call.model != "zooter":
+            if call.model not in self.names:
+                raise unknown_model(call.model, self.names)
+            if call.options:
+                raise invalid("zooter options apply to model 'zooter' only; this request names a candidate", "zooter")
+            return [call.model], None
+        options, kwargs = call.options, {}
+        if "lambda" in options:
+            kwargs["lam"] = options["lambda"]
+        if "tolerance" in options:
+            if not self.tolerance:
+                raise invalid("tolerance is not supported by this bundle", "zooter.tolerance", "unsupported_option")
+            kwargs["tolerance"] = options["tolerance"]
+        allowed = options.get("candidates")
+        if allowed:
+            unknown = [n for n in allowed if n not in self.names]
+            if unknown:
+                raise invalid(f"zooter.candidates: unknown candidate(s) {unknown}", "zooter.candidates")
+            if not any(n in self.router.labels for n in allowed):
+                raise invalid(f"zooter.candidates: none of {allowed} is one the router chooses between "
+                              f"({self.router.labels})", "zooter.candidates")
+        start = time.perf_counter()
+        try:
+            decision = await asyncio.get_running_loop().run_in_executor(
+                self.pool, partial(self.router.route, call.route_text, **kwargs))
+        except (ValueError, TypeError) as err:   # a setting the bundle cannot take (SettingError), blank text
+            raise invalid(f"cannot route this request: {err}", "zooter") from None
+        self.metrics.routing.observe(time.perf_counter() - start)
+        ranking = [n for n in decision.ranking if not allowed or n in allowed]
+        return ranking, decision.probabilities
+
+    async def answer(self, call: Call, deadline: float) -> Answer:
+        ranking, probabilities = await self._route(call)
+        failures = []
+        for name in ranking:
+            upstream = self.upstreams.get(name)
+            if upstream is None:
+                failures.append(f"{name}: {self.unservable[name]}")
+                self.metrics.failure(name, BEFORE, "no_serve")
+                continue
+            started = time.perf_counter()
+            try:
+                if call.stream:
+                    rest = upstream.stream(call)
+                    try:
+                        chunks = await first_token(rest, min(self.settings.upstream_timeout, remaining(deadline)))
+                    except BaseException:
+                        await rest.aclose()
+                        raise
+                    result = {"chunks": chunks, "rest": rest}
+                else:
+                    result = {"completion": await self._whole(upstream, call, deadline)}
+            except UpstreamError as err:
+                if err.client_status:
+                    raise ApiError(err.client_status, self.redact(f"{name}: {err.message}"),
+                                   code="upstream_refused_request") from None
+                self.metrics.failure(name, BEFORE, err.reason)
+                log.warning("%s failed before its first token (%s): %s", name, err.message, self.redact(err.detail))
+                failures.append(f"{name}: {err.message}")
+                continue
+            fallback = name != ranking[0]
+            if fallback:
+                self.metrics.fallbacks.labels(name).inc()
+            confidence = probabilities[name] if probabilities else None
+            return Answer(name, fallback, confidence, started, **result)
+        raise ApiError(503, "no candidate could answer: " + "; ".join(failures), "upstream_error",
+                       "upstreams_unavailable")
+
+    async def _whole(self, upstream, call: Call, deadline: float) -> dict:
+        import anyio
+
+        timeout = remaining(deadline)
+        try:
+            with anyio.fail_after(timeout):
+                return await upstream.complete(call, timeout)
+        except TimeoutError:
+            raise UpstreamError("timeout", f"no answer within {timeout:g} s") from None
+
+
+class TritonBackend:
+    """Every request through the `zooter` model over a gRPC stream; per-request options are not supported yet
+    (the repository's decision rule is built in: zooter triton build --lambda)."""
+
+    kind = "triton"
+
+    def __init__(self, settings, metrics):
+        self.settings, self.metrics = settings, metrics
+        self.grpc = GrpcClients()
+        self.zooter = TritonZooter(settings.triton, self.grpc)
+        self.labels: list[str] = []
+        self.secrets: list[str] = []
+
+    def describe(self) -> str:
+        return f"Triton at grpc://{self.zooter.address} (model zooter)"
+
+    async def start(self) -> None:
+        await self.models()
+
+    async def close(self) -> None:
+        await self.grpc.close()
+
+    async def models(self) -> list[str]:
+        """The router's candidates, read from Triton once it answers (it may start after the gateway)."""
+        from tritonclient.utils import InferenceServerException
+
+        if not self.labels:
+            try:
+                self.labels = await self.zooter.labels()
+            except InferenceServerException as err:
+                log.warning("cannot read the candidates from Triton at %s yet: %s", self.zooter.address, err.message())
+        return self.labels
+
+    async def health(self) -> tuple[bool, dict]:
+        states = await self.zooter.probe()
+        return states["triton"] == "up", states
+
+    def _check(self, call: Call) -> None:
+        for name in ("lambda", "tolerance", "candidates"):
+            if name in call.options:
+                raise invalid(f"zooter.{name} is not supported with --triton yet: the repository's decision rule is "
+                              "built in (zooter triton build --lambda)", f"zooter.{name}", "unsupported_option")
+        if call.model != "zooter":
+            if call.model in self.labels:
+                raise invalid(f"model {call.model!r}: with --triton every request is routed; use model 'zooter' "
+                              "(naming a candidate is not supported yet)", "model", "unsupported_option")
+            raise unknown_model(call.model, self.labels)
+
+    async def answer(self, call: Call, deadline: float) -> Answer:
+        import anyio
+
+        self._check(call)
+        started = time.perf_counter()
+        pieces = self.zooter.pieces(call, call.stream)
+        try:
+            if not call.stream:
+                with anyio.fail_after(remaining(deadline)):
+                    got = [piece async for piece in pieces]
+                if not got:
+                    raise UpstreamError("broken", "Triton closed the stream without answering")
+                last = got[-1][1]      # after a fallback inside Triton, the answer of the one that finished
+                text = "".join(t for t, who, _ in got if who == last)
+                return self._answer(last, got[0][2] or len({who for _, who, _ in got}) > 1, started,
+                                    completion=completion(call.kind, last, text))
+            with anyio.fail_after(min(self.settings.upstream_timeout, remaining(deadline))):
+                text, candidate, note = await pieces.__anext__()
+        except (UpstreamError, TimeoutError, StopAsyncIteration) as err:
+            await pieces.aclose()
+            raise self._error(err) from None
+        id, created = new_id(call.kind), int(time.time())
+        return self._answer(candidate, bool(note), started, chunks=[chunk(call.kind, id, created, candidate, text, first=True)],
+                            rest=self._rest(call, pieces, candidate, id, created))
+
+    def _answer(self, candidate: str, fallback: bool, started: float, **result) -> Answer:
+        if fallback:
+            self.metrics.fallbacks.labels(candidate).inc()
+        return Answer(candidate, fallback, None, started, **result)
+
+    @staticmethod
+    def _error(err) -> ApiError:
+        if isinstance(err, TimeoutError):
+            return ApiError(503, "Triton sent no first token in time", "upstream_error", "upstreams_unavailable")
+        if isinstance(err, StopAsyncIteration):
+            return ApiError(503, "Triton closed the stream without answering", "upstream_error", "upstreams_unavailable")
+        # The repository's own checks on the text (zooter_tokenize) are the client's to fix.
+        if any(s in err.detail for s in ("empty text", "byte limit")):
+            return invalid(f"Triton refused the request: {err.detail}", "messages")
+        return ApiError(503, f"Triton could not answer: {err.message}", "upstream_error",
+                        "upstreams_unavailable")
+
+    @staticmethod
+    async def _rest(call: Call, pieces, candidate: str, id: str, created: int):
+        try:
+            async for text, who, _ in pieces:
+                # The zooter model moves on to the next candidate when one fails mid-answer; half an answer
+                # followed by another model's whole answer is not an answer, so the stream ends in an error.
+                if who != candidate:
+                    raise UpstreamError("broken", f"{candidate} failed mid-answer (Triton went on to {who})")
+                yield chunk(call.kind, id, created, candidate, text)
+            yield chunk(call.kind, id, created, candidate, "", finish="stop")
+        finally:
+            await pieces.aclose()

@@ -1,0 +1,403 @@
+"""Where the gateway sends a request: OpenAI-compatible servers, Triton models with TensorRT-LLM I/O, and the
+`zooter` model of a Triton repository. Each streams OpenAI-shaped chunks and raises UpstreamError on failure.
+
+    OpenAIUpstream       serve.openai_base_url (vLLM, trtllm-serve, ...): the client's body, model renamed,
+                         over httpx; chunks pass through with `model` set to the candidate's name
+    TritonModelUpstream  serve.triton_model: text_input, max_tokens, stream, temperature, top_p -> text_output
+                         over a gRPC stream (tritonclient.grpc.aio); chunks are built here
+    TritonZooter         the `zooter` BLS model (routing and fallback inside Triton): the same I/O plus the
+                         `candidate` and `note` outputs
+
+Messages of UpstreamError are shown to clients: they name what went wrong, never a URL, a key or an
+upstream's error body (that goes to `detail`, for the log), except when the upstream says the request
+itself is wrong, which the client needs to know to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from typing import AsyncIterator
+
+from zooter.runtime.errors import UserError
+
+# Upstream statuses that mean "this request is wrong": asking another candidate cannot help.
+CLIENT_ERRORS = (400, 413, 422)
+ERROR_BODY_BYTES = 4096
+
+
+class UpstreamError(Exception):
+    """A candidate could not answer. `reason` is the metrics label; `client_status` is set when the upstream
+    refused the request itself (no fallback: the client gets that status)."""
+
+    def __init__(self, reason: str, message: str, detail: str = "", client_status: int | None = None):
+        super().__init__(message)
+        self.reason, self.message, self.detail, self.client_status = reason, message, detail, client_status
+
+
+# --- OpenAI-shaped answers ---------------------------------------------------------------------------
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def chunk(kind: str, id: str, created: int, model: str, text: str, finish: str | None = None,
+          first: bool = False) -> dict:
+    if kind == "chat":
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return {"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def completion(kind: str, model: str, text: str) -> dict:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        obj = "chat.completion"
+    else:
+        choice, obj = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}, "text_completion"
+    return {"id": new_id(kind), "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def is_token(data: dict) -> bool:
+    """Whether a chunk carries something of the answer (text, a tool call, the finish, usage), as opposed
+    to the role-only chunk servers send first: a failure before this is still invisible to the client."""
+    if data.get("usage"):
+        return True
+    for choice in data.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason") or choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(delta.get(k) for k in ("content", "tool_calls", "function_call",
+                                                                  "reasoning_content", "refusal")):
+            return True
+    return False
+
+
+# --- OpenAI-compatible servers -------------------------------------------------------------------------
+def _transport_error(err) -> UpstreamError:
+    import httpx
+
+    if isinstance(err, httpx.TimeoutException):
+        return UpstreamError("timeout", "timed out", f"{type(err).__name__}")
+    if isinstance(err, httpx.ConnectError):
+        return UpstreamError("refused", "cannot connect", f"{type(err).__name__}: {err}")
+    return UpstreamError("broken", "the connection broke", f"{type(err).__name__}: {err}")
+
+
+def _error_message(raw: bytes) -> str:
+    text = raw[:ERROR_BODY_BYTES].decode("utf-8", "replace")
+    try:
+        error = json.loads(text).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        if isinstance(message, str) and message:
+            return message[:500]
+    except (ValueError, AttributeError):
+        pass
+    return text.strip()[:500]
+
+
+def _status_error(status: int, raw: bytes) -> UpstreamError:
+    message = _error_message(raw)
+    if status in CLIENT_ERRORS:
+        return UpstreamError("http_4xx", f"the candidate refused the request: {message}", message, client_status=status)
+    # 401/403/404 (this candidate's key or model name is wrong), 408, 429, 5xx: the next candidate may answer.
+    return UpstreamError("http_5xx" if status >= 500 else "http_4xx", f"HTTP {status}", f"HTTP {status}: {message}")
+
+
+class OpenAIUpstream:
+    def __init__(self, name: str, serve: dict, http):
+        base = str(serve["openai_base_url"]).rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise UserError(f"candidate {name!r}: openai_base_url must start with http:// or https://, got {base!r}")
+        self.name, self.base, self.http = name, base, http
+        self.model = str(serve.get("model") or name)
+        self.headers = {"content-type": "application/json"}
+        self.secret = None
+        env = serve.get("api_key_env")
+        if env:
+            key = os.environ.get(str(env))
+            if not key:
+                raise UserError(f"candidate {name!r}: api_key_env {env} is not set in the environment")
+            self.headers["authorization"] = f"Bearer {key}"
+            self.secret = key
+
+    def _request(self, call, timeout=None):
+        path = "/chat/completions" if call.kind == "chat" else "/completions"
+        body = json.dumps(dict(call.body, model=self.model), separators=(",", ":")).encode()
+        options = {} if timeout is None else {"timeout": timeout}
+        return self.http.build_request("POST", self.base + path, content=body, headers=self.headers, **options)
+
+    async def complete(self, call, timeout) -> dict:
+        import httpx
+
+        try:
+            response = await self.http.send(self._request(call, timeout))
+        except httpx.HTTPError as err:
+            raise _transport_error(err) from None
+        if response.status_code != 200:
+            raise _status_error(response.status_code, response.content)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise UpstreamError("bad_response", "answered something that is not JSON") from None
+        if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
+            raise UpstreamError("bad_response", "answered without choices", str(payload)[:300])
+        payload["model"] = self.name
+        return payload
+
+    async def stream(self, call) -> AsyncIterator[dict]:
+        import httpx
+
+        try:
+            response = await self.http.send(self._request(call), stream=True)
+        except httpx.HTTPError as err:
+            raise _transport_error(err) from None
+        try:
+            if response.status_code != 200:
+                raw = b""
+                async for part in response.aiter_bytes():
+                    raw += part
+                    if len(raw) >= ERROR_BODY_BYTES:
+                        break
+                raise _status_error(response.status_code, raw)
+            finished = False
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue          # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                try:
+                    parsed = json.loads(data)
+                except ValueError:
+                    raise UpstreamError("bad_response", "sent an event that is not JSON", data[:300]) from None
+                if not isinstance(parsed, dict):
+                    raise UpstreamError("bad_response", "sent an event that is not an object", data[:300])
+                if parsed.get("error"):
+                    raise UpstreamError("stream_error", "reported an error", _error_message(data.encode()))
+                parsed["model"] = self.name
+                finished = finished or any(isinstance(c, dict) and c.get("finish_reason")
+                                           for c in parsed.get("choices") or ())
+                yield parsed
+            if not finished:
+                raise UpstreamError("broken", "the stream ended before the answer did")
+        except httpx.HTTPError as err:
+            raise _transport_error(err) from None
+        finally:
+            await response.aclose()
+
+    async def probe(self) -> str:
+        import httpx
+
+        try:
+            response = await self.http.get(self.base + "/models", headers=self.headers, timeout=2.0)
+        except httpx.HTTPError as err:
+            return f"down: {_transport_error(err).message}"
+        return "up" if response.status_code == 200 else f"down: HTTP {response.status_code}"
+
+
+# --- Triton ---------------------------------------------------------------------------------------------
+def grpc_address(url: str, where: str) -> str:
+    """host:port of a Triton gRPC endpoint, from "grpc://host:port" or "host:port"."""
+    url = url.strip().rstrip("/")
+    if url.startswith("grpc://"):
+        return url[len("grpc://"):]
+    if "://" in url:
+        raise UserError(f"{where}: {url}: the gateway talks to Triton over gRPC: give grpc://host:port "
+                        "(Triton's gRPC port, 8001 by default)")
+    return url
+
+
+class GrpcClients:
+    """One tritonclient.grpc.aio client per Triton address, made on first use inside the event loop
+    (gRPC's asyncio channels belong to the loop that creates them) and shared by every request."""
+
+    def __init__(self):
+        self.clients: dict = {}
+
+    def get(self, address: str):
+        if address not in self.clients:
+            import tritonclient.grpc.aio as grpcclient
+
+            self.clients[address] = grpcclient.InferenceServerClient(address)
+        return self.clients[address]
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+        self.clients.clear()
+
+
+def _triton_error(err) -> UpstreamError:
+    """An InferenceServerException, a gRPC error or an error response, as an UpstreamError."""
+    import grpc
+
+    if isinstance(err, grpc.RpcError):
+        status, message = str(err.code()), err.details() or ""
+    else:
+        status, message = str(err.status() or ""), err.message() or str(err)
+    if "UNAVAILABLE" in status:
+        return UpstreamError("refused", "cannot connect to Triton", message)
+    if "DEADLINE_EXCEEDED" in status:
+        return UpstreamError("timeout", "timed out", message)
+    if any(s in message for s in ("unknown model", "not found", "not ready", "unavailable")):
+        return UpstreamError("unloaded", "the model is not loaded", message)
+    return UpstreamError("model_error", f"the model failed: {message[:300]}", message)
+
+
+async def _one(request: dict):
+    yield request
+
+
+def _text(values) -> str:
+    if values is None:
+        return ""
+    return "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1))
+
+
+async def _responses(client, request: dict, outputs: tuple[str, ...]) -> AsyncIterator[tuple]:
+    """Decoded outputs of one request over a gRPC stream, until Triton closes it (after the final response:
+    the request side is closed once the request is sent)."""
+    import grpc
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        responses = client.stream_infer(_one(request))
+    except InferenceServerException as err:
+        raise _triton_error(err) from None
+    try:
+        async for result, error in responses:
+            if error is not None:
+                raise _triton_error(error)
+            yield tuple(_text(result.as_numpy(name)) for name in outputs)
+    except (InferenceServerException, grpc.RpcError) as err:
+        raise _triton_error(err) from None
+    finally:
+        responses.cancel()
+
+
+def _tensor(name: str, datatype: str, shape: list[int], value):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    dtype = {"BYTES": object, "BOOL": bool, "INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64,
+             "FP32": np.float32, "FP64": np.float64}[datatype]
+    tensor = grpcclient.InferInput(name, shape, datatype)
+    tensor.set_data_from_numpy(np.full(shape, value, dtype=dtype))
+    return tensor
+
+
+class TritonModelUpstream:
+    """A candidate's Triton model with TensorRT-LLM ensemble I/O (serve.triton_model, serve.triton_url)."""
+
+    def __init__(self, name: str, serve: dict, clients: GrpcClients, max_tokens: int):
+        protocol = str(serve.get("protocol") or "grpc").lower()
+        if protocol != "grpc":
+            raise UserError(f"candidate {name!r}: the gateway calls Triton models over gRPC: set protocol: grpc "
+                            "and triton_url to the gRPC address")
+        self.name, self.model, self.clients, self.max_tokens = name, str(serve["triton_model"]), clients, max_tokens
+        self.address = grpc_address(str(serve.get("triton_url") or "localhost:8001"), f"candidate {name!r}")
+        self._inputs: dict | None = None      # name -> (datatype, shape), read once from the model's metadata
+
+    async def _describe(self, client) -> dict:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            meta = await client.get_model_metadata(self.model, as_json=True)
+        except InferenceServerException as err:
+            raise _triton_error(err) from None
+        # Metadata shapes include the batch dimension (-1) when the model batches; every -1 is 1 here.
+        inputs = {i["name"]: (i["datatype"], [1 if int(d) < 0 else int(d) for d in i["shape"]]) for i in meta["inputs"]}
+        if "text_input" not in inputs or "max_tokens" not in inputs or \
+                "text_output" not in {o["name"] for o in meta["outputs"]}:
+            raise UpstreamError("bad_response", "the model lacks TensorRT-LLM I/O (text_input, max_tokens -> text_output)")
+        return inputs
+
+    async def texts(self, call, stream: bool) -> AsyncIterator[str]:
+        client = self.clients.get(self.address)
+        if self._inputs is None:
+            self._inputs = await self._describe(client)
+        wanted = {"text_input": call.prompt.encode("utf-8"), "max_tokens": call.max_tokens or self.max_tokens,
+                  "stream": stream, **call.sampling,
+                  # Without it a TensorRT-LLM ensemble answers with the prompt followed by the answer.
+                  "exclude_input_in_output": True}
+        inputs = [_tensor(name, *self._inputs[name], value) for name, value in wanted.items() if name in self._inputs]
+        import tritonclient.grpc as grpcclient
+
+        request = {"model_name": self.model, "inputs": inputs, "outputs": [grpcclient.InferRequestedOutput("text_output")]}
+        try:
+            async for (text,) in _responses(client, request, ("text_output",)):
+                if text:
+                    yield text
+        except UpstreamError:
+            self._inputs = None           # a model loaded again may have another config
+            raise
+
+    async def stream(self, call) -> AsyncIterator[dict]:
+        id, created = new_id(call.kind), int(time.time())
+        first = True
+        async for text in self.texts(call, stream=True):
+            yield chunk(call.kind, id, created, self.name, text, first=first)
+            first = False
+        yield chunk(call.kind, id, created, self.name, "", finish="stop", first=first)
+
+    async def complete(self, call, timeout) -> dict:
+        return completion(call.kind, self.name, "".join([t async for t in self.texts(call, stream=False)]))
+
+    async def probe(self) -> str:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            ready = await self.clients.get(self.address).is_model_ready(self.model, client_timeout=2.0)
+        except InferenceServerException as err:
+            return f"down: {_triton_error(err).message}"
+        return "up" if ready else "down: the model is not loaded"
+
+
+class TritonZooter:
+    """The `zooter` model of a repository from `zooter triton build`: routes inside Triton, falls back inside
+    Triton, and says who answered (`candidate`) and why when it fell back (`note`)."""
+
+    MODEL = "zooter"
+    DECIDE = "zooter_decide"
+
+    def __init__(self, url: str, clients: GrpcClients):
+        self.address = grpc_address(url, "--triton")
+        self.clients = clients
+
+    async def pieces(self, call, stream: bool) -> AsyncIterator[tuple[str, str, str]]:
+        """(text, candidate, note) per response."""
+        import tritonclient.grpc as grpcclient
+
+        values = {"text_input": ("BYTES", call.prompt.encode("utf-8")), "stream": ("BOOL", stream)}
+        if call.max_tokens:
+            values["max_tokens"] = ("INT32", call.max_tokens)
+        values.update({name: ("FP32", value) for name, value in call.sampling.items()})
+        inputs = [_tensor(name, datatype, [1, 1], value) for name, (datatype, value) in values.items()]
+        outputs = ("text_output", "candidate", "note")
+        request = {"model_name": self.MODEL, "inputs": inputs,
+                   "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs]}
+        async for piece in _responses(self.clients.get(self.address), request, outputs):
+            yield piece
+
+    async def labels(self) -> list[str]:
+        """The router's candidates, from zooter_decide's `labels` parameter."""
+        config = await self.clients.get(self.address).get_model_config(self.DECIDE, client_timeout=5.0)
+        return json.loads(config.config.parameters["labels"].string_value)
+
+    async def probe(self) -> dict[str, str]:
+        from tritonclient.utils import InferenceServerException
+
+        client = self.clients.get(self.address)
+        try:
+            if not await client.is_server_ready(client_timeout=2.0):
+                return {"triton": "down: the server is not ready"}
+            ready = await client.is_model_ready(self.MODEL, client_timeout=2.0)
+        except InferenceServerException as err:
+            return {"triton": f"down: {_triton_error(err).message}"}
+        return {"triton": "up" if ready else f"down: model {self.MODEL} is not loaded"}

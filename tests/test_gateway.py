@@ -1,0 +1,415 @@
+"""zooter gateway: the official openai client (sync and async, streaming and not) against the gateway, backed by
+stub upstreams on 127.0.0.1 (one answers 500, one is down, one is slow, one breaks mid-stream) and by a real
+tritonserver with stand-in candidates. No timing assertions: the figures are serving/gateway_bench.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway_stubs import UPSTREAM_KEY, ServerThread, closed_port, stub_app
+from tiny import LABELS, TEXTS
+
+CLIENT_KEYS = ("gw-client-key-1", "gw-client-key-2")
+KEY_ENV = "ZOOTER_TEST_UPSTREAM_KEY"
+QUERY = "Prove that there are infinitely many primes."
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stub():
+    records: list = []
+    server = ServerThread(stub_app(records))
+    server.records = records
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def router(bundles):
+    from zooter.runtime.router import Router
+
+    return Router.load(bundles["int8"])
+
+
+@pytest.fixture(scope="module")
+def upstream_key():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KEY_ENV, UPSTREAM_KEY)
+        yield UPSTREAM_KEY
+
+
+def write_candidates(path: Path, serve: dict[str, dict]) -> Path:
+    path.write_text(json.dumps([{"name": name, "serve": entry} for name, entry in serve.items()]))   # JSON is YAML
+    return path
+
+
+def start_gateway(**settings) -> ServerThread:
+    from zooter.serving.gateway import GatewaySettings, create_app
+
+    return ServerThread(create_app(GatewaySettings(**settings)))
+
+
+@pytest.fixture(scope="module")
+def healthy(bundles, stub, upstream_key, tmp_path_factory):
+    """Every router candidate served by the stub under another model name, with an upstream key; client keys on."""
+    v1 = stub.url + "/v1"
+    serve = {label: {"openai_base_url": v1, "model": f"private-{label}", "api_key_env": KEY_ENV} for label in LABELS}
+    serve["midway-demo"] = {"openai_base_url": v1, "model": "midway"}
+    serve["picky-demo"] = {"openai_base_url": v1, "model": "picky"}
+    path = write_candidates(tmp_path_factory.mktemp("healthy") / "candidates.yaml", serve)
+    server = start_gateway(bundle=bundles["int8"], candidates=path, api_keys=CLIENT_KEYS, max_body_bytes=65536)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def ranking(router) -> list[str]:
+    return router.route(QUERY).ranking
+
+
+@pytest.fixture(scope="module")
+def faulty(bundles, stub, upstream_key, ranking, tmp_path_factory):
+    """For QUERY the router's first choice answers 500, the second is down, the third is slow, the fourth answers."""
+    v1 = stub.url + "/v1"
+    serve = {ranking[0]: {"openai_base_url": v1, "model": "broken", "api_key_env": KEY_ENV},
+             ranking[1]: {"openai_base_url": f"http://127.0.0.1:{closed_port()}/v1"},
+             ranking[2]: {"openai_base_url": v1, "model": "slow"},
+             ranking[3]: {"openai_base_url": v1, "model": "good"}}
+    path = write_candidates(tmp_path_factory.mktemp("faulty") / "candidates.yaml", serve)
+    server = start_gateway(bundle=bundles["int8"], candidates=path, upstream_timeout=1.0)
+    yield server
+    server.stop()
+
+
+def client(server: ServerThread, key: str | None = CLIENT_KEYS[0]):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=key or "none", max_retries=0)
+
+
+def async_client(server: ServerThread, key: str | None = CLIENT_KEYS[0]):
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=server.url + "/v1", api_key=key or "none", max_retries=0)
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def metric(server: ServerThread, name: str, key: str | None = CLIENT_KEYS[0], **labels) -> float:
+    """One sample of the gateway's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    text = httpx.get(server.url + "/metrics", headers=headers).raise_for_status().text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+# --- routing and answering --------------------------------------------------------------------------------
+def test_the_decision_is_the_in_process_routers_and_visible(healthy, router, stub):
+    openai = client(healthy)
+    for text in TEXTS[:6]:
+        decision = router.route(text)
+        raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(text), max_tokens=4)
+        answer = raw.parse()
+        assert raw.headers["x-zooter-candidate"] == decision.candidate == answer.model
+        assert raw.headers["x-zooter-fallback"] == "false"
+        assert float(raw.headers["x-zooter-confidence"]) == pytest.approx(decision.confidence, abs=1e-3)
+        assert answer.choices[0].message.content.startswith(f"private-{decision.candidate} says:")
+    model, auth, body = stub.records[-1]
+    assert model == f"private-{decision.candidate}" and auth == f"Bearer {UPSTREAM_KEY}"
+    assert body["max_tokens"] == 4 and "zooter" not in body
+
+    # Per-request options, as the openai client sends them: extra_body={"zooter": {...}}.
+    costly = router.route(QUERY, lam=1.0)
+    raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(QUERY),
+                                                           extra_body={"zooter": {"lambda": 1.0}})
+    assert raw.headers["x-zooter-candidate"] == costly.candidate
+    ranking = router.route(QUERY).ranking
+    raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(QUERY),
+                                                           extra_body={"zooter": {"candidates": ranking[2:]}})
+    assert raw.headers["x-zooter-candidate"] == ranking[2] and raw.headers["x-zooter-fallback"] == "false"
+    # A candidate's name goes straight to it: no routing, so no confidence.
+    raw = openai.chat.completions.with_raw_response.create(model=ranking[3], messages=ask(QUERY))
+    assert raw.headers["x-zooter-candidate"] == ranking[3] and "x-zooter-confidence" not in raw.headers
+
+
+def test_tolerance_goes_to_the_router_when_it_takes_one(healthy, router):
+    from openai import BadRequestError
+
+    openai = client(healthy)
+    if "tolerance" not in inspect.signature(router.route).parameters:
+        with pytest.raises(BadRequestError, match="tolerance is not supported by this bundle"):
+            openai.chat.completions.create(model="zooter", messages=ask(QUERY), extra_body={"zooter": {"tolerance": 0.1}})
+        return
+    raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(QUERY),
+                                                           extra_body={"zooter": {"tolerance": 0.1}})
+    assert raw.headers["x-zooter-candidate"] == router.route(QUERY, tolerance=0.1).candidate
+
+
+def test_streaming_and_completions_sync_and_async(healthy, router):
+    chosen = router.route(QUERY).candidate
+    with client(healthy).chat.completions.with_streaming_response.create(
+            model="zooter", messages=ask(QUERY), stream=True) as response:
+        assert response.headers["x-zooter-candidate"] == chosen
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks = list(response.parse())
+    assert {c.model for c in chunks} == {chosen}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+        f"private-{chosen} says: " + " ".join(reversed(QUERY.split()))
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+    async def run():
+        openai = async_client(healthy)
+        stream = await openai.chat.completions.create(model="zooter", messages=ask(QUERY), stream=True, max_tokens=3)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream])
+        whole = await openai.completions.create(model="zooter", prompt=QUERY, max_tokens=3)
+        pieces = await openai.completions.create(model="zooter", prompt=QUERY, max_tokens=3, stream=True)
+        streamed = "".join([c.choices[0].text async for c in pieces])
+        models = await openai.models.list()
+        await openai.close()
+        return text, whole, streamed, [m.id for m in models.data]
+
+    text, whole, streamed, models = asyncio.run(run())
+    assert text == f"private-{chosen} says: primes." == whole.choices[0].text == streamed
+    assert whole.model == chosen and whole.usage.completion_tokens == 3
+    assert models == ["zooter", *LABELS, "midway-demo", "picky-demo"]
+
+
+# --- fallback ---------------------------------------------------------------------------------------------
+def test_a_failure_before_the_first_token_falls_back_invisibly(faulty, ranking, router, caplog):
+    before = {reason: metric(faulty, "zooter_gateway_upstream_failures_total", None, candidate=name,
+                             stage="before_first_token", reason=reason)
+              for name, reason in zip(ranking, ("http_5xx", "refused", "timeout"))}
+    fallbacks = metric(faulty, "zooter_gateway_fallbacks_total", None, candidate=ranking[3])
+    openai = client(faulty, None)
+    raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(QUERY))
+    assert raw.headers["x-zooter-candidate"] == ranking[3] == raw.parse().model
+    assert raw.headers["x-zooter-fallback"] == "true"
+    assert float(raw.headers["x-zooter-confidence"]) == pytest.approx(router.route(QUERY).probabilities[ranking[3]],
+                                                                      abs=1e-3)
+    with openai.chat.completions.with_streaming_response.create(model="zooter", messages=ask(QUERY),
+                                                                stream=True) as response:
+        assert response.headers["x-zooter-candidate"] == ranking[3]
+        text = "".join(c.choices[0].delta.content or "" for c in response.parse())
+    assert text.startswith("good says:")
+    for (name, reason), old in zip(zip(ranking, ("http_5xx", "refused", "timeout")), before.values()):
+        assert metric(faulty, "zooter_gateway_upstream_failures_total", None, candidate=name,
+                      stage="before_first_token", reason=reason) == old + 2, (name, reason)
+    assert metric(faulty, "zooter_gateway_fallbacks_total", None, candidate=ranking[3]) == fallbacks + 2
+    # The broken upstream echoed the gateway's upstream key in its error body: the log has it redacted.
+    assert "[redacted]" in caplog.text and UPSTREAM_KEY not in caplog.text
+
+
+def test_every_upstream_down_is_a_503_without_secrets(faulty, ranking):
+    from openai import InternalServerError
+
+    with pytest.raises(InternalServerError) as info:
+        client(faulty, None).chat.completions.create(model="zooter", messages=ask(QUERY),
+                                                     extra_body={"zooter": {"candidates": ranking[:2]}})
+    assert info.value.status_code == 503
+    error = info.value.body
+    assert error["code"] == "upstreams_unavailable" and error["type"] == "upstream_error"
+    assert f"{ranking[0]}: HTTP 500" in error["message"] and f"{ranking[1]}: cannot connect" in error["message"]
+    assert UPSTREAM_KEY not in json.dumps(error) and "127.0.0.1" not in error["message"]
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event(healthy):
+    from openai import APIError
+
+    failures = metric(healthy, "zooter_gateway_upstream_failures_total", candidate="midway-demo", stage="mid_stream")
+    received = []
+    with pytest.raises(APIError, match="midway-demo failed mid-answer"):
+        for c in client(healthy).chat.completions.create(model="midway-demo", messages=ask(QUERY), stream=True):
+            received.append(c.choices[0].delta.content or "")
+    assert "".join(received) == "midway says: primes."       # what came before the break, then the error
+    # On the wire: the error event is the last one, and no [DONE] follows it.
+    with httpx.stream("POST", healthy.url + "/v1/completions", headers={"authorization": f"Bearer {CLIENT_KEYS[0]}"},
+                      json={"model": "midway-demo", "prompt": QUERY, "stream": True}) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert json.loads(events[-1][5:])["error"]["code"] == "stream_interrupted" and "[DONE]" not in events[-1]
+    assert metric(healthy, "zooter_gateway_upstream_failures_total", candidate="midway-demo",
+                  stage="mid_stream") == failures + 2
+
+
+def test_an_upstream_that_refuses_the_request_is_not_retried(healthy, stub):
+    from openai import BadRequestError
+
+    asked = len(stub.records)
+    with pytest.raises(BadRequestError, match="picky-demo: the candidate refused the request: max_tokens is too large"):
+        client(healthy).chat.completions.create(model="picky-demo", messages=ask(QUERY))
+    assert len(stub.records) == asked + 1
+
+
+# --- the rest of the API ------------------------------------------------------------------------------------
+def test_api_keys(healthy):
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        client(healthy, "wrong-key").chat.completions.create(model="zooter", messages=ask(QUERY))
+    for headers in ({}, {"authorization": "Basic " + CLIENT_KEYS[0]}, {"authorization": "Bearer"}):
+        response = httpx.post(healthy.url + "/v1/chat/completions", headers=headers,
+                              json={"model": "zooter", "messages": ask(QUERY)})
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/metrics"):
+        assert httpx.get(healthy.url + path).status_code == 401
+    assert client(healthy, CLIENT_KEYS[1]).models.list().data[0].id == "zooter"
+    assert httpx.get(healthy.url + "/health?probe=live").json() == {"live": True}   # probes need no key
+
+
+BAD = [  # (body, status, param or code, words in the message)
+    (b"{not json", 400, "invalid_json", "not valid JSON"),
+    (b"", 400, "invalid_json", "empty"),
+    (b"[1, 2]", 400, "invalid_json", "JSON object"),
+    ({"model": "zooter"}, 400, "messages", "messages is required"),
+    ({"model": "zooter", "messages": []}, 400, "messages", "must not be empty"),
+    ({"model": "zooter", "messages": "hi"}, 400, "messages", "must be an array"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content", "string or a list"),
+    ({"model": "zooter", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "one of"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "  "}]}, 400, "messages", "no text"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model", "model is required"),
+    ({"model": 7, "messages": [{"role": "user", "content": "hi"}]}, 400, "model", "non-empty string"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream", "boolean"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "9"}, 400, "max_tokens", "integer"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature", "between"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n", "n must be 1"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "zooter": {"lambda": -1}}, 400,
+     "zooter.lambda", ">= 0"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "zooter": {"lamda": 1}}, 400, "zooter",
+     "unknown option"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "zooter": {"candidates": ["nobody"]}}, 400,
+     "zooter.candidates", "unknown candidate"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "zooter": {"candidates": ["picky-demo"]}},
+     400, "zooter.candidates", "none of"),
+    ({"model": "alpha-7b", "messages": [{"role": "user", "content": "hi"}], "zooter": {"lambda": 1}}, 400, "zooter",
+     "model 'zooter' only"),
+    ({"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "unknown model 'gpt-17'"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,words", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_an_openai_shaped_error(healthy, body, status, param, words):
+    headers = {"authorization": f"Bearer {CLIENT_KEYS[0]}", "content-type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(healthy.url + "/v1/chat/completions", headers=headers, content=content)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "code", "param"} and words in error["message"]
+    assert param in (error["param"], error["code"])
+
+
+def test_oversize_bodies_unknown_paths_and_the_openai_client(healthy):
+    from openai import BadRequestError, NotFoundError
+
+    headers = {"authorization": f"Bearer {CLIENT_KEYS[0]}"}
+    big = json.dumps({"model": "zooter", "messages": ask("x" * 70000)}).encode()
+    response = httpx.post(healthy.url + "/v1/chat/completions", headers=headers, content=big)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunked():            # no Content-Length: the limit holds on what actually arrives
+        for i in range(0, len(big), 8192):
+            yield big[i:i + 8192]
+
+    response = httpx.post(healthy.url + "/v1/chat/completions", headers=headers, content=chunked())
+    assert response.status_code == 413
+    response = httpx.get(healthy.url + "/v1/nothing-here", headers=headers)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+    assert httpx.get(healthy.url + "/v1/chat/completions", headers=headers).json()["error"]["code"] == "method_not_allowed"
+    with pytest.raises(NotFoundError, match="unknown model"):
+        client(healthy).chat.completions.create(model="gpt-17", messages=ask(QUERY))
+    with pytest.raises(BadRequestError, match="prompt must not be empty"):
+        client(healthy).completions.create(model="zooter", prompt=" ")
+
+
+def test_metrics_count_requests_routing_latency_and_tokens(healthy, router):
+    chosen = router.route(QUERY).candidate
+    names = [("zooter_gateway_requests_total", {"endpoint": "/v1/chat/completions", "candidate": chosen, "status": "200"}),
+             ("zooter_gateway_requests_total", {"endpoint": "/v1/chat/completions", "candidate": "", "status": "400"}),
+             ("zooter_gateway_routing_seconds_count", {}),
+             ("zooter_gateway_upstream_ttft_seconds_count", {"candidate": chosen}),
+             ("zooter_gateway_upstream_seconds_count", {"candidate": chosen}),
+             ("zooter_gateway_tokens_total", {"candidate": chosen, "kind": "completion"}),
+             ("zooter_gateway_tokens_total", {"candidate": chosen, "kind": "prompt"})]
+    before = [metric(healthy, name, **labels) for name, labels in names]
+    openai = client(healthy)
+    openai.chat.completions.create(model="zooter", messages=ask(QUERY), max_tokens=5)       # usage: 8 + 5 tokens
+    list(openai.chat.completions.create(model="zooter", messages=ask(QUERY), max_tokens=5, stream=True))  # 5 chunks
+    httpx.post(healthy.url + "/v1/chat/completions", headers={"authorization": f"Bearer {CLIENT_KEYS[0]}"},
+               json={"model": "zooter"})
+    after = [metric(healthy, name, **labels) for name, labels in names]
+    assert [a - b for a, b in zip(after, before)] == [2, 1, 2, 1, 2, 10, len(QUERY.split())]
+    assert metric(healthy, "zooter_gateway_in_flight_requests") == 0
+
+
+def test_health_and_models_show_the_upstreams(faulty, ranking):
+    response = httpx.get(faulty.url + "/health")
+    assert response.status_code == 200
+    health = response.json()
+    assert health["ready"] and health["live"] and health["status"] == "degraded" and health["backend"] == "bundle"
+    assert health["upstreams"][ranking[1]] == "down: cannot connect" and health["upstreams"][ranking[3]] == "up"
+    assert [m.id for m in client(faulty, None).models.list().data] == ["zooter", *ranking]
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+def test_the_command_refuses_a_bad_setup_in_one_line(bundles, tmp_path, capsys):
+    from zooter.cli import main
+
+    cases = [([], "give either --triton URL or --bundle B --candidates FILE"),
+             (["--bundle", str(bundles["int8"])], "--bundle and --candidates go together"),
+             (["--triton", "http://127.0.0.1:8000"], "the gateway talks to Triton over gRPC"),
+             (["--bundle", str(bundles["int8"]), "--candidates", str(bundles["candidates"])],
+              "none of the router's candidates has a serve entry"),
+             (["--bundle", str(bundles["int8"]), "--candidates", str(bundles["candidates"]),
+               "--api-keys-file", str(tmp_path / "none")], "no such API keys file"),
+             (["--bundle", str(bundles["int8"]), "--candidates", str(bundles["candidates"]),
+               "--upstream-timeout", "0"], "--upstream-timeout must be")]
+    for argv, message in cases:
+        assert main(["gateway", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_zooter_gateway_serves_on_loopback_and_stops_on_sigterm(bundles, stub, tmp_path):
+    from zooter.serving.triton_server import free_port
+
+    candidates = write_candidates(tmp_path / "c.yaml", {label: {"openai_base_url": stub.url + "/v1"} for label in LABELS})
+    busy = ServerThread(stub_app([]))
+    try:
+        argv = [sys.executable, "-m", "zooter.cli", "gateway", "--bundle", str(bundles["int8"]), "--candidates",
+                str(candidates)]
+        taken = subprocess.run([*argv, "--port", str(busy.port)], capture_output=True, text=True, timeout=60)
+        assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{busy.port}" in taken.stderr
+    finally:
+        busy.stop()
+    port = free_port()
+    proc = subprocess.Popen([*argv, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"zooter gateway ready: http://127.0.0.1:{port}/v1"), line
+        from test_triton import listeners
+
+        assert listeners(port) == {"127.0.0.1"}
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                            json={"model": "zooter", "messages": ask(QUERY)}, timeout=30)
+        assert answer.status_code == 200 and answer.headers["x-zooter-candidate"] in LABELS
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

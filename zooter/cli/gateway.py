@@ -1,0 +1,70 @@
+"""zooter gateway: an OpenAI-compatible HTTP front door that routes every request."""
+
+from __future__ import annotations
+
+import argparse
+
+from zooter.runtime.errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "gateway", help="an OpenAI-compatible HTTP server that routes every request to a candidate LLM",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, "
+                    "/health and /metrics. model 'zooter' routes the request; a candidate's name goes straight "
+                    "to it. Two back ends: --bundle B --candidates FILE routes in process and forwards to the "
+                    "chosen candidate's serve.openai_base_url or serve.triton_model, falling back to the next "
+                    "in the ranking when one fails before its first token; --triton URL sends every request "
+                    "through the `zooter` model of a running `zooter serve`, which routes and falls back inside "
+                    "Triton. Binds 127.0.0.1 unless --host says otherwise.",
+        epilog="In an app:\n"
+               "  from openai import OpenAI\n"
+               "  client = OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"KEY\")\n"
+               "  client.chat.completions.create(model=\"zooter\", messages=[{\"role\": \"user\", \"content\": \"...\"}])\n"
+               "See docs/gateway.md.")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--triton", metavar="URL",
+                   help="route and answer through Triton's `zooter` model at this gRPC address "
+                        "(grpc://host:port or host:port; `zooter serve` listens on 8001)")
+    p.add_argument("--bundle", metavar="B", help="route in process with this bundle (from `zooter export`)")
+    p.add_argument("--candidates", metavar="FILE",
+                   help="candidates YAML: where each candidate is served (serve.openai_base_url, model, "
+                        "api_key_env; or serve.triton_model, triton_url)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="X",
+                   help="cost weight of the in-process rule, >= 0 (default: the bundle's)")
+    p.add_argument("--api-keys-file", metavar="FILE",
+                   help="clients must send one of these keys (one a line) as a bearer token; default: no keys")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="larger request bodies are refused with 413 (default 1048576)")
+    p.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds for a whole request, stream included (default 300)")
+    p.add_argument("--upstream-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds an upstream may take to its first token, and between tokens after it; past it, "
+                        "the next candidate takes over before the first token, the stream ends with an error "
+                        "after it (default 60)")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to connect to an OpenAI-compatible upstream (default 5)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="answer length for Triton models when a request sends no max_tokens (default 256)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="log level (default info); request bodies and keys are never logged")
+    p.set_defaults(func=cmd_gateway)
+
+
+def cmd_gateway(args) -> int:
+    import logging
+
+    from zooter.serving.gateway import GatewaySettings, load_api_keys, serve
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0-65535, got {args.port}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = GatewaySettings(bundle=args.bundle, candidates=args.candidates, triton=args.triton, lam=args.lam,
+                               api_keys=load_api_keys(args.api_keys_file) if args.api_keys_file else (),
+                               max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                               upstream_timeout=args.upstream_timeout, connect_timeout=args.connect_timeout,
+                               max_tokens=args.max_tokens)
+    return serve(settings, args.host, args.port, args.log_level)
