@@ -6,6 +6,11 @@ from zooter.runtime.errors import UserError
 
 
 def register(sub) -> None:
+    register_export(sub)
+    register_gpu_check(sub)
+
+
+def register_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a trained run to an ONNX bundle (fused, INT8 or fp16) behind a parity gate",
@@ -68,3 +73,32 @@ def cmd_export(args) -> int:
     print("files: " + ", ".join(f"{n} ({e['bytes'] / 1e6:.1f} MB)" for n, e in manifest["files"].items())
           + f"; total {bundle_bytes(manifest) / 1e6:.1f} MB")
     return 0
+
+
+def register_gpu_check(sub) -> None:
+    p = sub.add_parser(
+        "gpu-check", help="the GPU path in one go: fp16 bundle, CUDA/TensorRT providers, a GPU Triton repository",
+        description="On a machine with an NVIDIA GPU: export RUN to an fp16 bundle, route with the CUDA and TensorRT "
+        "execution providers (decisions against the CPU, latency tables), build a GPU Triton repository (onnxruntime "
+        "backend, KIND_GPU, TensorRT accelerator), serve it and time routing through it. Without a GPU, or with "
+        "--dry-run, it builds and checks everything that needs no GPU (the fp16 bundle, every config.pbtxt) and "
+        "lists the commands the GPU steps would run. Writes OUT/gpu-check.json.")
+    p.add_argument("--run", required=True, metavar="RUN", help="training run folder to export")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the fp16 bundle, the repository and the report")
+    p.add_argument("--queries", metavar="FILE", help="queries to route (default: a built-in mix)")
+    p.add_argument("--iters", type=int, default=20, metavar="N", help="timed calls per latency cell (default 20)")
+    p.add_argument("--dry-run", action="store_true", help="check configs and list the GPU steps without running them")
+    p.set_defaults(func=cmd_gpu_check)
+
+
+def cmd_gpu_check(args) -> int:
+    from zooter.export.gpu_check import run_gpu_check
+    from zooter.runtime.bench import read_queries
+
+    if args.iters < 1:
+        raise UserError("--iters must be at least 1")
+    check = run_gpu_check(args.run, args.out, read_queries(args.queries) if args.queries else None,
+                          dry_run=True if args.dry_run else None, iters=args.iters)
+    print("\n".join(check.lines()))
+    print(f"report: {check.out / 'gpu-check.json'}")
+    return 1 if any(s.status == "failed" for s in check.steps) else 0

@@ -47,6 +47,9 @@ def register(sub) -> None:
     b.add_argument("--iters", type=int, default=20, metavar="N", help="timed calls per engine and cell (default 20)")
     b.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls first (default 3)")
     b.add_argument("--threads", type=int, default=None, metavar="N", help="threads for onnxruntime and torch")
+    b.add_argument("--provider", action="append", metavar="NAME",
+                   help="onnxruntime execution provider for the bundle's model, repeatable, in order of preference "
+                        "(default: TensorRT, CUDA, CPU, whichever this onnxruntime has)")
     b.add_argument("--budget-ms", type=float, default=None, metavar="X", help="fail when p99 latency exceeds X ms")
     b.add_argument("--json", dest="json_out", metavar="OUT", help="write the full report as JSON")
     b.add_argument("--plot", metavar="FILE", help="plot latency against tokens (PNG)")
@@ -160,7 +163,7 @@ def cmd_bench(args) -> int:
                 baselines, skipped = pytorch_baselines(run, manifest, args.threads, work)
         report = bench.run_bench(bundle, queries, baselines=baselines, skipped=skipped, lengths=args.lengths,
                                  batches=args.batches, iters=args.iters, warmup=args.warmup, threads=args.threads,
-                                 progress=_progress_bar(args.iters * (len(args.lengths) + len(args.batches))))
+                                 providers=args.provider, progress=_progress_bar(args.iters * (len(args.lengths) + len(args.batches))))
     status = 0
     if args.budget_ms is not None:
         budget = bench.check_budget(report, args.budget_ms)
