@@ -90,8 +90,9 @@ def bundle_costs(candidates_file: str | Path | None, labels) -> dict | None:
 
 def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opset: int | None = None,
                   parity_data: str | Path | None = None, allow_drift: bool = False,
-                  candidates: str | Path | None = None, lam: float = 0.0, parity_n: int = 1000, arch: str = "auto",
-                  keep_fp32: bool = False, force: bool = False, log=print) -> dict:
+                  candidates: str | Path | None = None, lam: float = 0.0, tolerance: float = 0.0,
+                  parity_n: int = 1000, arch: str = "auto", keep_fp32: bool = False, force: bool = False,
+                  log=print) -> dict:
     """RUN folder -> ONNX -> fused -> int8/fp16 -> parity gate -> BUNDLE folder; returns router.json."""
     import numpy as np
     from tqdm import tqdm
@@ -99,7 +100,7 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     from zooter.export import parity as par
     from zooter.export.onnx_export import export_onnx
     from zooter.export.quantize import Int8Recipe, optimize, quantize_int8
-    from zooter.runtime.decision import check_weight
+    from zooter.runtime.decision import Rule, check_weight
     from zooter.runtime.router import Router
     from zooter.runtime.session import open_session
     from zooter.runtime.tokenize import load_tokenizer
@@ -107,7 +108,7 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
 
     if quantize not in MODEL_FILES:
         raise UserError(f"--quantize {quantize}: choose int8, fp16 or none")
-    lam = check_weight(lam, "--lambda")
+    lam, tolerance = check_weight(lam, "--lambda"), check_weight(tolerance, "--tolerance")
     recipe = Int8Recipe.for_cpu(arch) if quantize == "int8" else None
     run, out = Path(run), Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
@@ -132,8 +133,11 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     limit = int(getattr(model.config, "max_position_embeddings", 512) or 512)
     max_length = min(int(info.get("max_length") or limit), limit)
     costs = bundle_costs(candidates, labels)
-    if lam and costs is None:
-        raise UserError(f"--lambda {lam} needs a price for every candidate: pass --candidates with costs")
+    if (lam or tolerance) and costs is None:
+        raise UserError(f"--{'lambda' if lam else 'tolerance'} needs a price for every candidate: pass --candidates with costs")
+    if not isinstance(info.get("decision"), dict):
+        raise UserError(f"{run}: run.json has no decision layer (trained by an older zooter); train it again")
+    decision = {**info["decision"], "lambda": lam, "tolerance": tolerance}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".zooter-export-", dir=out.parent) as tmp:
@@ -158,29 +162,28 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
         steps.close()
 
         tokenizer = load_tokenizer(tokenizer_path, max_length)
-        manifest = {"labels": labels, "max_length": max_length, "inputs": io["inputs"], "output": io["output"],
-                    "costs": None, "lambda": 0.0}
+        shape = {"labels": labels, "max_length": max_length, "inputs": io["inputs"], "output": "logits",
+                 "reward_output": "rewards", "costs": costs, "decision": decision}
+        rule = Rule.from_manifest(shape)
         bar = tqdm(total=len(texts) * (3 if shipped != fp32_path else 2), desc="parity", unit="query", leave=False)
-        reference = TorchRouter(model, tokenizer, max_length).probabilities(texts)
+        reference = TorchRouter(model, tokenizer, max_length).outputs_of(texts)
         bar.update(len(texts))
-        fp32 = Router(open_session(fp32_path, ["CPUExecutionProvider"]), tokenizer, manifest)
-        fp32_probs = fp32.probabilities(texts)
+        fp32 = Router(open_session(fp32_path, ["CPUExecutionProvider"]), tokenizer, shape).outputs_of(texts)
         bar.update(len(texts))
         # One query per call, as Router.route runs it: dynamic int8 scales come from the whole batch
         # (padding included), so a batched check would not measure what single-query routing does.
-        shipped_probs = fp32_probs
+        exported = fp32
         if shipped != fp32_path:
-            exported = Router(open_session(shipped, ["CPUExecutionProvider"]), tokenizer, manifest)
-            shipped_probs = np.vstack([exported.probabilities([t]) for t in texts])
+            router = Router(open_session(shipped, ["CPUExecutionProvider"]), tokenizer, shape)
+            single = [router.outputs_of([t]) for t in texts]
+            exported = (np.vstack([p for p, _ in single]), np.vstack([r for _, r in single]))
             bar.update(len(texts))
         bar.close()
-        parity = par.compare(reference, shipped_probs)
-        parity.update(model=quantize if quantize != "none" else "fp32", reference="pytorch", data=str(source),
-                      threshold=par.MIN_AGREEMENT, fp32=par.compare(reference, fp32_probs))
         rewards = validation.rewards(labels, len(texts))
-        if rewards is not None:
-            parity["routed_reward"] = par.routed_reward(rewards, reference, shipped_probs)
-        parity["passed"] = parity["decision_agreement"] >= par.MIN_AGREEMENT
+        parity = par.compare(rule, reference, exported, rewards)
+        parity.update(model=quantize if quantize != "none" else "fp32", reference="pytorch", data=str(source),
+                      rule={"margin": rule.margin, "tolerance": rule.tolerance, "lambda": rule.lam},
+                      fp32=par.compare(rule, reference, fp32, rewards))
         par.gate(parity, allow_drift)
 
         files = {MODEL_FILES[quantize]: shipped, "tokenizer.json": tokenizer_path}
@@ -191,11 +194,12 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
             "max_length": max_length,
             "model_file": MODEL_FILES[quantize],
             "inputs": io["inputs"],
-            "output": io["output"],
+            "output": "logits",
+            "reward_output": "rewards",
             "opset": io["opset"],
             "quantization": quant,
             "costs": costs,
-            "lambda": lam,
+            "decision": decision,
             "provenance": {**{k: info[k] for k in PROVENANCE_KEYS if k in info}, "run": str(run.resolve())},
             "parity": parity,
             "evaluation": {"dev": info.get("dev"), "best_single": info.get("best_single")},

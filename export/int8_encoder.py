@@ -59,7 +59,7 @@ class Int8Embedder:
 
         folder = Path(folder)
         with torch.no_grad():
-            export_onnx(Pooled(model).eval(), folder / "model.onnx")
+            export_onnx(Pooled(model).eval(), folder / "model.onnx", outputs=("logits",))
         fused, _ = optimize(folder / "model.onnx", model.config, folder / "opt")
         path, _ = quantize_int8(fused, folder / "int8", self.recipe)
         return open_session(path, ["CPUExecutionProvider"])  # as export's parity gate runs it

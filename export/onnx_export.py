@@ -2,8 +2,9 @@
 
 The RouterModel exposes its backbone's Hugging Face config, so optimum picks the backbone's ONNX
 config for the "text-classification" task (inputs input_ids/attention_mask[/token_type_ids] with
-dynamic batch and sequence axes, output "logits" of shape (batch, labels)) and traces our
-encoder + mean pool + head as one graph.
+dynamic batch and sequence axes) and traces our encoder + mean pool + heads as one graph. The
+router has two outputs, "logits" and "rewards" (batch, labels), where the task has one: the config
+is the backbone's own with its outputs named ours.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from zooter.runtime.errors import UserError
 TASK = "text-classification"
 
 
-def onnx_config_for(model):
+OUTPUTS = ("logits", "rewards")
+
+
+def onnx_config_for(model, outputs: tuple[str, ...] = OUTPUTS):
     from optimum.exporters.tasks import TasksManager
 
     model_type = model.config.model_type
@@ -25,14 +29,22 @@ def onnx_config_for(model):
             exporter="onnx", model_type=model_type, task=TASK, library_name="transformers")
     except (KeyError, ValueError) as err:
         raise UserError(f"optimum cannot export backbone type {model_type!r} for {TASK}: {err}") from None
-    return constructor(model.config)
+    base = constructor.func if hasattr(constructor, "func") else constructor
+
+    class RouterOnnxConfig(base):
+        @property
+        def outputs(self):
+            return {name: {0: "batch_size"} for name in outputs}
+
+    return RouterOnnxConfig(model.config, task=TASK)
 
 
-def export_onnx(model, path: str | Path, opset: int | None = None) -> dict:
-    """Write `model` (a RouterModel) to `path`; returns {"inputs": [...], "output": "logits", "opset": int}."""
+def export_onnx(model, path: str | Path, opset: int | None = None, outputs: tuple[str, ...] = OUTPUTS) -> dict:
+    """Write `model` (a RouterModel, or a module answering the same inputs with `outputs`) to `path`;
+    returns {"inputs": [...], "outputs": [...], "opset": int}."""
     from optimum.exporters.onnx import export
 
-    config = onnx_config_for(model)
+    config = onnx_config_for(model, outputs)
     opset = opset or config.DEFAULT_ONNX_OPSET
     if opset < config.DEFAULT_ONNX_OPSET:
         raise UserError(f"--opset {opset}: the {model.config.model_type} exporter needs opset >= {config.DEFAULT_ONNX_OPSET}")
@@ -40,7 +52,7 @@ def export_onnx(model, path: str | Path, opset: int | None = None) -> dict:
     with warnings.catch_warnings():
         # The tracer notes every constant it bakes in (BERT's mask arithmetic); none depends on the input.
         warnings.filterwarnings("ignore", message=".*(results are registered as constants|Converting a tensor to a Python).*")
-        inputs, outputs = export(model.eval(), config, path, opset=opset)
-    if list(outputs) != ["logits"]:
-        raise RuntimeError(f"exported outputs {outputs}, expected ['logits']")
-    return {"inputs": list(inputs), "output": "logits", "opset": opset}
+        inputs, exported = export(model.eval(), config, path, opset=opset)
+    if list(exported) != list(outputs):
+        raise RuntimeError(f"exported outputs {list(exported)}, expected {list(outputs)}")
+    return {"inputs": list(inputs), "outputs": list(exported), "opset": opset}

@@ -163,10 +163,11 @@ def quantize_int8(onnx_path: Path, out_dir: Path, recipe: Int8Recipe) -> tuple[P
     # The folder holds only the ONNX file, so optimum warns that it cannot find a config.json: expected.
     logging.getLogger("optimum.onnxruntime.quantization").setLevel(logging.ERROR)
     quantizer = ORTQuantizer.from_pretrained(out_dir, file_name=staged.name)
-    # The head (hidden x labels) costs nothing to run in fp32, and its input, the pooled embedding,
+    # The heads (hidden x labels) cost nothing to run in fp32, and their input, the pooled embedding,
     # is then not rounded to 8 bits right before the decision. onnxruntime's quantizer first splits
     # a Gemm into "<name>_MatMul" + Add, so both names are listed.
-    head = [name for n in model.graph.node if "logits" in n.output for name in (n.name, n.name + "_MatMul")]
+    outputs = {o.name for o in model.graph.output}
+    head = [name for n in model.graph.node if outputs & set(n.output) for name in (n.name, n.name + "_MatMul")]
     qconfig = getattr(AutoQuantizationConfig, recipe.config)(is_static=recipe.method == "static",
                                                              per_channel=recipe.per_channel,
                                                              nodes_to_exclude=head if recipe.head == "fp32" else [])

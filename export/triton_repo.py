@@ -2,16 +2,18 @@
 
 Fills the templates in triton_models/ (config.pbtxt with ${...} fields, model.py copied as is):
 
-    zooter_tokenize   python: text -> token ids (zooter.runtime.tokenize, as the Router)
-    zooter_router     the bundle's ONNX graph: onnxruntime backend, or onnxruntime in the python backend
-    zooter_decide     python: logits -> candidate, probabilities (zooter.runtime.decision)
-    zooter_route      ensemble of the three: text -> candidate, probabilities
+    zooter_route      text -> the decision (candidate, probabilities, expected_rewards, confidence, ranking):
+                      --router-backend python (CPU, servers without the onnxruntime backend): one python
+                      model running zooter.runtime.Router itself; --router-backend onnxruntime: an ensemble of
+        zooter_tokenize   python: text -> token ids (zooter.runtime.tokenize, as the Router)
+        zooter_router     the bundle's ONNX graph on Triton's onnxruntime backend (CPU or GPU, TensorRT)
+        zooter_decide     python: logits, rewards -> the decision (zooter.runtime.decision.Rule)
     zooter            python BLS, decoupled: route, then stream the chosen candidate's answer, with fallback
     standin_<name>    (--stand-ins) a candidate with TensorRT-LLM I/O answered by zooter_standin_llm
     zooter_standin_llm  SmolLM2-135M-Instruct shared by all stand-ins
 
-Labels come from the bundle's router.json, so the logit order can never mismatch; costs from the
-candidates file (or the bundle) in that label order.
+Labels and the decision rule come from the bundle's router.json, so the label order can never
+mismatch; the cost knobs' defaults from the bundle unless --lambda/--tolerance say otherwise.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ LLM_INPUTS = [
     ("stream", "TYPE_BOOL", "1", True),
 ]
 
-ROUTING_MODELS = ("zooter_tokenize", "zooter_router", "zooter_decide", "zooter_route")
+DECISION_OUTPUTS = [("candidate", "TYPE_STRING", "1"), ("probabilities", "TYPE_FP32", "${num_labels}"),
+                    ("expected_rewards", "TYPE_FP32", "${num_labels}"), ("confidence", "TYPE_FP32", "1"),
+                    ("ranking", "TYPE_STRING", "${num_labels}")]
 
 
 @dataclass
@@ -148,9 +152,10 @@ def _serving(candidates, labels, stand_ins: bool) -> dict:
 
 def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence | None = None, *,
                      router_backend: str = "python", stand_ins: bool = False, lam: float | None = None,
-                     max_batch_size: int = 32, max_text_bytes: int = 65536, router_device: str = "cpu",
-                     tensorrt: bool = False, default_max_tokens: int = 128, standin_model_dir: str | Path | None = None,
-                     intra_op_threads: int = 0) -> BuiltRepository:
+                     tolerance: float | None = None, max_batch_size: int = 32, max_text_bytes: int = 65536,
+                     router_device: str = "cpu", tensorrt: bool = False, default_max_tokens: int = 128,
+                     max_tokens_limit: int = 4096, standin_model_dir: str | Path | None = None,
+                     route_instances: int = 2, intra_op_threads: int = 2) -> BuiltRepository:
     """Write a model repository to `out`; returns what went where. `candidates`: a list of Candidate."""
     bundle, info = read_bundle(bundle)
     labels = list(info["labels"])
@@ -160,15 +165,20 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
         raise UserError("--tensorrt needs --router-backend onnxruntime --router-device gpu")
     from zooter.runtime.decision import check_weight
 
-    # The bundle's default, as the in-process Router.
-    lam = check_weight(info.get("lambda", 0.0) if lam is None else lam, "--lambda")
+    # The bundle's defaults, as the in-process Router.
+    lam = check_weight(info["decision"].get("lambda", 0.0) if lam is None else lam, "--lambda")
+    tolerance = check_weight(info["decision"].get("tolerance", 0.0) if tolerance is None else tolerance, "--tolerance")
+    if router_device == "gpu" and router_backend != "onnxruntime":
+        raise UserError("--router-device gpu needs --router-backend onnxruntime (the python router runs on the CPU)")
+    if not 1 <= default_max_tokens <= max_tokens_limit:
+        raise UserError(f"--max-tokens must be in 1..{max_tokens_limit}, got {default_max_tokens}")
     if candidates is not None:
         from zooter.serving.candidates import costs_for
 
         costs_for(candidates, labels)        # every label must be in the candidates file (raises, naming them)
     costs = _unit_costs(candidates, labels, info)
-    if lam and costs is None:
-        raise UserError("--lambda needs a cost for every candidate (in the candidates file or the bundle)")
+    if (lam or tolerance) and costs is None:
+        raise UserError(f"--{'lambda' if lam else 'tolerance'} needs a cost for every candidate (in the candidates file or the bundle)")
     serving = _serving(candidates, labels, stand_ins)
 
     out = Path(out)
@@ -181,45 +191,49 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
 
     token_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in info["inputs"]]
     token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
-    common = {"max_batch_size": max_batch_size, "num_labels": len(labels), 
-              "llm_inputs": _io_block(LLM_INPUTS), "default_max_tokens": default_max_tokens,
-              "labels_json": _pbtxt_string(json.dumps(labels))}
-    routing = {"labels": labels, "costs": costs, "candidates": serving, "decision": {"lambda": lam},
+    common = {"max_batch_size": max_batch_size, "num_labels": len(labels), "llm_inputs": _io_block(LLM_INPUTS),
+              "default_max_tokens": default_max_tokens, "max_tokens_limit": max_tokens_limit,
+              "max_text_bytes": max_text_bytes, "labels_json": _pbtxt_string(json.dumps(labels))}
+    common["decision_outputs"] = Template(_io_block([(n, t, d, False) for n, t, d in DECISION_OUTPUTS])).substitute(common)
+    routing = {"labels": labels, "costs": costs, "candidates": serving, "decision": {"lambda": lam, "tolerance": tolerance},
                "bundle": {k: info.get(k) for k in ("format_version", "max_length", "model_file")}}
     built = BuiltRepository(out, labels, serving=serving)
+    bundle_files = {name: bundle / name for name in ("router.json", *_onnx_files(bundle, info), "tokenizer.json")}
 
-    _write_model(out, "zooter_tokenize",
-                 _fill(TEMPLATES / "zooter_tokenize" / "config.pbtxt",
-                       dict(common, token_outputs=token_io, max_text_bytes=max_text_bytes)),
-                 {"model.py": TEMPLATES / "zooter_tokenize" / "model.py",
-                  "tokenizer.json": bundle / "tokenizer.json", "router.json": bundle / "router.json"})
-
-    onnx_files = {name: bundle / name for name in _onnx_files(bundle, info)}
-    accelerator = ""
-    if tensorrt:
-        accelerator = ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"\n'
-                       '  parameters { key: "precision_mode" value: "FP16" } } ] } }')
-    router_values = dict(common, token_inputs=token_io, model_file=info["model_file"], accelerator=accelerator,
-                         instance_kind="KIND_GPU" if router_device == "gpu" else "KIND_CPU",
-                         intra_op_threads=intra_op_threads)
-    router_files = dict(onnx_files)
     if router_backend == "python":
-        router_files["model.py"] = TEMPLATES / "zooter_router" / "model.py"
-    _write_model(out, "zooter_router", _fill(TEMPLATES / "zooter_router" / f"config.{router_backend}.pbtxt", router_values),
-                 router_files)
-
-    _write_model(out, "zooter_decide", _fill(TEMPLATES / "zooter_decide" / "config.pbtxt", common),
-                 {"model.py": TEMPLATES / "zooter_decide" / "model.py", "routing.json": json.dumps(routing, indent=2)})
-
-    step_maps = {
-        "tokenize_output_map": "\n".join(f'      output_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
-        "router_input_map": "\n".join(f'      input_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
-    }
-    _write_model(out, "zooter_route", _fill(TEMPLATES / "zooter_route" / "config.pbtxt", dict(common, **step_maps)))
+        _write_model(out, "zooter_route",
+                     _fill(TEMPLATES / "zooter_route" / "config.python.pbtxt",
+                           dict(common, route_instances=route_instances, intra_op_threads=intra_op_threads)),
+                     {"model.py": TEMPLATES / "zooter_route" / "model.py", "routing.json": json.dumps(routing, indent=2),
+                      **bundle_files})
+        built.models.append("zooter_route")
+    else:
+        _write_model(out, "zooter_tokenize",
+                     _fill(TEMPLATES / "zooter_tokenize" / "config.pbtxt", dict(common, token_outputs=token_io)),
+                     {"model.py": TEMPLATES / "zooter_tokenize" / "model.py",
+                      "tokenizer.json": bundle / "tokenizer.json", "router.json": bundle / "router.json"})
+        accelerator = ""
+        if tensorrt:
+            accelerator = ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"\n'
+                           '  parameters { key: "precision_mode" value: "FP16" } } ] } }')
+        _write_model(out, "zooter_router",
+                     _fill(TEMPLATES / "zooter_router" / "config.onnxruntime.pbtxt",
+                           dict(common, token_inputs=token_io, model_file=info["model_file"], accelerator=accelerator,
+                                instance_kind="KIND_GPU" if router_device == "gpu" else "KIND_CPU")),
+                     {name: bundle / name for name in _onnx_files(bundle, info)})
+        _write_model(out, "zooter_decide", _fill(TEMPLATES / "zooter_decide" / "config.pbtxt", common),
+                     {"model.py": TEMPLATES / "zooter_decide" / "model.py", "routing.json": json.dumps(routing, indent=2),
+                      "router.json": bundle / "router.json"})
+        step_maps = {
+            "tokenize_output_map": "\n".join(f'      output_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
+            "router_input_map": "\n".join(f'      input_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
+        }
+        _write_model(out, "zooter_route", _fill(TEMPLATES / "zooter_route" / "config.ensemble.pbtxt", dict(common, **step_maps)))
+        built.models += ["zooter_tokenize", "zooter_router", "zooter_decide", "zooter_route"]
 
     _write_model(out, "zooter", _fill(TEMPLATES / "zooter" / "config.pbtxt", common),
                  {"model.py": TEMPLATES / "zooter" / "model.py", "routing.json": json.dumps(routing, indent=2)})
-    built.models += list(ROUTING_MODELS) + ["zooter"]
+    built.models.append("zooter")
 
     if built.stand_ins:
         from zooter.triton_models import standin_llm

@@ -237,3 +237,58 @@ def format_table(report: dict) -> str:
     for name, why in report["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
+
+
+class MicroBatcher:
+    """`route(text)` calls from many threads gathered, for at most `window_ms` or `max_batch` queries,
+    into one Router.route_batch call.
+
+    For `zooter bench --triton`, which measures it beside threads sharing one Router: on CPU it was
+    slower, since a batch is padded to its longest query, and a dynamic int8 model's batch-wide
+    activation scales changed some decisions (docs/triton.md), so the Router does not offer it.
+    """
+
+    def __init__(self, router, window_ms: float = 1.0, max_batch: int = 32):
+        import queue
+        import threading
+
+        self.router, self.window, self.max_batch = router, window_ms / 1000, max_batch
+        self.pending: queue.SimpleQueue = queue.SimpleQueue()
+        self.worker = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
+        self.worker.start()
+
+    def route(self, text):
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        self.pending.put((text, done))
+        return done.result()
+
+    def close(self) -> None:
+        self.pending.put(None)
+        self.worker.join()
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            first = self.pending.get()
+            if first is None:
+                return
+            batch, deadline = [first], time.perf_counter() + self.window
+            while len(batch) < self.max_batch:
+                try:
+                    item = self.pending.get(timeout=max(0.0, deadline - time.perf_counter()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.pending.put(None)
+                    break
+                batch.append(item)
+            try:
+                decisions = self.router.route_batch([text for text, _ in batch], batch_size=len(batch))
+                for (_, done), decision in zip(batch, decisions):
+                    done.set_result(decision)
+            except Exception as err:   # handed to every waiting caller
+                for _, done in batch:
+                    done.set_exception(err)

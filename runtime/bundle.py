@@ -8,11 +8,14 @@ router.json (format_version 2):
     format_version   FORMAT_VERSION; readers refuse other versions
     labels           candidate names in logit order (every consumer takes them from here)
     max_length       tokens per query after truncation
-    model_file, inputs, output, opset   the ONNX file to load, its input names, its output name
+    model_file, inputs, opset   the ONNX file to load and its input names
+    output, reward_output       its two outputs: the distilled logits and the raw expected-reward scores
     files            {file name: {"sha256", "bytes"}} for every file but router.json
     quantization     {"mode": "int8"|"fp16"|"none", the recipe and what the optimizer fused}
     costs            {candidate: {"input_per_mtok", "output_per_mtok", "unit"}} or null
-    lambda           the default cost weight of the decision rule (0 = plain argmax)
+    decision         the decision rule's settings (zooter.runtime.decision.Rule): anchor (the training
+                     best), margin (the guard), expected_reward and confidence (isotonic tables),
+                     tolerance and lambda (the cost knobs' defaults), and how they were fitted
     provenance       the run's training record (data_sha256, backbone, beta, tau, loss, seed, ...)
     parity           the shipped model against PyTorch on validation rows
     evaluation       the run's dev figures
@@ -73,7 +76,7 @@ def validate_manifest(manifest, where: str = MANIFEST) -> dict:
     if version != FORMAT_VERSION:
         raise BundleError(f"{where}: 'format_version' is {version!r}; this zooter reads version {FORMAT_VERSION} "
                           f"(export the run again with this zooter)")
-    for key in ("labels", "max_length", "model_file", "files", "inputs", "output"):
+    for key in ("labels", "max_length", "model_file", "files", "inputs", "output", "reward_output", "decision"):
         if key not in manifest:
             raise BundleError(f"{where}: no {key!r}")
     labels = manifest["labels"]
@@ -103,9 +106,10 @@ def validate_manifest(manifest, where: str = MANIFEST) -> dict:
     inputs = manifest["inputs"]
     if not isinstance(inputs, list) or not inputs or not all(i in TOKEN_INPUTS for i in inputs):
         raise BundleError(f"{where}: 'inputs' must list some of {list(TOKEN_INPUTS)}, got {inputs!r}")
-    if not isinstance(manifest["output"], str) or not manifest["output"]:
-        raise BundleError(f"{where}: 'output' must name the model's logits output")
-    finite_number(manifest.get("lambda", 0.0), "lambda", where)
+    for key in ("output", "reward_output"):
+        if not isinstance(manifest[key], str) or not manifest[key]:
+            raise BundleError(f"{where}: {key!r} must name one of the model's outputs")
+    validate_decision(manifest["decision"], labels, where)
     costs = manifest.get("costs")
     if costs is not None:
         if not isinstance(costs, dict) or set(costs) != set(labels):
@@ -121,6 +125,25 @@ def validate_manifest(manifest, where: str = MANIFEST) -> dict:
         raise BundleError(f"{where}: was modified after export (its content no longer matches 'manifest_sha256'); "
                           f"export the run again rather than editing router.json (labels, costs, lambda ...)")
     return manifest
+
+
+def validate_decision(decision, labels: list[str], where: str) -> None:
+    """The `decision` block: every setting the rule reads, checked as zooter.runtime.decision.Rule reads it."""
+    from zooter.runtime.decision import Table, check_number, check_weight
+    from zooter.runtime.errors import SettingError
+
+    if not isinstance(decision, dict):
+        raise BundleError(f"{where}: 'decision' must be an object")
+    if decision.get("anchor") not in labels:
+        raise BundleError(f"{where}: 'decision.anchor' must be one of the labels, got {decision.get('anchor')!r}")
+    try:
+        check_number(decision.get("margin"), "decision.margin")
+        check_weight(decision.get("tolerance", 0.0), "decision.tolerance")
+        check_weight(decision.get("lambda", 0.0), "decision.lambda")
+        Table.from_json(decision.get("expected_reward"), "decision.expected_reward")
+        Table.from_json(decision.get("confidence"), "decision.confidence")
+    except SettingError as err:
+        raise BundleError(f"{where}: {err}") from None
 
 
 def read_manifest(bundle: str | Path, verify: bool = True) -> dict:

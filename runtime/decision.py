@@ -1,18 +1,29 @@
-"""Turning router logits into a decision: probabilities, the chosen candidate, and the cost-aware rule.
+"""The decision rule: from the router's two outputs to the chosen candidate, the same everywhere.
 
-Shared by the Router, evaluation and the Triton `zooter_decide` model, so that every consumer
-decides the same way. numpy only.
+The Router, evaluation, the export parity gate and Triton's routing models all decide through
+`Rule.decide`, with the settings the bundle ships (router.json `decision`). numpy only.
 
-Cost-aware rule: choose argmax_i  p_i - lambda * c_i / max(c)
-  p_i  the router's probability that candidate i is best (its distilled reward share),
-  c_i  the candidate's price (per million tokens, or per answer), normalised by the dearest.
-lambda = 0 is plain ZOOTER (argmax); larger lambda buys cheaper candidates at some quality.
+The model gives, for each candidate i:
+    p_i   the distilled probability that i answers best (softmax of the logits): it ranks;
+    s_i   the expected-reward head's raw score, mapped by an isotonic table (fitted on held-out
+          training rows) to E_i, the reward to expect from i, in the data's reward units.
+The rule, in order:
+    1. choice   c = argmax_i  p_i - lambda * cost_i / max(cost)   (lambda 0: argmax p, the paper's rule)
+    2. guard    keep the anchor a, the candidate best on the training rows, unless E_c - E_a > margin;
+                the margin was chosen on held-out rows so that routing does not fall below a
+    3. tolerance X: the cheapest candidate whose E is within X of E_choice (X = 0 keeps the choice)
+    ranking     the choice, then the others by E: the fallback order
+    confidence  P(the choice is a best answer for the query): an isotonic map of E_c's lead over the
+                best other candidate, fitted on held-out rows
+Candidates outside `allowed` are never chosen or ranked (unscored candidates in evaluation, a
+request's allowed subset in the gateway). lambda is the older cost knob, kept for compatibility: it
+trades probability share for price, while tolerance trades reward units for price (docs/training.md).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,17 +31,30 @@ from zooter.runtime.errors import SettingError
 
 
 def check_weight(value, name: str = "lambda") -> float:
-    """A decision setting (cost weight, tolerance, margin): a finite number >= 0, else a SettingError.
+    """A cost setting (lambda, tolerance): a finite number >= 0, else a SettingError.
 
     NaN would make every utility NaN and argmax pick the first label, silently; a negative weight
     would prefer dearer candidates. Both are refused everywhere the rule is configured.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise SettingError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
+    number = _finite(value)
+    if number is None or number < 0:
         raise SettingError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
+    return number
+
+
+def check_number(value, name: str) -> float:
+    """Any finite number (a guard margin may be negative), else a SettingError naming the setting."""
+    number = _finite(value)
+    if number is None:
+        raise SettingError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _finite(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -54,23 +78,109 @@ def unit_cost(cost) -> float:
     return float(cost)
 
 
-def utilities(probs: np.ndarray, costs: Sequence[float] | None = None, lam: float = 0.0) -> np.ndarray:
-    probs = np.asarray(probs, dtype=np.float64)
-    lam = check_weight(lam)
-    if not lam or costs is None:
-        return probs
-    c = np.asarray(costs, dtype=np.float64)
-    if c.shape[-1] != probs.shape[-1]:
-        raise ValueError(f"{c.shape[-1]} costs for {probs.shape[-1]} candidates")
-    scale = c.max() if c.max() > 0 else 1.0
-    return probs - lam * c / scale
+@dataclass(frozen=True)
+class Table:
+    """A monotone map shipped as knots and applied with np.interp, clamped at the ends."""
+
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+
+    def __call__(self, values) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        if len(self.x) == 1:
+            return np.full(values.shape, self.y[0])
+        return np.interp(values, self.x, self.y)
+
+    def to_json(self) -> dict:
+        return {"x": list(self.x), "y": list(self.y)}
+
+    @classmethod
+    def from_json(cls, obj, name: str) -> "Table":
+        if not isinstance(obj, dict) or not isinstance(obj.get("x"), list) or not isinstance(obj.get("y"), list):
+            raise SettingError(f"{name} must be an object {{x: [...], y: [...]}}")
+        if not obj["x"] or len(obj["x"]) != len(obj["y"]):
+            raise SettingError(f"{name}: x and y must be non-empty lists of the same length")
+        x = [check_number(v, f"{name}.x") for v in obj["x"]]
+        y = [check_number(v, f"{name}.y") for v in obj["y"]]
+        if any(b < a for a, b in zip(x, x[1:])) or any(b < a for a, b in zip(y, y[1:])):
+            raise SettingError(f"{name}: x and y must be non-decreasing (a monotone map)")
+        return cls(tuple(x), tuple(y))
 
 
-def choose(probs: np.ndarray, costs: Sequence[float] | None = None, lam: float = 0.0) -> np.ndarray:
-    """Index of the chosen candidate per row (or a scalar for a 1-D input)."""
-    return np.argmax(utilities(probs, costs, lam), axis=-1)
+@dataclass
+class Choices:
+    """Decisions for a batch of queries (n rows, m candidates in label order)."""
+
+    choice: np.ndarray        # (n,) index of the chosen candidate
+    ranking: np.ndarray       # (n, m) candidate indices, choice first; -1 pads rows with disallowed candidates
+    expected: np.ndarray      # (n, m) expected reward E of every candidate
+    confidence: np.ndarray    # (n,) P(the choice is a best answer)
+    anchored: np.ndarray      # (n,) the guard kept the anchor
 
 
-def ranked(probs: np.ndarray, costs: Sequence[float] | None = None, lam: float = 0.0) -> np.ndarray:
-    """Candidate indices best first: the fallback order when the chosen candidate fails."""
-    return np.argsort(-utilities(probs, costs, lam), axis=-1, kind="stable")
+@dataclass(frozen=True)
+class Rule:
+    labels: tuple[str, ...]
+    anchor: int                   # index of the candidate best on the training rows
+    margin: float                 # leave the anchor only when E_choice - E_anchor > margin
+    expected_reward: Table        # raw reward-head score -> expected reward
+    confidence_map: Table         # E lead of the choice over the best other -> P(choice is a best answer)
+    costs: np.ndarray | None = None   # unit price per label; None when the bundle has no prices
+    lam: float = 0.0
+    tolerance: float = 0.0
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, lam: float | None = None, tolerance: float | None = None) -> "Rule":
+        """The rule router.json ships (validated by zooter.runtime.bundle); lam/tolerance override its defaults."""
+        labels = tuple(manifest["labels"])
+        d = manifest["decision"]
+        costs = manifest.get("costs")
+        return cls(labels=labels, anchor=labels.index(d["anchor"]), margin=float(d["margin"]),
+                   expected_reward=Table.from_json(d["expected_reward"], "decision.expected_reward"),
+                   confidence_map=Table.from_json(d["confidence"], "decision.confidence"),
+                   costs=np.array([unit_cost(costs[n]) for n in labels], dtype=np.float64) if costs else None,
+                   lam=check_weight(d.get("lambda", 0.0) if lam is None else lam, "lambda"),
+                   tolerance=check_weight(d.get("tolerance", 0.0) if tolerance is None else tolerance, "tolerance"))
+
+    def settings(self, lam: float | None, tolerance: float | None) -> tuple[float, float]:
+        lam = self.lam if lam is None else check_weight(lam, "lambda")
+        tolerance = self.tolerance if tolerance is None else check_weight(tolerance, "tolerance")
+        if (lam or tolerance) and self.costs is None:
+            raise SettingError(f"{'lambda' if lam else 'tolerance'} needs a price for every candidate; "
+                               f"this bundle has no costs")
+        return lam, tolerance
+
+    def decide(self, probs, scores, lam: float | None = None, tolerance: float | None = None,
+               allowed=None, guard: bool = True) -> Choices:
+        """Decisions for (n, m) probabilities and raw reward scores. `allowed`: (m,) or (n, m) booleans."""
+        lam, tolerance = self.settings(lam, tolerance)
+        probs = np.atleast_2d(np.asarray(probs, dtype=np.float64))
+        expected = self.expected_reward(np.atleast_2d(np.asarray(scores, dtype=np.float64)))
+        n, m = probs.shape
+        if expected.shape != (n, m) or m != len(self.labels):
+            raise ValueError(f"probabilities {probs.shape} and rewards {expected.shape} for {len(self.labels)} labels")
+        ok = np.ones((n, m), dtype=bool) if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), (n, m))
+        if not ok.any(axis=1).all():
+            raise SettingError("every candidate of a query is excluded: allow at least one")
+        rows = np.arange(n)
+        utility = probs - (lam * self.costs / max(self.costs.max(), 1e-12) if lam else 0.0)
+        choice = np.argmax(np.where(ok, utility, -np.inf), axis=1)
+        anchored = np.zeros(n, dtype=bool)
+        if guard:
+            usable = ok[:, self.anchor]
+            gain = expected[rows, choice] - expected[:, self.anchor]
+            anchored = usable & (gain <= self.margin)
+            choice = np.where(anchored, self.anchor, choice)
+        if tolerance:
+            near = ok & (expected >= expected[rows, choice][:, None] - tolerance - 1e-12)
+            # cheapest first; among equal prices the higher expected reward
+            key = np.where(near, -self.costs[None, :] * 1e6 + expected, -np.inf)
+            choice = np.argmax(key, axis=1)
+        others = np.where(ok, expected, -np.inf)
+        others[rows, choice] = np.inf
+        ranking = np.argsort(-others, axis=1, kind="stable")
+        ranking = np.where(np.take_along_axis(ok, ranking, axis=1), ranking, -1)
+        rest = np.where(ok, expected, -np.inf)
+        rest[rows, choice] = -np.inf
+        lead = expected[rows, choice] - np.where(np.isfinite(rest.max(axis=1)), rest.max(axis=1), expected[rows, choice])
+        return Choices(choice, ranking, expected, self.confidence_map(lead), anchored)

@@ -4,8 +4,9 @@ numpy, onnxruntime and tokenizers only: an app installs `zooter` without the tra
 calls
 
     router = Router.load("bundle/")
-    decision = router.route("Prove that there are infinitely many primes.")
-    decision.candidate, decision.confidence, decision.probabilities, decision.latency_ms
+    d = router.route("Prove that there are infinitely many primes.")
+    d.candidate, d.expected_reward, d.confidence, d.expected_rewards, d.ranking, d.latency_ms
+    router.route(text, tolerance=0.02)   # the cheapest candidate expected within 0.02 reward of the choice
 
 One Router may be shared by many threads: onnxruntime sessions are safe to run concurrently, the
 tokenizer is configured once at load and never mutated, and every call keeps its state local.
@@ -14,7 +15,7 @@ tokenizer is configured once at load and never mutated, and every call keeps its
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,76 +32,93 @@ __all__ = ["Router", "Decision", "BundleError"]
 
 @dataclass
 class Decision:
+    """Where one query goes, and why (zooter.runtime.decision explains the rule)."""
+
     candidate: str
-    probabilities: dict[str, float]
-    confidence: float  # the chosen candidate's probability
-    latency_ms: float  # tokenize + model + decide; for a batch, the whole batch's time
-    ranking: list[str] = field(default_factory=list)  # best first: the fallback order
+    expected_reward: float            # the reward to expect from the candidate, in the data's reward units
+    confidence: float                 # calibrated P(the candidate is a best answer for this query)
+    expected_rewards: dict[str, float]
+    probabilities: dict[str, float]   # the distilled probability that each candidate answers best
+    ranking: list[str]                # best first: the fallback order
+    anchored: bool                    # the guard kept the training-best candidate
+    latency_ms: float                 # tokenize + model + decide; for a batch, the whole call's time
 
     def to_json(self) -> dict:
-        return {"candidate": self.candidate, "confidence": self.confidence, "probabilities": self.probabilities,
-                "ranking": self.ranking, "latency_ms": self.latency_ms}
+        return {"candidate": self.candidate, "expected_reward": self.expected_reward, "confidence": self.confidence,
+                "expected_rewards": self.expected_rewards, "probabilities": self.probabilities, "ranking": self.ranking,
+                "anchored": self.anchored, "latency_ms": self.latency_ms}
 
 
 class Router:
-    """A loaded bundle: tokenizer, ONNX session, labels, costs and the decision rule."""
+    """A loaded bundle: tokenizer, ONNX session, labels, and the decision rule with its settings."""
 
-    def __init__(self, session, tokenizer, manifest: dict, bundle: Path | None = None, lam: float | None = None):
+    def __init__(self, session, tokenizer, manifest: dict, bundle: Path | None = None, lam: float | None = None,
+                 tolerance: float | None = None):
         self.session = session
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.bundle = bundle
         self.labels: list[str] = list(manifest["labels"])
         self.max_length = int(manifest["max_length"])
-        self.output = manifest.get("output", "logits")
+        self.outputs = [manifest["output"], manifest["reward_output"]]
         self.input_names = [i.name for i in session.get_inputs()]
-        costs = manifest.get("costs") or None
-        # Costs in label order (unit price per million tokens); None when the bundle has none.
-        self.costs = None
-        if costs:
-            self.costs = np.array([rule.unit_cost(costs[name]) for name in self.labels], dtype=np.float64)
-        self.lam = rule.check_weight(manifest.get("lambda", 0.0) if lam is None else lam, "lambda")
-        if self.lam and self.costs is None:
-            raise BundleError(f"lambda={self.lam} needs a price for every candidate; router.json has no costs")
-        self._check_label_count()
+        self.rule = rule.Rule.from_manifest(manifest, lam, tolerance)
+        self.rule.settings(None, None)     # a default cost knob without prices is refused at load
+        self._check_outputs()
 
     @classmethod
     def load(cls, bundle: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-             lam: float | None = None, model_file: str | None = None, verify: bool = True, spin: bool = False) -> "Router":
-        """Open a bundle folder. `model_file` picks another listed ONNX file (say model.onnx beside
-        model.int8.onnx); `spin` lets idle onnxruntime threads spin-wait (only for dedicated cores)."""
+             lam: float | None = None, tolerance: float | None = None, model_file: str | None = None,
+             verify: bool = True, spin: bool = False) -> "Router":
+        """Open a bundle folder. `lam`/`tolerance` replace the bundle's default cost knobs; `model_file`
+        picks another listed ONNX file (say model.onnx beside model.int8.onnx); `spin` lets idle
+        onnxruntime threads spin-wait (only for dedicated cores)."""
         bundle = Path(bundle)
-        if lam is not None:
-            rule.check_weight(lam, "lambda")    # before the model loads: a bad setting fails fast
+        if lam is not None:               # a bad setting fails before the model loads
+            rule.check_weight(lam, "lambda")
+        if tolerance is not None:
+            rule.check_weight(tolerance, "tolerance")
         manifest = read_manifest(bundle, verify=verify)
         name = model_file or manifest["model_file"]
         if name not in manifest["files"]:
             raise BundleError(f"{bundle}: {name} is not a file of this bundle ({sorted(manifest['files'])})")
         tokenizer = load_tokenizer(bundle / "tokenizer.json", manifest["max_length"])
         session = open_session(bundle / name, providers, threads, spin)
-        return cls(session, tokenizer, manifest, bundle, lam)
+        return cls(session, tokenizer, manifest, bundle, lam, tolerance)
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def _check_label_count(self) -> None:
-        dims = self.session.get_outputs()[0].shape
-        width = dims[-1] if dims and isinstance(dims[-1], int) else None
-        if width is None:  # symbolic output width: ask the model
-            width = self.logits(["label count check"]).shape[-1]
-        if width != len(self.labels):
-            raise BundleError(f"{self.bundle}: the model has {width} outputs but router.json lists {len(self.labels)} labels "
-                              f"{self.labels}; refusing to route with a mismatched label order")
+    @property
+    def costs(self) -> np.ndarray | None:
+        return self.rule.costs
+
+    @property
+    def decision(self) -> dict:
+        """The decision settings the bundle ships (router.json `decision`)."""
+        return self.manifest["decision"]
+
+    def _check_outputs(self) -> None:
+        names = [o.name for o in self.session.get_outputs()]
+        missing = [o for o in self.outputs if o not in names]
+        if missing:
+            raise BundleError(f"{self.bundle}: the model has no output {missing} (it has {names})")
+        for out in self.session.get_outputs():
+            width = out.shape[-1] if out.shape and isinstance(out.shape[-1], int) else None
+            if width is not None and width != len(self.labels):
+                raise BundleError(f"{self.bundle}: the model's {out.name} has {width} outputs but router.json lists "
+                                  f"{len(self.labels)} labels {self.labels}; refusing to route with a mismatched label order")
 
     # --- inference ----------------------------------------------------------------------------
-    def logits(self, texts: Sequence) -> np.ndarray:
+    def scores(self, texts: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, raw reward scores) of one model call over `texts` (padded to the longest)."""
         feeds = encode(self.tokenizer, texts, self.max_length)
-        feeds = {name: feeds[name] for name in self.input_names}
-        return self.session.run([self.output], feeds)[0]
+        logits, rewards = self.session.run(self.outputs, {name: feeds[name] for name in self.input_names})
+        return logits, rewards
 
-    def probabilities(self, texts: Sequence, batch_size: int = 32) -> np.ndarray:
-        """(len(texts), labels) probabilities in input order, `batch_size` queries per model call.
+    def outputs_of(self, texts: Sequence, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, raw reward scores) for every text, in input order, `batch_size` queries per call.
 
         Batches are formed from queries of similar length: less padding to compute, and with
         dynamic int8 (whose activation scales span the whole batch, padding included) answers
@@ -115,47 +133,59 @@ class Router:
                 cleaned.append(clean_query(t))
             except (TypeError, ValueError) as err:
                 raise type(err)(f"query {i}: {err}" if len(texts) > 1 else str(err)) from None
-        if len(cleaned) <= batch_size:
-            return rule.softmax(self.logits(cleaned))
-        order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i]))
-        out = np.empty((len(cleaned), len(self.labels)), dtype=np.float64)
+        m = len(self.labels)
+        probs, rewards = np.empty((len(cleaned), m)), np.empty((len(cleaned), m))
+        order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i])) if len(cleaned) > batch_size else range(len(cleaned))
+        order = list(order)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            out[idx] = rule.softmax(self.logits([cleaned[j] for j in idx]))
-        return out
+            logits, scores = self.scores([cleaned[j] for j in idx])
+            probs[idx], rewards[idx] = rule.softmax(logits), scores
+        return probs, rewards
 
-    def _lambda(self, lam: float | None) -> float:
-        lam = self.lam if lam is None else rule.check_weight(lam, "lambda")
-        if lam and self.costs is None:
-            raise SettingError(f"lambda={lam} needs a price for every candidate; this bundle has no costs")
-        return lam
+    def probabilities(self, texts: Sequence, batch_size: int = 32) -> np.ndarray:
+        return self.outputs_of(texts, batch_size)[0]
 
-    def _decide(self, probs: np.ndarray, lam: float, latency_ms: float) -> list[Decision]:
-        costs = self.costs if lam else None
-        order = rule.ranked(probs, costs, lam)
+    def decide(self, probs: np.ndarray, rewards: np.ndarray, lam: float | None = None, tolerance: float | None = None,
+               candidates: Sequence[str] | None = None, latency_ms: float = 0.0) -> list[Decision]:
+        """Decisions from the model's outputs, by the bundle's rule; `candidates` limits the choice to a subset."""
+        allowed = None
+        if candidates is not None:
+            unknown = [c for c in candidates if c not in self.labels]
+            if unknown or not candidates:
+                raise SettingError(f"candidates {unknown or '[]'} are not labels of this router ({self.labels})")
+            allowed = np.array([name in set(candidates) for name in self.labels])
+        made = self.rule.decide(probs, rewards, lam, tolerance, allowed)
         out = []
-        for row, ranking in zip(probs, order):
-            best = int(ranking[0])
-            out.append(Decision(self.labels[best], {n: float(p) for n, p in zip(self.labels, row)}, float(row[best]),
-                                latency_ms, [self.labels[int(i)] for i in ranking]))
+        for k, c in enumerate(made.choice):
+            out.append(Decision(self.labels[c], float(made.expected[k, c]), float(made.confidence[k]),
+                                {n: float(v) for n, v in zip(self.labels, made.expected[k])},
+                                {n: float(v) for n, v in zip(self.labels, probs[k])},
+                                [self.labels[i] for i in made.ranking[k] if i >= 0], bool(made.anchored[k]), latency_ms))
         return out
 
-    def route(self, text, lam: float | None = None) -> Decision:
-        """Route one query (str, or UTF-8 bytes). Raises TypeError for other types, EmptyQueryError for blank text."""
+    def route(self, text, lam: float | None = None, tolerance: float | None = None,
+              candidates: Sequence[str] | None = None) -> Decision:
+        """Route one query (str, or UTF-8 bytes). Raises TypeError for other types, EmptyQueryError for blank text;
+        `lam`/`tolerance` override the bundle's cost knobs, `candidates` limits the choice."""
         if isinstance(text, (list, tuple)):
             raise TypeError("route takes one query; use route_batch for a list")
-        lam = self._lambda(lam)
+        self.rule.settings(lam, tolerance)
         start = time.perf_counter()
-        decision = self._decide(rule.softmax(self.logits([text])), lam, 0.0)[0]
+        logits, scores = self.scores([text])
+        decision = self.decide(rule.softmax(logits), scores, lam, tolerance, candidates)[0]
         decision.latency_ms = (time.perf_counter() - start) * 1000
         return decision
 
-    def route_batch(self, texts: Sequence, lam: float | None = None, batch_size: int = 32) -> list[Decision]:
-        """Route many queries, `batch_size` per model call (see probabilities), answers in input order;
+    def route_batch(self, texts: Sequence, lam: float | None = None, tolerance: float | None = None,
+                    candidates: Sequence[str] | None = None, batch_size: int = 32) -> list[Decision]:
+        """Route many queries, `batch_size` per model call (see outputs_of), answers in input order;
         latency_ms is the whole call's time. A bad query raises the error route() would, naming its index."""
         if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
             raise TypeError(f"route_batch takes a list of queries, got {type(texts).__name__}")
-        lam = self._lambda(lam)
+        self.rule.settings(lam, tolerance)
         start = time.perf_counter()
-        probs = self.probabilities(texts, batch_size) if len(texts) else np.zeros((0, len(self.labels)))
-        return self._decide(probs, lam, (time.perf_counter() - start) * 1000)
+        if not len(texts):
+            return []
+        probs, scores = self.outputs_of(texts, batch_size)
+        return self.decide(probs, scores, lam, tolerance, candidates, (time.perf_counter() - start) * 1000)

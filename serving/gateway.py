@@ -18,6 +18,8 @@ import hmac
 import json
 import logging
 import math
+import signal
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -43,7 +45,8 @@ class GatewaySettings:
     api_keys: Sequence[str] = ()             # bearer tokens clients must send; empty: no authentication
     max_body_bytes: int = 1 << 20
     request_timeout: float = 300.0           # a whole request, stream included
-    upstream_timeout: float = 60.0           # an upstream's first token, and each token after it
+    upstream_timeout: float = 60.0           # an upstream's first token and each one after it; a whole answer
+                                             # when not streaming
     connect_timeout: float = 5.0
     max_tokens: int = 256                    # for Triton models when a request sends no max_tokens
 
@@ -198,9 +201,8 @@ class Gateway:
         name, status, chunks, usage = answer.candidate, "499", 0, None   # 499: the client went away
         self.metrics.ttft.labels(name).observe(time.perf_counter() - answer.started)
         try:
-            for data in answer.chunks:
-                chunks += _has_text(data)
-                yield _sse(data)
+            chunks += sum(_has_text(data) for data in answer.chunks)
+            yield b"".join(_sse(data) for data in answer.chunks)      # one write: the first token sooner
             while True:
                 timeout = min(self.settings.upstream_timeout, remaining(deadline))
                 try:
@@ -310,11 +312,11 @@ def create_app(settings: GatewaySettings, on_ready: Callable[[Gateway], None] | 
 
 def listen(host: str, port: int):
     """A listening socket, bound before the server starts so that a busy port is one clear line."""
-    import socket
-
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # With the protocol number (IPPROTO_TCP, not 0) asyncio sets TCP_NODELAY on every accepted connection;
+        # without it a response's headers and body, written separately, wait out the client's delayed ACK.
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)[0][:3]
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(2048)
@@ -338,5 +340,13 @@ def serve(settings: GatewaySettings, host: str = "127.0.0.1", port: int = 8000, 
     app = create_app(settings, on_ready=ready)     # the router and candidates load first: bad input fails fast
     sock = listen(host, port)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn stops gracefully on Ctrl-C or SIGTERM, then raises the signal again for the handler it found:
+    # this one, so that a requested stop exits 0, as `zooter serve` does.
+    stops = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        for s, handler in stops.items():
+            signal.signal(s, handler)
+    print("zooter gateway stopped", flush=True)
     return 0

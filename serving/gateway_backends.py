@@ -28,13 +28,15 @@ from zooter.serving.gateway_upstreams import (GrpcClients, OpenAIUpstream, Trito
 
 log = logging.getLogger("zooter.gateway")
 BEFORE, MID = "before_first_token", "mid_stream"
+# What the zooter model's input checks say (zooter_tokenize's, and its own): the client's request is wrong.
+BAD_INPUT = ("empty text", "byte limit", "max_tokens must be", "text_input is required", "one query per request")
 
 
 @dataclass
 class Answer:
     candidate: str
     fallback: bool
-    confidence: float | None           # the router's probability of the candidate that answered; None unrouted
+    confidence: float | None           # the router's confidence in its choice; None when not routed or not known
     started: float                     # perf_counter() when the request went to the candidate that answered
     chunks: list = field(default_factory=list)   # streaming: the chunks up to the first token
     rest: AsyncIterator | None = None  # streaming: the chunks after them
@@ -83,8 +85,10 @@ class BundleBackend:
         missing = [label for label in self.router.labels if label not in self.names]
         if missing:
             raise CandidatesError(f"{settings.candidates}: no entry for the router's candidate(s) {missing}")
-        # The Router gains `tolerance` in a parallel change; a bundle's Router without it says so per request.
-        self.tolerance = "tolerance" in inspect.signature(self.router.route).parameters
+        # Routers that take `tolerance` and `candidates` (the allowed subset) decide with them; with an older
+        # Router a tolerance is refused per request and the subset filters the ranking.
+        accepts = inspect.signature(self.router.route).parameters
+        self.tolerance, self.subsets = "tolerance" in accepts, "candidates" in accepts
         self.grpc = GrpcClients()
         self.upstreams, self.unservable = {}, {}
         for c in candidates:
@@ -123,8 +127,8 @@ class BundleBackend:
         ready = any(states.get(label) == "up" for label in self.router.labels)
         return ready, {name: states[name] for name in self.names}
 
-    async def _route(self, call: Call) -> tuple[list[str], dict[str, float] | None]:
-        """(the candidates to try, best first; the router's probabilities, or None when the client named one)."""
+    async def _route(self, call: Call) -> tuple[list[str], float | None]:
+        """(the candidates to try, best first; the router's confidence, or None when the client named one)."""
         if call.model != "zooter":
             if call.model not in self.names:
                 raise unknown_model(call.model, self.names)
@@ -146,6 +150,8 @@ class BundleBackend:
             if not any(n in self.router.labels for n in allowed):
                 raise invalid(f"zooter.candidates: none of {allowed} is one the router chooses between "
                               f"({self.router.labels})", "zooter.candidates")
+            if self.subsets:
+                kwargs["candidates"] = allowed
         start = time.perf_counter()
         try:
             decision = await asyncio.get_running_loop().run_in_executor(
@@ -154,10 +160,10 @@ class BundleBackend:
             raise invalid(f"cannot route this request: {err}", "zooter") from None
         self.metrics.routing.observe(time.perf_counter() - start)
         ranking = [n for n in decision.ranking if not allowed or n in allowed]
-        return ranking, decision.probabilities
+        return ranking, decision.confidence
 
     async def answer(self, call: Call, deadline: float) -> Answer:
-        ranking, probabilities = await self._route(call)
+        ranking, confidence = await self._route(call)
         failures = []
         for name in ranking:
             upstream = self.upstreams.get(name)
@@ -188,15 +194,15 @@ class BundleBackend:
             fallback = name != ranking[0]
             if fallback:
                 self.metrics.fallbacks.labels(name).inc()
-            confidence = probabilities[name] if probabilities else None
             return Answer(name, fallback, confidence, started, **result)
         raise ApiError(503, "no candidate could answer: " + "; ".join(failures), "upstream_error",
                        "upstreams_unavailable")
 
     async def _whole(self, upstream, call: Call, deadline: float) -> dict:
+        """A whole answer, not streamed: its only sign of life is the answer, so the upstream timeout bounds it."""
         import anyio
 
-        timeout = remaining(deadline)
+        timeout = min(self.settings.upstream_timeout, remaining(deadline))
         try:
             with anyio.fail_after(timeout):
                 return await upstream.complete(call, timeout)
@@ -232,7 +238,7 @@ class TritonBackend:
 
         if not self.labels:
             try:
-                self.labels = await self.zooter.labels()
+                self.labels = await self.zooter.describe()
             except InferenceServerException as err:
                 log.warning("cannot read the candidates from Triton at %s yet: %s", self.zooter.address, err.message())
         return self.labels
@@ -264,23 +270,26 @@ class TritonBackend:
                     got = [piece async for piece in pieces]
                 if not got:
                     raise UpstreamError("broken", "Triton closed the stream without answering")
-                last = got[-1][1]      # after a fallback inside Triton, the answer of the one that finished
-                text = "".join(t for t, who, _ in got if who == last)
-                return self._answer(last, got[0][2] or len({who for _, who, _ in got}) > 1, started,
-                                    completion=completion(call.kind, last, text))
+                return self._answer(got[0], started,
+                                    completion=completion(call.kind, got[0]["candidate"],
+                                                          "".join(p["text_output"] for p in got)))
             with anyio.fail_after(min(self.settings.upstream_timeout, remaining(deadline))):
-                text, candidate, note = await pieces.__anext__()
+                first = await pieces.__anext__()
         except (UpstreamError, TimeoutError, StopAsyncIteration) as err:
             await pieces.aclose()
             raise self._error(err) from None
         id, created = new_id(call.kind), int(time.time())
-        return self._answer(candidate, bool(note), started, chunks=[chunk(call.kind, id, created, candidate, text, first=True)],
+        candidate = first["candidate"]
+        return self._answer(first, started, chunks=[chunk(call.kind, id, created, candidate, first["text_output"],
+                                                          first=True)],
                             rest=self._rest(call, pieces, candidate, id, created))
 
-    def _answer(self, candidate: str, fallback: bool, started: float, **result) -> Answer:
+    def _answer(self, first: dict, started: float, **result) -> Answer:
+        candidate, fallback = first["candidate"], bool(first.get("note"))
         if fallback:
             self.metrics.fallbacks.labels(candidate).inc()
-        return Answer(candidate, fallback, None, started, **result)
+        confidence = float(first["confidence"]) if first.get("confidence") else None
+        return Answer(candidate, fallback, confidence, started, **result)
 
     @staticmethod
     def _error(err) -> ApiError:
@@ -288,21 +297,22 @@ class TritonBackend:
             return ApiError(503, "Triton sent no first token in time", "upstream_error", "upstreams_unavailable")
         if isinstance(err, StopAsyncIteration):
             return ApiError(503, "Triton closed the stream without answering", "upstream_error", "upstreams_unavailable")
-        # The repository's own checks on the text (zooter_tokenize) are the client's to fix.
-        if any(s in err.detail for s in ("empty text", "byte limit")):
+        # The zooter model checks the client's input before any candidate (INVALID_ARG; in a stream only the
+        # message says so): those are the client's to fix.
+        if err.client_status or any(s in err.detail for s in BAD_INPUT):
             return invalid(f"Triton refused the request: {err.detail}", "messages")
-        return ApiError(503, f"Triton could not answer: {err.message}", "upstream_error",
-                        "upstreams_unavailable")
+        return ApiError(503, f"Triton could not answer: {err.message}", "upstream_error", "upstreams_unavailable")
 
     @staticmethod
     async def _rest(call: Call, pieces, candidate: str, id: str, created: int):
         try:
-            async for text, who, _ in pieces:
-                # The zooter model moves on to the next candidate when one fails mid-answer; half an answer
-                # followed by another model's whole answer is not an answer, so the stream ends in an error.
-                if who != candidate:
-                    raise UpstreamError("broken", f"{candidate} failed mid-answer (Triton went on to {who})")
-                yield chunk(call.kind, id, created, candidate, text)
+            async for piece in pieces:
+                # A zooter model that moves on to the next candidate after a failure mid-answer would glue two
+                # answers together; that is not an answer, so the stream ends in an error instead.
+                if piece["candidate"] != candidate:
+                    raise UpstreamError("broken", f"{candidate} failed mid-answer (Triton went on to "
+                                                  f"{piece['candidate']})")
+                yield chunk(call.kind, id, created, candidate, piece["text_output"])
             yield chunk(call.kind, id, created, candidate, "", finish="stop")
         finally:
             await pieces.aclose()

@@ -19,7 +19,7 @@ class Metrics:
         kw = {"registry": self.registry}
         self.requests = Counter(
             "zooter_gateway_requests", "Requests by endpoint, the candidate that answered ('' when none did) and "
-            "HTTP status; a stream that broke mid-answer counts here as 200 and in upstream_failures", 
+            "HTTP status; a stream that broke mid-answer counts here as 200 and in upstream_failures",
             ["endpoint", "candidate", "status"], **kw)
         self.fallbacks = Counter(
             "zooter_gateway_fallbacks", "Requests answered by a candidate other than the router's first choice, "

@@ -241,6 +241,8 @@ def _triton_error(err) -> UpstreamError:
         status, message = str(err.code()), err.details() or ""
     else:
         status, message = str(err.status() or ""), err.message() or str(err)
+    if "INVALID_ARG" in status:
+        return UpstreamError("bad_request", f"Triton refused the request: {message[:300]}", message, client_status=400)
     if "UNAVAILABLE" in status:
         return UpstreamError("refused", "cannot connect to Triton", message)
     if "DEADLINE_EXCEEDED" in status:
@@ -361,34 +363,41 @@ class TritonModelUpstream:
 
 class TritonZooter:
     """The `zooter` model of a repository from `zooter triton build`: routes inside Triton, falls back inside
-    Triton, and says who answered (`candidate`) and why when it fell back (`note`)."""
+    Triton, and says who answered (`candidate`), why when it fell back (`note`) and, in repositories that
+    have the output, how sure the router was (`confidence`, on the first response)."""
 
     MODEL = "zooter"
-    DECIDE = "zooter_decide"
+    ROUTE = "zooter_route"
 
     def __init__(self, url: str, clients: GrpcClients):
         self.address = grpc_address(url, "--triton")
         self.clients = clients
+        self.outputs: tuple[str, ...] | None = None     # the model's outputs, read once from its config
 
-    async def pieces(self, call, stream: bool) -> AsyncIterator[tuple[str, str, str]]:
-        """(text, candidate, note) per response."""
+    async def describe(self) -> list[str]:
+        """The router's candidates (zooter_route's `labels` parameter); learns the `zooter` model's outputs."""
+        client = self.clients.get(self.address)
+        config = await client.get_model_config(self.MODEL, client_timeout=5.0)
+        self.outputs = tuple(o.name for o in config.config.output
+                             if o.name in ("text_output", "candidate", "note", "confidence"))
+        route = await client.get_model_config(self.ROUTE, client_timeout=5.0)
+        return json.loads(route.config.parameters["labels"].string_value)
+
+    async def pieces(self, call, stream: bool) -> AsyncIterator[dict[str, str]]:
+        """{output: decoded value} per response ("" for an output a response does not carry)."""
         import tritonclient.grpc as grpcclient
 
+        if self.outputs is None:
+            await self.describe()
         values = {"text_input": ("BYTES", call.prompt.encode("utf-8")), "stream": ("BOOL", stream)}
         if call.max_tokens:
             values["max_tokens"] = ("INT32", call.max_tokens)
         values.update({name: ("FP32", value) for name, value in call.sampling.items()})
         inputs = [_tensor(name, datatype, [1, 1], value) for name, (datatype, value) in values.items()]
-        outputs = ("text_output", "candidate", "note")
         request = {"model_name": self.MODEL, "inputs": inputs,
-                   "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs]}
-        async for piece in _responses(self.clients.get(self.address), request, outputs):
-            yield piece
-
-    async def labels(self) -> list[str]:
-        """The router's candidates, from zooter_decide's `labels` parameter."""
-        config = await self.clients.get(self.address).get_model_config(self.DECIDE, client_timeout=5.0)
-        return json.loads(config.config.parameters["labels"].string_value)
+                   "outputs": [grpcclient.InferRequestedOutput(name) for name in self.outputs]}
+        async for piece in _responses(self.clients.get(self.address), request, self.outputs):
+            yield dict(zip(self.outputs, piece))
 
     async def probe(self) -> dict[str, str]:
         from tritonclient.utils import InferenceServerException

@@ -154,7 +154,7 @@ def _reachable(url: str, protocol: str) -> bool:
 def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out: str | Path | None = None,
                  grpc_url: str | None = None, metrics_url: str | None = None,
                  concurrency: Sequence[int] = CONCURRENCY, requests: int | None = None, warmup: int = 10,
-                 threads: int | None = None, quiet: bool = False) -> dict:
+                 threads: int | None = None, providers: Sequence[str] | None = None, quiet: bool = False) -> dict:
     """Measure; print a table unless quiet; write JSON to json_out; return the report.
 
     url: Triton HTTP (host:port). grpc_url / metrics_url default to the HTTP port + 1 / + 2.
@@ -171,10 +171,13 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     if not _reachable(http_address, "http"):
         raise UserError(f"no ready zooter_route at http://{http_address}; start one with `zooter serve`")
 
+    from zooter.runtime.bench import MicroBatcher
     from zooter.runtime.router import Router
 
-    router = Router.load(bundle, providers=["CPUExecutionProvider"], threads=threads)
+    router = Router.load(bundle, providers=providers or ["CPUExecutionProvider"], threads=threads)
+    batcher = MicroBatcher(router, window_ms=1.0)
     engines = {"in-process": lambda: (lambda text: router.route(text)),
+               "in-process-batched": lambda: batcher.route,
                "triton-http": _triton_caller(http_address, "http")}
     notes = []
     if _reachable(grpc_address, "grpc"):
@@ -206,7 +209,7 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
             size = n // rounds + (1 if r < n % rounds else 0)
             for k in range(len(names)):
                 name = names[(r + k) % len(names)]
-                before = scrape(metrics) if have_metrics and name != "in-process" else None
+                before = scrape(metrics) if have_metrics and name.startswith("triton") else None
                 parts[name].append(run_concurrent(engines[name], queries[r * size:] + queries[:r * size], c, size))
                 if before is not None:
                     after = scrape(metrics)
@@ -223,6 +226,10 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     # Decisions, one query per request both ways (as an app routes; no batch to share int8 scales with).
     in_process = [router.route(q) for q in queries]
     via_triton = _route_one_by_one(http_address, queries)
+    top = max(concurrency)
+    concurrent = _route_concurrently(lambda: _triton_caller(http_address, "http")(), queries, top)
+    micro = _route_concurrently(lambda: (lambda text: batcher.route(text).candidate), queries, top)
+    batcher.close()
     matching = sum(a.candidate == b["candidate"] for a, b in zip(in_process, via_triton))
     max_diff = max(abs(a.probabilities[k] - b["probabilities"][k]) for a, b in zip(in_process, via_triton)
                    for k in a.probabilities)
@@ -239,7 +246,10 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
         "triton_overhead_p50_ms": (http - base) if http is not None and base is not None else None,
         "triton_grpc_overhead_p50_ms": (p50("triton-grpc") - base) if p50("triton-grpc") is not None else None,
         "decisions_match": [int(matching), len(queries)],
+        "decisions_match_concurrent": [sum(a.candidate == b for a, b in zip(in_process, concurrent)), len(queries), top],
         "decisions_match_batched": [int(batched), len(queries)],
+        "micro_batched_decisions_match": [sum(a.candidate == b for a, b in zip(in_process, micro)), len(queries), top],
+        "targets": _targets(cells, concurrency),
         "max_probability_diff": float(max_diff),
         "cells": cells, "notes": notes,
     }
@@ -250,18 +260,62 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     return report
 
 
+def _route_concurrently(make_call, queries: Sequence[str], clients: int) -> list[str]:
+    """Every query routed once by `clients` threads at once (each with its own client): the chosen names."""
+    out: list = [None] * len(queries)
+    lock = threading.Lock()
+    todo = iter(range(len(queries)))
+
+    def worker():
+        call = make_call()
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            name = call(queries[i])
+            out[i] = name if isinstance(name, str) else (name.reshape(-1)[0].decode() if hasattr(name, "reshape") else str(name))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def _targets(cells: list[dict], concurrency: Sequence[int]) -> dict:
+    """The issue's targets, read off the cells: overhead at concurrency 1, throughput and p50 ratios at the top."""
+    def cell(engine, c):
+        return next((x for x in cells if x["engine"] == engine and x["concurrency"] == c and x["n"]), None)
+
+    out, low, top = {}, min(concurrency), max(concurrency)
+    base_low, base_top = cell("in-process", low), cell("in-process", top)
+    for engine in ("triton-http", "triton-grpc"):
+        a, b = cell(engine, low), cell(engine, top)
+        if a and base_low:
+            out[f"{engine}_c{low}_overhead_p50_ms"] = a["p50_ms"] - base_low["p50_ms"]
+        if b and base_top:
+            out[f"{engine}_c{top}_throughput_ratio"] = b["throughput_qps"] / base_top["throughput_qps"]
+            out[f"{engine}_c{top}_p50_ratio"] = b["p50_ms"] / base_top["p50_ms"]
+    batched = cell("in-process-batched", top)
+    if batched and base_top:
+        out[f"in-process-batched_c{top}_throughput_ratio"] = batched["throughput_qps"] / base_top["throughput_qps"]
+    return out
+
+
 def format_table(report: dict) -> str:
     lines = [f"routing latency, {report['queries']} queries, one query per request (ms)",
-             f"{'engine':12s} {'conc':>4s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'qps':>8s} {'x in-proc p50':>14s}  server-side (queue / compute per request)"]
+             f"{'engine':18s} {'conc':>4s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'qps':>8s} {'x in-proc p50':>14s}  server-side (queue / compute per request)"]
     base = {c["concurrency"]: c.get("p50_ms") for c in report["cells"] if c["engine"] == "in-process"}
     for c in report["cells"]:
         if not c["n"]:
-            lines.append(f"{c['engine']:12s} {c['concurrency']:4d}  failed: {c.get('first_error', '')}")
+            lines.append(f"{c['engine']:18s} {c['concurrency']:4d}  failed: {c.get('first_error', '')}")
             continue
         ratio = c["p50_ms"] / base[c["concurrency"]] if base.get(c["concurrency"]) else float("nan")
         server = "  ".join(f"{m.replace('zooter_', '')} {s['queue_ms']:.2f}/{s['compute_ms']:.2f}"
                            for m, s in c.get("server", {}).items())
-        lines.append(f"{c['engine']:12s} {c['concurrency']:4d} {c['p50_ms']:8.2f} {c['p90_ms']:8.2f} {c['p99_ms']:8.2f} "
+        lines.append(f"{c['engine']:18s} {c['concurrency']:4d} {c['p50_ms']:8.2f} {c['p90_ms']:8.2f} {c['p99_ms']:8.2f} "
                      f"{c['throughput_qps']:8.1f} {ratio:14.2f}  {server}")
     m, n = report["decisions_match"]
     overhead = report["triton_overhead_p50_ms"]
@@ -270,8 +324,14 @@ def format_table(report: dict) -> str:
         lines.append(f"Triton overhead at p50 (gRPC, concurrency 1): {report['triton_grpc_overhead_p50_ms']:+.2f} ms")
     lines.append(f"decisions through Triton = in-process, one query per request: {m}/{n} ({100 * m / n:.1f}%), "
                  f"max probability difference {report['max_probability_diff']:.2e}")
+    mc, nc, clients = report["decisions_match_concurrent"]
+    lines.append(f"decisions through Triton = in-process, {clients} clients at once (dynamic batching on): {mc}/{nc}")
     mb, nb = report["decisions_match_batched"]
     lines.append(f"decisions through Triton = in-process, batches of 32: {mb}/{nb} ({100 * mb / nb:.1f}%)")
+    mm, nm, _ = report["micro_batched_decisions_match"]
+    lines.append(f"in-process micro-batched (1 ms window) = one query at a time: {mm}/{nm}")
+    for key, value in report["targets"].items():
+        lines.append(f"target figure {key}: {value:.2f}")
     lines += [f"note: {note}" for note in report.get("notes", [])]
     return "\n".join(lines)
 

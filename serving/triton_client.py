@@ -28,7 +28,7 @@ from zooter.runtime.errors import UserError
 
 ROUTE_MODEL = "zooter_route"
 ANSWER_MODEL = "zooter"
-DECIDE_MODEL = "zooter_decide"
+DECISION_OUTPUTS = ("candidate", "probabilities", "expected_rewards", "confidence", "ranking")
 BATCH = 32                   # rows per request: the routing models' default max_batch_size
 MAX_TEXT_BYTES = 65536       # the repository's default limit; longer text is refused before sending
 CONTROL_HEADER = "zooter-control-key"   # the header Triton's restricted model-repository/logging APIs require
@@ -168,33 +168,43 @@ def check_text(text, i: int = 0) -> bytes:
 
 
 def route_rows(client, module, texts: Sequence) -> list[dict]:
-    """One request to zooter_route with these queries as rows; [{"candidate", "probabilities"}]."""
+    """One request to zooter_route with these queries as rows; the decisions as
+    [{"candidate", "expected_reward", "confidence", "expected_rewards", "probabilities", "ranking"}]."""
     from tritonclient.utils import InferenceServerException
 
     data = np.array([[check_text(t, i)] for i, t in enumerate(texts)], dtype=object)
     text = module.InferInput("text", list(data.shape), "BYTES")
     text.set_data_from_numpy(data)
-    outputs = [module.InferRequestedOutput("candidate"), module.InferRequestedOutput("probabilities")]
+    outputs = [module.InferRequestedOutput(name) for name in DECISION_OUTPUTS]
     try:
         result = client.infer(ROUTE_MODEL, [text], outputs=outputs)
     except InferenceServerException as err:
         raise TritonRequestError(err.message(), str(err.status() or "")) from None
-    names = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in result.as_numpy("candidate").reshape(-1)]
-    probs = result.as_numpy("probabilities")
+
+    def names(values):
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+    probs, expected = result.as_numpy("probabilities"), result.as_numpy("expected_rewards")
     labels = route_labels(client, probs.shape[-1])
-    return [{"candidate": name, "probabilities": {label: float(p) for label, p in zip(labels, row)}}
-            for name, row in zip(names, probs)]
+    out = []
+    for k, candidate in enumerate(names(result.as_numpy("candidate").reshape(-1))):
+        out.append({"candidate": candidate, "expected_reward": float(expected[k][labels.index(candidate)]),
+                    "confidence": float(result.as_numpy("confidence").reshape(-1)[k]),
+                    "expected_rewards": {label: float(v) for label, v in zip(labels, expected[k])},
+                    "probabilities": {label: float(p) for label, p in zip(labels, probs[k])},
+                    "ranking": [x for x in names(result.as_numpy("ranking")[k]) if x]})
+    return out
 
 
 _LABELS: dict[str, list[str]] = {}
 
 
 def route_labels(client, width: int | None = None) -> list[str]:
-    """Label order of `probabilities`, from zooter_decide's `labels` parameter; cached per server
+    """Label order of `probabilities`, from zooter_route's `labels` parameter; cached per server
     address (never per client object: ids are reused), read again when the width no longer fits."""
     key = getattr(client, "zooter_address", None) or repr(client)
     if key not in _LABELS or (width is not None and len(_LABELS[key]) != width):
-        config = client.get_model_config(DECIDE_MODEL)
+        config = client.get_model_config(ROUTE_MODEL)
         if isinstance(config, dict):           # HTTP: JSON
             raw = config["parameters"]["labels"]["string_value"]
         else:                                  # gRPC: ModelConfigResponse
@@ -204,7 +214,7 @@ def route_labels(client, width: int | None = None) -> list[str]:
 
 
 def route_via_triton(url: str, texts: Sequence[str]) -> list[dict]:
-    """Route queries through Triton's zooter_route; [{"candidate": str, "probabilities": {label: p}}]."""
+    """Route queries through Triton's zooter_route; one decision dict a query (see route_rows)."""
     if isinstance(texts, str):
         raise TypeError("route_via_triton takes a list of queries")
     for i, t in enumerate(texts):

@@ -28,7 +28,8 @@ class ServerThread:
     def __init__(self, app):
         import uvicorn
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on accepted connections (as the gateway's own listen does)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         sock.listen(512)
         self.port = sock.getsockname()[1]

@@ -22,8 +22,11 @@ from zooter.runtime.errors import SettingError
 
 @pytest.fixture()
 def bundle_copy(bundles, tmp_path):
+    made = []
+
     def make(kind="int8") -> Path:
-        dest = tmp_path / f"copy-{kind}"
+        made.append(kind)
+        dest = tmp_path / f"copy-{kind}-{len(made)}"
         shutil.copytree(bundles[kind], dest)
         return dest
     return make
@@ -61,18 +64,19 @@ def test_a_cost_weight_that_is_not_a_finite_non_negative_number_is_refused_every
     assert "lambda must be a finite number >= 0" in capsys.readouterr().err and not (tmp_path / "repo").exists()
 
 
-def test_router_json_lambda_nan_is_refused_on_load(bundle_copy):
+def test_router_json_cost_knobs_and_margin_must_be_finite(bundle_copy):
     from zooter.runtime.bundle import manifest_digest
     from zooter.runtime.router import Router
 
-    bundle = bundle_copy()
 
-    def nan_lambda(m):
-        m["lambda"] = math.nan
-        m["manifest_sha256"] = manifest_digest(m)   # even a consistently signed NaN is refused
-    edit_manifest(bundle, nan_lambda)
-    with pytest.raises(BundleError, match="'lambda' must be a finite number"):
-        Router.load(bundle)
+    for key, value in (("lambda", math.nan), ("tolerance", -0.1), ("margin", math.inf)):
+        def bad(m):
+            m["decision"][key] = value
+            m["manifest_sha256"] = manifest_digest(m)   # even a consistently signed bad value is refused
+        copy = bundle_copy()
+        edit_manifest(copy, bad)
+        with pytest.raises(BundleError, match=f"decision.{key} must be a finite number"):
+            Router.load(copy)
 
 
 # --- router.json ----------------------------------------------------------------------------------

@@ -1,32 +1,37 @@
-"""Evaluation metrics on a hand-made reward matrix where every number is known in advance."""
+"""Evaluation metrics on a hand-made reward matrix where every number is known in advance; the guard,
+the bootstrap interval and calibration on synthetic data with known answers."""
 
 import json
 
 import numpy as np
 import pytest
 
+from tiny import plain_decision
 from zooter.serving.candidates import Cost
 from zooter.training.dataset import RoutingDataset, Row
-from zooter.training.evaluate import (aligned_rewards, confusion, cost_matrix, entropy_vs_correctness, evaluate,
-                                      format_table, mean_task_rank)
+from zooter.training.evaluate import (aligned_rewards, calibration, confusion, cost_matrix, entropy_vs_correctness,
+                                      evaluate, format_table, mean_task_rank, paired_bootstrap)
 
 NAN = float("nan")
 LABELS = ["a", "b", "c"]
 REWARDS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, NAN]], dtype=float)
 # The router picks a, b, a, and on the last row would pick c, which is not scored there: it takes b.
 PROBS = np.array([[0.6, 0.3, 0.1], [0.3, 0.6, 0.1], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
+SCORES = PROBS.copy()                  # raw expected-reward scores (the plain decision maps them as they are)
+DECISION = plain_decision(LABELS)      # no guard, identity calibration: the paper's argmax p
 TAGS = [["x"], ["x"], ["y"], ["y"]]
 COSTS = np.array([1.0, 2.0, 4.0])
 
 
 @pytest.fixture
 def report():
-    return evaluate(REWARDS, PROBS, LABELS, "a", tags=TAGS, costs=COSTS)
+    return evaluate(REWARDS, PROBS, SCORES, LABELS, "a", DECISION, tags=TAGS, costs=COSTS)
 
 
 def test_router_baselines_and_gap(report):
     assert report["n"] == 4
     assert report["router"]["mean_reward"] == pytest.approx(0.75)      # 1, 1, 0, 1
+    assert report["unguarded"]["mean_reward"] == pytest.approx(0.75)   # the plain decision has no guard
     base = report["baselines"]
     assert base["best_single"] == {"candidate": "a", "mean_reward": 0.5, "mean_cost": 1.0}
     assert base["oracle"]["mean_reward"] == pytest.approx(1.0)
@@ -35,6 +40,7 @@ def test_router_baselines_and_gap(report):
     assert base["per_candidate"]["c"]["mean_reward"] == pytest.approx(1 / 3)  # null on row 3: not a zero
     assert report["gap_closed"] == pytest.approx(0.5)
     assert report["win_tie_loss_vs_best_single"] == [1, 3, 0]
+    assert report["router_vs_best_single"]["mean"] == pytest.approx(0.25)
     assert report["routing_accuracy"] == pytest.approx(0.75)
 
 
@@ -52,19 +58,21 @@ def test_mean_task_rank_by_hand(report):
     assert mean_task_rank(REWARDS, np.array([1, 1, 0, 1.0]), LABELS, [[], [], [], []])["router"] == pytest.approx(1.0)
 
 
-def test_lambda_sweep_trades_reward_for_cost(report):
-    sweep = {p["lambda"]: p for p in report["pareto"]}
+def test_tolerance_sweep_trades_reward_for_cost(report):
+    sweep = {p["tolerance"]: p for p in report["pareto"]}
     assert sweep[0.0]["mean_reward"] == pytest.approx(0.75) and sweep[0.0]["mean_cost"] == pytest.approx(1.5)
-    # lambda 5: p - 5 * c / 4 makes the cheapest candidate a win every row.
-    assert sweep[5.0]["mean_reward"] == pytest.approx(0.5) and sweep[5.0]["mean_cost"] == pytest.approx(1.0)
+    # tolerance 1: every scored candidate is within 1 of the choice's expected reward: the cheapest wins.
+    assert sweep[1.0]["mean_reward"] == pytest.approx(0.5) and sweep[1.0]["mean_cost"] == pytest.approx(1.0)
+    # 0.3: the cheapest within 0.3 of the choice: row 1 keeps a, row 2 takes a (0.3 >= 0.6 - 0.3), row 4 takes a.
+    assert sweep[0.3]["mean_reward"] == pytest.approx(0.5)
     at = report["cost_at_best_single_quality"]
     assert at["mean_cost"] == pytest.approx(1.0) and at["cost_ratio_vs_best_single"] == pytest.approx(1.0)
-    cheap = evaluate(REWARDS, PROBS, LABELS, "a", costs=COSTS, lam=5.0)
-    assert cheap["router"]["mean_reward"] == pytest.approx(0.5)
+    cheap = evaluate(REWARDS, PROBS, SCORES, LABELS, "a", DECISION, costs=COSTS, tolerance=1.0)
+    assert cheap["router"]["mean_reward"] == pytest.approx(0.5) and cheap["tolerance"] == 1.0
 
 
 def test_without_costs_there_is_no_sweep():
-    r = evaluate(REWARDS, PROBS, LABELS, "b")
+    r = evaluate(REWARDS, PROBS, SCORES, LABELS, "b", DECISION)
     assert r["pareto"] == [] and r["router"]["mean_cost"] is None
     assert r["baselines"]["best_single"]["candidate"] == "b"
     assert "router" in format_table(r)
@@ -74,8 +82,37 @@ def test_per_tag_and_table(report):
     assert report["per_tag"]["x"] == {"n": 2, "router": 1.0, "best_single": 0.5, "oracle": 1.0}
     assert report["per_tag"]["y"]["router"] == pytest.approx(0.5)
     table = format_table(report)
-    assert "a *" in table and "gap closed=0.500" in table
+    assert "a *" in table and "gap closed=0.500" in table and "95% CI" in table and "ECE" in table
     json.dumps(report)  # the report is plain JSON
+
+
+def test_the_guard_keeps_the_anchor_unless_the_expected_gain_clears_the_margin():
+    guarded = dict(DECISION, anchor="a", margin=0.25)
+    r = evaluate(REWARDS, PROBS, SCORES, LABELS, "a", guarded)
+    # Gains over a: row 2 (b) 0.3 > 0.25 leaves; row 4 (b) 0.1 stays with a; rows 1, 3 choose a anyway.
+    assert r["router"]["mean_reward"] == pytest.approx((1 + 1 + 0 + 1) / 4)
+    assert r["router"]["kept_best_single"] == pytest.approx(0.75)
+    assert r["unguarded"]["mean_reward"] == pytest.approx(0.75)
+
+
+def test_ece_by_hand():
+    got = calibration(np.array([0.2, 0.4, 0.6, 0.8]), np.array([0.0, 1.0, 1.0, 1.0]), bins=2)
+    # bins {0.2, 0.4}: predicted 0.3, realised 0.5; {0.6, 0.8}: 0.7 vs 1.0 -> ECE 0.5*0.2 + 0.5*0.3
+    assert got["ece"] == pytest.approx(0.25)
+    assert [(b["n"], b["predicted"], b["realised"]) for b in got["bins"]] == [(2, pytest.approx(0.3), 0.5),
+                                                                               (2, pytest.approx(0.7), 1.0)]
+
+
+def test_bootstrap_interval_covers_a_known_difference():
+    rng = np.random.default_rng(7)
+    covered = 0
+    for trial in range(40):
+        diff = 0.05 + rng.normal(0, 0.3, size=400)      # true mean difference 0.05
+        ci = paired_bootstrap(diff, resamples=500, seed=trial)["ci95"]
+        covered += ci[0] <= 0.05 <= ci[1]
+    assert covered >= 34   # a 95% interval: about 38 of 40; far fewer would mean a broken interval
+    strong = paired_bootstrap(0.05 + rng.normal(0, 0.1, size=2000))
+    assert strong["ci95"][0] > 0 and strong["mean"] == pytest.approx(0.05, abs=0.01)
 
 
 def test_confusion_splits_ties_and_skips_rows_where_every_choice_ties():

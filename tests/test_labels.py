@@ -71,7 +71,7 @@ def test_tag_means_come_from_the_training_rows_only(tmp_path):
         dev_rows = [Row(f"d{i}", f"dev query {i}", {"a": dev_reward, "b": 1.0 - dev_reward}, ["x"]) for i in range(5)]
         RoutingDataset(dev_rows, ["a", "b"]).save(tmp_path / f"{name}.jsonl")
         cfg = TrainConfig(data=str(tmp_path / "train.jsonl"), dev=str(tmp_path / f"{name}.jsonl"), out=str(tmp_path / "run"),
-                          backbone="unused", beta=0.0)
+                          backbone="unused", beta=0.0, tau=1.0)
         targets[name] = prepare(cfg).targets
     np.testing.assert_array_equal(targets["dev_a"], targets["dev_b"])
     # beta 0: each training row gets its tags' mean over the training rows carrying them.

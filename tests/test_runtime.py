@@ -45,8 +45,14 @@ def test_decision_fields(router):
     d = router.route("Prove that there are infinitely many primes.")
     assert d.candidate in LABELS and sorted(d.probabilities) == sorted(LABELS)
     assert sum(d.probabilities.values()) == pytest.approx(1.0)
-    assert d.confidence == max(d.probabilities.values()) == d.probabilities[d.candidate]
+    # The tiny bundle's decision layer is plain: the choice is argmax p, expected rewards are the raw scores.
+    assert d.probabilities[d.candidate] == max(d.probabilities.values())
+    assert d.expected_reward == d.expected_rewards[d.candidate] and sorted(d.expected_rewards) == sorted(LABELS)
+    assert 0.0 <= d.confidence <= 1.0 and not d.anchored
     assert d.ranking[0] == d.candidate and sorted(d.ranking) == sorted(LABELS)
+    # The fallback order after the choice: by expected reward.
+    rest = [d.expected_rewards[n] for n in d.ranking[1:]]
+    assert rest == sorted(rest, reverse=True)
     assert d.latency_ms > 0
     assert json.loads(json.dumps(d.to_json()))["candidate"] == d.candidate
 
@@ -143,19 +149,33 @@ def test_route_batch_matches_route_on_fp32(bundles):
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
-def test_cost_aware_lambda(bundles, router):
-    from zooter.runtime.router import BundleError, Router
+def test_cost_knobs_and_allowed_candidates(bundles, router):
+    from zooter.runtime.errors import SettingError
+    from zooter.runtime.router import Router
 
     cheapest = min(PRICES, key=lambda n: sum(PRICES[n]))
-    assert router.lam == 0.0 and router.costs is not None
-    plain = [router.route(t).candidate for t in TEXTS]
-    frugal = [router.route(t, lam=100.0).candidate for t in TEXTS]
-    assert set(frugal) == {cheapest} and set(plain) != {cheapest}
-    assert Router.load(bundles["int8"], lam=100.0).route(TEXTS[0]).candidate == cheapest
-    with pytest.raises(ValueError, match="no costs"):
+    assert router.rule.lam == 0.0 and router.rule.tolerance == 0.0 and router.costs is not None
+    plain = [router.route(t) for t in TEXTS]
+    assert {d.candidate for d in plain} != {cheapest}
+    assert {router.route(t, lam=100.0).candidate for t in TEXTS} == {cheapest}
+    # tolerance in reward units: within 10 of the choice is everyone, so the cheapest; within 0 the choice itself.
+    assert {router.route(t, tolerance=10.0).candidate for t in TEXTS} == {cheapest}
+    assert [router.route(t, tolerance=0.0).candidate for t in TEXTS] == [d.candidate for d in plain]
+    for d, t in zip(plain, TEXTS):   # a tolerance never picks a candidate expected below the choice by more than it
+        frugal = router.route(t, tolerance=0.05)
+        assert frugal.expected_rewards[frugal.candidate] >= d.expected_reward - 0.05 - 1e-9
+        assert sum(PRICES[frugal.candidate]) <= sum(PRICES[d.candidate])
+    assert Router.load(bundles["int8"], tolerance=10.0).route(TEXTS[0]).candidate == cheapest
+    # An allowed subset: the choice and the fallback order stay inside it.
+    subset = [n for n in LABELS if n != plain[0].candidate][:2]
+    limited = router.route(TEXTS[0], candidates=subset)
+    assert limited.candidate in subset and set(limited.ranking) == set(subset)
+    with pytest.raises(SettingError, match="not labels of this router"):
+        router.route(TEXTS[0], candidates=["nobody"])
+    with pytest.raises(SettingError, match="no costs"):
         Router.load(bundles["fp32"]).route("hi", lam=0.5)
-    with pytest.raises(BundleError, match="no costs"):
-        Router.load(bundles["fp32"], lam=0.5)
+    with pytest.raises(SettingError, match="no costs"):
+        Router.load(bundles["fp32"], tolerance=0.5)
 
 
 def test_providers(bundles):

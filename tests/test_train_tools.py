@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from zooter.cli import main
 from zooter.training.dataset import RoutingDataset
 from zooter.training.tags import kmeans, nearest, parse_llm_tags
-
 
 
 def test_kmeans_finds_separated_clusters():
@@ -46,18 +46,34 @@ def test_cli_tag_adds_kmeans_tags_and_reuses_centroids(routing_files, tiny_backb
     assert all(len(r.tags) == 1 and r.tags[0] in {f"kmeans:{j}" for j in range(4)} for r in dev.rows)
 
 
-def test_cli_reproduce_table(routing_files, tiny_backbone, tmp_path, capsys):
+def test_cli_reproduce_table_and_its_default_row(routing_files, tiny_backbone, tmp_path, capsys):
     out = tmp_path / "repro"
-    assert main(["reproduce", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--test", str(routing_files["test"]),
-                 "--out", str(out), "--backbone", str(tiny_backbone), "--frozen", "--epochs", "5", "--lr", "0.03",
-                 "--max-length", "32", "--betas", "0.5"]) == 0
+    flags = ["--backbone", str(tiny_backbone), "--frozen", "--epochs", "5", "--lr", "0.03", "--max-length", "32"]
+    assert main(["reproduce", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]),
+                 "--test", str(routing_files["test"]), "--out", str(out), "--betas", "0.5", *flags]) == 0
     table = json.loads((out / "table.json").read_text())
-    assert [v["variant"] for v in table["variants"]] == ["hard", "beta=1", "beta=0.3", "beta=0.5"]
-    assert sorted(p.name for p in (out / "reports").iterdir()) == ["beta0.3.json", "beta0.5.json", "beta1.json", "hard.json"]
-    assert not (out / "runs" / "hard").exists()  # deleted once evaluated (no --keep-runs)
+    assert [v["variant"] for v in table["variants"]] == ["default", "hard", "beta=1", "beta=0.3", "beta=0.5"]
+    assert [v["guard"] for v in table["variants"]] == [True, False, False, False, False]
+    assert sorted(p.name for p in (out / "reports").iterdir()) == ["beta0.3.json", "beta0.5.json", "beta1.json",
+                                                                   "default.json", "hard.json"]
+    assert not (out / "runs").exists()  # deleted once evaluated (no --keep-runs)
     assert all(v["n"] == 30 and 0 <= v["mean_reward"] <= 1 for v in table["variants"])
+    for v in table["variants"]:
+        lo, hi = v["vs_best_single"]["ci95"]
+        assert lo <= v["vs_best_single"]["mean"] <= hi
+        assert v["vs_best_single"]["mean"] == pytest.approx(v["mean_reward"] - v["best_single"])
     printed = capsys.readouterr().out
-    assert "gap closed" in printed and "beta=0.5" in printed
+    assert "95% CI" in printed and "beta=0.5" in printed and "default" in printed
+
+    # The default row is what `zooter train` with the same flags, then `zooter eval`, gives on the split.
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--out", str(run),
+                 *flags]) == 0
+    assert main(["eval", str(run), "--data", str(routing_files["test"]), "--json", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    default = table["variants"][0]
+    assert report["router"]["mean_reward"] == pytest.approx(default["mean_reward"], abs=1e-9)
+    assert report["win_tie_loss_vs_best_single"] == default["win_tie_loss_vs_best_single"]
 
 
 def test_cli_reproduce_cross_validation(routing_files, tiny_backbone, tmp_path):

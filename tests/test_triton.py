@@ -52,7 +52,10 @@ def triton_bundle(tmp_path_factory, tiny_backbone, data_dir) -> Path:
         weight = directions[:len(LABELS)] / (sv[:len(LABELS), None] / len(texts) ** 0.5) * 4
         model.head.weight.copy_(weight)
         model.head.bias.copy_(-weight @ centre)
-    model.save(work / "run", tokenizer, {"max_length": 128, "best_single": {"candidate": LABELS[0], "mean_reward": 0.5}})
+    from tiny import plain_decision
+
+    model.save(work / "run", tokenizer, {"max_length": 128, "best_single": {"candidate": LABELS[0], "mean_reward": 0.5},
+                                         "decision": plain_decision(LABELS)})
     parity = work / "parity.txt"
     parity.write_text("\n".join(texts) + "\n")
     cands = work / "candidates.yaml"
@@ -150,18 +153,24 @@ def test_every_generated_config_parses_with_tritons_protobuf(triton_bundle, tmp_
         for name, config in configs.items():
             assert config.name == name
         route = configs["zooter_route"]
-        assert route.platform == "ensemble"
-        assert [s.model_name for s in route.ensemble_scheduling.step] == ["zooter_tokenize", "zooter_router", "zooter_decide"]
+        outputs = {o.name: list(o.dims) for o in route.output}
+        assert outputs == {"candidate": [1], "probabilities": [len(LABELS)], "expected_rewards": [len(LABELS)],
+                           "confidence": [1], "ranking": [len(LABELS)]}
+        assert json.loads(route.parameters["labels"].string_value) == LABELS
         assert configs["zooter"].model_transaction_policy.decoupled
-        assert list(configs["zooter_decide"].output[1].dims) == [len(LABELS)]
-        assert json.loads(configs["zooter_decide"].parameters["labels"].string_value) == LABELS
-        router = configs["zooter_router"]
-        if backend == "onnxruntime":
-            assert router.platform == "onnxruntime_onnx"
+        if backend == "onnxruntime":   # GPU/production: tokenize -> ORT-backend router -> decide
+            assert route.platform == "ensemble"
+            assert [s.model_name for s in route.ensemble_scheduling.step] == ["zooter_tokenize", "zooter_router", "zooter_decide"]
+            router = configs["zooter_router"]
+            assert router.platform == "onnxruntime_onnx" and [o.name for o in router.output] == ["logits", "rewards"]
             assert router.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"
-            assert not (built.path / "zooter_router" / "1" / "model.py").exists()
-        else:
-            assert router.backend == "python" and (built.path / "zooter_router" / "1" / "model.py").is_file()
+            assert {o.name for o in configs["zooter_decide"].output} == set(outputs)
+        else:                          # CPU: one python step runs the Router itself
+            assert route.backend == "python" and route.dynamic_batching.max_queue_delay_microseconds == 0
+            assert route.instance_group[0].count == 2 and route.parameters["intra_op_threads"].string_value == "2"
+            assert (built.path / "zooter_route" / "1" / "model.py").is_file()
+            assert (built.path / "zooter_route" / "1" / "router.json").is_file()
+            assert not {"zooter_tokenize", "zooter_router", "zooter_decide"} & set(configs)
     built = repos["python"]
     assert built.stand_ins == {"alpha-7b": "standin_alpha-7b", "gamma/v2": "standin_gamma_v2"}
     assert built.serving["beta.chat"]["model"] == "beta_trtllm"
@@ -374,13 +383,18 @@ def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_
                           metrics_url=triton_server.metrics_url, concurrency=(1, 8), requests=16, warmup=2, quiet=True)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["decisions_match"] == [16, 16]
+    assert saved["decisions_match_concurrent"] == [16, 16, 8]     # 8 clients at once, dynamic batching on
+    assert saved["decisions_match_batched"] == [16, 16]
+    assert saved["micro_batched_decisions_match"][1:] == [16, 8]
     assert isinstance(saved["triton_overhead_p50_ms"], float)
     engines = {(c["engine"], c["concurrency"]) for c in report["cells"]}
-    assert engines == {(e, c) for e in ("in-process", "triton-http", "triton-grpc") for c in (1, 8)}
+    assert engines == {(e, c) for e in ("in-process", "in-process-batched", "triton-http", "triton-grpc") for c in (1, 8)}
+    for cell in report["cells"]:
+        assert {"concurrency", "p50_ms", "p99_ms", "throughput_qps"} <= set(cell) and cell["errors"] == 0
     http = next(c for c in report["cells"] if c["engine"] == "triton-http" and c["concurrency"] == 8)
-    assert http["errors"] == 0 and http["n"] == 16
-    assert http["server"]["zooter_route"]["requests"] == 16
-    assert {"zooter_tokenize", "zooter_router", "zooter_decide"} <= set(http["server"])
+    assert http["n"] == 16 and http["server"]["zooter_route"]["requests"] == 16
+    assert set(http["server"]) == {"zooter_route"}                # one python step on CPU
+    assert {"triton-http_c1_overhead_p50_ms", "triton-grpc_c8_throughput_ratio", "triton-http_c8_p50_ratio"} <= set(saved["targets"])
 
 
 # --- launcher -------------------------------------------------------------------------------------------
@@ -468,25 +482,25 @@ def test_zooter_serve_binds_loopback_and_guards_model_control(triton_bundle, tmp
         assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
         key = key_file.read_text().strip()
         url = f"127.0.0.1:{ports[0]}"
-        with pytest.raises(TritonRequestError, match="unload zooter_decide: HTTP 4"):
-            unload_model(url, "zooter_decide")                   # no key: refused
-        with pytest.raises(TritonRequestError, match="HTTP 4"):
-            unload_model(url, "zooter_decide", key="wrong-key")
+        with pytest.raises(TritonRequestError, match="unload zooter_route: HTTP 403"):
+            unload_model(url, "zooter_route")                    # no key: refused
+        with pytest.raises(TritonRequestError, match="HTTP 403"):
+            unload_model(url, "zooter_route", key="wrong-key")
         request = urllib.request.Request(f"http://{url}/v2/logging", data=b'{"log_verbose_level": 1}', method="POST")
         with pytest.raises(urllib.error.HTTPError):
             urllib.request.urlopen(request, timeout=10)          # the logging API needs the key too
 
         def ready() -> bool:
             try:
-                with urllib.request.urlopen(f"http://{url}/v2/models/zooter_decide/ready", timeout=10) as r:
+                with urllib.request.urlopen(f"http://{url}/v2/models/zooter_route/ready", timeout=10) as r:
                     return r.status == 200
             except urllib.error.HTTPError:
                 return False
 
         assert ready()
-        unload_model(url, "zooter_decide", key=key)              # with the key: done
+        unload_model(url, "zooter_route", key=key)               # with the key: done
         assert not ready()
-        load_model(url, "zooter_decide", key=key)
+        load_model(url, "zooter_route", key=key)
         assert ready()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0

@@ -21,6 +21,13 @@ SEEDS = ["What is 17 times 23?", "Write a sonnet about the sea.", "def add(a, b)
 TEXTS = [f"{a} {b}" if i % 3 else a for i, (a, b) in enumerate((a, b) for a in SEEDS for b in SEEDS[:4])]
 
 
+def plain_decision(labels: list[str]) -> dict:
+    """A decision layer that leaves routing to the distilled head: the guard never holds the anchor
+    (a margin below any gain), expected rewards are the raw scores, confidence rises with the lead."""
+    return {"anchor": labels[0], "margin": -100.0, "expected_reward": {"x": [-100.0, 100.0], "y": [-100.0, 100.0]},
+            "confidence": {"x": [-1.0, 1.0], "y": [0.0, 1.0]}, "fitted_on": {"rows": 0, "out_of_fold": False}}
+
+
 def make_tiny_run(backbone: Path, run: Path) -> Path:
     """An untrained router on the tiny backbone whose head reads the embedding's deviation from the mean
     query, scaled to unit spread: decisions then vary from query to query with clear margins, as a
@@ -38,10 +45,13 @@ def make_tiny_run(backbone: Path, run: Path) -> Path:
         weight = torch.randn(len(LABELS), emb.shape[1]) / std / emb.shape[1] ** 0.5 * 10
         model.head.weight.copy_(weight)
         model.head.bias.copy_(-(weight @ mean))
+        # Expected rewards: other directions of the same spread, about 0.5 +- 0.2 around the mean query.
+        reward = torch.randn(len(LABELS), emb.shape[1]) / std / emb.shape[1] ** 0.5 * 0.2
+        model.set_reward_head(reward.numpy(), (0.5 - reward @ mean).numpy())
     model.save(run, tokenizer, {"max_length": 128, "data_sha256": "0" * 64, "backbone": str(backbone), "beta": 0.3,
                                 "tau": 1.0, "loss": "kl", "seed": 1,
                                 "best_single": {"candidate": "alpha-7b", "mean_reward": 0.5},
-                                "dev": {"mean_reward": 0.5, "n": len(TEXTS)}})
+                                "dev": {"mean_reward": 0.5, "n": len(TEXTS)}, "decision": plain_decision(LABELS)})
     return run
 
 

@@ -1,18 +1,24 @@
 """Routing metrics: the router against every single candidate, the oracle and random choice.
 
 Everything here is numpy over a (rows x candidates) reward matrix in the router's label order, the
-router's probabilities in the same order, and optional per-choice costs. Decisions go through
-zooter.runtime.decision, the same rule the runtime and Triton use.
+router's two outputs in the same order (distilled probabilities, raw expected-reward scores), and
+optional per-choice costs. Decisions go through zooter.runtime.decision.Rule, the rule the runtime
+and Triton apply, with the settings the run or bundle ships.
 
 Conventions:
-- A null (NaN) reward means "not scored". The router, the oracle and the lambda sweep choose among
-  the row's scored candidates only (nothing else can be scored); a single candidate's mean is over
-  the rows where it was scored.
+- A null (NaN) reward means "not scored". The router, the oracle and the sweeps choose among the
+  row's scored candidates only (nothing else can be scored); a single candidate's mean is over the
+  rows where it was scored.
 - best_single is the candidate that was best on the run's TRAINING data; it is passed in, never
   picked on the evaluation rows.
+- `router` is the shipped rule (guard on); `unguarded` is the paper's rule, argmax of the distilled
+  probabilities, on the same rows.
 - The oracle takes the best reward of each row; among tied best it takes the cheapest, so its cost
   is the least an oracle has to pay.
 - random is the exact expectation of a uniform choice among the scored candidates (no sampling).
+- router_vs_best_single: the mean paired difference with a 95% interval from 2000 bootstrap
+  resamples of the rows; calibration: the chosen candidate's expected reward against its realised
+  reward in 10 equal-count bins (ECE = the count-weighted mean gap).
 """
 
 from __future__ import annotations
@@ -21,29 +27,57 @@ from typing import Sequence
 
 import numpy as np
 
-from zooter.runtime.decision import choose
+from zooter.runtime.decision import Rule
 
-# Dense at small values: with tau = 1 on rewards in [0, 1] the router's probabilities differ by
-# hundredths, so the interesting trade-offs happen at lambda of a few thousandths.
-LAMBDAS = (0.0, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.008, 0.01, 0.0125, 0.015, 0.02, 0.03,
-           0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-
-
-def masked_choice(probs: np.ndarray, scored: np.ndarray, costs: np.ndarray | None = None, lam: float = 0.0) -> np.ndarray:
-    """The decision rule restricted to each row's scored candidates.
-
-    Unscored candidates get probability -inf before the rule, so the rule itself is untouched.
-    """
-    p = np.where(scored, probs, -np.inf)
-    unit = None if costs is None else _unit_costs(costs)
-    return choose(p, unit, lam)
+# Tolerance sweep for the cost knob, in reward units.
+TOLERANCES = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+BOOTSTRAP_RESAMPLES = 2000
+CALIBRATION_BINS = 10
 
 
-def _unit_costs(costs: np.ndarray) -> np.ndarray:
-    # choose() takes one cost per candidate; per-row costs (from responses) are averaged per candidate
-    # for the decision, since the router cannot know an answer's length before it is generated.
+def unit_costs(costs: np.ndarray | None) -> dict | None:
+    """One price per candidate for the rule (the router decides before any answer's length is known):
+    per-row costs (from responses) are averaged per candidate."""
+    if costs is None:
+        return None
     c = np.asarray(costs, dtype=np.float64)
     return np.nanmean(c, axis=0) if c.ndim == 2 else c
+
+
+def rule_for(labels: Sequence[str], decision: dict, costs: np.ndarray | None = None, lam: float = 0.0,
+             tolerance: float = 0.0) -> Rule:
+    unit = unit_costs(costs)
+    manifest = {"labels": list(labels), "decision": {**decision, "lambda": lam, "tolerance": tolerance},
+                "costs": None if unit is None else {n: {"unit": float(c)} for n, c in zip(labels, unit)}}
+    return Rule.from_manifest(manifest)
+
+
+def paired_bootstrap(diff: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Mean of paired differences and its 95% percentile-bootstrap interval (rows resampled)."""
+    diff = np.asarray(diff, dtype=np.float64)
+    diff = diff[~np.isnan(diff)]
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    return {"mean": float(diff.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "n": int(len(diff)), "resamples": resamples}
+
+
+def calibration(predicted: np.ndarray, realised: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Reliability of predicted values (expected rewards, or probabilities of being right): rows sorted by
+    prediction into `bins` equal-count bins; ECE is the count-weighted mean |predicted - realised|."""
+    predicted, realised = np.asarray(predicted, dtype=np.float64), np.asarray(realised, dtype=np.float64)
+    keep = ~np.isnan(realised)
+    predicted, realised = predicted[keep], realised[keep]
+    order = np.argsort(predicted, kind="stable")
+    out, ece = [], 0.0
+    for part in np.array_split(order, min(bins, len(order))):
+        if not len(part):
+            continue
+        p, r = float(predicted[part].mean()), float(realised[part].mean())
+        out.append({"n": int(len(part)), "low": float(predicted[part].min()), "high": float(predicted[part].max()),
+                    "predicted": p, "realised": r})
+        ece += len(part) / len(order) * abs(p - r)
+    return {"ece": float(ece), "bins": out}
 
 
 def picked(matrix: np.ndarray, choice: np.ndarray) -> np.ndarray:
@@ -99,28 +133,34 @@ def _mean_or_none(values: np.ndarray | None) -> float | None:
     return float(np.nanmean(values))
 
 
-def evaluate(rewards: np.ndarray, probs: np.ndarray, labels: Sequence[str], best_single: str, *,
-             tags: Sequence[Sequence[str]] | None = None, costs: np.ndarray | None = None,
-             lam: float = 0.0, lambdas: Sequence[float] = LAMBDAS) -> dict:
+def evaluate(rewards: np.ndarray, probs: np.ndarray, scores: np.ndarray, labels: Sequence[str], best_single: str,
+             decision: dict, *, tags: Sequence[Sequence[str]] | None = None, costs: np.ndarray | None = None,
+             lam: float = 0.0, tolerance: float = 0.0, tolerances: Sequence[float] = TOLERANCES,
+             guard: bool = True, keep_rows: bool = False) -> dict:
     """The evaluation report (see docs/training.md for every key).
 
-    rewards, probs: (n, m) in `labels` order. costs: None, (m,) unit prices, or (n, m) per-answer costs.
+    rewards, probs, scores: (n, m) in `labels` order. decision: the run's or bundle's decision settings.
+    costs: None, (m,) unit prices, or (n, m) per-answer costs. guard=False evaluates the paper's rule
+    as `router`. keep_rows adds `rows` (per-row rewards of the router and the best single).
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
     n, m = rewards.shape
-    if probs.shape != (n, m) or len(labels) != m:
-        raise ValueError(f"rewards {rewards.shape}, probs {probs.shape} and {len(labels)} labels disagree")
+    if probs.shape != (n, m) or np.shape(scores) != (n, m) or len(labels) != m:
+        raise ValueError(f"rewards {rewards.shape}, probs {probs.shape}, scores {np.shape(scores)} and {len(labels)} labels disagree")
     if best_single not in labels:
         raise ValueError(f"best single candidate {best_single!r} is not one of the labels")
     tags = [list(t) for t in tags] if tags is not None else [[] for _ in range(n)]
     scored = ~np.isnan(rewards)
     cost_matrix = None if costs is None else np.broadcast_to(np.asarray(costs, dtype=np.float64), (n, m))
+    rule = rule_for(labels, decision, cost_matrix, lam, tolerance if cost_matrix is not None else 0.0)
 
     def cost_of(choice):
         return None if cost_matrix is None else picked(cost_matrix, choice)
 
-    choice = masked_choice(probs, scored, cost_matrix, lam)
+    made = rule.decide(probs, scores, allowed=scored, guard=guard)
+    choice = made.choice
+    unguarded = rule.decide(probs, scores, lam=0.0, tolerance=0.0, allowed=scored, guard=False).choice
     router_r = picked(rewards, choice)
     oracle = oracle_choice(rewards, cost_matrix)
     oracle_r = picked(rewards, oracle)
@@ -135,31 +175,45 @@ def evaluate(rewards: np.ndarray, probs: np.ndarray, labels: Sequence[str], best
     gap = oracle_mean - best_mean
     both = ~np.isnan(best_r)
     diff = router_r[both] - best_r[both]
+    unguarded_r = picked(rewards, unguarded)
+    chosen_expected = made.expected[np.arange(n), choice]
+    tied_best = (router_r >= np.nanmax(rewards, axis=1) - 1e-12).astype(float)
 
     report = {
         "n": int(n),
-        "lambda": float(lam),
-        "router": {"mean_reward": router_mean, "mean_cost": _mean_or_none(cost_of(choice))},
+        "lambda": float(rule.lam),
+        "tolerance": float(rule.tolerance),
+        "router": {"mean_reward": router_mean, "mean_cost": _mean_or_none(cost_of(choice)),
+                   "kept_best_single": float(np.mean(choice == b)), "guard_margin": rule.margin},
+        "unguarded": {"mean_reward": float(np.mean(unguarded_r)), "mean_cost": _mean_or_none(cost_of(unguarded)),
+                      "rule": "argmax of the distilled probabilities (no guard, no cost knob)",
+                      "vs_best_single": paired_bootstrap(unguarded_r[both] - best_r[both])},
         "baselines": {
             "best_single": {"candidate": best_single, **per_candidate[best_single]},
             "oracle": {"mean_reward": oracle_mean, "mean_cost": _mean_or_none(cost_of(oracle))},
             "random": {"mean_reward": float(np.mean(np.nanmean(rewards, axis=1)))},
             "per_candidate": per_candidate,
         },
+        "router_vs_best_single": paired_bootstrap(diff),
         "gap_closed": float((router_mean - best_mean) / gap) if gap > 0 else None,
         "win_tie_loss_vs_best_single": [int((diff > 0).sum()), int((diff == 0).sum()), int((diff < 0).sum())],
+        "calibration": calibration(chosen_expected, router_r),
+        "confidence_calibration": calibration(made.confidence, tied_best),
         "mtr": mean_task_rank(rewards, router_r, labels, tags),
         "pareto": [],
-        "routing_accuracy": float(np.mean(router_r >= np.nanmax(rewards, axis=1))),
+        "routing_accuracy": float(np.mean(tied_best)),
         "chosen_share": {name: float(np.mean(choice == j)) for j, name in enumerate(labels)},
         "per_tag": per_tag(rewards, router_r, oracle_r, b, tags),
     }
     if cost_matrix is not None:
-        for lam_i in lambdas:
-            c = masked_choice(probs, scored, cost_matrix, lam_i)
-            report["pareto"].append({"lambda": float(lam_i), "mean_reward": float(np.mean(picked(rewards, c))),
+        for x in tolerances:
+            c = rule.decide(probs, scores, tolerance=x, allowed=scored, guard=guard).choice
+            report["pareto"].append({"tolerance": float(x), "mean_reward": float(np.mean(picked(rewards, c))),
                                      "mean_cost": float(np.mean(picked(cost_matrix, c)))})
-        report["cost_at_best_single_quality"] = cheapest_at_quality(report["pareto"], best_mean, per_candidate[best_single]["mean_cost"])
+        report["cost_at_best_single_quality"] = cheapest_at_quality(report["pareto"], best_mean,
+                                                                    per_candidate[best_single]["mean_cost"])
+    if keep_rows:
+        report["rows"] = {"router": router_r.tolist(), "best_single": best_r.tolist()}
     return report
 
 
@@ -217,9 +271,11 @@ def confusion(rewards: np.ndarray, choice: np.ndarray, labels: Sequence[str]) ->
 
 
 def format_table(report: dict) -> str:
-    """The printed summary: one line per method, best first, with cost when known."""
+    """The printed summary: one line per method, best first, with cost when known; then the interval,
+    the guard, calibration and the cost knob."""
     base = report["baselines"]
-    rows = [("router", report["router"]["mean_reward"], report["router"]["mean_cost"], report["mtr"].get("router"))]
+    rows = [("router", report["router"]["mean_reward"], report["router"]["mean_cost"], report["mtr"].get("router")),
+            ("router, unguarded", report["unguarded"]["mean_reward"], report["unguarded"]["mean_cost"], None)]
     rows.append(("oracle", base["oracle"]["mean_reward"], base["oracle"]["mean_cost"], None))
     rows.append(("random", base["random"]["mean_reward"], None, None))
     for name, v in base["per_candidate"].items():
@@ -229,16 +285,20 @@ def format_table(report: dict) -> str:
     lines = [f"{'method':<{width}}  {'reward':>7}  {'cost':>9}  {'MTR':>5}"]
     for name, reward, cost, mtr in sorted(rows, key=lambda r: -(r[1] if r[1] is not None else -1)):
         lines.append(f"{name:<{width}}  {_fmt(reward, 4):>7}  {_fmt(cost, 4):>9}  {_fmt(mtr, 2):>5}")
-    lines.append(f"n={report['n']}  lambda={report['lambda']:g}  gap closed={_fmt(report['gap_closed'], 3)}  "
-                 f"router - best single={report['router']['mean_reward'] - base['best_single']['mean_reward']:+.4f}  "
-                 f"win/tie/loss vs best single={'/'.join(map(str, report['win_tie_loss_vs_best_single']))}  "
-                 f"(* = best single on training data)")
+    d, u = report["router_vs_best_single"], report["unguarded"]["vs_best_single"]
+    lines.append(f"n={report['n']}  router - best single = {d['mean']:+.4f} [95% CI {d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+                 f"  (unguarded {u['mean']:+.4f} [{u['ci95'][0]:+.4f}, {u['ci95'][1]:+.4f}])  "
+                 f"gap closed={_fmt(report['gap_closed'], 3)}  win/tie/loss={'/'.join(map(str, report['win_tie_loss_vs_best_single']))}"
+                 f"  (* = best single on training data)")
+    lines.append(f"guard: kept the best single on {report['router']['kept_best_single']:.0%} of rows (margin "
+                 f"{report['router']['guard_margin']:+.3f});  calibration: ECE {report['calibration']['ece']:.4f} "
+                 f"(expected vs realised reward of the choice), confidence ECE {report['confidence_calibration']['ece']:.4f}")
     at = report.get("cost_at_best_single_quality")
     if at and at.get("cost_ratio_vs_best_single") is not None:
-        lines.append(f"cost-aware: lambda={at['lambda']:g} reaches reward {at['mean_reward']:.4f} "
+        lines.append(f"cost knob: tolerance {at['tolerance']:g} reaches reward {at['mean_reward']:.4f} "
                      f"at {100 * at['cost_ratio_vs_best_single']:.0f}% of the best single's cost")
     elif report["pareto"]:
-        lines.append("cost-aware: no lambda reaches the best single's reward")
+        lines.append("cost knob: no tolerance reaches the best single's reward")
     return "\n".join(lines)
 
 
@@ -310,12 +370,13 @@ def aligned_rewards(data, labels: Sequence[str]) -> np.ndarray:
     return out
 
 
-def evaluate_router(path, data_path, *, candidates: str | None = None, lam: float = 0.0,
-                    best_single: str | None = None, plots: str | None = None, router=None) -> dict:
+def evaluate_router(path, data_path, *, candidates: str | None = None, lam: float = 0.0, tolerance: float = 0.0,
+                    best_single: str | None = None, plots: str | None = None, router=None, guard: bool = True,
+                    keep_rows: bool = False) -> dict:
     """`zooter eval`: route every row of data_path with a run or bundle, score it, optionally plot it.
 
-    `router`: an already open router (anything with `labels` and `probabilities(texts)`) for the
-    run or bundle at `path`."""
+    `router`: an already open router for the run or bundle at `path` (anything with `labels`,
+    `decision` and `outputs_of(texts)`)."""
     from pathlib import Path
 
     from zooter.runtime.errors import UserError
@@ -326,13 +387,17 @@ def evaluate_router(path, data_path, *, candidates: str | None = None, lam: floa
     facts = provenance(path)
     data = RoutingDataset.load(data_path)
     router = router or open_router(path)
-    labels, probs = list(router.labels), router.probabilities(data.queries)
+    decision = router.decision
+    if not isinstance(decision, dict):
+        raise UserError(f"{path}: no decision layer (trained by an older zooter); train and export it again")
+    labels = list(router.labels)
+    probs, scores = router.outputs_of(data.queries)
     rewards = aligned_rewards(data, labels)
     keep = ~np.isnan(rewards).all(axis=1)
     if not keep.any():
         raise UserError(f"{data_path}: no row scores any of the router's candidates {labels}")
     if not keep.all():
-        data, rewards, probs = data.subset(np.flatnonzero(keep)), rewards[keep], probs[keep]
+        data, rewards, probs, scores = data.subset(np.flatnonzero(keep)), rewards[keep], probs[keep], scores[keep]
 
     best = best_single or (facts.get("best_single") or {}).get("candidate")
     if best is None:
@@ -347,8 +412,11 @@ def evaluate_router(path, data_path, *, candidates: str | None = None, lam: floa
             raise UserError(f"{cands_file}: no such candidates file")
         prices = costs_for(load_candidates(cands_file), labels)
     costs, cost_unit = cost_matrix(data, labels, prices)
+    if (lam or tolerance) and costs is None:
+        raise UserError(f"--{'lambda' if lam else 'tolerance'} needs prices: pass --candidates with costs")
 
-    report = evaluate(rewards, probs, labels, best, tags=[r.tags for r in data.rows], costs=costs, lam=lam)
+    report = evaluate(rewards, probs, scores, labels, best, decision, tags=[r.tags for r in data.rows], costs=costs,
+                      lam=lam, tolerance=tolerance, guard=guard, keep_rows=keep_rows)
     report["cost_unit"] = cost_unit
     report["candidates_file"] = str(cands_file) if cands_file else None
     report["router_path"] = str(path)
@@ -358,7 +426,8 @@ def evaluate_router(path, data_path, *, candidates: str | None = None, lam: floa
     report["ignored_candidates"] = [c for c in data.candidates if c not in labels]
 
     # The paper's Figure 3: is routing easier when the reward distribution is peaked?
-    choice = masked_choice(probs, ~np.isnan(rewards), costs, lam)
+    choice = rule_for(labels, decision, costs, lam, tolerance).decide(probs, scores, allowed=~np.isnan(rewards),
+                                                                      guard=guard).choice
     correct = picked(rewards, choice) >= np.nanmax(rewards, axis=1)
     report["entropy_vs_accuracy"] = entropy_vs_correctness(entropy(reward_distribution(rewards, float(facts.get("tau", 1.0)))), correct)
     if plots:

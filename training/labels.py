@@ -1,6 +1,7 @@
 """Training targets from rewards: ZOOTER's reward distribution, tag-based label enhancement, hard labels.
 
     s(q)  = softmax(r(q) / tau) over the candidates that have a reward (null rewards get probability 0)
+    tau   "auto": 0.1 x the median, over training rows whose rewards differ, of the row's reward std
     s_t   = mean of s(q) over the TRAINING rows tagged t
     s*(q) = beta * s(q) + (1 - beta) * mean_{t in T(q)} s_t
 
@@ -13,6 +14,27 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+
+AUTO_TAU_SCALE = 0.1   # docs/training.md: how the rule was chosen against a grid scored on dev
+
+
+class AllEqualRewards(ValueError):
+    """Every training row gives all its candidates the same reward: there is nothing to route on."""
+
+
+def auto_tau(rewards: np.ndarray, scale: float = AUTO_TAU_SCALE) -> float:
+    """The temperature for reward data of this scale: `scale` x the median spread (std) of a row's rewards,
+    over the rows whose rewards are not all equal. With rewards in [0, 1] and tau = 1 the distribution is
+    nearly flat; tied rows say nothing about the scale, so they are left out."""
+    r = np.asarray(rewards, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        spread = np.nanmax(r, axis=1) - np.nanmin(r, axis=1)
+    varied = spread > 0
+    if not varied.any():
+        raise AllEqualRewards("every training row gives all its candidates the same reward, so there is nothing to "
+                              "route on (pass --tau explicitly to train anyway)")
+    return float(scale * np.median(np.nanstd(r[varied], axis=1)))
 
 
 def reward_distribution(rewards: np.ndarray, tau: float = 1.0) -> np.ndarray:

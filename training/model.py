@@ -1,9 +1,11 @@
-"""The router: a pretrained Hugging Face encoder, mean pooling, and a linear head over the candidates.
+"""The router: a pretrained Hugging Face encoder, mean pooling, and two linear heads over the candidates:
+the distilled head (logits: which candidate answers best) and the expected-reward head (rewards: a
+raw score per candidate that the run's isotonic table maps to reward units, training/calibrate.py).
 
 A run folder stores the model as
     RUN/encoder/        the encoder (save_pretrained) and its tokenizer (tokenizer.json included)
-    RUN/head.safetensors  {"weight": (labels, hidden), "bias": (labels,)}
-    RUN/run.json        {"labels": [...], "pooling": "mean", "max_length": int, ...training config}
+    RUN/head.safetensors  {"weight", "bias": the distilled head; "reward.weight", "reward.bias"}
+    RUN/run.json        {"labels": [...], "pooling": "mean", "max_length": int, "decision": {...}, ...}
 so the label order always travels with the weights.
 
 `TorchRouter` is the PyTorch side of the runtime's Router: `probabilities(texts)` from a run, used by
@@ -36,13 +38,14 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 
 class RouterModel(nn.Module):
-    """encoder -> mean pool -> linear head; forward returns {"logits": (batch, labels)}."""
+    """encoder -> mean pool -> two linear heads; forward returns {"logits", "rewards"}, each (batch, labels)."""
 
     def __init__(self, encoder: nn.Module, labels: Sequence[str]):
         super().__init__()
         self.encoder = encoder
         self.labels = list(labels)
         self.head = nn.Linear(encoder.config.hidden_size, len(self.labels))
+        self.reward_head = nn.Linear(encoder.config.hidden_size, len(self.labels))
 
     @property
     def config(self):
@@ -57,7 +60,13 @@ class RouterModel(nn.Module):
         return mean_pool(hidden, attention_mask)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> dict:
-        return {"logits": self.head(self.embed(input_ids, attention_mask, token_type_ids))}
+        pooled = self.embed(input_ids, attention_mask, token_type_ids)
+        return {"logits": self.head(pooled), "rewards": self.reward_head(pooled)}
+
+    def set_reward_head(self, weight, bias) -> None:
+        with torch.no_grad():
+            self.reward_head.weight.copy_(torch.as_tensor(np.asarray(weight), dtype=torch.float32))
+            self.reward_head.bias.copy_(torch.as_tensor(np.asarray(bias), dtype=torch.float32))
 
     # --- persistence --------------------------------------------------------------------------
     @classmethod
@@ -89,7 +98,8 @@ class RouterModel(nn.Module):
         from safetensors.torch import save_file
 
         run = Path(run)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, run / "head.safetensors")
+        tensors = {**self.head.state_dict(), **{f"reward.{k}": v for k, v in self.reward_head.state_dict().items()}}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, run / "head.safetensors")
         info = dict(meta, labels=self.labels, pooling="mean")
         (run / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -114,7 +124,10 @@ class RouterModel(nn.Module):
         head = load_file(Path(run) / "head.safetensors")
         if head["weight"].shape[0] != len(self.labels):
             raise UserError(f"{run}: head has {head['weight'].shape[0]} outputs but run.json lists {len(self.labels)} labels")
-        self.head.load_state_dict(head)
+        if "reward.weight" not in head:
+            raise UserError(f"{run}: the run has no expected-reward head (trained by an older zooter); train it again")
+        self.head.load_state_dict({k: head[k] for k in ("weight", "bias")})
+        self.reward_head.load_state_dict({"weight": head["reward.weight"], "bias": head["reward.bias"]})
 
 
 def read_run_info(run: str | Path) -> dict:
@@ -131,18 +144,20 @@ def read_run_info(run: str | Path) -> dict:
 
 
 class TorchRouter:
-    """A run's PyTorch router with the Router's interface: `labels` and `probabilities(texts)`.
+    """A run's PyTorch router with the Router's interface: `labels`, `decision` (the run's rule settings),
+    `outputs_of(texts)` -> (probabilities, raw reward scores) and `probabilities(texts)`.
 
     Queries are tokenized by zooter.runtime.tokenize from the run's tokenizer.json, exactly as the
     exported bundle tokenizes them, so a comparison with the bundle measures the model alone. With
     `cache` (head-only runs over a shared frozen encoder), pooled embeddings come from the embedding
-    cache (zooter.training.embed) and only the head runs.
+    cache (zooter.training.embed) and only the heads run.
     """
 
-    def __init__(self, model: RouterModel, tokenizer, max_length: int, cache: str | Path | None = None,
-                 hf_tokenizer=None, batch_size: int = 32):
+    def __init__(self, model: RouterModel, tokenizer, max_length: int, decision: dict | None = None,
+                 cache: str | Path | None = None, hf_tokenizer=None, batch_size: int = 32):
         self.model = model.eval()
         self.labels = list(model.labels)
+        self.decision = decision
         self.tokenizer = tokenizer            # tokenizers.Tokenizer, as the runtime's
         self.hf_tokenizer = hf_tokenizer      # transformers tokenizer, for the embedding cache
         self.max_length = int(max_length)
@@ -152,8 +167,8 @@ class TorchRouter:
     @classmethod
     def load(cls, run: str | Path, encoder: tuple[RouterModel, object] | None = None,
              cache: str | Path | None = None) -> "TorchRouter":
-        """The run's router. `encoder` = (model, hf_tokenizer) of the frozen backbone the run's head was
-        trained on: only the head is read from the run, and with `cache` its embeddings are reused."""
+        """The run's router. `encoder` = (model, hf_tokenizer) of the frozen backbone the run's heads were
+        trained on: only the heads are read from the run, and with `cache` its embeddings are reused."""
         from zooter.runtime.tokenize import load_tokenizer
 
         run = Path(run)
@@ -168,32 +183,37 @@ class TorchRouter:
         tokenizer_json = Path(hf_tokenizer.name_or_path) / "tokenizer.json"
         if not tokenizer_json.is_file():
             tokenizer_json = run / "encoder" / "tokenizer.json"
-        return cls(model, load_tokenizer(tokenizer_json, max_length), max_length, cache=cache, hf_tokenizer=hf_tokenizer)
+        return cls(model, load_tokenizer(tokenizer_json, max_length), max_length, info.get("decision"),
+                   cache=cache, hf_tokenizer=hf_tokenizer)
 
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
+    def outputs_of(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, raw expected-reward scores), (len(texts), labels) each, in input order."""
+        from zooter.runtime.decision import softmax
+
         texts = list(texts)
         if self.cache is not None:
             from zooter.training.embed import embed_texts
 
-            x = embed_texts(self.model, self.hf_tokenizer, texts, self.max_length, cache=self.cache, progress=None)
+            x = torch.from_numpy(embed_texts(self.model, self.hf_tokenizer, texts, self.max_length, cache=self.cache,
+                                             progress=None))
             with torch.inference_mode():
-                return self.model.head(torch.from_numpy(x)).float().numpy()
+                return softmax(self.model.head(x).float().numpy()), self.model.reward_head(x).double().numpy()
         from zooter.runtime.tokenize import encode
 
         names = ["input_ids", "attention_mask", "token_type_ids"]
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        logits = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        rewards = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths: little padding
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 feeds = encode(self.tokenizer, [texts[i] for i in idx], self.max_length)
-                out[idx] = self.model(**{k: torch.from_numpy(feeds[k]) for k in names})["logits"].float().numpy()
-        return out
+                out = self.model(**{k: torch.from_numpy(feeds[k]) for k in names})
+                logits[idx], rewards[idx] = out["logits"].float().numpy(), out["rewards"].double().numpy()
+        return softmax(logits), rewards
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
-        from zooter.runtime.decision import softmax
-
-        return softmax(self.logits(texts))
+        return self.outputs_of(texts)[0]
 
 
 def transformer_layers(encoder):

@@ -1,5 +1,6 @@
-"""PNG plots of an evaluation report: quality vs cost, per-tag quality, chosen vs best candidate,
-routing accuracy vs reward entropy, and a run's training curves. matplotlib with the Agg backend."""
+"""PNG plots of an evaluation report: quality vs cost, reliability of the expected rewards, per-tag
+quality, chosen vs best candidate, routing accuracy vs reward entropy, a run's training curves; and
+the latency plot of `zooter bench`. matplotlib with the Agg backend."""
 
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ def _pyplot():
 
 
 def quality_cost(report: dict, path: Path) -> Path | None:
-    """The lambda sweep as a curve, each single candidate, the best single and the oracle as points."""
+    """The tolerance sweep as a curve, each single candidate, the best single and the oracle as points."""
     if not report.get("pareto"):
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     sweep = report["pareto"]
-    ax.plot([p["mean_cost"] for p in sweep], [p["mean_reward"] for p in sweep], "o-", color="C0", label="router, lambda sweep")
+    ax.plot([p["mean_cost"] for p in sweep], [p["mean_reward"] for p in sweep], "o-", color="C0", label="router, tolerance sweep")
     for name, v in report["baselines"]["per_candidate"].items():
         if v["mean_cost"] is None or v["mean_reward"] is None:
             continue
@@ -110,12 +111,31 @@ def training_curves(history: list[dict], path: Path) -> Path | None:
 def write_all(report: dict, confusion_matrix: np.ndarray, labels: Sequence[str], folder, history: list | None = None) -> list[str]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    made = [quality_cost(report, folder / "quality_cost.png"), per_tag(report, folder / "per_tag.png"),
+    made = [quality_cost(report, folder / "quality_cost.png"), reliability(report, folder / "reliability.png"),
+            per_tag(report, folder / "per_tag.png"),
             chosen_vs_best(confusion_matrix, labels, folder / "chosen_vs_best.png"),
             entropy_accuracy(report, folder / "entropy_accuracy.png")]
     if history:
         made.append(training_curves(history, folder / "training_curves.png"))
     return [str(p) for p in made if p is not None]
+
+
+def reliability(report: dict, path: Path) -> Path:
+    """Predicted (expected) reward of the chosen candidate against the realised reward, per bin."""
+    plt = _pyplot()
+    bins = report["calibration"]["bins"]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    xs, ys = [b["predicted"] for b in bins], [b["realised"] for b in bins]
+    lo, hi = min(xs + ys), max(xs + ys)
+    ax.plot([lo, hi], [lo, hi], color="gray", linewidth=0.8, label="perfect calibration")
+    ax.plot(xs, ys, "o-", color="C0", label=f"router (ECE {report['calibration']['ece']:.3f})")
+    for b, x, y in zip(bins, xs, ys):
+        ax.annotate(str(b["n"]), (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.set_xlabel("expected reward of the chosen candidate (bin mean)")
+    ax.set_ylabel("realised reward (bin mean)")
+    ax.set_title(f"Reliability, {report['n']} held-out rows, {len(bins)} equal-count bins")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

@@ -42,7 +42,7 @@ class TrainConfig:
     dev: str | None = None              # without it, 10% of --data is held out by query hash
     backbone: str | None = None         # a local Hugging Face encoder folder; None = all-MiniLM-L6-v2
     candidates: str | None = None       # candidates.yaml: recorded so eval and export find costs
-    tau: float = 1.0
+    tau: float | str = "auto"           # "auto": from the training rows' reward spread (labels.auto_tau)
     beta: float = 0.3
     loss: str = "kl"                    # "kl" (distillation) or "hard" (cross entropy on the argmax)
     epochs: int | None = None           # None: FULL or FROZEN default
@@ -60,6 +60,8 @@ class TrainConfig:
     int8_consistency: float | None = None  # None: FROZEN/FULL default; 0 turns quantization-aware training off
     threads: int | None = None          # torch CPU threads; None = torch's default
     keep_state: bool = False            # keep state.pt after the run ends (to extend it later)
+    oof_folds: int = 5                  # head-only runs: folds of training rows predicted out of fold for
+                                        # the decision layer (0: fit it on the dev rows alone)
 
     def resolved(self) -> "TrainConfig":
         defaults = FROZEN if self.frozen else FULL
@@ -71,6 +73,10 @@ class TrainConfig:
             raise UserError(f"--int8-consistency must be >= 0, got {out.int8_consistency}")
         if out.int8_consistency > 0 and not self.frozen:
             raise UserError("--int8-consistency needs --frozen: the INT8 encoder is built once, from the frozen encoder")
+        if self.tau != "auto" and (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0):
+            raise UserError(f"--tau must be 'auto' or a positive number, got {self.tau!r}")
+        if self.oof_folds == 1 or self.oof_folds < 0:
+            raise UserError(f"--oof-folds must be 0 (dev rows only) or at least 2, got {self.oof_folds}")
         if out.backbone is None:
             from zooter.training.model import default_backbone
 
@@ -113,12 +119,21 @@ class Problem:
 
 
 def prepare(cfg: TrainConfig) -> Problem:
-    """Split, targets (tag distributions from the training rows only) and provenance."""
+    """Split, temperature, targets (tag distributions from the training rows only) and provenance."""
+    from zooter.training.labels import AllEqualRewards, auto_tau
+
     train_data, dev_data = split_dev(RoutingDataset.load(cfg.data), cfg.dev)
-    targets, tag_dists = training_targets(train_data.rewards(), [r.tags for r in train_data.rows],
-                                          tau=cfg.tau, beta=cfg.beta, loss=cfg.loss)
+    rewards = train_data.rewards()
+    tau = cfg.tau
+    if tau == "auto":
+        try:
+            tau = auto_tau(rewards)
+        except AllEqualRewards as err:
+            raise UserError(f"{cfg.data}: --tau auto: {err}") from None
+    targets, tag_dists = training_targets(rewards, [r.tags for r in train_data.rows], tau=tau, beta=cfg.beta, loss=cfg.loss)
     meta = {"data": str(cfg.data), "data_sha256": train_data.sha256(), "dev_sha256": dev_data.sha256(),
-            "backbone": str(cfg.backbone), "beta": cfg.beta if cfg.loss == "kl" else 1.0, "tau": cfg.tau,
+            "backbone": str(cfg.backbone), "beta": cfg.beta if cfg.loss == "kl" else 1.0, "tau": tau,
+            "tau_rule": "auto" if cfg.tau == "auto" else "given",
             "loss": cfg.loss, "seed": cfg.seed, "max_length": cfg.max_length, "frozen": cfg.frozen,
             "candidates_file": cfg.candidates, "best_single": best_single(train_data),
             "n_train": len(train_data), "n_dev": len(dev_data),
@@ -312,11 +327,11 @@ def _new_model(cfg: TrainConfig, problem: Problem):
     return model, tokenizer
 
 
-def _restore(folder: RunFolder, trained, optimizer, scheduler, rng, accelerator) -> Progress:
+def _restore(folder: RunFolder, module, optimizer, scheduler, rng) -> Progress:
     import torch
 
     state = folder.load_state()
-    accelerator.unwrap_model(trained).load_state_dict(state["model"])
+    module.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng.bit_generator.state = state["numpy_rng"]
@@ -324,19 +339,41 @@ def _restore(folder: RunFolder, trained, optimizer, scheduler, rng, accelerator)
     return state["progress"]
 
 
-def _checkpoint(folder: RunFolder, progress: Progress, trained, optimizer, scheduler, rng, accelerator) -> None:
+def _checkpoint(folder: RunFolder, progress: Progress, module, optimizer, scheduler, rng) -> None:
     import torch
 
     (folder.work / "curves.json").write_text(json.dumps(progress.history, indent=2) + "\n")
-    folder.save_state(model=accelerator.unwrap_model(trained).state_dict(), optimizer=optimizer.state_dict(),
-                      scheduler=scheduler.state_dict(), progress=progress, numpy_rng=rng.bit_generator.state,
-                      torch_rng=torch.get_rng_state())
+    folder.save_state(model=module.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                      progress=progress, numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state())
 
 
 def _report(bar, cfg: TrainConfig, point: dict) -> None:
     bar.write(f"epoch {point['epoch']}/{cfg.epochs}: train loss {point['train_loss']:.4f}, "
               f"dev routed reward {point['dev_reward']:.4f}"
               + (f", INT8 agreement {point['dev_int8_agreement']:.2%}" if "dev_int8_agreement" in point else ""))
+
+
+def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=None, oof_probs=None):
+    """The expected-reward head and the decision settings fitted on held-out predictions
+    (training/calibrate.py): ((weight, bias), router.json's decision block)."""
+    from zooter.training.calibrate import FittingRows, choose_strength, fit_decision, inner_folds, ridge, scores
+
+    rewards = problem.train.rewards()
+    folds = inner_folds(problem.train.queries, 5)
+    strength = choose_strength(train_x, rewards, folds, train_x_int8)
+    head = ridge(train_x, rewards, strength, train_x_int8)
+    probs, raw, realised = [dev_probs], [scores(head, dev_x)], [problem.dev.rewards()]
+    if oof_probs is not None:
+        oof_scores = np.zeros_like(rewards)
+        for held in folds:
+            rest = np.setdiff1d(np.arange(len(train_x)), held)
+            fold_head = ridge(train_x[rest], rewards[rest], strength, None if train_x_int8 is None else train_x_int8[rest])
+            oof_scores[held] = scores(fold_head, train_x[held])
+        probs.append(oof_probs), raw.append(oof_scores), realised.append(rewards)
+    rows = FittingRows(np.vstack(probs), np.vstack(raw), np.vstack(realised), oof=oof_probs is not None)
+    decision = fit_decision(rows, problem.labels, problem.meta["best_single"]["candidate"])
+    decision["fitted_on"]["ridge_strength"] = strength
+    return head, decision
 
 
 # --- the two loops ----------------------------------------------------------------------------------
@@ -358,8 +395,10 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, int8_e
     if accelerator.is_main_process:
         (folder.work / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     started = time.time()
-    loop = train_head if cfg.frozen else fine_tune
-    loop(cfg, problem, folder, accelerator, rng, resume, int8_embedder)
+    if cfg.frozen:
+        train_head(cfg, problem, folder, rng, resume, int8_embedder, main=accelerator.is_main_process)
+    else:
+        fine_tune(cfg, problem, folder, accelerator, rng, resume)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return {}
@@ -369,27 +408,76 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, int8_e
     return folder.finish(cfg.keep_state)
 
 
-def train_head(cfg: TrainConfig, problem: Problem, folder: RunFolder, accelerator, rng, resume: bool,
-               int8_embedder=None) -> None:
-    """Frozen encoder: embed every query once, then train the head on the embeddings.
+def fit_head(cfg: TrainConfig, x, targets, rng, x_int8=None, after_epoch=None, restore=None, bar=None, seed=None):
+    """Train a linear head on fixed embeddings (the frozen router's loop); returns (head, Progress).
 
-    Quantization-aware (int8_consistency > 0): the head also sees the INT8 encoder's embeddings and
-    learns to decide alike from both; it keeps its weights averaged over the second half of the
-    epochs instead of a dev-chosen epoch, so the dev rows play no part in the choice and export's
-    parity gate on them stays a fair check (docs/training.md).
+    Each step: KL(s* || softmax(head(x))), and with `x_int8` the consistency term
+    int8_consistency * KL(p(x) || p(x_int8)), so the head decides alike from the INT8 encoder's
+    embeddings. The head kept is the average of its weights over the second half of the epochs: it
+    decides more steadily under INT8 and routes better than a dev-chosen epoch (docs/training.md),
+    and the dev rows then stay out of every choice, so they can fit the decision layer and be the
+    export gate's rows. `after_epoch(head, point, progress, optimizer, scheduler)` sees each epoch;
+    `restore(head, optimizer, scheduler) -> Progress` continues a run.
     """
     import torch
     import torch.nn.functional as F
+
+    # Seeded here, not only at the start of the run: building the INT8 encoder (skipped when its
+    # embeddings are cached) draws from torch's generator, and the head must not depend on the cache.
+    torch.manual_seed(cfg.seed if seed is None else seed)
+    head = torch.nn.Linear(x.shape[1], targets.shape[1])
+    with torch.no_grad():
+        head.bias.copy_(torch.log(targets.mean(0).clamp(min=1e-6)))
+    steps = steps_per_epoch(len(x), cfg, 1)
+    optimizer, scheduler = optimizer_for(head.parameters(), cfg, steps * cfg.epochs)
+    progress = restore(head, optimizer, scheduler) if restore else Progress()
+    for epoch in range(progress.epoch, cfg.epochs):
+        head.train()
+        losses = []
+        for idx in length_batches(np.ones(len(x)), cfg.batch_size, rng)[:steps]:
+            log_p = F.log_softmax(head(x[idx]), -1)
+            loss = F.kl_div(log_p, targets[idx], reduction="batchmean")
+            if x_int8 is not None:
+                log_q = F.log_softmax(head(x_int8[idx]), -1)
+                loss = loss + cfg.int8_consistency * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+        head.eval()
+        if epoch >= cfg.epochs // 2:
+            progress.add_to_average(head.state_dict())
+        progress.epoch = epoch + 1
+        point = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": float(scheduler.get_last_lr()[0])}
+        if after_epoch is not None:
+            after_epoch(head, point, progress, optimizer, scheduler)
+    head.load_state_dict(progress.mean_weights())
+    return head, progress
+
+
+def train_head(cfg: TrainConfig, problem: Problem, folder: RunFolder, rng, resume: bool, int8_embedder=None,
+               main: bool = True) -> None:
+    """Frozen encoder: embed every query once, train the head (fit_head), fit the decision layer on
+    held-out predictions (the dev rows and, with oof_folds, every training row predicted by heads
+    trained without it), write the run. Runs in one process: a linear head gains nothing from more."""
+    import torch
     from tqdm.auto import tqdm
 
+    from zooter.runtime.decision import softmax
+    from zooter.training.calibrate import inner_folds
     from zooter.training.embed import embed_texts
 
     model, tokenizer = _new_model(cfg, problem)
     queries, dev_queries = problem.train.queries, problem.dev.queries
     train_x = torch.tensor(embed_texts(model, tokenizer, queries, cfg.max_length, cache=cfg.cache, progress="embedding train"))
     dev_x = torch.tensor(embed_texts(model, tokenizer, dev_queries, cfg.max_length, cache=cfg.cache, progress="embedding dev"))
-    aware = cfg.int8_consistency > 0
-    if aware:  # one call: the INT8 encoder is built once for train and dev
+    train_q = dev_q = None
+    if cfg.int8_consistency:  # one call: the INT8 encoder is built once for train and dev
         both = torch.tensor(embed_texts(model, tokenizer, queries + dev_queries, cfg.max_length, cache=cfg.cache,
                                         progress="int8 embedding", int8=int8_embedder))
         train_q, dev_q = both[:len(queries)], both[len(queries):]
@@ -400,84 +488,67 @@ def train_head(cfg: TrainConfig, problem: Problem, folder: RunFolder, accelerato
         torch.set_num_threads(1)
     targets = torch.tensor(problem.targets, dtype=torch.float32)
     dev_rewards = problem.dev.rewards()
-    steps = steps_per_epoch(len(queries), cfg, accelerator.num_processes)
-    head = model.head
-    optimizer, scheduler = optimizer_for(head.parameters(), cfg, steps * cfg.epochs)
-    head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
-    progress = _restore(folder, head, optimizer, scheduler, rng, accelerator) if resume else Progress()
-    average_from = cfg.epochs // 2
-
-    def dev_logits(x):
-        with torch.no_grad():
-            return accelerator.unwrap_model(head)(x.to(accelerator.device)).float().cpu().numpy()
-
     started = time.time()
-    bar = tqdm(total=steps * cfg.epochs, initial=progress.epoch * steps, desc="train", mininterval=1.0,
-               disable=not accelerator.is_main_process)
-    for epoch in range(progress.epoch, cfg.epochs):
-        head.train()
-        batches = length_batches(np.ones(len(queries)), cfg.batch_size, rng)
-        losses = []
-        for idx in batches[accelerator.process_index::accelerator.num_processes][:steps]:
-            log_p = F.log_softmax(head(train_x[idx].to(accelerator.device)).float(), -1)
-            loss = F.kl_div(log_p, targets[idx].to(accelerator.device), reduction="batchmean")
-            if aware:  # decide alike from the INT8 encoder's embedding: KL(p || p_int8), both through the head
-                log_q = F.log_softmax(head(train_q[idx].to(accelerator.device)).float(), -1)
-                loss = loss + cfg.int8_consistency * F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(head.parameters(), cfg.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+    steps = steps_per_epoch(len(queries), cfg, 1)
 
-        head.eval()
-        logits = dev_logits(dev_x)
-        point = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_reward": routed_reward(dev_rewards, logits),
-                 "lr": float(scheduler.get_last_lr()[0]), "seconds": round(time.time() - started, 1)}
-        if aware:
-            point["dev_int8_agreement"] = float(np.mean(dev_logits(dev_q).argmax(1) == logits.argmax(1)))
-            if epoch >= average_from:
-                progress.add_to_average(accelerator.unwrap_model(head).state_dict())
-        elif progress.improves(point):
-            progress.best["weights"] = {k: v.detach().clone() for k, v in accelerator.unwrap_model(head).state_dict().items()}
+    def after_epoch(head, point, progress, optimizer, scheduler):
+        with torch.no_grad():
+            logits = head(dev_x).numpy()
+            point["dev_reward"] = routed_reward(dev_rewards, logits)
+            if dev_q is not None:
+                point["dev_int8_agreement"] = float(np.mean(head(dev_q).numpy().argmax(1) == logits.argmax(1)))
+        point["seconds"] = round(time.time() - started, 1)
         progress.history.append(point)
-        progress.epoch = epoch + 1
-        if accelerator.is_main_process:
-            if (epoch + 1) % 10 == 0 or epoch + 1 == cfg.epochs:   # a frozen epoch takes a second
+        if main:
+            if point["epoch"] % 10 == 0 or point["epoch"] == cfg.epochs:   # a frozen epoch takes a second
                 _report(bar, cfg, point)
-            _checkpoint(folder, progress, head, optimizer, scheduler, rng, accelerator)
-        accelerator.wait_for_everyone()
+            _checkpoint(folder, progress, head, optimizer, scheduler, rng)
+
+    bar = tqdm(total=steps * cfg.epochs, desc="train", mininterval=1.0, disable=not main)
+    restore = (lambda head, optimizer, scheduler: _restore(folder, head, optimizer, scheduler, rng)) if resume else None
+    head, progress = fit_head(cfg, train_x, targets, rng, train_q, after_epoch, restore, bar)
     bar.close()
-    torch.set_num_threads(threads_before)
-    if not accelerator.is_main_process:
-        return
-    inner = accelerator.unwrap_model(head)
-    if aware:
-        inner.load_state_dict(progress.mean_weights())
-        logits = dev_logits(dev_x)
-        agreement = float(np.mean(dev_logits(dev_q).argmax(1) == logits.argmax(1)))
+    model.head.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        logits = head(dev_x).numpy()
         best = {"dev_reward": routed_reward(dev_rewards, logits), "epoch": None,
-                "averaged_epochs": [average_from + 1, cfg.epochs], "int8_agreement": agreement}
-        print(f"head averaged over epochs {average_from + 1}-{cfg.epochs}: dev routed reward {best['dev_reward']:.4f}, "
-              f"INT8 agreement {agreement:.2%}", flush=True)
-    else:
-        inner.load_state_dict(progress.best.pop("weights"))
-        best = progress.best
-    model.save(folder.work, tokenizer, dict(problem.meta, dev=run_summary(problem, best), curves=progress.history))
+                "averaged_epochs": [cfg.epochs // 2 + 1, cfg.epochs]}
+        if dev_q is not None:
+            best["int8_agreement"] = float(np.mean(head(dev_q).numpy().argmax(1) == logits.argmax(1)))
+    if main:
+        print(f"head averaged over epochs {cfg.epochs // 2 + 1}-{cfg.epochs}: dev routed reward {best['dev_reward']:.4f}"
+              + (f", INT8 agreement {best['int8_agreement']:.2%}" if "int8_agreement" in best else ""), flush=True)
+
+    oof = None
+    if cfg.oof_folds:
+        oof = np.zeros(problem.targets.shape)
+        folds = inner_folds(queries, cfg.oof_folds)
+        for k, held in enumerate(tqdm(folds, desc="out-of-fold heads", disable=not main, leave=False)):
+            rest = np.setdiff1d(np.arange(len(queries)), held)
+            fold_head, _ = fit_head(cfg, train_x[rest], targets[rest], np.random.default_rng(cfg.seed + 1 + k),
+                                    None if train_q is None else train_q[rest], seed=cfg.seed + 1 + k)
+            with torch.no_grad():
+                oof[held] = softmax(fold_head(train_x[held]).numpy())
+    reward_head, decision = decision_layer(problem, train_x.numpy(), dev_x.numpy(), softmax(logits),
+                                           None if train_q is None else train_q.numpy(), oof)
+    model.set_reward_head(*reward_head)
+    torch.set_num_threads(threads_before)
+    if main:
+        model.save(folder.work, tokenizer, dict(problem.meta, dev=run_summary(problem, best), curves=progress.history,
+                                                decision=decision))
 
 
-def fine_tune(cfg: TrainConfig, problem: Problem, folder: RunFolder, accelerator, rng, resume: bool,
-              int8_embedder=None) -> None:
+def fine_tune(cfg: TrainConfig, problem: Problem, folder: RunFolder, accelerator, rng, resume: bool) -> None:
     """The whole encoder (or its top --train-layers layers) trains with the head; the epoch with the
-    best dev routed reward is kept (written as it is found, so a resumed run keeps it)."""
+    best dev routed reward is kept (written as it is found, so a resumed run keeps it). The decision
+    layer is then fitted on the kept model's embeddings, with the dev rows as its held-out rows
+    (out-of-fold heads would mean fine-tuning the encoder again per fold)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     from zooter.training.embed import in_length_order
+    from zooter.training.model import RouterModel
 
     model, tokenizer = _new_model(cfg, problem)
     if cfg.train_layers is not None:
@@ -489,7 +560,8 @@ def fine_tune(cfg: TrainConfig, problem: Problem, folder: RunFolder, accelerator
     steps = steps_per_epoch(len(queries), cfg, accelerator.num_processes)
     optimizer, scheduler = optimizer_for(model.parameters(), cfg, steps * cfg.epochs)
     trained, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    progress = _restore(folder, trained, optimizer, scheduler, rng, accelerator) if resume else Progress()
+    progress = (_restore(folder, accelerator.unwrap_model(trained), optimizer, scheduler, rng) if resume
+                else Progress())
 
     started = time.time()
     bar = tqdm(total=steps * cfg.epochs, initial=progress.epoch * steps, desc="train", mininterval=1.0,
@@ -524,10 +596,19 @@ def fine_tune(cfg: TrainConfig, problem: Problem, folder: RunFolder, accelerator
             if progress.improves(point):
                 inner.save(folder.work, tokenizer, dict(problem.meta, dev=run_summary(problem, progress.best),
                                                         curves=progress.history))
-            _checkpoint(folder, progress, trained, optimizer, scheduler, rng, accelerator)
+            _checkpoint(folder, progress, inner, optimizer, scheduler, rng)
         accelerator.wait_for_everyone()
     bar.close()
-    if accelerator.is_main_process:  # the kept checkpoint's run.json gets the whole curve
-        info = json.loads((folder.work / "run.json").read_text())
-        info["curves"] = progress.history
-        (folder.work / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    if not accelerator.is_main_process:
+        return
+    kept, _, info = RouterModel.load(folder.work)
+    embed = lambda texts, name: in_length_order(texts, tokenizer, cfg.max_length, 64, lambda enc: kept.embed(**enc),
+                                                progress=name)
+    dev_x = embed(problem.dev.queries, "embedding dev")
+    with torch.no_grad():
+        from zooter.runtime.decision import softmax
+
+        dev_probs = softmax(kept.head(torch.from_numpy(dev_x)).numpy())
+    reward_head, decision = decision_layer(problem, embed(queries, "embedding train"), dev_x, dev_probs)
+    kept.set_reward_head(*reward_head)
+    kept.save_head(folder.work, dict(info, curves=progress.history, decision=decision))

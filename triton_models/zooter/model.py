@@ -1,14 +1,21 @@
 """Triton python model `zooter` (BLS, decoupled): route a query, then stream the chosen candidate's answer.
 
 For each request:
-  1. call `zooter_route` (tokenize -> router -> decide) for the probabilities;
-  2. rank the candidates with zooter.runtime.decision.ranked (the Router's rule, cost-aware when
-     lambda is set);
-  3. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
+  0. check the client's input (text_input present, one UTF-8 query, within the byte limit;
+     max_tokens within 1..limit): a bad request is answered at once with INVALID_ARG (HTTP 400) and
+     counted as a failure in Triton's metrics, without touching any candidate;
+  1. call `zooter_route` for the decision: the candidates best first (`ranking`), by the bundle's
+     one decision rule (zooter.runtime.decision), and the choice's `confidence`;
+  2. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
      inputs the client sent, and stream its `text_output` back with `candidate` set;
-  4. if that candidate is not ready, or answers with an error, go on to the next one and say so
-     in `note`. A request fails only when no candidate can answer.
-Errors are sent as TritonError responses; nothing here raises into the server.
+  3. if that candidate is not ready, or answers with an error before its first chunk, go on to the
+     next one and say so in `note`. A request fails (UNAVAILABLE) when no candidate can answer, or
+     when the answering candidate fails after it has sent text: the stream then ends with an error,
+     never with another candidate's text glued on and never silently cut.
+Outcomes are counted in `zooter_requests_total{outcome}` and fallbacks in
+`zooter_fallbacks_total{chosen, answered}` on Triton's metrics port. Errors are sent as TritonError
+responses; nothing raises into the server, but the input check, which fails the request it is
+answering inside execute() so that nv_inference_request_failure counts it.
 """
 
 import json
@@ -19,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zooter.runtime.decision import check_weight, ranked
-
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+OUTCOMES = ("ok", "fallback", "bad_input", "route_error", "no_candidate", "failed_mid_answer", "cancelled")
 
 
 def _text(value) -> str:
@@ -37,20 +43,72 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         routing = json.loads((Path(args["model_repository"]) / args["model_version"] / "routing.json").read_text())
-        self.labels = routing["labels"]
-        self.costs = routing.get("costs")
         self.serving = routing["candidates"]            # label -> {"model": name or None, "why": str}
-        self.lam = check_weight(routing["decision"]["lambda"], "routing.json decision.lambda")
         self.default_max_tokens = int(params.get("default_max_tokens") or 128)
+        self.max_tokens_limit = int(params.get("max_tokens_limit") or 4096)
+        self.max_text_bytes = int(params.get("max_text_bytes") or 65536)
         self.input_names = [i["name"] for i in config["input"]]
         # Threads wait on other models most of the time; 64 bounds the open streams per instance.
         self.slots = threading.BoundedSemaphore(64)
+        # The python backend's custom metrics (pb_utils classes exist only from initialize on).
+        self.requests_total = pb_utils.MetricFamily(
+            name="zooter_requests_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="requests to the zooter model by outcome: " + ", ".join(OUTCOMES))
+        self.fallbacks_total = pb_utils.MetricFamily(
+            name="zooter_fallbacks_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="answers given by another candidate than the router's choice, by chosen and answering candidate")
+        self.outcomes = {o: self.requests_total.Metric(labels={"outcome": o}) for o in OUTCOMES}
+        self.fallbacks = {}
+        self.metrics_lock = threading.Lock()
+
+    def _fallback(self, chosen, answered):
+        with self.metrics_lock:
+            key = (chosen, answered)
+            if key not in self.fallbacks:
+                self.fallbacks[key] = self.fallbacks_total.Metric(labels={"chosen": chosen, "answered": answered})
+            self.fallbacks[key].increment(1)
 
     def execute(self, requests):
-        # One daemon thread a request (a pool's workers are joined when the stub exits, so one stuck
-        # on a candidate would hold the server's stop until its exit timeout).
+        E = pb_utils.TritonError
+        refused = []
         for request in requests:
-            threading.Thread(target=self._answer_when_free, args=(request,), name="zooter", daemon=True).start()
+            problem = self._check(request)
+            if problem is None:
+                # One daemon thread a request (a pool's workers are joined when the stub exits, so one
+                # stuck on a candidate would hold the server's stop until its exit timeout).
+                threading.Thread(target=self._answer_when_free, args=(request,), name="zooter", daemon=True).start()
+                continue
+            request.get_response_sender().send(pb_utils.InferenceResponse(error=E(f"zooter: {problem}", E.INVALID_ARG)),
+                                               flags=FINAL)
+            self.outcomes["bad_input"].increment(1)
+            refused.append(problem)
+        # Triton counts a request as failed only when execute() raises; with no dynamic batching each call
+        # holds one request, so raising fails exactly the one already answered with its error above.
+        if refused and len(requests) == 1:
+            raise pb_utils.TritonModelException(f"zooter: {refused[0]}")
+        return None
+
+    def _check(self, request):
+        """What is wrong with the client's request, or None."""
+        tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+        if tensor is None:
+            return "text_input is required (the query to answer)"
+        text = tensor.as_numpy()
+        if text.dtype != object:
+            return f"text_input must be a string, got {text.dtype}"
+        if text.ndim and text.shape[0] != 1 or text.size != 1:
+            return f"send one query per request (got {text.size}); streams are per query"
+        raw = text.reshape(-1)[0]
+        raw = raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "replace")
+        if not raw.strip():
+            return "empty text_input: give the query to answer"
+        if len(raw) > self.max_text_bytes:
+            return f"text_input of {len(raw)} bytes is over the {self.max_text_bytes}-byte limit"
+        max_tokens = pb_utils.get_input_tensor_by_name(request, "max_tokens")
+        if max_tokens is not None:
+            values = max_tokens.as_numpy().reshape(-1)
+            if values.size != 1 or not 1 <= int(values[0]) <= self.max_tokens_limit:
+                return f"max_tokens must be one number in 1..{self.max_tokens_limit}, got {values.tolist()}"
         return None
 
     def _answer_when_free(self, request):
@@ -61,27 +119,25 @@ class TritonPythonModel:
     def _answer(self, request):
         sender = request.get_response_sender()
         try:
-            self._route_and_forward(request, sender)
+            self.outcomes[self._route_and_forward(request, sender)].increment(1)
         except Exception as err:  # a bug must still end the stream with a message, not hang the client
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"zooter: {type(err).__name__}: {err}")),
                         flags=FINAL)
+            self.outcomes["route_error"].increment(1)
 
-    def _route_and_forward(self, request, sender):
-        text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy()
-        if text.shape[0] != 1:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                f"zooter: send one query per request (got a batch of {text.shape[0]}); streams are per query")),
-                flags=FINAL)
-            return
-        query = text.reshape(-1)[:1].astype(object)
+    def _route_and_forward(self, request, sender) -> str:
+        E = pb_utils.TritonError
+        query = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[:1].astype(object)
         routed = pb_utils.InferenceRequest(
-            model_name="zooter_route", requested_output_names=["candidate", "probabilities"],
+            model_name="zooter_route", requested_output_names=["ranking", "confidence"],
             inputs=[pb_utils.Tensor("text", query.reshape(1, 1))]).exec()
         if routed.has_error():
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(routed.error().message())), flags=FINAL)
-            return
-        probs = pb_utils.get_output_tensor_by_name(routed, "probabilities").as_numpy()[0]
-        order = [self.labels[i] for i in ranked(probs, self.costs, self.lam)]
+            error = routed.error()
+            code = error.code() if error.code() == E.INVALID_ARG else E.UNAVAILABLE
+            sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {error.message()}", code)), flags=FINAL)
+            return "bad_input" if code == E.INVALID_ARG else "route_error"
+        order = [x for x in map(_text, pb_utils.get_output_tensor_by_name(routed, "ranking").as_numpy().reshape(-1)) if x]
+        confidence = float(pb_utils.get_output_tensor_by_name(routed, "confidence").as_numpy().reshape(-1)[0])
 
         forwarded = self._candidate_inputs(request)
         skipped = []
@@ -93,17 +149,24 @@ class TritonPythonModel:
             if not self._ready(model):
                 skipped.append(f"{label}: model {model} is not ready")
                 continue
-            note = "" if not skipped else f"fallback to {label}, the next most probable candidate; " + "; ".join(skipped)
-            error = self._stream_from(label, model, forwarded, note, sender)
+            note = "" if not skipped else f"fallback to {label}, the next candidate in the ranking; " + "; ".join(skipped)
+            error, started = self._stream_from(label, model, forwarded, note, confidence, sender)
+            if error is not None and started:
+                sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {label} failed mid-answer: {error}",
+                                                               E.UNAVAILABLE)), flags=FINAL)
+                return "failed_mid_answer"
             if error is None:
                 sender.send(flags=FINAL)
-                return
+                if label != order[0]:
+                    self._fallback(order[0], label)
+                return "ok" if label == order[0] else "fallback"
             skipped.append(f"{label}: {error}")
             if sender.is_cancelled():
                 sender.send(flags=FINAL)       # every stream ends with a final flag, or the model cannot unload
-                return
-        sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-            "zooter: no candidate could answer: " + "; ".join(skipped))), flags=FINAL)
+                return "cancelled"
+        sender.send(pb_utils.InferenceResponse(error=E("zooter: no candidate could answer: " + "; ".join(skipped),
+                                                       E.UNAVAILABLE)), flags=FINAL)
+        return "no_candidate"
 
     @staticmethod
     def _ready(model):
@@ -122,8 +185,9 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("max_tokens", np.array([[self.default_max_tokens]], dtype=np.int32)))
         return tensors
 
-    def _stream_from(self, label, model, inputs, note, sender):
-        """Forward the candidate's responses; returns None on success, else the error text.
+    def _stream_from(self, label, model, inputs, note, confidence, sender):
+        """Forward the candidate's responses; returns (None on success else the error text, whether
+        any text reached the client).
 
         A helper thread reads the candidate's stream: a request that reached a candidate as it was
         being unloaded can wait forever for responses, and this thread must still end the client's
@@ -144,27 +208,31 @@ class TritonPythonModel:
             received.put(None)
 
         threading.Thread(target=read, name="zooter-read", daemon=True).start()
+        sent = False
         while True:
             try:
                 response = received.get(timeout=1.0)
             except queue.Empty:
                 if not self._ready(model):
-                    return f"model {model} was unloaded mid-answer"
+                    return f"model {model} was unloaded mid-answer", sent
                 continue
             if response is None:
-                return None
+                return None, sent
             if isinstance(response, Exception):
-                return f"model {model} failed: {response}"
+                return f"model {model} failed: {response}", sent
             if response.has_error():
-                return f"model {model} failed: {response.error().message()}"
+                return f"model {model} failed: {response.error().message()}", sent
             out = pb_utils.get_output_tensor_by_name(response, "text_output")
             if out is None:          # the empty final response that closes a stream
                 continue
             chunk = "".join(_text(v) for v in out.as_numpy().reshape(-1))
-            sender.send(pb_utils.InferenceResponse([_str_tensor("text_output", chunk),
-                                                    _str_tensor("candidate", label), _str_tensor("note", note)]))
+            tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label), _str_tensor("note", note)]
+            if not sent:             # the decision's confidence rides on the first chunk
+                tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
+                sent = True
+            sender.send(pb_utils.InferenceResponse(tensors))
             if sender.is_cancelled():
-                return None
+                return None, sent
 
     def finalize(self):
         # Unloading waits for our open streams first (each ends with a final flag, see _stream_from);

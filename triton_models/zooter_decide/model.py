@@ -1,7 +1,9 @@
-"""Triton python model `zooter_decide`: logits -> candidate name and probabilities.
+"""Triton python model `zooter_decide`: the router's logits and reward scores -> the decision.
 
-Labels, costs and the decision rule come from the bundle (routing.json, written by
-`zooter triton build`) and zooter.runtime.decision, so Triton decides exactly like the Router.
+The rule is zooter.runtime.decision.Rule with the bundle's settings (router.json, beside this file)
+and the repository's cost knobs (routing.json, written by `zooter triton build`), so Triton decides
+exactly like the in-process Router. Outputs: candidate, probabilities, expected_rewards,
+confidence and ranking (candidate names best first, the fallback order).
 """
 
 import json
@@ -10,27 +12,31 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zooter.runtime.decision import check_weight, choose, softmax
+from zooter.runtime.decision import Rule, softmax
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        routing = json.loads((Path(args["model_repository"]) / args["model_version"] / "routing.json").read_text())
-        self.labels = np.array([s.encode() for s in routing["labels"]], dtype=object)
-        self.costs = routing.get("costs")
-        self.lam = check_weight(routing["decision"]["lambda"], "routing.json decision.lambda")
-        if self.lam and self.costs is None:
-            raise pb_utils.TritonModelException("routing.json: lambda is set but the bundle/candidates give no costs")
+        folder = Path(args["model_repository"]) / args["model_version"]
+        manifest = json.loads((folder / "router.json").read_text())
+        decision = json.loads((folder / "routing.json").read_text())["decision"]
+        self.rule = Rule.from_manifest(manifest, decision["lambda"], decision["tolerance"])
+        self.names = np.array([s.encode() for s in self.rule.labels] + [b""], dtype=object)   # -1 ranks nothing
 
     def execute(self, requests):
         logits = [pb_utils.get_input_tensor_by_name(r, "logits").as_numpy() for r in requests]
-        probs = softmax(np.concatenate(logits)).astype(np.float32)
-        chosen = choose(probs, self.costs, self.lam)
+        rewards = np.concatenate([pb_utils.get_input_tensor_by_name(r, "rewards").as_numpy() for r in requests])
+        probs = softmax(np.concatenate(logits))
+        made = self.rule.decide(probs, rewards)
         responses, start = [], 0
         for part in logits:
             n = part.shape[0]
-            names = self.labels[chosen[start:start + n]].reshape(n, 1)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("candidate", names),
-                                                         pb_utils.Tensor("probabilities", probs[start:start + n])]))
+            rows = slice(start, start + n)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("candidate", self.names[made.choice[rows]].reshape(n, 1)),
+                pb_utils.Tensor("probabilities", probs[rows].astype(np.float32)),
+                pb_utils.Tensor("expected_rewards", made.expected[rows].astype(np.float32)),
+                pb_utils.Tensor("confidence", made.confidence[rows].astype(np.float32).reshape(n, 1)),
+                pb_utils.Tensor("ranking", self.names[made.ranking[rows]])]))
             start += n
         return responses

@@ -4,7 +4,8 @@ Uses zooter.runtime.tokenize.encode, the function the in-process Router uses, so
 truncated and padded the same way here. Requests that Triton batches together are tokenized in one
 call; each request gets back its own rows, padded to its own longest row. A bad row (empty text,
 text over the byte limit, invalid UTF-8 is replaced, not refused) fails its request with a message
-naming the row; the other requests of the batch are unaffected.
+naming the row (INVALID_ARG: HTTP 400 through the zooter_route ensemble); the other requests of the
+batch are unaffected.
 """
 
 import json
@@ -45,7 +46,8 @@ class TritonPythonModel:
             try:
                 self._check(rows)
             except ValueError as err:
-                responses[r] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"zooter_tokenize: {err}"))
+                E = pb_utils.TritonError       # the stub adds its classes to pb_utils after importing this file
+                responses[r] = pb_utils.InferenceResponse(error=E(f"zooter_tokenize: {err}", E.INVALID_ARG))
                 continue
             good.append(r)
             texts += rows

@@ -42,9 +42,9 @@ def register(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
                    help="seconds for a whole request, stream included (default 300)")
     p.add_argument("--upstream-timeout", type=float, default=60.0, metavar="S",
-                   help="seconds an upstream may take to its first token, and between tokens after it; past it, "
-                        "the next candidate takes over before the first token, the stream ends with an error "
-                        "after it (default 60)")
+                   help="seconds an upstream may take to its first token and between tokens after it (to its "
+                        "whole answer when not streaming); past it, the next candidate takes over before the first "
+                        "token, and a stream ends with an error event after it (default 60)")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
                    help="seconds to connect to an OpenAI-compatible upstream (default 5)")
     p.add_argument("--max-tokens", type=int, default=256,

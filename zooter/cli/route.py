@@ -54,6 +54,11 @@ def register(sub) -> None:
     b.add_argument("--json", dest="json_out", metavar="OUT", help="write the full report as JSON")
     b.add_argument("--plot", metavar="FILE", help="plot latency against tokens (PNG)")
     b.add_argument("--triton", metavar="URL", help="benchmark a Triton server at URL instead (needs --bundle)")
+    b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], metavar="C",
+                   help="with --triton or --gateway: concurrent clients per cell (default 1 8 32)")
+    b.add_argument("--gateway", action="store_true",
+                   help="benchmark `zooter gateway` in front of a local stub upstream against calling the upstream "
+                        "directly (needs --bundle; docs/gateway.md)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -136,11 +141,19 @@ def cmd_bench(args) -> int:
     from zooter.runtime import bench
 
     queries = bench.read_queries(args.queries) if args.queries else None
+    if any(c < 1 for c in args.concurrency):
+        raise UserError("--concurrency takes positive numbers")
     if args.triton:
         from zooter.serving.triton_bench import bench_triton
 
         # bench_triton prints its own table; the full report goes to --json.
-        bench_triton(args.triton, bundle, queries or bench.BUILTIN_QUERIES, args.json_out, threads=args.threads)
+        bench_triton(args.triton, bundle, queries or bench.BUILTIN_QUERIES, args.json_out, threads=args.threads,
+                     concurrency=sorted(set(args.concurrency)), providers=args.provider)
+        return 0
+    if args.gateway:
+        from zooter.serving.gateway_bench import bench_gateway
+
+        bench_gateway(bundle, queries or bench.BUILTIN_QUERIES, args.json_out, concurrency=sorted(set(args.concurrency)))
         return 0
     if args.iters < 1 or args.warmup < 0:
         raise UserError("--iters must be >= 1 and --warmup >= 0")

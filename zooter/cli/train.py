@@ -65,7 +65,9 @@ def cmd_tag(args) -> int:
 # --- train ------------------------------------------------------------------------------------
 def add_training_flags(p) -> None:
     p.add_argument("--backbone", help="local Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)")
-    p.add_argument("--tau", type=float, default=1.0, help="softmax temperature of the rewards (default 1.0)")
+    p.add_argument("--tau", type=_tau, default="auto", metavar="auto|T",
+                   help="softmax temperature of the rewards: a positive number, or auto (default): 0.1 x the median "
+                        "spread of a training row's rewards (rewards in [0, 1] at tau 1 give near-flat targets)")
     p.add_argument("--beta", type=float, default=0.3, help="tag enhancement: s* = beta*s + (1-beta)*tag mean; 1 turns it off (default 0.3)")
     p.add_argument("--loss", choices=["kl", "hard"], default="kl", help="kl: distil s*(q); hard: cross entropy on the argmax (ablation)")
     p.add_argument("--epochs", type=int, help="epochs (default 3; 40 with --frozen)")
@@ -84,6 +86,24 @@ def add_training_flags(p) -> None:
                    "embeddings, so `zooter export --quantize int8` passes its parity gate (default 200; 0 turns it off)")
     p.add_argument("--cache", help="folder caching --frozen embeddings between runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--oof-folds", type=int, default=5, metavar="K",
+                   help="with --frozen: fit the decision layer (expected rewards, guard, confidence) on K-fold "
+                        "out-of-fold predictions of the training rows as well as the dev rows (default 5; 0: dev only)")
+
+
+def _tau(value: str):
+    import argparse
+    import math
+
+    if value == "auto":
+        return value
+    try:
+        tau = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {value!r}") from None
+    if not math.isfinite(tau) or tau <= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {value!r}")
+    return tau
 
 
 def config_from(args, out: str, data: str, dev: str | None):
@@ -91,8 +111,8 @@ def config_from(args, out: str, data: str, dev: str | None):
 
     if not 0.0 <= args.beta <= 1.0:
         raise UserError(f"--beta must be in [0, 1], got {args.beta}")
-    if args.tau <= 0:
-        raise UserError(f"--tau must be positive, got {args.tau}")
+    if args.oof_folds == 1 or args.oof_folds < 0:
+        raise UserError(f"--oof-folds must be 0 or at least 2, got {args.oof_folds}")
     for flag in ("epochs", "max_length", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -102,7 +122,7 @@ def config_from(args, out: str, data: str, dev: str | None):
                        max_length=args.max_length, batch_size=args.batch_size, weight_decay=args.weight_decay,
                        warmup=args.warmup, seed=args.seed, frozen=args.frozen, layers=args.layers,
                        int8_consistency=args.int8_consistency, train_layers=args.train_layers,
-                       cache=args.cache, threads=args.threads)
+                       cache=args.cache, threads=args.threads, oof_folds=args.oof_folds)
 
 
 def _int8_embedder(config):
@@ -155,12 +175,15 @@ def cmd_train(args) -> int:
     info = train(config, resume=args.resume, force=args.force, int8_embedder=_int8_embedder(config))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary is enough
         return 0
-    dev, best = info["dev"], info["best_single"]
+    dev, best, decision = info["dev"], info["best_single"], info["decision"]
     chosen = (f"head averaged over epochs {dev['averaged_epochs'][0]}-{dev['averaged_epochs'][1]}" if dev.get("averaged_epochs")
               else f"best epoch {dev['epoch']}")
-    print(f"run written to {args.out} in {info['train_seconds']:.0f}s: {chosen}, dev routed reward "
-          f"{dev['mean_reward']:.4f} vs best single ({best['candidate']}) {dev['best_single_from_train']:.4f}, "
-          f"oracle {dev['oracle']:.4f} (n={dev['n']})")
+    print(f"run written to {args.out} in {info['train_seconds']:.0f}s: tau {info['tau']:.4g} ({info['tau_rule']}), {chosen}, "
+          f"dev routed reward {dev['mean_reward']:.4f} vs best single ({best['candidate']}) "
+          f"{dev['best_single_from_train']:.4f}, oracle {dev['oracle']:.4f} (n={dev['n']})")
+    fitted = decision["fitted_on"]
+    print(f"decision layer on {fitted['rows']} held-out rows ({'dev + out-of-fold' if fitted['out_of_fold'] else 'dev'}): "
+          f"leave {decision['anchor']} only when the expected gain is above {decision['margin']:+.3f}")
     return 0
 
 
@@ -169,14 +192,18 @@ def _register_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a run or bundle against single candidates, oracle and random",
         description="Route every row of --data with a run folder or an exported bundle and score the choices: "
-        "mean reward and cost of the router, each single candidate, the best single (best on the TRAINING data), "
-        "the oracle and random; gap closed, win/tie/loss, mean task rank per tag, a lambda sweep of the "
-        "cost-aware rule (p - lambda*c/max c), and routing accuracy by reward entropy. Prints a table and "
-        "writes --json (and PNG plots with --plots).")
+        "mean reward and cost of the router (the shipped rule, guard on) and of the unguarded router (argmax p), "
+        "each single candidate, the best single (best on the TRAINING data), the oracle and random; router minus "
+        "best single with a paired bootstrap 95%% interval, gap closed, win/tie/loss, mean task rank per tag, "
+        "calibration of the expected rewards (ECE, reliability plot), a tolerance sweep of the cost knob, and "
+        "routing accuracy by reward entropy. Prints a table and writes --json (and PNG plots with --plots).")
     p.add_argument("router", metavar="RUN_OR_BUNDLE", help="run folder (run.json) or bundle (router.json)")
     p.add_argument("--data", required=True, help="evaluation data (JSONL); use rows never seen in training")
     p.add_argument("--candidates", help="candidates.yaml with costs (default: the one recorded in the run)")
-    p.add_argument("--lambda", dest="lam", type=float, default=0.0, help="cost weight of the decision (default 0: argmax)")
+    p.add_argument("--tolerance", type=float, default=0.0, metavar="X",
+                   help="cost knob in reward units: the cheapest candidate expected within X of the choice (default 0)")
+    p.add_argument("--lambda", dest="lam", type=float, default=0.0, metavar="X",
+                   help="older cost knob: argmax p - X * cost / max(cost) (default 0)")
     p.add_argument("--best-single", help="override the best single candidate (when a bundle does not record it)")
     p.add_argument("--json", required=True, help="where to write the report")
     p.add_argument("--plots", help="folder for PNG plots")
@@ -190,7 +217,8 @@ def cmd_eval(args) -> int:
     from zooter.runtime.decision import check_weight
 
     check_weight(args.lam, "--lambda")
-    report = evaluate_router(args.router, args.data, candidates=args.candidates, lam=args.lam,
+    check_weight(args.tolerance, "--tolerance")
+    report = evaluate_router(args.router, args.data, candidates=args.candidates, lam=args.lam, tolerance=args.tolerance,
                              best_single=args.best_single, plots=args.plots)
     if args.rmr:
         report["baselines"]["rmr"] = _rmr(args.data, args.rmr, report)

@@ -15,16 +15,19 @@ def register(sub) -> None:
     p = tsub.add_parser(
         "build", help="fill the triton_models/ templates from a bundle and a candidates file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Write a Triton model repository: zooter_route (ensemble tokenize -> router -> decide, "
-                    "routing only) and zooter (decoupled BLS: route, then stream the chosen candidate's answer "
-                    "with fallback), plus CPU stand-ins for candidates without a Triton model (--stand-ins).",
+        description="Write a Triton model repository: zooter_route (routing only: the decision with expected "
+                    "rewards and confidence; one python model running the in-process Router on CPU, or tokenize -> "
+                    "router -> decide with the router on Triton's onnxruntime backend) and zooter (decoupled BLS: "
+                    "route, then stream the chosen candidate's answer with fallback), plus CPU stand-ins for "
+                    "candidates without a Triton model (--stand-ins).",
         epilog="Serve it with `zooter serve REPO`; every config.pbtxt is checked against Triton's ModelConfig protobuf.")
     p.add_argument("bundle", help="bundle folder (router.json, tokenizer.json, the ONNX file) from `zooter export`")
     p.add_argument("--candidates", required=True, help="candidates YAML: names, costs, serve: {triton_model: NAME}")
     p.add_argument("--out", required=True, help="repository folder to write (replaced if zooter built it before)")
     p.add_argument("--router-backend", choices=["python", "onnxruntime"], default="python",
-                   help="onnxruntime: Triton's ORT backend (production images); python: onnxruntime inside the "
-                        "python backend, for servers without the ORT backend such as nvidia-pytriton's (default)")
+                   help="python (default): one python model runs the Router (tokenize, ONNX, decide) in one step, "
+                        "for CPU servers and those without the ORT backend such as nvidia-pytriton's; onnxruntime: "
+                        "the router on Triton's ORT backend in an ensemble (production images, GPU)")
     p.add_argument("--router-device", choices=["cpu", "gpu"], default="cpu",
                    help="instance kind of the onnxruntime-backend router (default cpu)")
     p.add_argument("--tensorrt", action="store_true",
@@ -32,9 +35,11 @@ def register(sub) -> None:
     p.add_argument("--stand-ins", action="store_true",
                    help="give every candidate without serve.triton_model a CPU stand-in (SmolLM2-135M-Instruct) "
                         "with TensorRT-LLM I/O")
+    p.add_argument("--tolerance", type=float, default=None, metavar="X",
+                   help="cost knob in reward units: the cheapest candidate expected within X of the router's choice; "
+                        "default: the bundle's, as the in-process Router")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="X",
-                   help="cost-aware rule: choose argmax p - X * cost / max(cost), X >= 0; default: the bundle's "
-                        "lambda, as the in-process Router (0 = plain ZOOTER)")
+                   help="older cost knob: argmax p - X * cost / max(cost), X >= 0; default: the bundle's")
     p.add_argument("--max-batch-size", type=int, default=32, help="max_batch_size of the routing models (default 32)")
     p.add_argument("--max-text-bytes", type=int, default=65536,
                    help="longer queries are refused with an error (default 65536); within it, the router reads "
@@ -55,7 +60,7 @@ def cmd_triton_build(args) -> int:
     if args.stand_ins:
         print("preparing the stand-in LLM (converted once from GGUF, then cached) ...", flush=True)
     built = build_repository(args.bundle, args.out, candidates, router_backend=args.router_backend,
-                             stand_ins=args.stand_ins, lam=args.lam,
+                             stand_ins=args.stand_ins, lam=args.lam, tolerance=args.tolerance,
                              max_batch_size=args.max_batch_size, max_text_bytes=args.max_text_bytes,
                              router_device=args.router_device, tensorrt=args.tensorrt,
                              default_max_tokens=args.max_tokens)

@@ -1,0 +1,369 @@
+"""The gateway's cost, measured side by side in one run: through `zooter gateway` against calling the chosen
+upstream directly, on a fast local stub upstream.
+
+Three paths to the same upstream, each server its own process, all on 127.0.0.1:
+    direct    the client calls the stub (OpenAI-compatible; a few tokens after a small fixed delay, streamed
+              or not) naming the candidate the in-process Router chooses for the query
+    proxy     a bare forwarder on the gateway's own stack (uvicorn, httpx): the price of one more HTTP hop
+              on this machine, with no routing, checks or metrics
+    gateway   `zooter gateway --bundle` in front of the stub, model "zooter"
+The client is httpx (async) in this process; engines alternate in rounds, so load from other work falls
+on all alike; request counts are fixed.
+
+    overhead_p50_ms[c]   p50(gateway) - p50(direct), whole non-streamed answers, concurrency c (1 and 32);
+                         target: at most the routing time + 2 ms
+    routing_ms           the gateway's own routing time per cell (its /metrics histogram: mean), and the
+                         in-process Router's p50 on the same queries, called back to back
+    ttft_delta_p50_ms    p50 time to first token through the gateway - direct, streaming, concurrency 1 (target 5)
+    soak                 32 concurrent streaming clients x 20 requests through the gateway: errors (target 0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+from zooter.runtime.bench import BUILTIN_QUERIES, percentiles
+from zooter.runtime.errors import UserError
+from zooter.serving.triton_server import free_port
+
+CONCURRENCY = (1, 32)
+
+
+# --- the stub upstream ------------------------------------------------------------------------------------
+def stub_upstream(tokens: int, delay_s: float):
+    """A bare ASGI app: POST /v1/chat/completions answers `tokens` words after `delay_s` (streamed: one word an
+    event); GET /v1/models answers an empty list. No framework: its own cost should be near nothing."""
+
+    async def respond(send, status: int, body: bytes, content_type: bytes, more: bool = False):
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if scope["path"].endswith("/models"):
+            await respond(send, 200, b'{"object":"list","data":[]}', b"application/json")
+            return
+        request = json.loads(body)
+        model, created = request.get("model", "stub"), int(time.time())
+        await asyncio.sleep(delay_s)
+        if not request.get("stream"):
+            text = " ".join(f"w{i}" for i in range(tokens))
+            answer = {"id": "stub", "object": "chat.completion", "created": created, "model": model,
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                      "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}}
+            await respond(send, 200, json.dumps(answer).encode(), b"application/json")
+            return
+
+        def event(delta: dict, finish: str | None = None) -> bytes:
+            data = {"id": "stub", "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+        await respond(send, 200, event({"role": "assistant", "content": ""}), b"text/event-stream", more=True)
+        for i in range(tokens):
+            await send({"type": "http.response.body", "body": event({"content": f" w{i}"}), "more_body": True})
+        await send({"type": "http.response.body", "body": event({}, "stop") + b"data: [DONE]\n\n", "more_body": False})
+
+    return app
+
+
+def bare_proxy(upstream: str):
+    """A bare ASGI forwarder with httpx: the request's bytes to `upstream`, the answer's bytes back as they come."""
+    import httpx
+
+    client = None
+
+    async def app(scope, receive, send):
+        nonlocal client
+        if client is None:           # made inside the serving loop, on the first request (a warm-up one)
+            client = httpx.AsyncClient(timeout=60)
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = client.build_request(scope["method"], upstream + scope["path"], content=body,
+                                       headers={"content-type": "application/json"})
+        response = await client.send(request, stream=True)
+        try:
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": [(b"content-type", response.headers["content-type"].encode())]})
+            async for part in response.aiter_raw():
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+    return app
+
+
+def run_stub(port: int, tokens: int, delay_ms: float) -> None:
+    """The stub's process: `python -c "from zooter.serving.gateway_bench import run_stub; run_stub(...)"`."""
+    _serve(stub_upstream(tokens, delay_ms / 1000), port)
+
+
+def run_proxy(port: int, upstream: str) -> None:
+    """The bare forwarder's process, as run_stub."""
+    _serve(bare_proxy(upstream), port)
+
+
+def _serve(app, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off")
+
+
+# --- processes ------------------------------------------------------------------------------------------
+def _wait_http(url: str, process: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise UserError(f"{what} exited with code {process.returncode} while starting")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise UserError(f"{what} did not answer {url} within {timeout:.0f} s")
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- the client -----------------------------------------------------------------------------------------
+async def _one(client, url: str, body: bytes, stream: bool) -> tuple[float, float | None]:
+    """(ms to the whole answer, ms to the first token when streaming); raises on anything but a whole answer."""
+    start = time.perf_counter()
+    if not stream:
+        response = await client.post(url, content=body)
+        if response.status_code != 200 or not response.json()["choices"][0]["message"]["content"]:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        return (time.perf_counter() - start) * 1000, None
+    first, done = None, False
+    async with client.stream("POST", url, content=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            data = json.loads(line[5:])
+            if "error" in data:
+                raise RuntimeError(f"error event: {data['error'].get('message')}")
+            if first is None and (data["choices"][0]["delta"].get("content") or "").strip():
+                first = (time.perf_counter() - start) * 1000
+    if not done or first is None:
+        raise RuntimeError("the stream ended without [DONE]" if first is not None else "no token in the stream")
+    return (time.perf_counter() - start) * 1000, first
+
+
+async def _run(client, url: str, bodies: Sequence[bytes], concurrency: int, stream: bool) -> dict:
+    """Every body once, `concurrency` at a time."""
+    results, errors = [], []
+    todo = iter(bodies)
+
+    async def worker():
+        for body in todo:
+            try:
+                results.append(await _one(client, url, body, stream))
+            except Exception as err:   # counted and reported: a benchmark does not stop at one failure
+                errors.append(str(err)[:200])
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"total": [r[0] for r in results], "ttft": [r[1] for r in results if r[1] is not None],
+            "errors": errors, "wall_s": time.perf_counter() - start}
+
+
+def _routing_seconds(gateway: str) -> tuple[float, float]:
+    """(sum, count) of the gateway's routing histogram."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(gateway + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in ("zooter_gateway_routing_seconds_sum", "zooter_gateway_routing_seconds_count"):
+                values[sample.name] = sample.value
+    return values.get("zooter_gateway_routing_seconds_sum", 0.0), values.get("zooter_gateway_routing_seconds_count", 0.0)
+
+
+def _cell(engine: str, concurrency: int, mode: str, parts: list[dict], key: str = "total") -> dict:
+    values = [v for p in parts for v in p[key]]
+    errors = [e for p in parts for e in p["errors"]]
+    cell = {"engine": engine, "concurrency": concurrency, "mode": mode, **(percentiles(values) if values else {"n": 0}),
+            "throughput_rps": len(values) / sum(p["wall_s"] for p in parts), "errors": len(errors)}
+    if errors:
+        cell["first_error"] = errors[0]
+    return cell
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "unknown")
+
+
+async def _measure(servers: dict[str, str], chosen: dict[str, str], queries: Sequence[str], requests: int,
+                   rounds: int, concurrency: Sequence[int], stream_clients: int, stream_requests: int,
+                   tokens: int) -> dict:
+    import httpx
+
+    def bodies(n: int, model_of, stream: bool, seed: int) -> list[bytes]:
+        picked = random.Random(seed).choices(list(queries), k=n)
+        return [json.dumps({"model": model_of(q), "messages": [{"role": "user", "content": q}], "max_tokens": tokens,
+                            "stream": stream}).encode() for q in picked]
+
+    gateway = servers["gateway"]
+    urls = {engine: url + "/v1/chat/completions" for engine, url in servers.items()}
+    models = {"direct": chosen.__getitem__, "proxy": chosen.__getitem__, "gateway": lambda q: "zooter"}
+    limits = httpx.Limits(max_connections=max(*concurrency, stream_clients), max_keepalive_connections=64)
+    cells, routing = [], {}
+    async with httpx.AsyncClient(limits=limits, timeout=60, headers={"content-type": "application/json"}) as client:
+        for engine in urls:                       # warm every path: connections, the router's first calls
+            await _run(client, urls[engine], bodies(20, models[engine], False, 0), 4, False)
+        plan = [(c, "answer", False) for c in concurrency] + [(1, "stream", True)]
+        for c, mode, stream in plan:
+            parts: dict[str, list] = {engine: [] for engine in urls}
+            before = _routing_seconds(gateway)
+            for r in range(rounds):
+                order = list(urls)[r % len(urls):] + list(urls)[:r % len(urls)]
+                for engine in order:
+                    batch = bodies(requests // rounds, models[engine], stream, seed=1000 * c + r)
+                    parts[engine].append(await _run(client, urls[engine], batch, c, stream))
+            after = _routing_seconds(gateway)
+            if after[1] > before[1]:
+                routing[f"{mode}@{c}"] = (after[0] - before[0]) / (after[1] - before[1]) * 1000
+            for engine in parts:
+                cells.append(_cell(engine, c, mode, parts[engine]))
+                if stream:
+                    cells.append(_cell(engine, c, "ttft", parts[engine], key="ttft"))
+        soak = await _run(client, urls["gateway"], bodies(stream_clients * stream_requests, models["gateway"], True, 7),
+                          stream_clients, True)
+    return {"cells": cells, "gateway_routing_mean_ms": routing,
+            "soak": {"clients": stream_clients, "requests": stream_clients * stream_requests,
+                     "answered": len(soak["total"]), "errors": len(soak["errors"]),
+                     "first_error": soak["errors"][0] if soak["errors"] else None,
+                     "p50_ms": percentiles(soak["total"])["p50_ms"] if soak["total"] else None}}
+
+
+def bench_gateway(bundle: str | Path, queries: Sequence[str] | None = None, json_out: str | Path | None = None,
+                  requests: int = 200, rounds: int = 4, concurrency: Sequence[int] = CONCURRENCY,
+                  stream_clients: int = 32, stream_requests: int = 20, tokens: int = 8, delay_ms: float = 2.0,
+                  quiet: bool = False) -> dict:
+    """Run the comparison; returns the report (and writes it to `json_out`). See the module docstring."""
+    from zooter.runtime.router import Router
+
+    queries = list(queries or BUILTIN_QUERIES)
+    router = Router.load(bundle)
+    timings = []
+    for _ in range(3):
+        for q in queries:
+            start = time.perf_counter()
+            router.route(q)
+            timings.append((time.perf_counter() - start) * 1000)
+    routing_p50 = percentiles(timings)["p50_ms"]
+    chosen = {q: router.route(q).candidate for q in queries}
+    processes = []
+    with tempfile.TemporaryDirectory(prefix="zooter-gateway-bench-") as work:
+        try:
+            def start(what: str, argv: list[str], ready_path: str) -> str:
+                port = free_port()
+                process = subprocess.Popen([*argv, "--port", str(port)], stdout=subprocess.DEVNULL)
+                processes.append(process)
+                url = f"http://127.0.0.1:{port}"
+                _wait_http(url + ready_path, process, what)
+                return url
+
+            def python(function: str, *args) -> list[str]:     # `function(port, *args)` in a process of its own
+                return [sys.executable, "-c", "import sys; from zooter.serving import gateway_bench as b; "
+                        f"b.{function}(int(sys.argv[-1]), {', '.join(map(repr, args))})"]
+
+            direct = start("the stub upstream", python("run_stub", int(tokens), float(delay_ms)), "/v1/models")
+            proxy = start("the bare proxy", python("run_proxy", direct), "/v1/models")
+            candidates = Path(work) / "candidates.yaml"
+            candidates.write_text(json.dumps([{"name": n, "serve": {"openai_base_url": direct + "/v1"}}
+                                              for n in router.labels]))
+            gateway = start("zooter gateway", [sys.executable, "-m", "zooter.cli", "gateway", "--bundle", str(bundle),
+                                               "--candidates", str(candidates), "--log-level", "warning"], "/health")
+            measured = asyncio.run(_measure({"direct": direct, "proxy": proxy, "gateway": gateway}, chosen, queries,
+                                            requests, rounds, concurrency, stream_clients, stream_requests, tokens))
+        finally:
+            for process in reversed(processes):
+                _stop(process)
+    report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "bundle": str(bundle), "queries": len(queries),
+              "upstream": {"tokens": tokens, "delay_ms": delay_ms}, "routing_in_process_p50_ms": routing_p50,
+              **measured}
+    report.update(summarize(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if not quiet:
+        print(format_table(report))
+    return report
+
+
+def summarize(report: dict) -> dict:
+    """The figures the targets are about, and whether each is met."""
+    def p50(engine, c, mode):
+        return next(x["p50_ms"] for x in report["cells"] if (x["engine"], x["concurrency"], x["mode"]) == (engine, c, mode))
+
+    overhead, hop, targets = {}, {}, {}
+    for c in sorted({x["concurrency"] for x in report["cells"] if x["mode"] == "answer"}):
+        overhead[str(c)] = p50("gateway", c, "answer") - p50("direct", c, "answer")
+        hop[str(c)] = p50("proxy", c, "answer") - p50("direct", c, "answer")
+        routing = report["gateway_routing_mean_ms"].get(f"answer@{c}", report["routing_in_process_p50_ms"])
+        targets[f"overhead_p50_at_{c}_within_routing_plus_2ms"] = overhead[str(c)] <= routing + 2.0
+    ttft = p50("gateway", 1, "ttft") - p50("direct", 1, "ttft")
+    targets["ttft_within_5ms_of_direct"] = ttft <= 5.0
+    targets["soak_zero_errors"] = report["soak"]["errors"] == 0 and report["soak"]["answered"] == report["soak"]["requests"]
+    return {"overhead_p50_ms": overhead, "bare_hop_p50_ms": hop, "ttft_delta_p50_ms": ttft, "targets": targets}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"gateway vs direct ({report['cpu']}; stub upstream: {report['upstream']['tokens']} tokens after "
+             f"{report['upstream']['delay_ms']:g} ms; in-process routing p50 {report['routing_in_process_p50_ms']:.2f} ms)",
+             f"{'p50 ms':24s} {'direct':>8s} {'proxy':>8s} {'gateway':>8s} {'gw-direct':>10s} {'gw-proxy':>9s} "
+             f"{'gw p95':>7s} {'errors':>6s}"]
+    cells = {(x["engine"], x["concurrency"], x["mode"]): x for x in report["cells"]}
+    for engine, c, mode in cells:
+        if engine != "direct":
+            continue
+        d, p, g = (cells[(e, c, mode)] for e in ("direct", "proxy", "gateway"))
+        lines.append(f"{mode + ' @ concurrency ' + str(c):24s} {d['p50_ms']:8.2f} {p['p50_ms']:8.2f} {g['p50_ms']:8.2f} "
+                     f"{g['p50_ms'] - d['p50_ms']:+10.2f} {g['p50_ms'] - p['p50_ms']:+9.2f} {g['p95_ms']:7.2f} "
+                     f"{d['errors'] + p['errors'] + g['errors']:6d}")
+    routing = ", ".join(f"{k} {v:.2f} ms" for k, v in report["gateway_routing_mean_ms"].items())
+    soak = report["soak"]
+    lines.append(f"the gateway's own routing time (mean): {routing}")
+    lines.append(f"soak: {soak['clients']} streaming clients x {soak['requests'] // soak['clients']} requests through "
+                 f"the gateway: {soak['answered']} answered, {soak['errors']} errors")
+    lines.append("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in report["targets"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""The decision layer of a router, fitted after its distilled head; zooter.runtime.decision.Rule applies it.
+
+    reward head   ridge regression of the rewards on the pooled embeddings, in closed form. With the
+                  INT8 encoder's embeddings stacked under the fp32 ones (the least-squares form of
+                  quantization-aware training). Its strength is chosen by out-of-fold error.
+    fitting rows  held-out predictions: the dev rows and, for head-only runs, every training row
+                  predicted by heads fitted without it (folds by query hash)
+    calibration   isotonic regression of the realised reward on the head's score, pooled over the
+                  (row, scored candidate) pairs of the fitting rows: E, the expected reward
+    margin        the guard's: of a grid, the one whose paired gain over the anchor (the training-best
+                  candidate) on the fitting rows has the best lower confidence bound, mean - sd/sqrt(n);
+                  when no margin's bound is above 0, the router always keeps the anchor
+    confidence    isotonic map from the choice's expected-reward lead over the best other candidate to
+                  "the choice was a best answer"
+docs/training.md has the measurements behind each choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from zooter.runtime.decision import Rule, Table
+
+STRENGTHS = (0.3, 1.0, 3.0, 10.0)     # ridge strength, in units of the mean feature variance
+MARGINS = (-0.1, -0.05, -0.03, -0.02, -0.01, 0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
+MAX_KNOTS = 64
+INNER_FOLD_SEED = 3                   # independent of the data split (0), dev hold-out (1) and CV folds (2)
+
+
+def inner_folds(queries, k: int) -> list[np.ndarray]:
+    """k folds of row indices by query hash (the same query always lands in the same fold)."""
+    from zooter.training.splits import query_hash
+
+    fold = np.array([min(int(query_hash(q, seed=INNER_FOLD_SEED) * k), k - 1) for q in queries])
+    return [np.flatnonzero(fold == j) for j in range(k)]
+
+
+def ridge(x: np.ndarray, rewards: np.ndarray, strength: float, x_int8: np.ndarray | None = None):
+    """(weight (labels, hidden), bias (labels,)) of the expected-reward head. A null reward counts as the
+    candidate's mean (it pulls nothing either way)."""
+    xs = np.vstack([x, x_int8]) if x_int8 is not None else x
+    ys = np.vstack([rewards, rewards]) if x_int8 is not None else rewards
+    xs, ys = xs.astype(np.float64), ys.astype(np.float64)
+    mean_x, mean_y = xs.mean(0), np.nanmean(ys, 0)
+    z, y = xs - mean_x, np.nan_to_num(ys - mean_y)
+    lam = strength * z.var(0).mean() * len(z)
+    weight = np.linalg.solve(z.T @ z + lam * np.eye(z.shape[1]), z.T @ y).T
+    return weight, mean_y - weight @ mean_x
+
+
+def scores(head, x: np.ndarray) -> np.ndarray:
+    weight, bias = head
+    return x.astype(np.float64) @ weight.T + bias
+
+
+def choose_strength(x, rewards, folds, x_int8=None) -> float:
+    """The ridge strength with the least out-of-fold squared error over the scored rewards."""
+    scored = ~np.isnan(rewards)
+
+    def error(strength):
+        total = 0.0
+        for held in folds:
+            rest = np.setdiff1d(np.arange(len(x)), held)
+            head = ridge(x[rest], rewards[rest], strength, None if x_int8 is None else x_int8[rest])
+            diff = scores(head, x[held]) - rewards[held]
+            total += float(np.sum(np.where(scored[held], diff, 0.0) ** 2))
+        return total
+
+    return min(STRENGTHS, key=error)
+
+
+def isotonic(x, y, max_knots: int = MAX_KNOTS) -> Table:
+    """Pool-adjacent-violators fit of y on x, as at most `max_knots` knots for np.interp."""
+    order = np.argsort(np.asarray(x, dtype=np.float64), kind="stable")
+    x, y = np.asarray(x, dtype=np.float64)[order], np.asarray(y, dtype=np.float64)[order]
+    values, weights, centres = [], [], []
+    for xi, yi in zip(x, y):
+        values.append(yi), weights.append(1.0), centres.append(xi)
+        while len(values) > 1 and values[-2] >= values[-1]:
+            w = weights[-2] + weights[-1]
+            values[-2:] = [(values[-2] * weights[-2] + values[-1] * weights[-1]) / w]
+            centres[-2:] = [(centres[-2] * weights[-2] + centres[-1] * weights[-1]) / w]
+            weights[-2:] = [w]
+    centres, values = np.array(centres), np.array(values)
+    if len(centres) > max_knots:
+        keep = np.unique(np.linspace(0, len(centres) - 1, max_knots).round().astype(int))
+        centres, values = centres[keep], values[keep]
+    return Table(tuple(float(v) for v in centres), tuple(float(v) for v in values))
+
+
+def lead(expected: np.ndarray, choice: np.ndarray) -> np.ndarray:
+    """The choice's expected reward minus the best other candidate's."""
+    rows = np.arange(len(choice))
+    others = expected.copy()
+    others[rows, choice] = -np.inf
+    return expected[rows, choice] - others.max(axis=1)
+
+
+@dataclass
+class FittingRows:
+    """Held-out predictions the decision layer is fitted on."""
+
+    probs: np.ndarray          # (n, m) distilled probabilities
+    scores: np.ndarray         # (n, m) raw expected-reward scores
+    rewards: np.ndarray        # (n, m) realised rewards (NaN: not scored)
+    oof: bool                  # training rows predicted out of fold are among them
+
+
+def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
+    """router.json's `decision` block (less the knobs' defaults): calibration, margin, confidence."""
+    r, s = rows.rewards, rows.scores
+    scored = ~np.isnan(r)
+    expected_reward = isotonic(s[scored], r[scored])
+    expected = expected_reward(s)
+    a = labels.index(anchor)
+    span = max(expected_reward.y) - min(expected_reward.y)
+    margin = _margin(rows.probs, expected, r, a, span)
+    # With the margin fitted: how often the guarded choice is a best answer, by its expected-reward lead.
+    rule = Rule(tuple(labels), a, margin, expected_reward, Table((0.0,), (1.0,)))
+    choice = rule.decide(rows.probs, s, allowed=scored).choice
+    picked = r[np.arange(len(r)), choice]
+    best = np.nanmax(r, axis=1)
+    confidence = isotonic(lead(np.where(scored, expected, -np.inf), choice), (picked >= best - 1e-12).astype(float))
+    return {"anchor": anchor, "margin": margin, "expected_reward": expected_reward.to_json(),
+            "confidence": confidence.to_json(),
+            "fitted_on": {"rows": int(len(r)), "out_of_fold": rows.oof}}
+
+
+def _margin(probs, expected, rewards, anchor: int, span: float) -> float:
+    """The guard's margin (see the module's doc). "Always keep the anchor" is a margin above any
+    possible gain (the span of expected rewards), so it stays a finite number in router.json."""
+    rows = np.arange(len(probs))
+    scored = ~np.isnan(rewards)
+    choice = np.argmax(np.where(scored, probs, -np.inf), axis=1)
+    gain = expected[rows, choice] - expected[:, anchor]
+    base = rewards[:, anchor]
+    best, best_bound = round(span + 0.01, 4), 0.0
+    for margin in (-(span + 0.01), *MARGINS):
+        picked = rewards[rows, np.where(gain > margin, choice, anchor)]
+        d = picked - base
+        d = d[~np.isnan(d)]
+        if len(d) < 2:
+            continue
+        bound = d.mean() - d.std(ddof=1) / np.sqrt(len(d))
+        if bound > best_bound + 1e-12:
+            best, best_bound = float(margin), bound
+    return best
