@@ -13,19 +13,7 @@ REPO="$OUT/triton-repo"
 zooter triton build "$OUT/bundle" --candidates "$OUT/candidates.yaml" --out "$REPO" --stand-ins --max-tokens 48
 
 # Three consecutive free ports: `zooter bench --triton` finds gRPC at HTTP + 1 and metrics at HTTP + 2.
-PORT=$(python - <<'PY'
-import socket
-for base in range(18000, 30000, 3):
-    try:
-        socks = [socket.create_server(("127.0.0.1", base + i)) for i in range(3)]
-    except OSError:
-        continue
-    for s in socks:
-        s.close()
-    print(base)
-    break
-PY
-)
+PORT=$(python demo/free_ports.py 3 18000)
 URL="127.0.0.1:$PORT"
 LOG="$OUT/triton-serve.log"
 # Model control is off by default; the fallback drill below unloads a candidate, so it is on here. The

@@ -11,19 +11,7 @@ REPO="$OUT/triton-repo"
 test -d "$REPO" || { echo "no $REPO: run demo/40-triton.sh first" >&2; exit 1; }
 
 # Four consecutive free ports: Triton's HTTP, gRPC and metrics, then the gateway.
-PORT=$(python - <<'PY'
-import socket
-for base in range(18100, 30000, 4):
-    try:
-        socks = [socket.create_server(("127.0.0.1", base + i)) for i in range(4)]
-    except OSError:
-        continue
-    for s in socks:
-        s.close()
-    print(base)
-    break
-PY
-)
+PORT=$(python demo/free_ports.py 4 18100)
 GRPC=$((PORT + 1))
 GATEWAY=$((PORT + 3))
 SERVE_LOG="$OUT/gateway-triton-serve.log"

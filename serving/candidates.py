@@ -108,6 +108,37 @@ def save_candidates(candidates: Sequence[Candidate], path: str | Path) -> None:
     write_text_atomic(yaml.safe_dump([c.to_json() for c in candidates], sort_keys=False), path)
 
 
+@dataclass
+class OpenAIEndpoint:
+    """Where and how to call a candidate served over an OpenAI-compatible API (its `serve` entry)."""
+
+    base_url: str              # without a trailing slash, e.g. http://host:8000/v1
+    model: str                 # the model name the upstream expects
+    api_key: str | None        # read from serve.api_key_env; never printed
+
+    def headers(self) -> dict[str, str]:
+        out = {"content-type": "application/json"}
+        if self.api_key:
+            out["authorization"] = f"Bearer {self.api_key}"
+        return out
+
+
+def openai_endpoint(name: str, serve: dict) -> OpenAIEndpoint:
+    """The endpoint of a candidate's `serve: {openai_base_url, model?, api_key_env?}`; a UserError names
+    what is wrong (a URL without http(s)://, a key variable that is not set)."""
+    import os
+
+    base = str(serve["openai_base_url"]).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise CandidatesError(f"candidate {name!r}: openai_base_url must start with http:// or https://, got {base!r}")
+    key = None
+    if serve.get("api_key_env"):
+        key = os.environ.get(str(serve["api_key_env"]))
+        if not key:
+            raise CandidatesError(f"candidate {name!r}: api_key_env {serve['api_key_env']} is not set in the environment")
+    return OpenAIEndpoint(base, str(serve.get("model") or name), key)
+
+
 def costs_for(candidates: Sequence[Candidate], labels: Sequence[str]) -> dict[str, Cost] | None:
     """Costs in label order; None when any label has no price (then nothing is cost-aware)."""
     by_name = {c.name: c for c in candidates}

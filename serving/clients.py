@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import threading
 import urllib.error
@@ -72,19 +71,13 @@ class OpenAIClient:
     """An OpenAI-compatible chat-completions endpoint (vLLM, TGI, llama.cpp server, OpenAI itself)."""
 
     def __init__(self, serve: dict, sampling: Sampling, name: str):
-        base = str(serve["openai_base_url"]).rstrip("/")
-        if not base.startswith(("http://", "https://")):
-            raise UserError(f"candidate {name!r}: openai_base_url must start with http:// or https://, got {base!r}")
-        self.url = base + "/chat/completions"
-        self.model = str(serve.get("model") or name)
+        from zooter.serving.candidates import openai_endpoint
+
+        endpoint = openai_endpoint(name, serve)
+        self.url = endpoint.base_url + "/chat/completions"
+        self.model = endpoint.model
         self.sampling = sampling
-        self.headers = {"Content-Type": "application/json"}
-        key_env = serve.get("api_key_env")
-        if key_env:
-            key = os.environ.get(str(key_env))
-            if not key:
-                raise UserError(f"candidate {name!r}: api_key_env {key_env} is not set in the environment")
-            self.headers["Authorization"] = f"Bearer {key}"
+        self.headers = endpoint.headers()
 
     def complete(self, prompt: str) -> Answer:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}],

@@ -42,6 +42,7 @@ class GatewaySettings:
     candidates: str | Path | None = None
     triton: str | None = None                # or: every request through Triton's `zooter` model (gRPC)
     lam: float | None = None                 # cost weight of the in-process rule (None: the bundle's)
+    tolerance: float | None = None           # cost knob in reward units (None: the bundle's)
     api_keys: Sequence[str] = ()             # bearer tokens clients must send; empty: no authentication
     max_body_bytes: int = 1 << 20
     request_timeout: float = 300.0           # a whole request, stream included
@@ -62,9 +63,9 @@ class GatewaySettings:
         for name in ("max_body_bytes", "max_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.triton and self.lam is not None:
-            raise UserError("--lambda applies to --bundle; a Triton repository has its lambda built in "
-                            "(zooter triton build --lambda)")
+        if self.triton and (self.lam is not None or self.tolerance is not None):
+            raise UserError("--lambda and --tolerance apply to --bundle; a Triton repository has its rule built in "
+                            "(zooter triton build --lambda/--tolerance)")
 
 
 def load_api_keys(path: str | Path) -> list[str]:

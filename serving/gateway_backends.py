@@ -12,7 +12,6 @@ stream's chunks up to the first token) or all of it.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import time
@@ -29,7 +28,9 @@ from zooter.serving.gateway_upstreams import (GrpcClients, OpenAIUpstream, Trito
 log = logging.getLogger("zooter.gateway")
 BEFORE, MID = "before_first_token", "mid_stream"
 # What the zooter model's input checks say (zooter_tokenize's, and its own): the client's request is wrong.
-BAD_INPUT = ("empty text", "byte limit", "max_tokens must be", "text_input is required", "one query per request")
+# The zooter model starts every client error so (triton_models/zooter/model.py): gRPC streams carry
+# the message but not the status code.
+BAD_INPUT = "zooter: bad input: "
 
 
 @dataclass
@@ -79,16 +80,12 @@ class BundleBackend:
         from zooter.serving.candidates import CandidatesError, load_candidates
 
         self.settings, self.metrics, self.redact = settings, metrics, redact
-        self.router = Router.load(settings.bundle, lam=settings.lam)
+        self.router = Router.load(settings.bundle, lam=settings.lam, tolerance=settings.tolerance)
         candidates = load_candidates(settings.candidates)
         self.names = [c.name for c in candidates]
         missing = [label for label in self.router.labels if label not in self.names]
         if missing:
             raise CandidatesError(f"{settings.candidates}: no entry for the router's candidate(s) {missing}")
-        # Routers that take `tolerance` and `candidates` (the allowed subset) decide with them; with an older
-        # Router a tolerance is refused per request and the subset filters the ranking.
-        accepts = inspect.signature(self.router.route).parameters
-        self.tolerance, self.subsets = "tolerance" in accepts, "candidates" in accepts
         self.grpc = GrpcClients()
         self.upstreams, self.unservable = {}, {}
         for c in candidates:
@@ -139,8 +136,6 @@ class BundleBackend:
         if "lambda" in options:
             kwargs["lam"] = options["lambda"]
         if "tolerance" in options:
-            if not self.tolerance:
-                raise invalid("tolerance is not supported by this bundle", "zooter.tolerance", "unsupported_option")
             kwargs["tolerance"] = options["tolerance"]
         allowed = options.get("candidates")
         if allowed:
@@ -150,8 +145,7 @@ class BundleBackend:
             if not any(n in self.router.labels for n in allowed):
                 raise invalid(f"zooter.candidates: none of {allowed} is one the router chooses between "
                               f"({self.router.labels})", "zooter.candidates")
-            if self.subsets:
-                kwargs["candidates"] = allowed
+            kwargs["candidates"] = [n for n in allowed if n in self.router.labels]
         start = time.perf_counter()
         try:
             decision = await asyncio.get_running_loop().run_in_executor(
@@ -299,7 +293,7 @@ class TritonBackend:
             return ApiError(503, "Triton closed the stream without answering", "upstream_error", "upstreams_unavailable")
         # The zooter model checks the client's input before any candidate (INVALID_ARG; in a stream only the
         # message says so): those are the client's to fix.
-        if err.client_status or any(s in err.detail for s in BAD_INPUT):
+        if err.client_status or BAD_INPUT in err.detail:
             return invalid(f"Triton refused the request: {err.detail}", "messages")
         return ApiError(503, f"Triton could not answer: {err.message}", "upstream_error", "upstreams_unavailable")
 

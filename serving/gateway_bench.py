@@ -38,6 +38,16 @@ CONCURRENCY = (1, 32)
 
 
 # --- the stub upstream ------------------------------------------------------------------------------------
+
+async def read_body(receive) -> bytes:
+    """An ASGI request's whole body."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
 def stub_upstream(tokens: int, delay_s: float):
     """A bare ASGI app: POST /v1/chat/completions answers `tokens` words after `delay_s` (streamed: one word an
     event); GET /v1/models answers an empty list. No framework: its own cost should be near nothing."""
@@ -47,12 +57,7 @@ def stub_upstream(tokens: int, delay_s: float):
         await send({"type": "http.response.body", "body": body, "more_body": more})
 
     async def app(scope, receive, send):
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["path"].endswith("/models"):
             await respond(send, 200, b'{"object":"list","data":[]}', b"application/json")
             return
@@ -90,12 +95,7 @@ def bare_proxy(upstream: str):
         nonlocal client
         if client is None:           # made inside the serving loop, on the first request (a warm-up one)
             client = httpx.AsyncClient(timeout=60)
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         request = client.build_request(scope["method"], upstream + scope["path"], content=body,
                                        headers={"content-type": "application/json"})
         response = await client.send(request, stream=True)

@@ -16,7 +16,6 @@ itself is wrong, which the client needs to know to fix it.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from typing import AsyncIterator
@@ -111,20 +110,13 @@ def _status_error(status: int, raw: bytes) -> UpstreamError:
 
 class OpenAIUpstream:
     def __init__(self, name: str, serve: dict, http):
-        base = str(serve["openai_base_url"]).rstrip("/")
-        if not base.startswith(("http://", "https://")):
-            raise UserError(f"candidate {name!r}: openai_base_url must start with http:// or https://, got {base!r}")
-        self.name, self.base, self.http = name, base, http
-        self.model = str(serve.get("model") or name)
-        self.headers = {"content-type": "application/json"}
-        self.secret = None
-        env = serve.get("api_key_env")
-        if env:
-            key = os.environ.get(str(env))
-            if not key:
-                raise UserError(f"candidate {name!r}: api_key_env {env} is not set in the environment")
-            self.headers["authorization"] = f"Bearer {key}"
-            self.secret = key
+        from zooter.serving.candidates import openai_endpoint
+
+        endpoint = openai_endpoint(name, serve)
+        self.name, self.base, self.http = name, endpoint.base_url, http
+        self.model = endpoint.model
+        self.headers = endpoint.headers()
+        self.secret = endpoint.api_key
 
     def _request(self, call, timeout=None):
         path = "/chat/completions" if call.kind == "chat" else "/completions"

@@ -87,3 +87,26 @@ def routing_files(tmp_path_factory) -> dict[str, Path]:
     paths["candidates"].write_text("\n".join(
         f"- {{name: {c}, cost: {{input_per_mtok: {p}, output_per_mtok: {p}}}}}" for c, p in zip(CANDIDATES, (1.0, 0.2, 3.0))) + "\n")
     return paths
+
+
+@pytest.fixture(scope="session")
+def listeners():
+    """listeners(port): the local addresses listening on `port`, to check what a server exposes."""
+    def addresses(port: int) -> set[str]:
+        """The local addresses listening on `port` (from /proc/net/tcp and tcp6), as IP strings."""
+        import ipaddress
+
+        found = set()
+        for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    raw = bytes.fromhex(address)
+                    # the kernel prints each 32-bit word in host (little-endian) order
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    ip = ipaddress.ip_address(raw)
+                    found.add(str(getattr(ip, "ipv4_mapped", None) or ip))   # gRPC listens on ::ffff:127.0.0.1
+        return found
+
+    return addresses

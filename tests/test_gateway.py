@@ -5,7 +5,6 @@ tritonserver with stand-in candidates. No timing assertions: the figures are ser
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import signal
 import subprocess
@@ -140,29 +139,25 @@ def test_the_decision_is_the_in_process_routers_and_visible(healthy, router, stu
                                                            extra_body={"zooter": {"lambda": 1.0}})
     assert raw.headers["x-zooter-candidate"] == costly.candidate
     subset = router.route(QUERY).ranking[2:]
-    # A Router that takes the subset decides within it; an older one's ranking is filtered.
-    expected = (router.route(QUERY, candidates=subset).candidate
-                if "candidates" in inspect.signature(router.route).parameters else subset[0])
     raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(QUERY),
                                                            extra_body={"zooter": {"candidates": subset}})
-    assert raw.headers["x-zooter-candidate"] == expected and raw.headers["x-zooter-fallback"] == "false"
+    assert raw.headers["x-zooter-candidate"] == router.route(QUERY, candidates=subset).candidate
+    assert raw.headers["x-zooter-fallback"] == "false"
     ranking = router.route(QUERY).ranking
     # A candidate's name goes straight to it: no routing, so no confidence.
     raw = openai.chat.completions.with_raw_response.create(model=ranking[3], messages=ask(QUERY))
     assert raw.headers["x-zooter-candidate"] == ranking[3] and "x-zooter-confidence" not in raw.headers
 
 
-def test_tolerance_goes_to_the_router_when_it_takes_one(healthy, router):
-    from openai import BadRequestError
-
+def test_tolerance_and_allowed_candidates_go_to_the_router(healthy, router):
     openai = client(healthy)
-    if "tolerance" not in inspect.signature(router.route).parameters:
-        with pytest.raises(BadRequestError, match="tolerance is not supported by this bundle"):
-            openai.chat.completions.create(model="zooter", messages=ask(QUERY), extra_body={"zooter": {"tolerance": 0.1}})
-        return
     raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(QUERY),
                                                            extra_body={"zooter": {"tolerance": 0.1}})
     assert raw.headers["x-zooter-candidate"] == router.route(QUERY, tolerance=0.1).candidate
+    subset = [n for n in LABELS if n != router.route(QUERY).candidate][:2]
+    raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(QUERY),
+                                                           extra_body={"zooter": {"candidates": subset}})
+    assert raw.headers["x-zooter-candidate"] == router.route(QUERY, candidates=subset).candidate
 
 
 def test_streaming_and_completions_sync_and_async(healthy, router):
@@ -389,7 +384,7 @@ def test_the_command_refuses_a_bad_setup_in_one_line(bundles, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_zooter_gateway_serves_on_loopback_and_stops_on_sigterm(bundles, stub, tmp_path):
+def test_zooter_gateway_serves_on_loopback_and_stops_on_sigterm(bundles, stub, tmp_path, listeners):
     from zooter.serving.triton_server import free_port
 
     candidates = write_candidates(tmp_path / "c.yaml", {label: {"openai_base_url": stub.url + "/v1"} for label in LABELS})
@@ -410,8 +405,6 @@ def test_zooter_gateway_serves_on_loopback_and_stops_on_sigterm(bundles, stub, t
             if line.startswith("zooter gateway ready"):
                 break
         assert lines[-1].startswith(f"zooter gateway ready: http://127.0.0.1:{port}/v1"), "".join(lines)
-        from test_triton import listeners
-
         assert listeners(port) == {"127.0.0.1"}
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
                             json={"model": "zooter", "messages": ask(QUERY)}, timeout=30)
@@ -459,10 +452,9 @@ def test_gateway_in_front_of_triton(triton, router, ranking):
         with openai.chat.completions.with_streaming_response.create(model="zooter", messages=ask(text), stream=True,
                                                                     max_tokens=4) as response:
             assert response.headers["x-zooter-candidate"] == chosen and response.headers["x-zooter-fallback"] == "false"
-            confidence = response.headers.get("x-zooter-confidence")    # repositories whose zooter model says it
+            confidence = response.headers["x-zooter-confidence"]
             chunks = list(response.parse())
-        if confidence is not None:
-            assert float(confidence) == pytest.approx(router.route(text).confidence, abs=1e-3)
+        assert float(confidence) == pytest.approx(router.route(text).confidence, abs=1e-3)
         assert len(chunks) >= 3 and {c.model for c in chunks} == {chosen}
         assert "".join(c.choices[0].delta.content or "" for c in chunks).startswith(banner(chosen))
         assert chunks[-1].choices[0].finish_reason == "stop"

@@ -414,24 +414,6 @@ def _kill_orphan_server(repo: Path) -> None:
 
 @pytest.mark.triton
 @pytest.mark.slow
-def listeners(port: int) -> set[str]:
-    """The local addresses listening on `port` (from /proc/net/tcp and tcp6), as IP strings."""
-    import ipaddress
-
-    found = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, hex_port = local.split(":")
-            if state == "0A" and int(hex_port, 16) == port:
-                raw = bytes.fromhex(address)
-                # the kernel prints each 32-bit word in host (little-endian) order
-                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-                ip = ipaddress.ip_address(raw)
-                found.add(str(getattr(ip, "ipv4_mapped", None) or ip))   # gRPC listens on ::ffff:127.0.0.1
-    return found
-
-
 def test_launcher_is_safe_by_default(triton_repo):
     """Without options: every endpoint on 127.0.0.1, no model control, control APIs behind a random key."""
     from zooter.serving.triton_server import TritonInstall, TritonServer
@@ -450,7 +432,7 @@ def test_launcher_is_safe_by_default(triton_repo):
     assert opened.http_url.startswith("127.0.0.1:")   # this machine's clients still use loopback
 
 
-def test_zooter_serve_binds_loopback_and_guards_model_control(triton_bundle, tmp_path):
+def test_zooter_serve_binds_loopback_and_guards_model_control(triton_bundle, tmp_path, listeners):
     import os
     import stat
     import urllib.error

@@ -27,6 +27,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Every client error starts so: gRPC streams carry an error's message but not its code.
+BAD_INPUT = "zooter: bad input: "
 OUTCOMES = ("ok", "fallback", "bad_input", "route_error", "no_candidate", "failed_mid_answer", "cancelled")
 
 
@@ -78,14 +80,14 @@ class TritonPythonModel:
                 # stuck on a candidate would hold the server's stop until its exit timeout).
                 threading.Thread(target=self._answer_when_free, args=(request,), name="zooter", daemon=True).start()
                 continue
-            request.get_response_sender().send(pb_utils.InferenceResponse(error=E(f"zooter: {problem}", E.INVALID_ARG)),
+            request.get_response_sender().send(pb_utils.InferenceResponse(error=E(f"{BAD_INPUT}{problem}", E.INVALID_ARG)),
                                                flags=FINAL)
             self.outcomes["bad_input"].increment(1)
             refused.append(problem)
         # Triton counts a request as failed only when execute() raises; with no dynamic batching each call
         # holds one request, so raising fails exactly the one already answered with its error above.
         if refused and len(requests) == 1:
-            raise pb_utils.TritonModelException(f"zooter: {refused[0]}")
+            raise pb_utils.TritonModelException(f"{BAD_INPUT}{refused[0]}")
         return None
 
     def _check(self, request):
@@ -134,7 +136,8 @@ class TritonPythonModel:
         if routed.has_error():
             error = routed.error()
             code = error.code() if error.code() == E.INVALID_ARG else E.UNAVAILABLE
-            sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {error.message()}", code)), flags=FINAL)
+            prefix = BAD_INPUT if code == E.INVALID_ARG else "zooter: "
+            sender.send(pb_utils.InferenceResponse(error=E(f"{prefix}{error.message()}", code)), flags=FINAL)
             return "bad_input" if code == E.INVALID_ARG else "route_error"
         order = [x for x in map(_text, pb_utils.get_output_tensor_by_name(routed, "ranking").as_numpy().reshape(-1)) if x]
         confidence = float(pb_utils.get_output_tensor_by_name(routed, "confidence").as_numpy().reshape(-1)[0])

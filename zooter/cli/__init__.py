@@ -6,6 +6,7 @@
     export.py   zooter export
     route.py    zooter route, bench
     triton.py   zooter triton build, serve, ask
+    gateway.py  zooter gateway
 
 Building the parser imports nothing heavy: a command imports torch, transformers, tritonclient or
 optimum only inside the function that runs it, and a missing optional dependency becomes one line

@@ -33,8 +33,11 @@ def register(sub) -> None:
     p.add_argument("--candidates", metavar="FILE",
                    help="candidates YAML: where each candidate is served (serve.openai_base_url, model, "
                         "api_key_env; or serve.triton_model, triton_url)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="X",
+                   help="with --bundle: cost knob in reward units, the cheapest candidate expected within X of the "
+                        "router's choice (default: the bundle's); a request may set its own in its zooter object")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="X",
-                   help="cost weight of the in-process rule, >= 0 (default: the bundle's)")
+                   help="with --bundle: the older cost weight of the in-process rule, >= 0 (default: the bundle's)")
     p.add_argument("--api-keys-file", metavar="FILE",
                    help="clients must send one of these keys (one a line) as a bearer token; default: no keys")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -62,7 +65,7 @@ def cmd_gateway(args) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0-65535, got {args.port}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = GatewaySettings(bundle=args.bundle, candidates=args.candidates, triton=args.triton, lam=args.lam,
+    settings = GatewaySettings(bundle=args.bundle, candidates=args.candidates, triton=args.triton, lam=args.lam, tolerance=args.tolerance,
                                api_keys=load_api_keys(args.api_keys_file) if args.api_keys_file else (),
                                max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                                upstream_timeout=args.upstream_timeout, connect_timeout=args.connect_timeout,
