@@ -74,15 +74,27 @@ def test_cli_reproduce_table_and_its_default_row(routing_files, tiny_backbone, t
     default = table["variants"][0]
     assert report["router"]["mean_reward"] == pytest.approx(default["mean_reward"], abs=1e-9)
     assert report["win_tie_loss_vs_best_single"] == default["win_tie_loss_vs_best_single"]
+    assert default["calibration_ece"] == pytest.approx(report["calibration"]["ece"], abs=1e-9)
+    assert default["confidence_ece"] == pytest.approx(report["confidence_calibration"]["ece"], abs=1e-9)
 
 
 def test_cli_reproduce_cross_validation(routing_files, tiny_backbone, tmp_path):
     out = tmp_path / "cv"
     assert main(["reproduce", "--data", str(routing_files["train"]), "--folds", "3", "--out", str(out), "--backbone",
-                 str(tiny_backbone), "--frozen", "--epochs", "3", "--max-length", "32", "--betas", ""]) == 0
+                 str(tiny_backbone), "--frozen", "--epochs", "3", "--max-length", "32", "--betas", "",
+                 "--candidates", str(routing_files["candidates"])]) == 0
     table = json.loads((out / "table.json").read_text())
     # Every row is held out exactly once across the folds.
     assert table["folds"] == 3 and all(v["n"] == 120 for v in table["variants"])
+    # The tolerance sweep pooled over folds is the row-weighted mean of the folds' sweeps.
+    reports = [json.loads((out / "reports" / f"default-fold{f}.json").read_text()) for f in range(3)]
+    default = table["variants"][0]
+    n = [r["n"] for r in reports]
+    for i, point in enumerate(default["pareto"]):
+        assert point["mean_reward"] == pytest.approx(sum(k * r["pareto"][i]["mean_reward"] for k, r in zip(n, reports)) / 120)
+        assert point["mean_cost"] == pytest.approx(sum(k * r["pareto"][i]["mean_cost"] for k, r in zip(n, reports)) / 120)
+    assert default["pareto"][0]["mean_reward"] == pytest.approx(default["mean_reward"])  # tolerance 0: the router
+    assert 0 <= default["calibration_ece"] <= 1
 
 
 def test_llm_tagger_against_a_local_openai_compatible_endpoint(routing_files, tmp_path):

@@ -141,7 +141,8 @@ def evaluate(rewards: np.ndarray, probs: np.ndarray, scores: np.ndarray, labels:
 
     rewards, probs, scores: (n, m) in `labels` order. decision: the run's or bundle's decision settings.
     costs: None, (m,) unit prices, or (n, m) per-answer costs. guard=False evaluates the paper's rule
-    as `router`. keep_rows adds `rows` (per-row rewards of the router and the best single).
+    as `router`. keep_rows adds `rows` (per row: the router's and the best single's
+    rewards, the choice's expected reward and confidence, whether it was a best answer).
     """
     rewards = np.asarray(rewards, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -213,7 +214,9 @@ def evaluate(rewards: np.ndarray, probs: np.ndarray, scores: np.ndarray, labels:
         report["cost_at_best_single_quality"] = cheapest_at_quality(report["pareto"], best_mean,
                                                                     per_candidate[best_single]["mean_cost"])
     if keep_rows:
-        report["rows"] = {"router": router_r.tolist(), "best_single": best_r.tolist()}
+        report["rows"] = {"router": router_r.tolist(), "best_single": best_r.tolist(),
+                          "expected": chosen_expected.tolist(), "confidence": made.confidence.tolist(),
+                          "tied_best": tied_best.tolist()}
     return report
 
 

@@ -140,7 +140,7 @@ def frozen_router(run: Path, cfg: TrainConfig):
 def _pool(name: str, loss: str, beta: float, guard: bool, reports: list[dict]) -> dict:
     """Figures pooled over folds: means weighted by rows, gap closed from the pooled means, the paired
     bootstrap interval over all rows, and the spread of the per-fold differences."""
-    from zooter.training.evaluate import paired_bootstrap
+    from zooter.training.evaluate import calibration, paired_bootstrap
 
     n = np.array([r["n"] for r in reports], dtype=np.float64)
 
@@ -152,6 +152,8 @@ def _pool(name: str, loss: str, beta: float, guard: bool, reports: list[dict]) -
     oracle = mean(lambda r: r["baselines"]["oracle"]["mean_reward"])
     diffs = np.concatenate([np.array(r["rows"]["router"]) - np.array(r["rows"]["best_single"]) for r in reports])
     per_fold = [r["router"]["mean_reward"] - r["baselines"]["best_single"]["mean_reward"] for r in reports]
+    pooled = {key: np.concatenate([np.array(r["rows"][key], dtype=np.float64) for r in reports])
+              for key in ("router", "expected", "confidence", "tied_best")}
     return {"variant": name, "loss": loss, "beta": beta, "guard": guard, "n": int(n.sum()), "mean_reward": router,
             "best_single": best, "best_single_candidates": sorted({r["baselines"]["best_single"]["candidate"] for r in reports}),
             "oracle": oracle, "gap_closed": (router - best) / (oracle - best) if oracle > best else None,
@@ -160,7 +162,25 @@ def _pool(name: str, loss: str, beta: float, guard: bool, reports: list[dict]) -
                       "sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else None,
                       "min": float(np.min(per_fold)), "max": float(np.max(per_fold))},
             "mtr": mean(lambda r: r["mtr"]["router"]),
-            "win_tie_loss_vs_best_single": [int(sum(r["win_tie_loss_vs_best_single"][k] for r in reports)) for k in range(3)]}
+            "win_tie_loss_vs_best_single": [int(sum(r["win_tie_loss_vs_best_single"][k] for r in reports)) for k in range(3)],
+            "calibration_ece": calibration(pooled["expected"], pooled["router"])["ece"],
+            "confidence_ece": calibration(pooled["confidence"], pooled["tied_best"])["ece"],
+            **_pooled_sweep(reports, n, best)}
+
+
+def _pooled_sweep(reports: list[dict], n: np.ndarray, best: float) -> dict:
+    """The tolerance sweep pooled over folds (every fold sweeps the same grid) and its cheapest point
+    at the best single's reward; {} without prices."""
+    from zooter.training.evaluate import cheapest_at_quality
+
+    if not all(r["pareto"] for r in reports):
+        return {}
+    sweep = [{"tolerance": point["tolerance"],
+              "mean_reward": float(sum(w * r["pareto"][i]["mean_reward"] for w, r in zip(n, reports)) / n.sum()),
+              "mean_cost": float(sum(w * r["pareto"][i]["mean_cost"] for w, r in zip(n, reports)) / n.sum())}
+             for i, point in enumerate(reports[0]["pareto"])]
+    best_cost = float(sum(w * r["baselines"]["best_single"]["mean_cost"] for w, r in zip(n, reports)) / n.sum())
+    return {"pareto": sweep, "cost_at_best_single_quality": cheapest_at_quality(sweep, best, best_cost)}
 
 
 def format_table(table: dict) -> str:
@@ -178,4 +198,14 @@ def format_table(table: dict) -> str:
                  f"oracle {first['oracle']:.4f}" + (f"  ({table['folds']}-fold cross-validation; 'folds': the per-fold "
                                                      f"differences' range)" if table["folds"] else "")
                  + "\ndefault: what `zooter train` ships (guard on); the other rows: the paper's rule, argmax p")
+    for row in table["variants"]:
+        if row["guard"]:
+            line = (f"{row['variant']}: ECE {row['calibration_ece']:.4f} (expected vs realised reward of the choice), "
+                    f"confidence ECE {row['confidence_ece']:.4f}")
+            if "cost_at_best_single_quality" in row:
+                at = row["cost_at_best_single_quality"]
+                line += ("; the tolerance sweep never reaches the best single's reward" if at is None else
+                         f"; best-single reward at {at['cost_ratio_vs_best_single']:.1%} of its cost "
+                         f"(tolerance {at['tolerance']:g}, reward {at['mean_reward']:.4f})")
+            lines.append(line)
     return "\n".join(lines)

@@ -12,7 +12,7 @@ def register(sub) -> None:
         "route",
         help="choose a candidate LLM for queries with a bundle (or a Triton server)",
         description="Route queries with BUNDLE (from `zooter export`): prints the chosen candidate, its "
-        "probability and the latency per query. Queries come from the arguments, or one a line from stdin "
+        "confidence and the latency per query. Queries come from the arguments, or one a line from stdin "
         "(bytes that are not UTF-8 are replaced, and the query is answered). With --triton URL, the queries "
         "go to a running `zooter serve` instead and no BUNDLE is given. Output lines follow the input "
         "lines one for one: a blank or bad query gets an error line (exit status 2 at the end).",
@@ -22,8 +22,11 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="one JSON object a line: line, candidate, confidence, probabilities, ranking, latency_ms "
                         "(or line and error)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="X",
+                   help="cost knob in reward units: the cheapest candidate expected within X of the router's choice "
+                        "(default: the bundle's, usually 0)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="X",
-                   help="cost weight of the decision, >= 0 (default: the bundle's; 0 = best predicted candidate)")
+                   help="older cost knob: argmax p - X * cost / max(cost), >= 0 (default: the bundle's)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads")
     p.add_argument("--triton", metavar="URL", help="route through a Triton server at URL instead of a local bundle")
     p.set_defaults(func=cmd_route, trailing="args")
@@ -89,13 +92,15 @@ def cmd_route(args) -> int:
 
     if args.lam is not None:
         check_weight(args.lam, "--lambda")
+    if args.tolerance is not None:
+        check_weight(args.tolerance, "--tolerance")
     if args.triton:
         return _route_triton(args)
     if not args.args:
         raise UserError("give the BUNDLE folder first (or --triton URL)")
     from zooter.runtime.router import Router
 
-    router = Router.load(args.args[0], threads=args.threads, lam=args.lam)
+    router = Router.load(args.args[0], threads=args.threads, lam=args.lam, tolerance=args.tolerance)
     status = 0
     for line, text in _queries(args.args[1:]):
         try:
@@ -109,8 +114,9 @@ def cmd_route(args) -> int:
 def _route_triton(args) -> int:
     from zooter.serving.triton_client import TritonRequestError, check_text, route_via_triton
 
-    if args.lam is not None:
-        raise UserError("--lambda applies to a local bundle; a Triton repository has its lambda built in (zooter triton build --lambda)")
+    if args.lam is not None or args.tolerance is not None:
+        raise UserError("--lambda and --tolerance apply to a local bundle; a Triton repository has its rule built in "
+                        "(zooter triton build --lambda/--tolerance)")
     queries, good, status = _queries(args.args), [], 0
     for line, text in queries:
         try:
