@@ -58,6 +58,13 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise DataError(path, line, f"not valid UTF-8 (byte 0x{data[err.start]:02x})") from None
 
 
+def lines_of(text: str) -> list[str]:
+    """The lines of a text file's contents, split at "\n" only (a trailing "\r" dropped). str.splitlines
+    would also split inside a JSON string at characters such as U+0085 or U+2028, which JSON writers
+    leave unescaped (dcrouter has queries with U+0085)."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def _no_lone_surrogates(obj, path, line) -> None:
     # json.loads turns "\udcff" into a lone surrogate: a str no UTF-8 file, tokenizer or socket can take.
     try:

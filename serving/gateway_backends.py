@@ -245,7 +245,7 @@ class TritonBackend:
         for name in ("lambda", "tolerance", "candidates"):
             if name in call.options:
                 raise invalid(f"zooter.{name} is not supported with --triton yet: the repository's decision rule is "
-                              "built in (zooter triton build --lambda)", f"zooter.{name}", "unsupported_option")
+                              "built in (zooter triton build --lambda/--tolerance)", f"zooter.{name}", "unsupported_option")
         if call.model != "zooter":
             if call.model in self.labels:
                 raise invalid(f"model {call.model!r}: with --triton every request is routed; use model 'zooter' "

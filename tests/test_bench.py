@@ -57,3 +57,16 @@ def test_read_queries(tmp_path):
     assert read_queries(tmp_path / "q.txt") == ["one", "two"]
     (tmp_path / "q.jsonl").write_text('{"id": "a", "query": "x?", "rewards": {"m": 1}}\n{"question_id": 1, "turns": ["y?", "z"]}\n')
     assert read_queries(tmp_path / "q.jsonl") == ["x?", "y?"]
+
+
+def test_read_queries_keeps_line_separator_characters_inside_a_query(tmp_path):
+    # JSON writers leave U+0085 and U+2028 unescaped, and dcrouter has a query with U+0085: a query file
+    # is split at newlines only, so such a query stays one query (found by `zooter bench --queries`).
+    from zooter.runtime.bench import read_queries
+
+    texts = ["first\x85half", "a\u2028b", "plain"]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"query": t}, ensure_ascii=False) + "\r\n" for t in texts),
+                                      encoding="utf-8")
+    assert read_queries(tmp_path / "q.jsonl") == texts
+    (tmp_path / "q.txt").write_text("one\x85line\ntwo\n", encoding="utf-8")
+    assert read_queries(tmp_path / "q.txt") == ["one\x85line", "two"]
