@@ -15,6 +15,8 @@ from zooter.serving.clients import Sampling
 from zooter.runtime.queries import read_queries
 from zooter.training.generate import generate, read_answers
 
+from tiny import plain_decision
+
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
 LABELS = ["gemma-2-9b-it", "qwen2.5-7b-instruct"]
@@ -32,7 +34,7 @@ def standins(tmp_path_factory, tiny_backbone):
     bundle = root / "bundle"
     write_bundle(bundle, {"router.onnx": placeholder, "tokenizer.json": tiny_backbone / "tokenizer.json"},
                  {"labels": LABELS, "max_length": 64, "model_file": "router.onnx", "inputs": ["input_ids", "attention_mask"],
-                  "output": "logits"})
+                  "output": "logits", "reward_output": "rewards", "decision": plain_decision(LABELS)})
     built = build_repository(bundle, root / "repo", None, stand_ins=True)
     assert set(built.stand_ins) == set(LABELS)
     with TritonServer(root / "repo", model_control=True,

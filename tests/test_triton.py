@@ -267,6 +267,8 @@ def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, tri
     second = ranking[1]
     url = triton_server.http_url
     answers, errors = [], []
+    fell_back = counter(triton_server, "zooter_requests_total", outcome="fallback")
+    moved = counter(triton_server, "zooter_fallbacks_total", chosen=real_candidate, answered=second)
 
     def one():
         try:
@@ -289,6 +291,9 @@ def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, tri
         assert f"fallback to {second}" in after[0].note
         assert f"{real_candidate}: model fake_trtllm is not ready" in after[0].note
         assert after[0].text.startswith(f"[stand-in SmolLM2-135M-Instruct for {second}]")
+        # Triton's metrics port counts it: the outcome, and who answered for whom.
+        assert counter(triton_server, "zooter_requests_total", outcome="fallback") >= fell_back + 1
+        assert counter(triton_server, "zooter_fallbacks_total", chosen=real_candidate, answered=second) >= moved + 1
     finally:
         triton_server.load("fake_trtllm")
     assert list(ask(url, FIXED_QUERY, stream=False, max_tokens=2))[0].candidate == real_candidate
@@ -303,6 +308,18 @@ def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, tri
     finally:
         triton_server.load("fake_trtllm")
         triton_server.load(model_name_for(second))
+
+
+def counter(server, name: str, **labels) -> float:
+    """A counter's value on the server's metrics port (0 before it was first counted)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    for line in text.split("\n"):
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 @pytest.mark.triton
