@@ -291,9 +291,10 @@ def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, tri
         assert f"fallback to {second}" in after[0].note
         assert f"{real_candidate}: model fake_trtllm is not ready" in after[0].note
         assert after[0].text.startswith(f"[stand-in SmolLM2-135M-Instruct for {second}]")
-        # Triton's metrics port counts it: the outcome, and who answered for whom.
-        assert counter(triton_server, "zooter_requests_total", outcome="fallback") >= fell_back + 1
-        assert counter(triton_server, "zooter_fallbacks_total", chosen=real_candidate, answered=second) >= moved + 1
+        # Triton's metrics port counts it: the outcome, and who answered for whom (counted once the
+        # answer's last response is sent, so it may trail the client by a moment).
+        assert wait_for_counter(triton_server, "zooter_requests_total", fell_back + 1, outcome="fallback")
+        assert wait_for_counter(triton_server, "zooter_fallbacks_total", moved + 1, chosen=real_candidate, answered=second)
     finally:
         triton_server.load("fake_trtllm")
     assert list(ask(url, FIXED_QUERY, stream=False, max_tokens=2))[0].candidate == real_candidate
@@ -320,6 +321,15 @@ def counter(server, name: str, **labels) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def wait_for_counter(server, name: str, at_least: float, timeout: float = 15.0, **labels) -> bool:
+    deadline = time.monotonic() + timeout
+    while counter(server, name, **labels) < at_least:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @pytest.mark.triton
