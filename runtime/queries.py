@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zooter.runtime.errors import DataError
-from zooter.runtime.files import lines_of, read_text
+from zooter.runtime.files import lines_of, read_jsonl, read_text
 
 TEXT_KEYS = ("query", "prompt", "instruction", "text")
 
@@ -66,14 +66,7 @@ def read_queries(path: str | Path) -> tuple[list[Query], int]:
             raise DataError(path, err.lineno, f"invalid JSON: {err.msg}") from None
         out = [query_from_object(obj, path, None) for obj in items]
     elif stripped.startswith("{"):
-        for lineno, line in enumerate(lines_of(text), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
-            out.append(query_from_object(obj, path, lineno))
+        out = [query_from_object(obj, path, lineno) for lineno, obj in read_jsonl(path, "queries file")]
     else:
         seen = set()
         for lineno, line in enumerate(lines_of(text), start=1):
