@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage 40: serve the router on a real tritonserver (CPU, from the nvidia-pytriton wheel).
 # Build the model repository from stage 30's bundle with CPU stand-ins for every candidate, start Triton,
-# route the 80 MT-Bench first turns through the zooter_route ensemble, stream one answer from the chosen
+# route the 80 MT-Bench first turns through zooter_route, stream one answer from the chosen
 # candidate through the `zooter` model, measure routing latency through Triton against in-process, stop.
 # The repository stays in $OUT/triton-repo (stage 50 reuses its stand-ins).
 set -euo pipefail
@@ -30,7 +30,7 @@ done
 cat "$LOG"
 
 echo
-echo "== the 80 MT-Bench first turns, routed through Triton (zooter_route ensemble) =="
+echo "== the 80 MT-Bench first turns, routed through Triton (zooter_route) =="
 python - "$URL" "$QUESTIONS" "$OUT/triton-routes.jsonl" <<'PY'
 import collections, json, sys
 from zooter.serving.triton_client import route_via_triton

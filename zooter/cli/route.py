@@ -83,8 +83,11 @@ def _emit(args, line: int, text: str, answer: dict | None, error: str | None) ->
     elif args.json:
         print(json.dumps({"line": line, **answer}), flush=True)
     else:
-        confidence = f"{answer['confidence']:.3f}\t{answer['latency_ms']:.1f} ms\t" if "confidence" in answer else ""
-        print(f"{answer['candidate']}\t{confidence}{text[:60]!r}", flush=True)
+        # Through Triton there is no per-query latency (one request carries many queries).
+        fields = [f"{answer[k]:.3f}" for k in ("expected_reward", "confidence") if k in answer]
+        if "latency_ms" in answer:
+            fields.append(f"{answer['latency_ms']:.1f} ms")
+        print("\t".join([answer["candidate"], *fields, repr(text[:60])]), flush=True)
 
 
 def cmd_route(args) -> int:
