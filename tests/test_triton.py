@@ -262,6 +262,29 @@ def test_a_candidate_with_a_triton_model_answers_with_its_ensemble_io(triton_ser
 
 @pytest.mark.triton
 @pytest.mark.slow
+def test_concurrent_answers_are_each_counted_once(triton_server, real_candidate):
+    """Many answers end at once, so their request threads update the outcome counter at once: every one is
+    counted, and the server survives it (unserialised metric updates crashed tritonserver 2.51)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zooter.serving.triton_client import ask
+
+    before = counter(triton_server, "zooter_requests_total", outcome="ok")
+    n = 160
+
+    def one(_):
+        return list(ask(triton_server.http_url, FIXED_QUERY, stream=False, max_tokens=1))[0].candidate
+
+    with ThreadPoolExecutor(16) as pool:
+        answered = list(pool.map(one, range(n)))
+    assert answered == [real_candidate] * n
+    assert wait_for_counter(triton_server, "zooter_requests_total", before + n, outcome="ok")
+    assert counter(triton_server, "zooter_requests_total", outcome="ok") == before + n, "counted once each"
+    assert triton_server.process.poll() is None, "tritonserver is still running"
+
+
+@pytest.mark.triton
+@pytest.mark.slow
 def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, triton_bundle, real_candidate):
     from zooter.export.triton_repo import model_name_for
     from zooter.runtime.router import Router

@@ -18,9 +18,11 @@ responses; nothing raises into the server, but the input check, which fails the 
 answering inside execute() so that nv_inference_request_failure counts it.
 """
 
+import gc
 import json
 import queue
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +63,21 @@ class TritonPythonModel:
             description="answers given by another candidate than the router's choice, by chosen and answering candidate")
         self.outcomes = {o: self.requests_total.Metric(labels={"outcome": o}) for o in OUTCOMES}
         self.fallbacks = {}
+        # Every metric call holds this lock: a python-backend metric sends its update through one shared-memory
+        # message, and two threads updating at once corrupt it (tritonserver dies with SIGSEGV, Triton 2.51).
         self.metrics_lock = threading.Lock()
+        self.answering = set()                          # request threads still running, for finalize
+        self.answering_lock = threading.Lock()
+
+    def _count(self, outcome):
+        with self.metrics_lock:
+            if outcome in self.outcomes:                # gone once finalize ran
+                self.outcomes[outcome].increment(1)
 
     def _fallback(self, chosen, answered):
         with self.metrics_lock:
+            if self.fallbacks_total is None:            # finalize ran
+                return
             key = (chosen, answered)
             if key not in self.fallbacks:
                 self.fallbacks[key] = self.fallbacks_total.Metric(labels={"chosen": chosen, "answered": answered})
@@ -78,11 +91,14 @@ class TritonPythonModel:
             if problem is None:
                 # One daemon thread a request (a pool's workers are joined when the stub exits, so one
                 # stuck on a candidate would hold the server's stop until its exit timeout).
-                threading.Thread(target=self._answer_when_free, args=(request,), name="zooter", daemon=True).start()
+                thread = threading.Thread(target=self._answer_when_free, args=(request,), name="zooter", daemon=True)
+                with self.answering_lock:
+                    self.answering.add(thread)
+                thread.start()
                 continue
             request.get_response_sender().send(pb_utils.InferenceResponse(error=E(f"{BAD_INPUT}{problem}", E.INVALID_ARG)),
                                                flags=FINAL)
-            self.outcomes["bad_input"].increment(1)
+            self._count("bad_input")
             refused.append(problem)
         # Triton counts a request as failed only when execute() raises; with no dynamic batching each call
         # holds one request, so raising fails exactly the one already answered with its error above.
@@ -114,18 +130,22 @@ class TritonPythonModel:
         return None
 
     def _answer_when_free(self, request):
-        with self.slots:
-            self._answer(request)
+        try:
+            with self.slots:
+                self._answer(request)
+        finally:
+            with self.answering_lock:
+                self.answering.discard(threading.current_thread())
 
     # --- one request ------------------------------------------------------------------------
     def _answer(self, request):
         sender = request.get_response_sender()
         try:
-            self.outcomes[self._route_and_forward(request, sender)].increment(1)
+            self._count(self._route_and_forward(request, sender))
         except Exception as err:  # a bug must still end the stream with a message, not hang the client
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"zooter: {type(err).__name__}: {err}")),
                         flags=FINAL)
-            self.outcomes["route_error"].increment(1)
+            self._count("route_error")
 
     def _route_and_forward(self, request, sender) -> str:
         E = pb_utils.TritonError
@@ -238,6 +258,16 @@ class TritonPythonModel:
                 return None, sent
 
     def finalize(self):
-        # Unloading waits for our open streams first (each ends with a final flag, see _stream_from);
-        # request and reader threads are daemons, so none can keep the stub from exiting.
-        pass
+        # Unloading waits for our open streams first (each ends with a final flag, see _stream_from), but a
+        # request thread may still be counting its outcome: let it finish (bounded; they are daemons).
+        deadline = time.monotonic() + 10.0
+        with self.answering_lock:
+            answering = list(self.answering)
+        for thread in answering:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        # Metric families must go while the server still listens: left to the stub's exit, their destructors
+        # write to shared memory already torn down and the stub dies with SIGSEGV (Triton 2.51).
+        with self.metrics_lock:
+            self.outcomes, self.fallbacks = {}, {}
+            self.requests_total = self.fallbacks_total = None
+            gc.collect()
