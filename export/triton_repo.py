@@ -196,6 +196,7 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
               "max_text_bytes": max_text_bytes, "labels_json": _pbtxt_string(json.dumps(labels))}
     common["decision_outputs"] = Template(_io_block([(n, t, d, False) for n, t, d in DECISION_OUTPUTS])).substitute(common)
     routing = {"labels": labels, "costs": costs, "candidates": serving, "decision": {"lambda": lam, "tolerance": tolerance},
+               "router_backend": router_backend,
                "bundle": {k: info.get(k) for k in ("format_version", "max_length", "model_file")}}
     built = BuiltRepository(out, labels, serving=serving)
     bundle_files = {name: bundle / name for name in ("router.json", *_onnx_files(bundle, info), "tokenizer.json")}

@@ -205,8 +205,8 @@ class BundleBackend:
 
 
 class TritonBackend:
-    """Every request through the `zooter` model over a gRPC stream; per-request options are not supported yet
-    (the repository's decision rule is built in: zooter triton build --lambda)."""
+    """Every request through the `zooter` model over a gRPC stream: routing, fallback and the per-request
+    options (`answer_with` for a named candidate, `route_*` for the `zooter` object) happen inside Triton."""
 
     kind = "triton"
 
@@ -242,19 +242,22 @@ class TritonBackend:
         return states["triton"] == "up", states
 
     def _check(self, call: Call) -> None:
-        for name in ("lambda", "tolerance", "candidates"):
-            if name in call.options:
-                raise invalid(f"zooter.{name} is not supported with --triton yet: the repository's decision rule is "
-                              "built in (zooter triton build --lambda/--tolerance)", f"zooter.{name}", "unsupported_option")
         if call.model != "zooter":
-            if call.model in self.labels:
-                raise invalid(f"model {call.model!r}: with --triton every request is routed; use model 'zooter' "
-                              "(naming a candidate is not supported yet)", "model", "unsupported_option")
-            raise unknown_model(call.model, self.labels)
+            if call.model not in self.labels:
+                raise unknown_model(call.model, self.labels)
+            if call.options:
+                raise invalid("zooter options apply to model 'zooter' only; this request names a candidate", "zooter")
+        unknown = [n for n in call.options.get("candidates", []) if n not in self.labels]
+        if unknown:
+            raise invalid(f"zooter.candidates: unknown candidate(s) {unknown}", "zooter.candidates")
+        if (call.options or call.model != "zooter") and not self.zooter.takes_options():
+            raise invalid("this Triton repository predates per-request options and named candidates: rebuild it "
+                          "with zooter triton build", "zooter" if call.options else "model", "unsupported_option")
 
     async def answer(self, call: Call, deadline: float) -> Answer:
         import anyio
 
+        await self.models()             # the candidates and the model's inputs, once Triton answers
         self._check(call)
         started = time.perf_counter()
         pieces = self.zooter.pieces(call, call.stream)

@@ -275,14 +275,16 @@ async def _responses(client, request: dict, outputs: tuple[str, ...]) -> AsyncIt
         responses.cancel()
 
 
-def _tensor(name: str, datatype: str, shape: list[int], value):
+def _tensor(name: str, datatype: str, shape: list[int], value, values: list | None = None):
+    """A gRPC input of `shape` filled with `value`, or holding `values` in order."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
     dtype = {"BYTES": object, "BOOL": bool, "INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64,
              "FP32": np.float32, "FP64": np.float64}[datatype]
     tensor = grpcclient.InferInput(name, shape, datatype)
-    tensor.set_data_from_numpy(np.full(shape, value, dtype=dtype))
+    data = np.array(values, dtype=dtype).reshape(shape) if values is not None else np.full(shape, value, dtype=dtype)
+    tensor.set_data_from_numpy(data)
     return tensor
 
 
@@ -365,6 +367,7 @@ class TritonZooter:
         self.address = grpc_address(url, "--triton")
         self.clients = clients
         self.outputs: tuple[str, ...] | None = None     # the model's outputs, read once from its config
+        self.inputs: frozenset[str] = frozenset()
 
     async def describe(self) -> list[str]:
         """The router's candidates (zooter_route's `labels` parameter); learns the `zooter` model's outputs."""
@@ -372,8 +375,13 @@ class TritonZooter:
         config = await client.get_model_config(self.MODEL, client_timeout=5.0)
         self.outputs = tuple(o.name for o in config.config.output
                              if o.name in ("text_output", "candidate", "note", "confidence"))
+        self.inputs = frozenset(i.name for i in config.config.input)
         route = await client.get_model_config(self.ROUTE, client_timeout=5.0)
         return json.loads(route.config.parameters["labels"].string_value)
+
+    def takes_options(self) -> bool:
+        """Whether the repository's `zooter` model takes a named candidate and per-request routing knobs."""
+        return {"answer_with", "route_lambda", "route_tolerance", "route_candidates"} <= self.inputs
 
     async def pieces(self, call, stream: bool) -> AsyncIterator[dict[str, str]]:
         """{output: decoded value} per response ("" for an output a response does not carry)."""
@@ -385,7 +393,15 @@ class TritonZooter:
         if call.max_tokens:
             values["max_tokens"] = ("INT32", call.max_tokens)
         values.update({name: ("FP32", value) for name, value in call.sampling.items()})
+        if call.model != self.MODEL:
+            values["answer_with"] = ("BYTES", call.model.encode("utf-8"))
+        for name in ("lambda", "tolerance"):
+            if name in call.options:
+                values[f"route_{name}"] = ("FP32", call.options[name])
         inputs = [_tensor(name, datatype, [1, 1], value) for name, (datatype, value) in values.items()]
+        if call.options.get("candidates"):
+            names = call.options["candidates"]
+            inputs.append(_tensor("route_candidates", "BYTES", [1, len(names)], None, [n.encode("utf-8") for n in names]))
         request = {"model_name": self.MODEL, "inputs": inputs,
                    "outputs": [grpcclient.InferRequestedOutput(name) for name in self.outputs]}
         async for piece in _responses(self.clients.get(self.address), request, self.outputs):

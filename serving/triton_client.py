@@ -135,7 +135,9 @@ def control(url: str, model: str, action: str, key: str | None = None, timeout: 
     try:
         urllib.request.urlopen(request, timeout=timeout).read()
     except urllib.error.HTTPError as err:
-        raise TritonRequestError(f"{action} {model}: HTTP {err.code}: {_error_text(err.read())}") from None
+        with err:               # closed now: an open connection holds Triton's stop until its exit timeout
+            detail = f"{action} {model}: HTTP {err.code}: {_error_text(err.read())}"
+        raise TritonRequestError(detail) from None
     except urllib.error.URLError as err:
         raise unreachable(url, err.reason) from None
 
@@ -272,7 +274,9 @@ def _ask_http(address, text, stream, max_tokens, sampling) -> Iterator[Chunk]:
     try:
         response = urllib.request.urlopen(request, timeout=600)
     except urllib.error.HTTPError as err:
-        raise TritonRequestError(_error_text(err.read())) from None
+        with err:               # closed now: an open connection holds Triton's stop until its exit timeout
+            detail = _error_text(err.read())
+        raise TritonRequestError(detail) from None
     except urllib.error.URLError as err:
         raise unreachable(address, err.reason) from None
     with response:

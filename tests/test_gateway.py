@@ -471,10 +471,26 @@ def test_gateway_in_front_of_triton(triton, router, ranking):
         assert answer.choices[0].message.content.startswith(banner(ranking[1]))
         assert metric(gateway, "zooter_gateway_fallbacks_total", None, candidate=ranking[1]) == 1
 
-        with pytest.raises(BadRequestError, match="zooter.lambda is not supported with --triton yet"):
-            openai.chat.completions.create(model="zooter", messages=ask(QUERY), extra_body={"zooter": {"lambda": 1}})
-        with pytest.raises(BadRequestError, match="with --triton every request is routed"):
-            openai.chat.completions.create(model=ranking[1], messages=ask(QUERY))
+        # A named candidate answers without routing; the `zooter` object's knobs reach the router inside Triton.
+        raw = openai.chat.completions.with_raw_response.create(model=ranking[2], messages=ask(QUERY), max_tokens=3)
+        assert raw.headers["x-zooter-candidate"] == ranking[2] == raw.parse().model
+        assert raw.headers["x-zooter-fallback"] == "false" and "x-zooter-confidence" not in raw.headers
+        assert raw.parse().choices[0].message.content.startswith(banner(ranking[2]))
+        subset = [ranking[2], ranking[1]]
+        raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(QUERY), max_tokens=3,
+                                                               extra_body={"zooter": {"candidates": subset}})
+        assert raw.headers["x-zooter-candidate"] == router.route(QUERY, candidates=subset).candidate
+        for text in TEXTS:
+            decision = router.route(text, tolerance=0.1)
+            expected = next(c for c in decision.ranking if c != ranking[0])     # ranking[0] has no model here
+            raw = openai.chat.completions.with_raw_response.create(model="zooter", messages=ask(text), max_tokens=2,
+                                                                   extra_body={"zooter": {"tolerance": 0.1}})
+            assert raw.headers["x-zooter-candidate"] == expected, text
+        with pytest.raises(BadRequestError, match="zooter options apply to model 'zooter' only"):
+            openai.chat.completions.create(model=ranking[1], messages=ask(QUERY), extra_body={"zooter": {"lambda": 1}})
+        with pytest.raises(BadRequestError, match="unknown candidate"):
+            openai.chat.completions.create(model="zooter", messages=ask(QUERY),
+                                           extra_body={"zooter": {"candidates": ["nobody"]}})
         health = httpx.get(gateway.url + "/health")
         assert health.status_code == 200 and health.json()["upstreams"] == {"triton": "up"}
         assert [m.id for m in openai.models.list().data] == ["zooter", *LABELS]

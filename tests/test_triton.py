@@ -262,6 +262,34 @@ def test_a_candidate_with_a_triton_model_answers_with_its_ensemble_io(triton_ser
 
 @pytest.mark.triton
 @pytest.mark.slow
+def test_a_client_can_name_the_candidate_or_set_the_routing_knobs(triton_server, triton_bundle, data_dir):
+    from zooter.runtime.router import Router
+    from zooter.serving.triton_client import TritonRequestError, ask
+
+    router = Router.load(triton_bundle)
+    url = triton_server.http_url
+    ranking = router.route(FIXED_QUERY).ranking
+    named = list(ask(url, FIXED_QUERY, stream=False, max_tokens=2, answer_with=ranking[2]))[0]
+    assert named.candidate == ranking[2] and named.note == ""
+    assert named.text.startswith(f"[stand-in SmolLM2-135M-Instruct for {ranking[2]}]")
+    subset = [ranking[1], ranking[2]]
+    assert list(ask(url, FIXED_QUERY, stream=False, max_tokens=2, route_candidates=subset))[0].candidate == \
+        router.route(FIXED_QUERY, candidates=subset).candidate
+    # Per-request knobs reach the router in Triton: the cheapest candidate within the tolerance, as in process.
+    queries = dcrouter_queries(data_dir, 6, seed=3)
+    for tolerance in (0.05, 0.3):
+        got = [list(ask(url, q, stream=False, max_tokens=1, route_tolerance=tolerance))[0].candidate for q in queries]
+        assert got == [d.candidate for d in router.route_batch(queries, tolerance=tolerance)]
+    for fields, words in [({"answer_with": "nobody"}, "answer_with must name one candidate"),
+                          ({"answer_with": ranking[1], "route_lambda": 1.0}, "do not apply"),
+                          ({"route_lambda": -1.0}, "lambda"),
+                          ({"route_candidates": ["nobody"]}, "not labels of this router")]:
+        with pytest.raises(TritonRequestError, match=words):
+            list(ask(url, FIXED_QUERY, stream=False, max_tokens=1, **fields))
+
+
+@pytest.mark.triton
+@pytest.mark.slow
 def test_concurrent_answers_are_each_counted_once(triton_server, real_candidate):
     """Many answers end at once, so their request threads update the outcome counter at once: every one is
     counted, and the server survives it (unserialised metric updates crashed tritonserver 2.51)."""
@@ -374,7 +402,9 @@ def test_fallback_drill_answers_every_request(triton_server, triton_bundle, real
     assert drill["fallbacks"] == drill["by_candidate"].get(second, 0)
     import tritonclient.http as httpclient
 
-    assert httpclient.InferenceServerClient(triton_server.http_url).is_model_ready("fake_trtllm"), "loaded again"
+    client = httpclient.InferenceServerClient(triton_server.http_url)
+    assert client.is_model_ready("fake_trtllm"), "loaded again"
+    client.close()
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -424,6 +454,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(triton_server):
         client.infer("zooter_route", [many])
 
     assert client.is_server_live() and client.is_server_ready()
+    client.close()              # an open connection would hold the server's stop until its exit timeout
     assert route_via_triton(url, ["still routing after all that"])[0]["candidate"] in LABELS
 
 

@@ -9,7 +9,9 @@ For each request:
   2. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
      inputs the client sent, and stream its `text_output` back with `candidate` set;
   3. if that candidate is not ready, or answers with an error before its first chunk, go on to the
-     next one and say so in `note`. A request fails (UNAVAILABLE) when no candidate can answer, or
+     next one and say so in `note`. A client that names the candidate (`answer_with`) skips routing and
+     fallback: that candidate answers or the request fails. `route_lambda`, `route_tolerance` and
+     `route_candidates` go to `zooter_route` as its per-request knobs (python router backend only). A request fails (UNAVAILABLE) when no candidate can answer, or
      when the answering candidate fails after it has sent text: the stream then ends with an error,
      never with another candidate's text glued on and never silently cut.
 Outcomes are counted in `zooter_requests_total{outcome}` and fallbacks in
@@ -32,6 +34,17 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Every client error starts so: gRPC streams carry an error's message but not its code.
 BAD_INPUT = "zooter: bad input: "
 OUTCOMES = ("ok", "fallback", "bad_input", "route_error", "no_candidate", "failed_mid_answer", "cancelled")
+# The client's routing inputs -> zooter_route's knobs; they are ours, never forwarded to a candidate.
+KNOBS = {"route_lambda": "lambda", "route_tolerance": "tolerance", "route_candidates": "candidates"}
+ROUTING_INPUTS = ("answer_with", *KNOBS)
+
+
+class _Answered(Exception):
+    """The request was already answered (with zooter_route's error); `outcome` says how it ended."""
+
+    def __init__(self, outcome):
+        super().__init__(outcome)
+        self.outcome = outcome
 
 
 def _text(value) -> str:
@@ -51,7 +64,8 @@ class TritonPythonModel:
         self.default_max_tokens = int(params.get("default_max_tokens") or 128)
         self.max_tokens_limit = int(params.get("max_tokens_limit") or 4096)
         self.max_text_bytes = int(params.get("max_text_bytes") or 65536)
-        self.input_names = [i["name"] for i in config["input"]]
+        self.knobs_supported = routing.get("router_backend", "python") == "python"
+        self.input_names = [i["name"] for i in config["input"] if i["name"] not in ROUTING_INPUTS]
         # Threads wait on other models most of the time; 64 bounds the open streams per instance.
         self.slots = threading.BoundedSemaphore(64)
         # The python backend's custom metrics (pb_utils classes exist only from initialize on).
@@ -127,6 +141,17 @@ class TritonPythonModel:
             values = max_tokens.as_numpy().reshape(-1)
             if values.size != 1 or not 1 <= int(values[0]) <= self.max_tokens_limit:
                 return f"max_tokens must be one number in 1..{self.max_tokens_limit}, got {values.tolist()}"
+        knobs = [name for name in KNOBS if pb_utils.get_input_tensor_by_name(request, name) is not None]
+        named = pb_utils.get_input_tensor_by_name(request, "answer_with")
+        if named is not None:
+            names = [_text(v) for v in named.as_numpy().reshape(-1)]
+            if len(names) != 1 or names[0] not in self.serving:
+                return f"answer_with must name one candidate of {sorted(self.serving)}, got {names}"
+            if knobs:
+                return f"answer_with names the candidate, so the routing inputs {knobs} do not apply; send one or the other"
+        if knobs and not self.knobs_supported:
+            return (f"{knobs}: per-request routing knobs need the python router backend (zooter triton build "
+                    "--router-backend python); this repository routes with an ensemble")
         return None
 
     def _answer_when_free(self, request):
@@ -147,20 +172,36 @@ class TritonPythonModel:
                         flags=FINAL)
             self._count("route_error")
 
-    def _route_and_forward(self, request, sender) -> str:
+    def _route(self, request, sender):
+        """(the candidates to try, best first; the router's confidence). A named candidate (`answer_with`) is
+        the only one, without a confidence. Raises _Answered after passing on zooter_route's error."""
         E = pb_utils.TritonError
+        named = pb_utils.get_input_tensor_by_name(request, "answer_with")
+        if named is not None:
+            return [_text(named.as_numpy().reshape(-1)[0])], None
         query = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[:1].astype(object)
-        routed = pb_utils.InferenceRequest(
-            model_name="zooter_route", requested_output_names=["ranking", "confidence"],
-            inputs=[pb_utils.Tensor("text", query.reshape(1, 1))]).exec()
+        inputs = [pb_utils.Tensor("text", query.reshape(1, 1))]
+        for name, knob in KNOBS.items():
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                inputs.append(pb_utils.Tensor(knob, tensor.as_numpy().reshape(1, -1)))
+        routed = pb_utils.InferenceRequest(model_name="zooter_route", requested_output_names=["ranking", "confidence"],
+                                           inputs=inputs).exec()
         if routed.has_error():
             error = routed.error()
             code = error.code() if error.code() == E.INVALID_ARG else E.UNAVAILABLE
             prefix = BAD_INPUT if code == E.INVALID_ARG else "zooter: "
             sender.send(pb_utils.InferenceResponse(error=E(f"{prefix}{error.message()}", code)), flags=FINAL)
-            return "bad_input" if code == E.INVALID_ARG else "route_error"
+            raise _Answered("bad_input" if code == E.INVALID_ARG else "route_error")
         order = [x for x in map(_text, pb_utils.get_output_tensor_by_name(routed, "ranking").as_numpy().reshape(-1)) if x]
-        confidence = float(pb_utils.get_output_tensor_by_name(routed, "confidence").as_numpy().reshape(-1)[0])
+        return order, float(pb_utils.get_output_tensor_by_name(routed, "confidence").as_numpy().reshape(-1)[0])
+
+    def _route_and_forward(self, request, sender) -> str:
+        E = pb_utils.TritonError
+        try:
+            order, confidence = self._route(request, sender)
+        except _Answered as answered:
+            return answered.outcome
 
         forwarded = self._candidate_inputs(request)
         skipped = []
@@ -250,9 +291,9 @@ class TritonPythonModel:
                 continue
             chunk = "".join(_text(v) for v in out.as_numpy().reshape(-1))
             tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label), _str_tensor("note", note)]
-            if not sent:             # the decision's confidence rides on the first chunk
+            if not sent and confidence is not None:     # the decision's confidence rides on the first chunk
                 tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
-                sent = True
+            sent = True
             sender.send(pb_utils.InferenceResponse(tensors))
             if sender.is_cancelled():
                 return None, sent

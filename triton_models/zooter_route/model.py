@@ -9,8 +9,9 @@ python step instead of tokenize -> router -> decide saves two process round trip
 Dynamic batching only gathers requests into one execute(): each request still runs on its own, at
 its own width, never padded with another (a dynamic int8 model takes its activation scales from the
 whole batch, so merging requests could change decisions). The rows of one request are routed
-together, as Router.route_batch routes a list. Bad input fails only its request, with INVALID_ARG
-(HTTP 400) naming the row.
+together, as Router.route_batch routes a list. Optional `lambda`, `tolerance` and `candidates`
+inputs are Router.route's per-request knobs. Bad input fails only its request, with INVALID_ARG
+(HTTP 400) naming the row or the knob.
 """
 
 import json
@@ -23,15 +24,21 @@ from zooter.runtime.router import Router
 from zooter.runtime.tokenize import EmptyQueryError, clean_query
 
 
-def decision_tensors(decisions, labels):
-    """The outputs every routing model answers with, from zooter.runtime.router.Decision objects."""
+def _text(value) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def decision_tensors(decisions, labels, allowed=None):
+    """The outputs every routing model answers with, from zooter.runtime.router.Decision objects; `allowed`
+    keeps `ranking` (the fallback order) within the client's subset."""
     n = len(decisions)
+    rankings = [[x for x in d.ranking if allowed is None or x in allowed] for d in decisions]
     return [pb_utils.Tensor("candidate", np.array([[d.candidate.encode()] for d in decisions], dtype=object)),
             pb_utils.Tensor("probabilities", np.array([[d.probabilities[x] for x in labels] for d in decisions], dtype=np.float32)),
             pb_utils.Tensor("expected_rewards", np.array([[d.expected_rewards[x] for x in labels] for d in decisions], dtype=np.float32)),
             pb_utils.Tensor("confidence", np.array([[d.confidence] for d in decisions], dtype=np.float32).reshape(n, 1)),
-            pb_utils.Tensor("ranking", np.array([[x.encode() for x in d.ranking] + [b""] * (len(labels) - len(d.ranking))
-                                                 for d in decisions], dtype=object))]
+            pb_utils.Tensor("ranking", np.array([[x.encode() for x in r] + [b""] * (len(labels) - len(r))
+                                                 for r in rankings], dtype=object))]
 
 
 class TritonPythonModel:
@@ -56,15 +63,40 @@ class TritonPythonModel:
                 return f"row {i}: empty text: give the query to route"
         return None
 
+    @staticmethod
+    def _knobs(request) -> dict:
+        """The request's optional knobs as Router.route_batch arguments; ValueError names a bad one."""
+        knobs = {}
+        for name, arg in (("lambda", "lam"), ("tolerance", "tolerance"), ("candidates", "candidates")):
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                continue
+            rows = tensor.as_numpy()
+            rows = rows.reshape(rows.shape[0], -1) if rows.ndim else rows.reshape(1, 1)
+            if any(not np.array_equal(row, rows[0]) for row in rows[1:]):
+                raise ValueError(f"{name} differs between the rows of one request; send one value for all")
+            if name == "candidates":
+                knobs[arg] = [x for x in dict.fromkeys(map(_text, rows[0])) if x]
+            elif rows[0].size != 1:
+                raise ValueError(f"{name}: one number per row, got {rows[0].size}")
+            else:
+                knobs[arg] = float(rows[0][0])
+        return knobs
+
     def execute(self, requests):
         E = pb_utils.TritonError       # the stub adds its classes to pb_utils after importing this file
         responses = []
         for request in requests:
             rows = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1).tolist()
             problem = self._problem(rows)
+            try:
+                knobs = {} if problem else self._knobs(request)
+                decisions = [] if problem else self.router.route_batch(rows, batch_size=max(1, len(rows)), **knobs)
+            except ValueError as err:         # SettingError: a knob this router cannot take
+                problem = str(err)
             if problem:
                 responses.append(pb_utils.InferenceResponse(error=E(f"zooter_route: {problem}", E.INVALID_ARG)))
                 continue
-            decisions = self.router.route_batch(rows, batch_size=max(1, len(rows)))
-            responses.append(pb_utils.InferenceResponse(decision_tensors(decisions, self.router.labels)))
+            responses.append(pb_utils.InferenceResponse(
+                decision_tensors(decisions, self.router.labels, knobs.get("candidates"))))
         return responses
