@@ -9,11 +9,12 @@ For each request:
   2. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
      inputs the client sent, and stream its `text_output` back with `candidate` set;
   3. if that candidate is not ready, or answers with an error before its first chunk, go on to the
-     next one and say so in `note`. A client that names the candidate (`answer_with`) skips routing and
-     fallback: that candidate answers or the request fails. `route_lambda`, `route_tolerance` and
-     `route_candidates` go to `zooter_route` as its per-request knobs (python router backend only). A request fails (UNAVAILABLE) when no candidate can answer, or
+     next one and say so in `note`. A request fails (UNAVAILABLE) when no candidate can answer, or
      when the answering candidate fails after it has sent text: the stream then ends with an error,
      never with another candidate's text glued on and never silently cut.
+A client that names the candidate (`answer_with`) skips routing and fallback: that candidate answers
+or the request fails. `route_lambda`, `route_tolerance` and `route_candidates` go to `zooter_route`
+as its per-request knobs (python router backend only).
 Outcomes are counted in `zooter_requests_total{outcome}` and fallbacks in
 `zooter_fallbacks_total{chosen, answered}` on Triton's metrics port. Errors are sent as TritonError
 responses; nothing raises into the server, but the input check, which fails the request it is
