@@ -216,6 +216,7 @@ class TritonBackend:
         self.zooter = TritonZooter(settings.triton, self.grpc)
         self.labels: list[str] = []
         self.secrets: list[str] = []
+        self.unreachable = "not asked yet"             # why Triton's candidates are unknown, while they are
 
     def describe(self) -> str:
         return f"Triton at grpc://{self.zooter.address} (model zooter)"
@@ -234,6 +235,7 @@ class TritonBackend:
             try:
                 self.labels = await self.zooter.describe()
             except InferenceServerException as err:
+                self.unreachable = err.message()
                 log.warning("cannot read the candidates from Triton at %s yet: %s", self.zooter.address, err.message())
         return self.labels
 
@@ -257,7 +259,9 @@ class TritonBackend:
     async def answer(self, call: Call, deadline: float) -> Answer:
         import anyio
 
-        await self.models()             # the candidates and the model's inputs, once Triton answers
+        if not await self.models():     # the candidates and the model's inputs, once Triton answers
+            raise ApiError(503, f"Triton at {self.zooter.address} is not answering: {self.unreachable}",
+                           "upstream_error", "upstreams_unavailable")
         self._check(call)
         started = time.perf_counter()
         pieces = self.zooter.pieces(call, call.stream)

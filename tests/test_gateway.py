@@ -417,6 +417,21 @@ def test_zooter_gateway_serves_on_loopback_and_stops_on_sigterm(bundles, stub, t
 
 
 # --- through Triton --------------------------------------------------------------------------------------------
+def test_triton_down_is_a_503_that_says_so():
+    from openai import InternalServerError
+
+    gateway = start_gateway(triton=f"grpc://127.0.0.1:{closed_port()}")
+    try:
+        openai = client(gateway, None)
+        for model, extra in [("zooter", {}), ("zooter", {"zooter": {"tolerance": 0.1}}), (LABELS[0], {})]:
+            with pytest.raises(InternalServerError, match="Triton at 127.0.0.1:[0-9]+ is not answering") as caught:
+                openai.chat.completions.create(model=model, messages=ask(QUERY), extra_body=extra)
+            assert caught.value.status_code == 503
+        assert httpx.get(gateway.url + "/health").status_code == 503
+    finally:
+        gateway.stop()
+
+
 @pytest.fixture(scope="module")
 def triton(bundles, ranking, tmp_path_factory):
     """A real tritonserver with the tiny router and stand-ins, except for QUERY's first choice, whose model is
