@@ -72,6 +72,19 @@ def unknown_model(model: str, names: list[str]) -> ApiError:
                     code="model_not_found", param="model")
 
 
+def check_names(call: Call, names: list[str]) -> None:
+    """What both back ends refuse before routing: an unknown model, `zooter` options on a named candidate,
+    unknown names in zooter.candidates."""
+    if call.model != "zooter":
+        if call.model not in names:
+            raise unknown_model(call.model, names)
+        if call.options:
+            raise invalid("zooter options apply to model 'zooter' only; this request names a candidate", "zooter")
+    unknown = [n for n in call.options.get("candidates", []) if n not in names]
+    if unknown:
+        raise invalid(f"zooter.candidates: unknown candidate(s) {unknown}", "zooter.candidates")
+
+
 class BundleBackend:
     kind = "bundle"
 
@@ -126,11 +139,8 @@ class BundleBackend:
 
     async def _route(self, call: Call) -> tuple[list[str], float | None]:
         """(the candidates to try, best first; the router's confidence, or None when the client named one)."""
+        check_names(call, self.names)
         if call.model != "zooter":
-            if call.model not in self.names:
-                raise unknown_model(call.model, self.names)
-            if call.options:
-                raise invalid("zooter options apply to model 'zooter' only; this request names a candidate", "zooter")
             return [call.model], None
         options, kwargs = call.options, {}
         if "lambda" in options:
@@ -139,9 +149,6 @@ class BundleBackend:
             kwargs["tolerance"] = options["tolerance"]
         allowed = options.get("candidates")
         if allowed:
-            unknown = [n for n in allowed if n not in self.names]
-            if unknown:
-                raise invalid(f"zooter.candidates: unknown candidate(s) {unknown}", "zooter.candidates")
             if not any(n in self.router.labels for n in allowed):
                 raise invalid(f"zooter.candidates: none of {allowed} is one the router chooses between "
                               f"({self.router.labels})", "zooter.candidates")
@@ -244,14 +251,7 @@ class TritonBackend:
         return states["triton"] == "up", states
 
     def _check(self, call: Call) -> None:
-        if call.model != "zooter":
-            if call.model not in self.labels:
-                raise unknown_model(call.model, self.labels)
-            if call.options:
-                raise invalid("zooter options apply to model 'zooter' only; this request names a candidate", "zooter")
-        unknown = [n for n in call.options.get("candidates", []) if n not in self.labels]
-        if unknown:
-            raise invalid(f"zooter.candidates: unknown candidate(s) {unknown}", "zooter.candidates")
+        check_names(call, self.labels)
         if (call.options or call.model != "zooter") and not self.zooter.takes_options():
             raise invalid("this Triton repository predates per-request options and named candidates: rebuild it "
                           "with zooter triton build", "zooter" if call.options else "model", "unsupported_option")

@@ -275,15 +275,15 @@ async def _responses(client, request: dict, outputs: tuple[str, ...]) -> AsyncIt
         responses.cancel()
 
 
-def _tensor(name: str, datatype: str, shape: list[int], value, values: list | None = None):
-    """A gRPC input of `shape` filled with `value`, or holding `values` in order."""
+def _tensor(name: str, datatype: str, shape: list[int], value):
+    """A gRPC input of `shape`: filled with `value`, or holding it in order when it is a list."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
     dtype = {"BYTES": object, "BOOL": bool, "INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64,
              "FP32": np.float32, "FP64": np.float64}[datatype]
     tensor = grpcclient.InferInput(name, shape, datatype)
-    data = np.array(values, dtype=dtype).reshape(shape) if values is not None else np.full(shape, value, dtype=dtype)
+    data = np.array(value, dtype=dtype).reshape(shape) if isinstance(value, list) else np.full(shape, value, dtype=dtype)
     tensor.set_data_from_numpy(data)
     return tensor
 
@@ -401,7 +401,7 @@ class TritonZooter:
         inputs = [_tensor(name, datatype, [1, 1], value) for name, (datatype, value) in values.items()]
         if call.options.get("candidates"):
             names = call.options["candidates"]
-            inputs.append(_tensor("route_candidates", "BYTES", [1, len(names)], None, [n.encode("utf-8") for n in names]))
+            inputs.append(_tensor("route_candidates", "BYTES", [1, len(names)], [n.encode("utf-8") for n in names]))
         request = {"model_name": self.MODEL, "inputs": inputs,
                    "outputs": [grpcclient.InferRequestedOutput(name) for name in self.outputs]}
         async for piece in _responses(self.clients.get(self.address), request, self.outputs):

@@ -38,6 +38,7 @@ OUTCOMES = ("ok", "fallback", "bad_input", "route_error", "no_candidate", "faile
 # The client's routing inputs -> zooter_route's knobs; they are ours, never forwarded to a candidate.
 KNOBS = {"route_lambda": "lambda", "route_tolerance": "tolerance", "route_candidates": "candidates"}
 ROUTING_INPUTS = ("answer_with", *KNOBS)
+REQUEST_THREAD = "zooter"       # the name of every request thread (finalize waits for them)
 
 
 class _Answered(Exception):
@@ -81,8 +82,6 @@ class TritonPythonModel:
         # Every metric call holds this lock: a python-backend metric sends its update through one shared-memory
         # message, and two threads updating at once corrupt it (tritonserver dies with SIGSEGV, Triton 2.51).
         self.metrics_lock = threading.Lock()
-        self.answering = set()                          # request threads still running, for finalize
-        self.answering_lock = threading.Lock()
 
     def _count(self, outcome):
         with self.metrics_lock:
@@ -106,10 +105,8 @@ class TritonPythonModel:
             if problem is None:
                 # One daemon thread a request (a pool's workers are joined when the stub exits, so one
                 # stuck on a candidate would hold the server's stop until its exit timeout).
-                thread = threading.Thread(target=self._answer_when_free, args=(request,), name="zooter", daemon=True)
-                with self.answering_lock:
-                    self.answering.add(thread)
-                thread.start()
+                threading.Thread(target=self._answer_when_free, args=(request,), name=REQUEST_THREAD,
+                                 daemon=True).start()
                 continue
             request.get_response_sender().send(pb_utils.InferenceResponse(error=E(f"{BAD_INPUT}{problem}", E.INVALID_ARG)),
                                                flags=FINAL)
@@ -156,12 +153,8 @@ class TritonPythonModel:
         return None
 
     def _answer_when_free(self, request):
-        try:
-            with self.slots:
-                self._answer(request)
-        finally:
-            with self.answering_lock:
-                self.answering.discard(threading.current_thread())
+        with self.slots:
+            self._answer(request)
 
     # --- one request ------------------------------------------------------------------------
     def _answer(self, request):
@@ -303,9 +296,7 @@ class TritonPythonModel:
         # Unloading waits for our open streams first (each ends with a final flag, see _stream_from), but a
         # request thread may still be counting its outcome: let it finish (bounded; they are daemons).
         deadline = time.monotonic() + 10.0
-        with self.answering_lock:
-            answering = list(self.answering)
-        for thread in answering:
+        for thread in [t for t in threading.enumerate() if t.name == REQUEST_THREAD]:
             thread.join(max(0.0, deadline - time.monotonic()))
         # Metric families must go while the server still listens: left to the stub's exit, their destructors
         # write to shared memory already torn down and the stub dies with SIGSEGV (Triton 2.51).

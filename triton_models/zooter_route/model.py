@@ -89,11 +89,12 @@ class TritonPythonModel:
         for request in requests:
             rows = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1).tolist()
             problem = self._problem(rows)
-            try:
-                knobs = {} if problem else self._knobs(request)
-                decisions = [] if problem else self.router.route_batch(rows, batch_size=max(1, len(rows)), **knobs)
-            except ValueError as err:         # SettingError: a knob this router cannot take
-                problem = str(err)
+            if problem is None:
+                try:
+                    knobs = self._knobs(request)
+                    decisions = self.router.route_batch(rows, batch_size=max(1, len(rows)), **knobs)
+                except ValueError as err:     # SettingError: a knob this router cannot take
+                    problem = str(err)
             if problem:
                 responses.append(pb_utils.InferenceResponse(error=E(f"zooter_route: {problem}", E.INVALID_ARG)))
                 continue
