@@ -483,6 +483,26 @@ def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_
     assert {"triton-http_c1_overhead_p50_ms", "triton-grpc_c8_throughput_ratio", "triton-http_c8_p50_ratio"} <= set(saved["targets"])
 
 
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_floor_probe_times_the_python_backend_round_trip(tmp_path, capsys):
+    from zooter.cli import main
+
+    assert main(["bench", "--triton-floor", "--work-ms", "2", "--json", str(tmp_path / "floor.json")]) == 0
+    report = json.loads((tmp_path / "floor.json").read_text())
+    assert "round trip of a model that works 2 ms" in capsys.readouterr().out
+    cells = {(c["engine"], c["work_ms"]): c for c in report["cells"]}
+    assert set(cells) == {(e, w) for e in ("in-process", "triton-http", "triton-grpc") for w in (0.0, 2.0)}
+    for (engine, work), cell in cells.items():
+        assert cell["errors"] == 0 and cell["n"] == report["requests"] > 0
+        assert cell["p50_ms"] >= work                      # every answer took at least the probe's work
+    for proto in ("http", "grpc"):                         # a process round trip costs more than a call
+        assert report["round_trip_p50_ms"][proto] > 0 and report["round_trip_after_work_p50_ms"][proto] > 0
+    assert set(report["pipe_round_trip_p50_us"]) == {"0.0", "2.0"}
+    assert main(["bench", "--triton-floor", "--work-ms", "nan"]) == 2
+    assert "--work-ms" in capsys.readouterr().err
+
 # --- launcher -------------------------------------------------------------------------------------------
 def _kill_orphan_server(repo: Path) -> None:
     """If `zooter serve` died without stopping its tritonserver, end that one server (found by its repository)."""

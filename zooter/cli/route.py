@@ -62,6 +62,12 @@ def register(sub) -> None:
     b.add_argument("--gateway", action="store_true",
                    help="benchmark `zooter gateway` in front of a local stub upstream against calling the upstream "
                         "directly (needs --bundle; docs/gateway.md)")
+    b.add_argument("--triton-floor", action="store_true",
+                   help="no bundle: start a private Triton with two probe models of zooter_route's interface (one "
+                        "answers at once, one after --work-ms of CPU) and print what a request costs through the "
+                        "python backend on this machine, before any routing (docs/triton.md)")
+    b.add_argument("--work-ms", type=float, default=4.0, metavar="MS",
+                   help="with --triton-floor: the busy probe's CPU time per request (default 4, about one routing)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -142,6 +148,13 @@ def cmd_bench(args) -> int:
     import tempfile
     from pathlib import Path
 
+    if args.triton_floor:
+        if not 0 <= args.work_ms <= 1000:
+            raise UserError(f"--work-ms must be between 0 and 1000, got {args.work_ms:g}")
+        from zooter.serving.triton_floor import measure_floor
+
+        measure_floor(args.work_ms, json_out=args.json_out)
+        return 0
     bundle = args.bundle or args.bundle_opt
     if args.bundle and args.bundle_opt and args.bundle != args.bundle_opt:
         raise UserError("give BUNDLE once (positional or --bundle)")

@@ -1,0 +1,190 @@
+"""What one request through Triton's python backend costs on this machine, before any routing.
+
+`zooter bench --triton` compares the router in Triton with the router in process. This probe
+separates the part of that gap no model code can remove: it starts a private tritonserver (loopback,
+free ports) with two probe models that have `zooter_route`'s interface and answer at once, or after
+spinning the CPU for `work_ms` (about what routing one query takes), and times them over HTTP and
+gRPC against the same spin called in process, in interleaved rounds. The difference at 0 ms is the
+round trip itself (client library, server, stub process and back); the difference at `work_ms`
+adds what it costs each waiting thread to wake after sleeping that long. A pipe ping-pong between
+two plain processes shows the operating system's share of that wake-up cost.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from zooter.serving.triton_bench import merge_cells, run_concurrent
+from zooter.serving.triton_client import connect
+
+PROBES = {"zooter_probe_idle": 0.0, "zooter_probe_busy": None}      # None: work_ms
+
+PROBE_CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 32
+input [ {{ name: "text" data_type: TYPE_STRING dims: [ 1 ] }} ]
+output [
+  {{ name: "candidate" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "probabilities" data_type: TYPE_FP32 dims: [ 9 ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+parameters {{ key: "work_ms" value: {{ string_value: "{work_ms}" }} }}
+"""
+
+PROBE_MODEL = '''"""Probe with zooter_route's interface: answers after spinning the CPU for work_ms per request."""
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.work_s = float(json.loads(args["model_config"])["parameters"]["work_ms"]["string_value"]) / 1000
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().shape[0]
+            end = time.perf_counter() + self.work_s
+            while time.perf_counter() < end:
+                pass
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("candidate", np.full((rows, 1), b"probe", dtype=object)),
+                pb_utils.Tensor("probabilities", np.zeros((rows, 9), dtype=np.float32))]))
+        return responses
+'''
+
+# The other end of the pipe ping-pong: for every byte read, spin work seconds, then answer one byte.
+PONG = """
+import os, sys, time
+work = float(sys.argv[1])
+while os.read(0, 1):
+    end = time.perf_counter() + work
+    while time.perf_counter() < end:
+        pass
+    os.write(1, b"x")
+"""
+
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def write_repository(folder: Path, work_ms: float) -> Path:
+    for name, ms in PROBES.items():
+        (folder / name / "1").mkdir(parents=True)
+        (folder / name / "config.pbtxt").write_text(PROBE_CONFIG.format(name=name, work_ms=work_ms if ms is None else ms))
+        (folder / name / "1" / "model.py").write_text(PROBE_MODEL)
+    return folder
+
+
+def _probe_caller(url: str, protocol: str, model: str, opened: list):
+    def make_call():
+        client, module = connect(url, protocol)
+        opened.append(client)        # closed before the server stops, which would otherwise wait on them
+        outputs = [module.InferRequestedOutput("candidate"), module.InferRequestedOutput("probabilities")]
+
+        def call(text):
+            inp = module.InferInput("text", [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=object))
+            return client.infer(model, [inp], outputs=outputs).as_numpy("candidate")
+        return call
+    return make_call
+
+
+def pipe_round_trip_us(work_ms: float, n: int) -> float:
+    """p50 of (round trip - work) between this process and another over two pipes, in microseconds."""
+    pong = subprocess.Popen([sys.executable, "-c", PONG, str(work_ms / 1000)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, bufsize=0)
+    try:
+        times = []
+        for _ in range(n + 10):
+            start = time.perf_counter()
+            pong.stdin.write(b"x")
+            pong.stdout.read(1)
+            times.append(time.perf_counter() - start - work_ms / 1000)
+        return float(np.percentile(times[10:], 50) * 1e6)
+    finally:
+        pong.stdin.close()
+        pong.wait(timeout=10)
+
+
+def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, json_out: str | Path | None = None,
+                  quiet: bool = False) -> dict:
+    """Start a private server with the probes, time them against the in-process spin; print and return the report."""
+    from zooter.serving.triton_server import TritonServer
+
+    work_ms = float(work_ms)
+    opened: list = []
+    with tempfile.TemporaryDirectory(prefix="zooter-floor-") as tmp:
+        repo = write_repository(Path(tmp) / "repo", work_ms)
+        with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
+            engines = {}
+            for name, ms in PROBES.items():
+                work = work_ms if ms is None else ms
+                engines[("in-process", work)] = lambda w=work: (lambda text: spin(w / 1000))
+                engines[("triton-http", work)] = _probe_caller(server.http_url, "http", name, opened)
+                engines[("triton-grpc", work)] = _probe_caller(server.grpc_url, "grpc", name, opened)
+            for make_call in engines.values():      # connections and stubs warm
+                call = make_call()
+                for _ in range(10):
+                    call("warm-up")
+            parts = {key: [] for key in engines}
+            keys = list(engines)
+            size = max(1, requests // rounds)
+            for r in range(rounds):
+                for k in range(len(keys)):
+                    key = keys[(r + k) % len(keys)]
+                    parts[key].append(run_concurrent(engines[key], ["probe"], 1, size))
+            for client in opened:
+                client.close()
+            cells = []
+            for (engine, work), part in parts.items():
+                cell = merge_cells(part)
+                cell.update(engine=engine, work_ms=work)
+                cells.append(cell)
+    pipe = {str(w): pipe_round_trip_us(w, min(requests, 400)) for w in (0.0, work_ms)}
+
+    def p50(engine, work):
+        return next(c["p50_ms"] for c in cells if c["engine"] == engine and c["work_ms"] == work)
+
+    report = {
+        "work_ms": work_ms, "requests": size * rounds, "rounds": rounds, "cells": cells,
+        "round_trip_p50_ms": {proto: p50(f"triton-{proto}", 0.0) - p50("in-process", 0.0) for proto in ("http", "grpc")},
+        "round_trip_after_work_p50_ms": {proto: p50(f"triton-{proto}", work_ms) - p50("in-process", work_ms)
+                                         for proto in ("http", "grpc")},
+        "pipe_round_trip_p50_us": pipe,
+    }
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if not quiet:
+        print(format_floor(report))
+    return report
+
+
+def format_floor(report: dict) -> str:
+    w = report["work_ms"]
+    lines = [f"Triton python-backend floor: {report['requests']} requests per cell, one at a time, "
+             f"{report['rounds']} interleaved rounds (ms)",
+             f"{'engine':14s} {'work':>6s} {'p50':>8s} {'p90':>8s} {'p99':>8s}"]
+    for c in report["cells"]:
+        lines.append(f"{c['engine']:14s} {c['work_ms']:6.1f} {c['p50_ms']:8.3f} {c['p90_ms']:8.3f} {c['p99_ms']:8.3f}")
+    rt, after = report["round_trip_p50_ms"], report["round_trip_after_work_p50_ms"]
+    lines.append(f"round trip of a model that answers at once: HTTP +{rt['http']:.2f} ms, gRPC +{rt['grpc']:.2f} ms")
+    lines.append(f"round trip of a model that works {w:g} ms:       HTTP +{after['http']:.2f} ms, gRPC +{after['grpc']:.2f} ms "
+                 f"(the rest is waking the threads that slept meanwhile)")
+    pipe = report["pipe_round_trip_p50_us"]
+    lines.append(f"pipe ping-pong between two processes: {pipe['0.0']:.0f} us at once, {pipe[str(w)]:.0f} us after {w:g} ms")
+    return "\n".join(lines)
