@@ -15,7 +15,9 @@ ways once more, one query per request, and the decisions compared (and again in 
 from __future__ import annotations
 
 import json
+import queue
 import re
+import resource
 import threading
 import time
 import urllib.request
@@ -70,16 +72,65 @@ def server_side(before: dict, after: dict) -> dict:
     return out
 
 
-def run_concurrent(make_call: Callable[[], Callable[[str], object]], queries: Sequence[str], concurrency: int,
-                   requests: int) -> dict:
-    """`requests` calls spread over `concurrency` threads, each with its own `make_call()` (a client)."""
+class ClientPool:
+    """`size` threads, each with the caller `make_call()` made on that thread (an HTTP client stays on
+    the thread that made it), kept across rounds as an app keeps its connections: new clients every
+    round would time connection set-up, with only a few requests a client."""
+
+    def __init__(self, make_call: Callable[[], Callable[[str], object]], size: int):
+        self._jobs = [queue.SimpleQueue() for _ in range(size)]
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, args=(make_call, jobs), daemon=True) for jobs in self._jobs]
+        for t in self._threads:
+            t.start()
+        failures = [err for err in (self._done.get() for _ in self._threads) if err is not None]
+        if failures:
+            self.close()
+            raise failures[0]
+
+    def _serve(self, make_call, jobs) -> None:
+        try:
+            call = make_call()
+        except Exception as err:  # handed to __init__, which raises it
+            self._done.put(err)
+            return
+        self._done.put(None)
+        while (job := jobs.get()) is not None:
+            try:
+                job(call)
+            except Exception as err:  # handed to each(), which raises it once every thread is done
+                self._done.put(err)
+            else:
+                self._done.put(None)
+
+    def each(self, job: Callable[[Callable[[str], object]], None]) -> None:
+        """Run job(call) on every thread at once; return when all have finished (raise the first error)."""
+        for jobs in self._jobs:
+            jobs.put(job)
+        failures = [err for err in (self._done.get() for _ in self._jobs) if err is not None]
+        if failures:
+            raise failures[0]
+
+    def close(self) -> None:
+        for jobs in self._jobs:
+            jobs.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
+
+
+def _process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_concurrent(pool: ClientPool, queries: Sequence[str], requests: int) -> dict:
+    """`requests` calls spread over the pool's threads, each on its own client."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
     counter = iter(range(requests))
 
-    def worker():
-        call = make_call()
+    def worker(call):
         mine = []
         while True:
             with lock:
@@ -97,14 +148,10 @@ def run_concurrent(make_call: Callable[[], Callable[[str], object]], queries: Se
         with lock:
             latencies.extend(mine)
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    cpu, start = _process_cpu_s(), time.perf_counter()
+    pool.each(worker)
     wall = time.perf_counter() - start
-    out = {"_latencies": latencies, "wall_s": wall, "errors": len(errors)}
+    out = {"_latencies": latencies, "wall_s": wall, "cpu_s": _process_cpu_s() - cpu, "errors": len(errors)}
     if errors:
         out["first_error"] = errors[0]
     return out
@@ -116,6 +163,10 @@ def merge_cells(parts: list[dict]) -> dict:
     wall = sum(p["wall_s"] for p in parts)
     out = percentiles(latencies) if latencies else {"n": 0}
     out.update(throughput_qps=len(latencies) / wall if wall else 0.0, errors=sum(p["errors"] for p in parts))
+    if latencies:
+        # This process's CPU per request: the routing itself for an in-process engine, the clients' own
+        # work for Triton, which on one machine takes the cores the server needs.
+        out["process_cpu_ms"] = sum(p["cpu_s"] for p in parts) * 1000 / len(latencies)
     first = next((p["first_error"] for p in parts if "first_error" in p), None)
     if first:
         out["first_error"] = first
@@ -130,17 +181,28 @@ def _route_one_by_one(url: str, queries: Sequence[str]) -> list[dict]:
         client.close()
 
 
-def _triton_caller(url: str, protocol: str):
+def triton_caller(url: str, protocol: str, opened: list, model: str = ROUTE_MODEL):
+    """make_call() -> call(text): one query a request to `model` on a client of its own, which goes
+    into `opened` for the caller to close (the server's stop waits on open connections)."""
     def make_call():
         client, module = connect(url, protocol)
+        opened.append(client)
         outputs = [module.InferRequestedOutput("candidate"), module.InferRequestedOutput("probabilities")]
 
         def call(text):
             inp = module.InferInput("text", [1, 1], "BYTES")
             inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=object))
-            return client.infer(ROUTE_MODEL, [inp], outputs=outputs).as_numpy("candidate")
+            return client.infer(model, [inp], outputs=outputs).as_numpy("candidate")
         return call
     return make_call
+
+
+def close_all(clients: list) -> None:
+    while clients:
+        try:
+            clients.pop().close()
+        except Exception:  # closing is best effort: a client of a server that went away
+            pass
 
 
 def _reachable(url: str, protocol: str) -> bool:
@@ -176,12 +238,23 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
 
     router = Router.load(bundle, providers=providers or ["CPUExecutionProvider"], threads=threads)
     batcher = MicroBatcher(router, window_ms=1.0)
+    opened: list = []
+    try:
+        return _bench(router, batcher, opened, bundle, http_address, grpc_address, metrics, queries, json_out,
+                      concurrency, requests, warmup, quiet)
+    finally:
+        batcher.close()
+        close_all(opened)
+
+
+def _bench(router, batcher, opened, bundle, http_address, grpc_address, metrics, queries, json_out,
+           concurrency, requests, warmup, quiet) -> dict:
     engines = {"in-process": lambda: (lambda text: router.route(text)),
                "in-process-batched": lambda: batcher.route,
-               "triton-http": _triton_caller(http_address, "http")}
+               "triton-http": triton_caller(http_address, "http", opened)}
     notes = []
     if _reachable(grpc_address, "grpc"):
-        engines["triton-grpc"] = _triton_caller(grpc_address, "grpc")
+        engines["triton-grpc"] = triton_caller(grpc_address, "grpc", opened)
     else:
         notes.append(f"gRPC at {grpc_address} not reachable: skipped")
     try:
@@ -191,7 +264,7 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
         have_metrics = False
         notes.append(f"metrics at {metrics} not reachable: no queue/compute split")
 
-    for make_call in engines.values():   # warm up every path (sessions, connections, python stubs)
+    for make_call in engines.values():   # warm up every path (sessions, python stubs)
         call = make_call()
         for q in queries[:warmup]:
             call(q)
@@ -200,22 +273,29 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     names = list(engines)
     for c in concurrency:
         n = requests or max(len(queries), 4 * c)
-        # Interleaved rounds, the engine order rotating: load from other processes on this machine
-        # then falls on every engine alike, and the ratios compare like with like.
-        rounds = max(1, min(8, n // (2 * c)))
-        parts = {name: [] for name in names}
-        served = {name: ({}, {}) for name in names}
-        for r in range(rounds):
-            size = n // rounds + (1 if r < n % rounds else 0)
-            for k in range(len(names)):
-                name = names[(r + k) % len(names)]
-                before = scrape(metrics) if have_metrics and name.startswith("triton") else None
-                parts[name].append(run_concurrent(engines[name], queries[r * size:] + queries[:r * size], c, size))
-                if before is not None:
-                    after = scrape(metrics)
-                    for key in set(before) | set(after):
-                        served[name][0][key] = served[name][0].get(key, 0.0) + before.get(key, 0.0)
-                        served[name][1][key] = served[name][1].get(key, 0.0) + after.get(key, 0.0)
+        pools = {name: ClientPool(engines[name], c) for name in names}
+        try:
+            for pool in pools.values():          # every connection open and warm before timing
+                pool.each(lambda call: call(queries[0]))
+            # Interleaved rounds, the engine order rotating: load from other processes on this machine
+            # then falls on every engine alike, and the ratios compare like with like.
+            rounds = max(1, min(8, n // (2 * c)))
+            parts = {name: [] for name in names}
+            served = {name: ({}, {}) for name in names}
+            for r in range(rounds):
+                size = n // rounds + (1 if r < n % rounds else 0)
+                for k in range(len(names)):
+                    name = names[(r + k) % len(names)]
+                    before = scrape(metrics) if have_metrics and name.startswith("triton") else None
+                    parts[name].append(run_concurrent(pools[name], queries[r * size:] + queries[:r * size], size))
+                    if before is not None:
+                        after = scrape(metrics)
+                        for key in set(before) | set(after):
+                            served[name][0][key] = served[name][0].get(key, 0.0) + before.get(key, 0.0)
+                            served[name][1][key] = served[name][1].get(key, 0.0) + after.get(key, 0.0)
+        finally:
+            for pool in pools.values():
+                pool.close()
         for name in names:
             cell = merge_cells(parts[name])
             cell.update(engine=name, concurrency=c, rounds=rounds)
@@ -227,9 +307,8 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     in_process = [router.route(q) for q in queries]
     via_triton = _route_one_by_one(http_address, queries)
     top = max(concurrency)
-    concurrent = _route_concurrently(lambda: _triton_caller(http_address, "http")(), queries, top)
+    concurrent = _route_concurrently(triton_caller(http_address, "http", opened), queries, top)
     micro = _route_concurrently(lambda: (lambda text: batcher.route(text).candidate), queries, top)
-    batcher.close()
     matching = sum(a.candidate == b["candidate"] for a, b in zip(in_process, via_triton))
     max_diff = max(abs(a.probabilities[k] - b["probabilities"][k]) for a, b in zip(in_process, via_triton)
                    for k in a.probabilities)
@@ -266,8 +345,7 @@ def _route_concurrently(make_call, queries: Sequence[str], clients: int) -> list
     lock = threading.Lock()
     todo = iter(range(len(queries)))
 
-    def worker():
-        call = make_call()
+    def worker(call):
         while True:
             with lock:
                 i = next(todo, None)
@@ -276,11 +354,11 @@ def _route_concurrently(make_call, queries: Sequence[str], clients: int) -> list
             name = call(queries[i])
             out[i] = name if isinstance(name, str) else (name.reshape(-1)[0].decode() if hasattr(name, "reshape") else str(name))
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    pool = ClientPool(make_call, clients)
+    try:
+        pool.each(worker)
+    finally:
+        pool.close()
     return out
 
 
@@ -306,7 +384,7 @@ def _targets(cells: list[dict], concurrency: Sequence[int]) -> dict:
 
 def format_table(report: dict) -> str:
     lines = [f"routing latency, {report['queries']} queries, one query per request (ms)",
-             f"{'engine':18s} {'conc':>4s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'qps':>8s} {'x in-proc p50':>14s}  server-side (queue / compute per request)"]
+             f"{'engine':18s} {'conc':>4s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'qps':>8s} {'x in-proc p50':>14s} {'CPU here':>9s}  server-side (queue / compute per request)"]
     base = {c["concurrency"]: c.get("p50_ms") for c in report["cells"] if c["engine"] == "in-process"}
     for c in report["cells"]:
         if not c["n"]:
@@ -316,9 +394,10 @@ def format_table(report: dict) -> str:
         server = "  ".join(f"{m.replace('zooter_', '')} {s['queue_ms']:.2f}/{s['compute_ms']:.2f}"
                            for m, s in c.get("server", {}).items())
         lines.append(f"{c['engine']:18s} {c['concurrency']:4d} {c['p50_ms']:8.2f} {c['p90_ms']:8.2f} {c['p99_ms']:8.2f} "
-                     f"{c['throughput_qps']:8.1f} {ratio:14.2f}  {server}")
+                     f"{c['throughput_qps']:8.1f} {ratio:14.2f} {c.get('process_cpu_ms', float('nan')):9.2f}  {server}")
     m, n = report["decisions_match"]
     overhead = report["triton_overhead_p50_ms"]
+    lines.append("CPU here: this process's CPU ms a request (in process: the routing; Triton: its clients, on the same cores)")
     lines.append(f"Triton overhead at p50 (HTTP, concurrency 1): {overhead:+.2f} ms (target <= 1 ms)")
     if report.get("triton_grpc_overhead_p50_ms") is not None:
         lines.append(f"Triton overhead at p50 (gRPC, concurrency 1): {report['triton_grpc_overhead_p50_ms']:+.2f} ms")

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zooter.serving.triton_bench import merge_cells, run_concurrent
-from zooter.serving.triton_client import connect
+from zooter.serving.triton_bench import ClientPool, close_all, merge_cells, run_concurrent, triton_caller
 
 PROBES = {"zooter_probe_idle": 0.0, "zooter_probe_busy": None}      # None: work_ms
 
@@ -90,20 +89,6 @@ def write_repository(folder: Path, work_ms: float) -> Path:
     return folder
 
 
-def _probe_caller(url: str, protocol: str, model: str, opened: list):
-    def make_call():
-        client, module = connect(url, protocol)
-        opened.append(client)        # closed before the server stops, which would otherwise wait on them
-        outputs = [module.InferRequestedOutput("candidate"), module.InferRequestedOutput("probabilities")]
-
-        def call(text):
-            inp = module.InferInput("text", [1, 1], "BYTES")
-            inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=object))
-            return client.infer(model, [inp], outputs=outputs).as_numpy("candidate")
-        return call
-    return make_call
-
-
 def pipe_round_trip_us(work_ms: float, n: int) -> float:
     """p50 of (round trip - work) between this process and another over two pipes, in microseconds."""
     pong = subprocess.Popen([sys.executable, "-c", PONG, str(work_ms / 1000)], stdin=subprocess.PIPE,
@@ -131,30 +116,31 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
     with tempfile.TemporaryDirectory(prefix="zooter-floor-") as tmp:
         repo = write_repository(Path(tmp) / "repo", work_ms)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
-            engines = {}
-            for name, ms in PROBES.items():
-                work = work_ms if ms is None else ms
-                engines[("in-process", work)] = lambda w=work: (lambda text: spin(w / 1000))
-                engines[("triton-http", work)] = _probe_caller(server.http_url, "http", name, opened)
-                engines[("triton-grpc", work)] = _probe_caller(server.grpc_url, "grpc", name, opened)
-            for make_call in engines.values():      # connections and stubs warm
-                call = make_call()
-                for _ in range(10):
-                    call("warm-up")
-            parts = {key: [] for key in engines}
-            keys = list(engines)
-            size = max(1, requests // rounds)
-            for r in range(rounds):
-                for k in range(len(keys)):
-                    key = keys[(r + k) % len(keys)]
-                    parts[key].append(run_concurrent(engines[key], ["probe"], 1, size))
-            for client in opened:
-                client.close()
-            cells = []
-            for (engine, work), part in parts.items():
-                cell = merge_cells(part)
-                cell.update(engine=engine, work_ms=work)
-                cells.append(cell)
+            pools = {}
+            try:
+                for name, ms in PROBES.items():
+                    work = work_ms if ms is None else ms
+                    pools[("in-process", work)] = ClientPool(lambda w=work: (lambda text: spin(w / 1000)), 1)
+                    pools[("triton-http", work)] = ClientPool(triton_caller(server.http_url, "http", opened, name), 1)
+                    pools[("triton-grpc", work)] = ClientPool(triton_caller(server.grpc_url, "grpc", opened, name), 1)
+                for pool in pools.values():      # connections and stubs warm
+                    pool.each(lambda call: [call("warm-up") for _ in range(10)])
+                parts = {key: [] for key in pools}
+                keys = list(pools)
+                size = max(1, requests // rounds)
+                for r in range(rounds):
+                    for k in range(len(keys)):
+                        key = keys[(r + k) % len(keys)]
+                        parts[key].append(run_concurrent(pools[key], ["probe"], size))
+            finally:
+                for pool in pools.values():
+                    pool.close()
+                close_all(opened)
+    cells = []
+    for (engine, work), part in parts.items():
+        cell = merge_cells(part)
+        cell.update(engine=engine, work_ms=work)
+        cells.append(cell)
     pipe = {str(w): pipe_round_trip_us(w, min(requests, 400)) for w in (0.0, work_ms)}
 
     def p50(engine, work):

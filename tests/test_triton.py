@@ -477,6 +477,7 @@ def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_
     assert engines == {(e, c) for e in ("in-process", "in-process-batched", "triton-http", "triton-grpc") for c in (1, 8)}
     for cell in report["cells"]:
         assert {"concurrency", "p50_ms", "p99_ms", "throughput_qps"} <= set(cell) and cell["errors"] == 0
+        assert cell["process_cpu_ms"] > 0
     http = next(c for c in report["cells"] if c["engine"] == "triton-http" and c["concurrency"] == 8)
     assert http["n"] == 16 and http["server"]["zooter_route"]["requests"] == 16
     assert set(http["server"]) == {"zooter_route"}                # one python step on CPU
