@@ -89,6 +89,23 @@ def write_repository(folder: Path, work_ms: float) -> Path:
     return folder
 
 
+def server_times(url: str) -> dict:
+    """Triton's own mean times a request for each probe (queue, compute input, infer, output), in ms."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics()["model_stats"]
+    finally:
+        client.close()
+    out = {}
+    for model in stats:
+        s, n = model["inference_stats"], model["inference_stats"]["success"]["count"]
+        if model["name"] in PROBES and n:
+            out[model["name"]] = {k: s[k]["ns"] / n / 1e6 for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    return out
+
+
 def pipe_round_trip_us(work_ms: float, n: int) -> float:
     """p50 of (round trip - work) between this process and another over two pipes, in microseconds."""
     pong = subprocess.Popen([sys.executable, "-c", PONG, str(work_ms / 1000)], stdin=subprocess.PIPE,
@@ -132,6 +149,7 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
                     for k in range(len(keys)):
                         key = keys[(r + k) % len(keys)]
                         parts[key].append(run_concurrent(pools[key], ["probe"], size))
+                inside = server_times(server.http_url)
             finally:
                 for pool in pools.values():
                     pool.close()
@@ -152,6 +170,7 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
         "round_trip_after_work_p50_ms": {proto: p50(f"triton-{proto}", work_ms) - p50("in-process", work_ms)
                                          for proto in ("http", "grpc")},
         "pipe_round_trip_p50_us": pipe,
+        "server_ms": inside,
     }
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
@@ -169,8 +188,10 @@ def format_floor(report: dict) -> str:
         lines.append(f"{c['engine']:14s} {c['work_ms']:6.1f} {c['p50_ms']:8.3f} {c['p90_ms']:8.3f} {c['p99_ms']:8.3f}")
     rt, after = report["round_trip_p50_ms"], report["round_trip_after_work_p50_ms"]
     lines.append(f"round trip of a model that answers at once: HTTP +{rt['http']:.2f} ms, gRPC +{rt['grpc']:.2f} ms")
-    lines.append(f"round trip of a model that works {w:g} ms:       HTTP +{after['http']:.2f} ms, gRPC +{after['grpc']:.2f} ms "
-                 f"(the rest is waking the threads that slept meanwhile)")
+    lines.append(f"round trip of a model that works {w:g} ms:       HTTP +{after['http']:.2f} ms, gRPC +{after['grpc']:.2f} ms")
+    for name, t in report["server_ms"].items():
+        lines.append(f"  inside Triton, {name}: queue {t['queue']:.3f}, input {t['compute_input']:.3f}, "
+                     f"infer {t['compute_infer']:.3f}, output {t['compute_output']:.3f} ms a request")
     pipe = report["pipe_round_trip_p50_us"]
     lines.append(f"pipe ping-pong between two processes: {pipe['0.0']:.0f} us at once, {pipe[str(w)]:.0f} us after {w:g} ms")
     return "\n".join(lines)

@@ -140,6 +140,17 @@ def test_many_threads_get_the_sequential_answers(router):
     assert [[d.candidate for d in b] for b in batches] == [[d.candidate for d in router.route_batch(c)] for c in chunks]
 
 
+def test_thread_count_does_not_change_an_answer(bundles):
+    # Triton's zooter_route routes a lone request with two onnxruntime threads and queued ones with one
+    # (triton_models/zooter_route/model.py): the answers must be the same to the bit.
+    from zooter.runtime.router import Router
+
+    for kind in ("int8", "fp32"):
+        one, two = Router.load(bundles[kind], threads=1), Router.load(bundles[kind], threads=2)
+        for text in TEXTS:
+            assert one.route(text).probabilities == two.route(text).probabilities, (kind, text)
+
+
 def test_route_batch_matches_route_on_fp32(bundles):
     from zooter.runtime.router import Router
 

@@ -501,6 +501,8 @@ def test_floor_probe_times_the_python_backend_round_trip(tmp_path, capsys):
     for proto in ("http", "grpc"):                         # a process round trip costs more than a call
         assert report["round_trip_p50_ms"][proto] > 0 and report["round_trip_after_work_p50_ms"][proto] > 0
     assert set(report["pipe_round_trip_p50_us"]) == {"0.0", "2.0"}
+    busy = report["server_ms"]["zooter_probe_busy"]
+    assert busy["compute_infer"] >= 2.0 and busy["compute_infer"] > report["server_ms"]["zooter_probe_idle"]["compute_infer"]
     assert main(["bench", "--triton-floor", "--work-ms", "nan"]) == 2
     assert "--work-ms" in capsys.readouterr().err
 

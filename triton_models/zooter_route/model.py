@@ -50,6 +50,11 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads") or 0) or None
         self.router = Router.load(folder, providers=["CPUExecutionProvider"], threads=threads,
                                   lam=decision["lambda"], tolerance=decision["tolerance"])
+        # Requests that queued behind each other mean the server is busy, and then every core already
+        # runs a request: one onnxruntime thread a request does the same work with less CPU than two
+        # threads contending with the other instance's (docs/triton.md). A lone request gets them all.
+        self.busy_router = self.router if threads == 1 else Router.load(
+            folder, providers=["CPUExecutionProvider"], threads=1, lam=decision["lambda"], tolerance=decision["tolerance"])
         self.max_text_bytes = int(params["max_text_bytes"])
 
     def _problem(self, rows):
@@ -86,18 +91,19 @@ class TritonPythonModel:
     def execute(self, requests):
         E = pb_utils.TritonError       # the stub adds its classes to pb_utils after importing this file
         responses = []
+        router = self.router if len(requests) == 1 else self.busy_router
         for request in requests:
             rows = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1).tolist()
             problem = self._problem(rows)
             if problem is None:
                 try:
                     knobs = self._knobs(request)
-                    decisions = self.router.route_batch(rows, batch_size=max(1, len(rows)), **knobs)
+                    decisions = router.route_batch(rows, batch_size=max(1, len(rows)), **knobs)
                 except ValueError as err:     # SettingError: a knob this router cannot take
                     problem = str(err)
             if problem:
                 responses.append(pb_utils.InferenceResponse(error=E(f"zooter_route: {problem}", E.INVALID_ARG)))
                 continue
             responses.append(pb_utils.InferenceResponse(
-                decision_tensors(decisions, self.router.labels, knobs.get("candidates"))))
+                decision_tensors(decisions, router.labels, knobs.get("candidates"))))
         return responses
