@@ -75,7 +75,9 @@ def server_side(before: dict, after: dict) -> dict:
 class ClientPool:
     """`size` threads, each with the caller `make_call()` made on that thread (an HTTP client stays on
     the thread that made it), kept across rounds as an app keeps its connections: new clients every
-    round would time connection set-up, with only a few requests a client."""
+    round would time connection set-up, with only a few requests a client. close() ends the threads,
+    each closing its own client (`call.close`, when the caller has one): the server's stop waits on
+    open connections."""
 
     def __init__(self, make_call: Callable[[], Callable[[str], object]], size: int):
         self._jobs = [queue.SimpleQueue() for _ in range(size)]
@@ -89,19 +91,25 @@ class ClientPool:
             raise failures[0]
 
     def _serve(self, make_call, jobs) -> None:
+        # Every job answers on _done, errors included, or each() would wait for ever.
         try:
             call = make_call()
-        except Exception as err:  # handed to __init__, which raises it
+        except BaseException as err:
             self._done.put(err)
             return
         self._done.put(None)
-        while (job := jobs.get()) is not None:
-            try:
-                job(call)
-            except Exception as err:  # handed to each(), which raises it once every thread is done
-                self._done.put(err)
-            else:
-                self._done.put(None)
+        try:
+            while (job := jobs.get()) is not None:
+                try:
+                    job(call)
+                except BaseException as err:
+                    self._done.put(err)
+                else:
+                    self._done.put(None)
+        finally:
+            close = getattr(call, "close", None)
+            if close is not None:
+                close()
 
     def each(self, job: Callable[[Callable[[str], object]], None]) -> None:
         """Run job(call) on every thread at once; return when all have finished (raise the first error)."""
@@ -116,6 +124,12 @@ class ClientPool:
             jobs.put(None)
         for t in self._threads:
             t.join(timeout=10)
+
+    def __enter__(self) -> "ClientPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _process_cpu_s() -> float:
@@ -166,7 +180,7 @@ def merge_cells(parts: list[dict]) -> dict:
     if latencies:
         # This process's CPU per request: the routing itself for an in-process engine, the clients' own
         # work for Triton, which on one machine takes the cores the server needs.
-        out["process_cpu_ms"] = sum(p["cpu_s"] for p in parts) * 1000 / len(latencies)
+        out["process_cpu_ms"] = sum(p["cpu_s"] for p in parts) * 1000 / (len(latencies) + out["errors"])
     first = next((p["first_error"] for p in parts if "first_error" in p), None)
     if first:
         out["first_error"] = first
@@ -181,28 +195,20 @@ def _route_one_by_one(url: str, queries: Sequence[str]) -> list[dict]:
         client.close()
 
 
-def triton_caller(url: str, protocol: str, opened: list, model: str = ROUTE_MODEL):
-    """make_call() -> call(text): one query a request to `model` on a client of its own, which goes
-    into `opened` for the caller to close (the server's stop waits on open connections)."""
+def triton_caller(url: str, protocol: str, model: str = ROUTE_MODEL):
+    """make_call() -> call(text): one query a request to `model` on a client of its own (call.close
+    closes it)."""
     def make_call():
         client, module = connect(url, protocol)
-        opened.append(client)
         outputs = [module.InferRequestedOutput("candidate"), module.InferRequestedOutput("probabilities")]
 
         def call(text):
             inp = module.InferInput("text", [1, 1], "BYTES")
             inp.set_data_from_numpy(np.array([[text.encode("utf-8")]], dtype=object))
             return client.infer(model, [inp], outputs=outputs).as_numpy("candidate")
+        call.close = client.close
         return call
     return make_call
-
-
-def close_all(clients: list) -> None:
-    while clients:
-        try:
-            clients.pop().close()
-        except Exception:  # closing is best effort: a client of a server that went away
-            pass
 
 
 def _reachable(url: str, protocol: str) -> bool:
@@ -238,23 +244,21 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
 
     router = Router.load(bundle, providers=providers or ["CPUExecutionProvider"], threads=threads)
     batcher = MicroBatcher(router, window_ms=1.0)
-    opened: list = []
     try:
-        return _bench(router, batcher, opened, bundle, http_address, grpc_address, metrics, queries, json_out,
+        return _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries, json_out,
                       concurrency, requests, warmup, quiet)
     finally:
         batcher.close()
-        close_all(opened)
 
 
-def _bench(router, batcher, opened, bundle, http_address, grpc_address, metrics, queries, json_out,
+def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries, json_out,
            concurrency, requests, warmup, quiet) -> dict:
     engines = {"in-process": lambda: (lambda text: router.route(text)),
                "in-process-batched": lambda: batcher.route,
-               "triton-http": triton_caller(http_address, "http", opened)}
+               "triton-http": triton_caller(http_address, "http")}
     notes = []
     if _reachable(grpc_address, "grpc"):
-        engines["triton-grpc"] = triton_caller(grpc_address, "grpc", opened)
+        engines["triton-grpc"] = triton_caller(grpc_address, "grpc")
     else:
         notes.append(f"gRPC at {grpc_address} not reachable: skipped")
     try:
@@ -264,17 +268,18 @@ def _bench(router, batcher, opened, bundle, http_address, grpc_address, metrics,
         have_metrics = False
         notes.append(f"metrics at {metrics} not reachable: no queue/compute split")
 
-    for make_call in engines.values():   # warm up every path (sessions, python stubs)
-        call = make_call()
-        for q in queries[:warmup]:
-            call(q)
+    for make_call in engines.values():   # the sessions and python stubs run once before timing
+        with ClientPool(make_call, 1) as pool:
+            pool.each(lambda call: [call(q) for q in queries[:warmup]])
 
     cells = []
     names = list(engines)
     for c in concurrency:
         n = requests or max(len(queries), 4 * c)
-        pools = {name: ClientPool(engines[name], c) for name in names}
+        pools = {}
         try:
+            for name in names:
+                pools[name] = ClientPool(engines[name], c)
             for pool in pools.values():          # every connection open and warm before timing
                 pool.each(lambda call: call(queries[0]))
             # Interleaved rounds, the engine order rotating: load from other processes on this machine
@@ -307,7 +312,7 @@ def _bench(router, batcher, opened, bundle, http_address, grpc_address, metrics,
     in_process = [router.route(q) for q in queries]
     via_triton = _route_one_by_one(http_address, queries)
     top = max(concurrency)
-    concurrent = _route_concurrently(triton_caller(http_address, "http", opened), queries, top)
+    concurrent = _route_concurrently(triton_caller(http_address, "http"), queries, top)
     micro = _route_concurrently(lambda: (lambda text: batcher.route(text).candidate), queries, top)
     matching = sum(a.candidate == b["candidate"] for a, b in zip(in_process, via_triton))
     max_diff = max(abs(a.probabilities[k] - b["probabilities"][k]) for a, b in zip(in_process, via_triton)
@@ -354,11 +359,8 @@ def _route_concurrently(make_call, queries: Sequence[str], clients: int) -> list
             name = call(queries[i])
             out[i] = name if isinstance(name, str) else (name.reshape(-1)[0].decode() if hasattr(name, "reshape") else str(name))
 
-    pool = ClientPool(make_call, clients)
-    try:
+    with ClientPool(make_call, clients) as pool:
         pool.each(worker)
-    finally:
-        pool.close()
     return out
 
 

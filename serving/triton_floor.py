@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from zooter.serving.triton_bench import ClientPool, close_all, merge_cells, run_concurrent, triton_caller
+from zooter.runtime.errors import UserError
+from zooter.serving.triton_bench import ClientPool, merge_cells, run_concurrent, triton_caller
 
 PROBES = {"zooter_probe_idle": 0.0, "zooter_probe_busy": None}      # None: work_ms
+MAX_WORK_MS = 100.0         # 1,200 requests of the busy probe take at most two minutes
 
 PROBE_CONFIG = """name: "{name}"
 backend: "python"
@@ -115,12 +117,14 @@ def pipe_round_trip_us(work_ms: float, n: int) -> float:
         for _ in range(n + 10):
             start = time.perf_counter()
             pong.stdin.write(b"x")
-            pong.stdout.read(1)
+            if pong.stdout.read(1) != b"x":
+                raise RuntimeError(f"the ping-pong process stopped answering (exit code {pong.poll()})")
             times.append(time.perf_counter() - start - work_ms / 1000)
         return float(np.percentile(times[10:], 50) * 1e6)
     finally:
         pong.stdin.close()
         pong.wait(timeout=10)
+        pong.stdout.close()
 
 
 def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, json_out: str | Path | None = None,
@@ -129,7 +133,8 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
     from zooter.serving.triton_server import TritonServer
 
     work_ms = float(work_ms)
-    opened: list = []
+    if not 0 < work_ms <= MAX_WORK_MS:     # at 0 the busy probe would be the idle one
+        raise UserError(f"the busy probe's work must be more than 0 and at most {MAX_WORK_MS:g} ms, got {work_ms:g}")
     with tempfile.TemporaryDirectory(prefix="zooter-floor-") as tmp:
         repo = write_repository(Path(tmp) / "repo", work_ms)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
@@ -138,9 +143,9 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
                 for name, ms in PROBES.items():
                     work = work_ms if ms is None else ms
                     pools[("in-process", work)] = ClientPool(lambda w=work: (lambda text: spin(w / 1000)), 1)
-                    pools[("triton-http", work)] = ClientPool(triton_caller(server.http_url, "http", opened, name), 1)
-                    pools[("triton-grpc", work)] = ClientPool(triton_caller(server.grpc_url, "grpc", opened, name), 1)
-                for pool in pools.values():      # connections and stubs warm
+                    pools[("triton-http", work)] = ClientPool(triton_caller(server.http_url, "http", name), 1)
+                    pools[("triton-grpc", work)] = ClientPool(triton_caller(server.grpc_url, "grpc", name), 1)
+                for pool in pools.values():      # the first requests open connections and wake the stubs
                     pool.each(lambda call: [call("warm-up") for _ in range(10)])
                 parts = {key: [] for key in pools}
                 keys = list(pools)
@@ -153,7 +158,6 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
             finally:
                 for pool in pools.values():
                     pool.close()
-                close_all(opened)
     cells = []
     for (engine, work), part in parts.items():
         cell = merge_cells(part)

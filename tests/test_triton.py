@@ -484,7 +484,6 @@ def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_
     assert {"triton-http_c1_overhead_p50_ms", "triton-grpc_c8_throughput_ratio", "triton-http_c8_p50_ratio"} <= set(saved["targets"])
 
 
-
 @pytest.mark.triton
 @pytest.mark.slow
 def test_floor_probe_times_the_python_backend_round_trip(tmp_path, capsys):
@@ -503,8 +502,13 @@ def test_floor_probe_times_the_python_backend_round_trip(tmp_path, capsys):
     assert set(report["pipe_round_trip_p50_us"]) == {"0.0", "2.0"}
     busy = report["server_ms"]["zooter_probe_busy"]
     assert busy["compute_infer"] >= 2.0 and busy["compute_infer"] > report["server_ms"]["zooter_probe_idle"]["compute_infer"]
-    assert main(["bench", "--triton-floor", "--work-ms", "nan"]) == 2
-    assert "--work-ms" in capsys.readouterr().err
+    for args, named in ((["--work-ms", "nan"], "--work-ms"), (["--work-ms", "0"], "--work-ms"),
+                        (["--triton", "127.0.0.1:1"], "--triton"), (["some-bundle"], "BUNDLE")):
+        assert main(["bench", "--triton-floor", *args]) == 2
+        assert named in capsys.readouterr().err
+    assert main(["bench", "some-bundle", "--work-ms", "4"]) == 2
+    assert "--work-ms goes with --triton-floor" in capsys.readouterr().err
+
 
 # --- launcher -------------------------------------------------------------------------------------------
 def _kill_orphan_server(repo: Path) -> None:

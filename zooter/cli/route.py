@@ -66,8 +66,9 @@ def register(sub) -> None:
                    help="no bundle: start a private Triton with two probe models of zooter_route's interface (one "
                         "answers at once, one after --work-ms of CPU) and print what a request costs through the "
                         "python backend on this machine, before any routing (docs/triton.md)")
-    b.add_argument("--work-ms", type=float, default=4.0, metavar="MS",
-                   help="with --triton-floor: the busy probe's CPU time per request (default 4, about one routing)")
+    b.add_argument("--work-ms", type=float, default=None, metavar="MS",
+                   help="with --triton-floor: the busy probe's CPU time per request, more than 0 and at most 100 "
+                        "(default 4, about one routing)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -149,12 +150,19 @@ def cmd_bench(args) -> int:
     from pathlib import Path
 
     if args.triton_floor:
-        if not 0 <= args.work_ms <= 1000:
-            raise UserError(f"--work-ms must be between 0 and 1000, got {args.work_ms:g}")
-        from zooter.serving.triton_floor import measure_floor
+        others = [flag for flag, given in (("BUNDLE", args.bundle or args.bundle_opt), ("--triton", args.triton),
+                                           ("--gateway", args.gateway)) if given]
+        if others:
+            raise UserError(f"--triton-floor starts its own server and takes no {' or '.join(others)}")
+        from zooter.serving.triton_floor import MAX_WORK_MS, measure_floor
 
-        measure_floor(args.work_ms, json_out=args.json_out)
+        work_ms = 4.0 if args.work_ms is None else args.work_ms
+        if not 0 < work_ms <= MAX_WORK_MS:
+            raise UserError(f"--work-ms must be more than 0 and at most {MAX_WORK_MS:g}, got {work_ms:g}")
+        measure_floor(work_ms, json_out=args.json_out)
         return 0
+    if args.work_ms is not None:
+        raise UserError("--work-ms goes with --triton-floor")
     bundle = args.bundle or args.bundle_opt
     if args.bundle and args.bundle_opt and args.bundle != args.bundle_opt:
         raise UserError("give BUNDLE once (positional or --bundle)")
