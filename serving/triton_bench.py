@@ -52,10 +52,11 @@ def scrape(metrics_url: str) -> dict:
     return out
 
 
-def server_side(before: dict, after: dict) -> dict:
-    """Mean queue / compute / total ms per request of each routing model between two scrapes."""
+def server_side(before: dict, after: dict, models: Sequence[str] = METRIC_MODELS) -> dict:
+    """Mean queue / compute (and its input, infer, output parts) / total ms per request of each of
+    `models` between two scrapes."""
     out = {}
-    for model in METRIC_MODELS:
+    for model in models:
         def delta(metric):
             return after.get((metric, model), 0.0) - before.get((metric, model), 0.0)
 
@@ -67,6 +68,8 @@ def server_side(before: dict, after: dict) -> dict:
                       "compute_ms": (delta("nv_inference_compute_input_duration_us")
                                      + delta("nv_inference_compute_infer_duration_us")
                                      + delta("nv_inference_compute_output_duration_us")) / n / 1000,
+                      **{f"compute_{part}_ms": delta(f"nv_inference_compute_{part}_duration_us") / n / 1000
+                         for part in ("input", "infer", "output")},
                       "request_ms": delta("nv_inference_request_duration_us") / n / 1000,
                       "executions": int(delta("nv_inference_exec_count"))}
     return out

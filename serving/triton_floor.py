@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from zooter.runtime.errors import UserError
-from zooter.serving.triton_bench import ClientPool, merge_cells, run_concurrent, triton_caller
+from zooter.serving.triton_bench import ClientPool, merge_cells, run_concurrent, scrape, server_side, triton_caller
 
 PROBES = {"zooter_probe_idle": 0.0, "zooter_probe_busy": None}      # None: work_ms
 MAX_WORK_MS = 100.0         # 1,200 requests of the busy probe take at most two minutes
@@ -91,23 +91,6 @@ def write_repository(folder: Path, work_ms: float) -> Path:
     return folder
 
 
-def server_times(url: str) -> dict:
-    """Triton's own mean times a request for each probe (queue, compute input, infer, output), in ms."""
-    import tritonclient.http as http
-
-    client = http.InferenceServerClient(url)
-    try:
-        stats = client.get_inference_statistics()["model_stats"]
-    finally:
-        client.close()
-    out = {}
-    for model in stats:
-        s, n = model["inference_stats"], model["inference_stats"]["success"]["count"]
-        if model["name"] in PROBES and n:
-            out[model["name"]] = {k: s[k]["ns"] / n / 1e6 for k in ("queue", "compute_input", "compute_infer", "compute_output")}
-    return out
-
-
 def pipe_round_trip_us(work_ms: float, n: int) -> float:
     """p50 of (round trip - work) between this process and another over two pipes, in microseconds."""
     pong = subprocess.Popen([sys.executable, "-c", PONG, str(work_ms / 1000)], stdin=subprocess.PIPE,
@@ -134,7 +117,8 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
 
     work_ms = float(work_ms)
     if not 0 < work_ms <= MAX_WORK_MS:     # at 0 the busy probe would be the idle one
-        raise UserError(f"the busy probe's work must be more than 0 and at most {MAX_WORK_MS:g} ms, got {work_ms:g}")
+        raise UserError(f"--work-ms (the busy probe's work) must be more than 0 and at most {MAX_WORK_MS:g}, "
+                        f"got {work_ms:g}")
     with tempfile.TemporaryDirectory(prefix="zooter-floor-") as tmp:
         repo = write_repository(Path(tmp) / "repo", work_ms)
         with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
@@ -154,7 +138,7 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
                     for k in range(len(keys)):
                         key = keys[(r + k) % len(keys)]
                         parts[key].append(run_concurrent(pools[key], ["probe"], size))
-                inside = server_times(server.http_url)
+                inside = server_side({}, scrape(server.metrics_url), PROBES)   # warm-up requests included
             finally:
                 for pool in pools.values():
                     pool.close()
@@ -194,8 +178,8 @@ def format_floor(report: dict) -> str:
     lines.append(f"round trip of a model that answers at once: HTTP +{rt['http']:.2f} ms, gRPC +{rt['grpc']:.2f} ms")
     lines.append(f"round trip of a model that works {w:g} ms:       HTTP +{after['http']:.2f} ms, gRPC +{after['grpc']:.2f} ms")
     for name, t in report["server_ms"].items():
-        lines.append(f"  inside Triton, {name}: queue {t['queue']:.3f}, input {t['compute_input']:.3f}, "
-                     f"infer {t['compute_infer']:.3f}, output {t['compute_output']:.3f} ms a request")
+        lines.append(f"  inside Triton, {name}: queue {t['queue_ms']:.3f}, input {t['compute_input_ms']:.3f}, "
+                     f"infer {t['compute_infer_ms']:.3f}, output {t['compute_output_ms']:.3f} ms a request")
     pipe = report["pipe_round_trip_p50_us"]
     lines.append(f"pipe ping-pong between two processes: {pipe['0.0']:.0f} us at once, {pipe[str(w)]:.0f} us after {w:g} ms")
     return "\n".join(lines)

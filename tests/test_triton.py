@@ -501,7 +501,7 @@ def test_floor_probe_times_the_python_backend_round_trip(tmp_path, capsys):
         assert report["round_trip_p50_ms"][proto] > 0 and report["round_trip_after_work_p50_ms"][proto] > 0
     assert set(report["pipe_round_trip_p50_us"]) == {"0.0", "2.0"}
     busy = report["server_ms"]["zooter_probe_busy"]
-    assert busy["compute_infer"] >= 2.0 and busy["compute_infer"] > report["server_ms"]["zooter_probe_idle"]["compute_infer"]
+    assert busy["compute_infer_ms"] >= 2.0 and busy["compute_infer_ms"] > report["server_ms"]["zooter_probe_idle"]["compute_infer_ms"]
     for args, named in ((["--work-ms", "nan"], "--work-ms"), (["--work-ms", "0"], "--work-ms"),
                         (["--triton", "127.0.0.1:1"], "--triton"), (["some-bundle"], "BUNDLE")):
         assert main(["bench", "--triton-floor", *args]) == 2
