@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from zooter.runtime.errors import UserError
 
@@ -220,6 +221,8 @@ def cmd_eval(args) -> int:
     check_weight(args.tolerance, "--tolerance")
     report = evaluate_router(args.router, args.data, candidates=args.candidates, lam=args.lam, tolerance=args.tolerance,
                              best_single=args.best_single, plots=args.plots)
+    for warning in report["warnings"]:
+        print(f"zooter eval: warning: {warning}", file=sys.stderr)
     if args.rmr:
         report["baselines"]["rmr"] = _rmr(args.data, args.rmr, report)
     from zooter.runtime.files import write_text_atomic
