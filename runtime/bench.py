@@ -4,6 +4,8 @@ Every engine answers the same texts through the same tokenizer code, and the eng
 call by call, so a noisy machine slows them alike and the ratios stay fair. Timed: one call from
 text to probabilities (tokenize + model + softmax), per query length and per batch size; plus the
 user's own queries at their natural lengths, which `--budget-ms` checks (p99 of the shipped model).
+A batch is timed as Router.route_batch answers it (each query alone, so no decision depends on the
+batch), and beside it the same model on one padded batch, the faster path that issue 20 retired.
 
 This module measures; it builds only the ONNX engines a bundle carries. The PyTorch and
 re-exported fp32 baselines come from zooter.export.baselines (they need torch), handed in as
@@ -26,6 +28,7 @@ from zooter.runtime.queries import read_queries as read_query_file
 LENGTHS = (16, 64, 256, 512)
 BATCHES = (1, 8, 32)
 RATIO_TOKENS = 64  # the single-query length whose p50 ratios the report headlines
+PADDED = "padded"  # the shipped model on one padded batch per call: route_batch before issue 20
 
 # A built-in mix of the kinds of query a router sees: short chat, questions, code, long instructions.
 BUILTIN_QUERIES = [
@@ -183,7 +186,14 @@ def run_bench(bundle: str | Path, queries: Sequence[str] | None = None, baseline
     for cell in cells + [natural]:
         sizes = [len(e.ids) for b in cell["_inputs"] for e in router.tokenizer.encode_batch(b)]
         cell["tokens"] = float(np.mean(sizes))
-    measure(engines, cells, iters, warmup, progress)
+    # Batches: the shipped model as route_batch runs it (each query alone: decisions independent of
+    # the batch) beside the padded batch it ran before issue 20, taking turns like every engine.
+    batched = [c for c in cells if c["batch"] > 1]
+    measure(engines, [c for c in cells if c["batch"] == 1], iters, warmup, progress)
+    measure({**engines, PADDED: lambda texts: router.probabilities(texts, batch_size=len(texts), padded=True)},
+            batched, iters, warmup, progress)
+    for cell in batched:
+        cell["padded"] = cell["results"].pop(PADDED)
     measure(engines, [natural], max(iters, min(len(queries), 200)), warmup, progress)
 
     report["cells"] = cells
@@ -234,6 +244,12 @@ def format_table(report: dict) -> str:
         cpu = [f"{k.split('_')[0]} {v:.2f}x" for k, v in r.items() if k.endswith("_cpu_p50") and v is not None]
         lines.append(f"p50 vs PyTorch eager at {r['at_tokens']:.0f} tokens, batch 1: " + ", ".join(parts)
                      + " (CPU time: " + ", ".join(cpu) + ")")
+    for cell in report["cells"]:
+        if "padded" in cell:
+            alone, padded = cell["results"][report["shipped"]]["qps"], cell["padded"]["qps"]
+            lines.append(f"batch {cell['batch']} at {cell['tokens']:.0f} tokens, {report['shipped']}: each query alone "
+                         f"(route_batch: decisions independent of the batch) {alone:.1f} q/s, one padded batch (before "
+                         f"issue 20: decisions depend on the batch) {padded:.1f} q/s: {alone / padded:.2f}x")
     for name, why in report["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
