@@ -260,8 +260,8 @@ class MicroBatcher:
     into one Router.route_batch call.
 
     For `zooter bench --triton`, which measures it beside threads sharing one Router: on CPU it was
-    slower, since a batch is padded to its longest query, and a dynamic int8 model's batch-wide
-    activation scales changed some decisions (docs/triton.md), so the Router does not offer it.
+    slower (docs/triton.md), so the Router does not offer it. route_batch runs each query alone
+    (issue 20), so gathering no longer changes decisions, and it saves no work either.
     """
 
     def __init__(self, router, window_ms: float = 1.0, max_batch: int = 32):
