@@ -198,6 +198,7 @@ def run_bench(bundle: str | Path, queries: Sequence[str] | None = None, baseline
 
     report["cells"] = cells
     report["queries"] = dict(natural, n=len(queries))
+    report["batch_invariance"] = batch_invariance(router, queries)
     headline = next((c for c in cells if c["batch"] == 1 and c["tokens_target"] == RATIO_TOKENS), cells[0] if cells else natural)
     report["ratios"] = {f"{name}_vs_torch_p50": ratio(headline, name) for name in ("int8", "fp32")}
     report["ratios"].update({f"{name}_vs_torch_cpu_p50": ratio(headline, name, "cpu_p50_ms") for name in ("int8", "fp32")})
@@ -206,6 +207,27 @@ def run_bench(bundle: str | Path, queries: Sequence[str] | None = None, baseline
                                  **{f"{name}_vs_torch_p50": ratio(c, name) for name in engines if name != "torch"}}
                                 for c in cells]
     return report
+
+
+def batch_invariance(router, queries: Sequence[str], batch: int = 32) -> dict:
+    """How route_batch (batches of `batch`, in the given order) and the padded batches it replaced
+    answer the queries, against route() on each alone: same decision means candidate, expected
+    rewards and confidence all equal."""
+    def key(d) -> dict:
+        out = d.to_json()
+        out.pop("latency_ms")
+        return out
+
+    alone = [key(router.route(q)) for q in queries]
+    out = {"n": len(queries), "batch": batch}
+    for name, padded in (("route_batch", False), ("padded", True)):
+        got = [key(d) for i in range(0, len(queries), batch)
+               for d in router.route_batch(queries[i:i + batch], batch_size=batch, padded=padded)]
+        out[name] = {"same_candidate": sum(a["candidate"] == g["candidate"] for a, g in zip(alone, got)),
+                     "same_decision": sum(a == g for a, g in zip(alone, got)),
+                     "max_expected_reward_diff": max(abs(a["expected_rewards"][k] - g["expected_rewards"][k])
+                                                     for a, g in zip(alone, got) for k in a["expected_rewards"])}
+    return out
 
 
 def ratio(cell: dict, engine: str, key: str = "p50_ms") -> float | None:
@@ -250,6 +272,13 @@ def format_table(report: dict) -> str:
             lines.append(f"batch {cell['batch']} at {cell['tokens']:.0f} tokens, {report['shipped']}: each query alone "
                          f"(route_batch: decisions independent of the batch) {alone:.1f} q/s, one padded batch (before "
                          f"issue 20: decisions depend on the batch) {padded:.1f} q/s: {alone / padded:.2f}x")
+    inv = report.get("batch_invariance")
+    if inv:
+        mine, old = inv["route_batch"], inv["padded"]
+        lines.append(f"the given queries in batches of {inv['batch']}, against route() on each alone: route_batch "
+                     f"{mine['same_decision']}/{inv['n']} the same decision; padded batches {old['same_decision']}/{inv['n']} "
+                     f"({old['same_candidate']}/{inv['n']} the same candidate, expected rewards apart by up to "
+                     f"{old['max_expected_reward_diff']:.4f})")
     for name, why in report["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)

@@ -37,6 +37,10 @@ def test_bench_reports_all_engines_side_by_side(bundles, tmp_path, capsys):
     padded = report["cells"][2]["padded"]
     assert 0 < padded["p50_ms"] <= padded["p99_ms"] and padded["n"] >= 3 and "padded" not in report["cells"][0]
     assert "batch 8 at 64 tokens, int8: each query alone" in table and "one padded batch" in table
+    inv = report["batch_invariance"]
+    assert inv["n"] == report["queries"]["n"] and inv["route_batch"]["same_decision"] == inv["n"]
+    assert inv["padded"]["same_decision"] < inv["n"]    # the tiny INT8 bundle's padded batches move its answers
+    assert f"route_batch {inv['n']}/{inv['n']} the same decision" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
