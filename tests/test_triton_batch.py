@@ -21,6 +21,18 @@ def as_served(d) -> dict:
             "probabilities": {k: f32(v) for k, v in d.probabilities.items()}, "ranking": d.ranking}
 
 
+def test_an_onnxruntime_backend_repository_refuses_a_dynamic_int8_bundle(bundles, tmp_path):
+    """Triton's onnxruntime backend runs the rows of a request as one padded tensor: an INT8 bundle
+    there would decide by batch, so the builder says so and names the ways out."""
+    from zooter.export.triton_repo import build_repository
+    from zooter.runtime.errors import UserError
+
+    with pytest.raises(UserError, match="depend on its batch companions.*--router-backend python"):
+        build_repository(bundles["int8"], tmp_path / "ort", router_backend="onnxruntime")
+    assert not (tmp_path / "ort").exists()
+    build_repository(bundles["fp32"], tmp_path / "ort", router_backend="onnxruntime")   # fp32 is allowed
+
+
 @pytest.mark.triton
 @pytest.mark.slow
 def test_zooter_route_with_dynamic_batching_equals_route_in_process(bundles, tmp_path):
