@@ -44,9 +44,8 @@ def test_zooter_route_with_dynamic_batching_equals_route_in_process(bundles, tmp
     built = build_repository(bundles["int8"], tmp_path / "repo")
     router = Router.load(bundles["int8"])
     expected = {q: as_served(router.route(q)) for q in MIXED}
-    server = TritonServer(built.path, model_control=True, load_models=("zooter_route",), log_file=tmp_path / "log")
-    server.start(timeout=300)
-    try:
+    # As a context manager: leaving it removes the server's working folder in /tmp.
+    with TritonServer(built.path, model_control=True, load_models=("zooter_route",)) as server:
         def ask(texts):
             client, module = connect(server.http_url)
             try:
@@ -64,5 +63,4 @@ def test_zooter_route_with_dynamic_batching_equals_route_in_process(bundles, tmp
         with ThreadPoolExecutor(8) as pool:
             for texts, got in zip(work * 2, pool.map(ask, work * 2)):
                 assert got == [expected[q] for q in texts]
-    finally:
         assert server.stop() == 0, server.log_tail()
