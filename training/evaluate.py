@@ -16,6 +16,8 @@ Conventions:
 - The oracle takes the best reward of each row; among tied best it takes the cheapest, so its cost
   is the least an oracle has to pay.
 - random is the exact expectation of a uniform choice among the scored candidates (no sampling).
+- Seen data: `warnings` names what makes the figures not held-out (the data is the run's training
+  or dev rows, or more than 5% of its queries are among them; see seen_data).
 - router_vs_best_single: the mean paired difference with a 95% interval from 2000 bootstrap
   resamples of the rows; calibration: the chosen candidate's expected reward against its realised
   reward in 10 equal-count bins (ECE = the count-weighted mean gap).

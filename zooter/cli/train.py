@@ -199,7 +199,9 @@ def _register_eval(sub) -> None:
         "calibration of the expected rewards (ECE, reliability plot), a tolerance sweep of the cost knob, and "
         "routing accuracy by reward entropy. Prints a table and writes --json (and PNG plots with --plots).")
     p.add_argument("router", metavar="RUN_OR_BUNDLE", help="run folder (run.json) or bundle (router.json)")
-    p.add_argument("--data", required=True, help="evaluation data (JSONL); use rows never seen in training")
+    p.add_argument("--data", required=True, help="evaluation data (JSONL); use rows never seen in training (eval warns, on stderr and "
+                        "in the JSON's warnings, when it is the run's training or dev data or shares more than 5%% "
+                        "of their queries)")
     p.add_argument("--candidates", help="candidates.yaml with costs (default: the one recorded in the run)")
     p.add_argument("--tolerance", type=float, default=0.0, metavar="X",
                    help="cost knob in reward units: the cheapest candidate expected within X of the choice (default 0)")
