@@ -16,7 +16,8 @@ from zooter.runtime.errors import UserError
 
 # The training record a bundle carries (run.json keys); everything else in run.json stays in the run.
 PROVENANCE_KEYS = ("data", "data_sha256", "dev_sha256", "backbone", "beta", "tau", "loss", "seed", "frozen",
-                   "candidates_file", "best_single", "n_train", "n_dev", "tags", "config", "curves", "train_seconds")
+                   "candidates_file", "best_single", "n_train", "n_dev", "tags", "config", "curves", "train_seconds",
+                   "query_digests")
 
 
 class Validation:
@@ -94,7 +95,6 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
                   parity_n: int = 1000, arch: str = "auto", keep_fp32: bool = False, force: bool = False,
                   log=print) -> dict:
     """RUN folder -> ONNX -> fused -> int8/fp16 -> parity gate -> BUNDLE folder; returns router.json."""
-    import numpy as np
     from tqdm import tqdm
 
     from zooter.export import parity as par
@@ -170,13 +170,10 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
         bar.update(len(texts))
         fp32 = Router(open_session(fp32_path, ["CPUExecutionProvider"]), tokenizer, shape).outputs_of(texts)
         bar.update(len(texts))
-        # One query per call, as Router.route runs it: dynamic int8 scales come from the whole batch
-        # (padding included), so a batched check would not measure what single-query routing does.
+        # Router.outputs_of runs each query alone, as Router.route does: what routing will answer.
         exported = fp32
         if shipped != fp32_path:
-            router = Router(open_session(shipped, ["CPUExecutionProvider"]), tokenizer, shape)
-            single = [router.outputs_of([t]) for t in texts]
-            exported = (np.vstack([p for p, _ in single]), np.vstack([r for _, r in single]))
+            exported = Router(open_session(shipped, ["CPUExecutionProvider"]), tokenizer, shape).outputs_of(texts)
             bar.update(len(texts))
         bar.close()
         rewards = validation.rewards(labels, len(texts))

@@ -163,6 +163,12 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
         raise UserError(f"--router-backend must be python or onnxruntime, not {router_backend!r}")
     if tensorrt and (router_backend != "onnxruntime" or router_device != "gpu"):
         raise UserError("--tensorrt needs --router-backend onnxruntime --router-device gpu")
+    if router_backend == "onnxruntime" and (info.get("quantization") or {}).get("mode") == "int8":
+        # Triton's onnxruntime backend runs a request's rows, and the requests it batches, as one padded
+        # tensor, and dynamic INT8 takes its activation scales over the whole tensor (issue 20).
+        raise UserError(f"{bundle}: --router-backend onnxruntime would run this INT8 bundle's queries as one padded "
+                        "batch, where dynamic INT8 lets a query's decision depend on its batch companions; use "
+                        "--router-backend python (each query alone), or export with --quantize fp16 or none")
     from zooter.runtime.decision import check_weight
 
     # The bundle's defaults, as the in-process Router.

@@ -4,6 +4,8 @@ Every engine answers the same texts through the same tokenizer code, and the eng
 call by call, so a noisy machine slows them alike and the ratios stay fair. Timed: one call from
 text to probabilities (tokenize + model + softmax), per query length and per batch size; plus the
 user's own queries at their natural lengths, which `--budget-ms` checks (p99 of the shipped model).
+A batch is timed as Router.route_batch answers it (each query alone, so no decision depends on the
+batch), and beside it the same model on one padded batch, the faster path that issue 20 retired.
 
 This module measures; it builds only the ONNX engines a bundle carries. The PyTorch and
 re-exported fp32 baselines come from zooter.export.baselines (they need torch), handed in as
@@ -26,6 +28,7 @@ from zooter.runtime.queries import read_queries as read_query_file
 LENGTHS = (16, 64, 256, 512)
 BATCHES = (1, 8, 32)
 RATIO_TOKENS = 64  # the single-query length whose p50 ratios the report headlines
+PADDED = "padded"  # the shipped model on one padded batch per call: route_batch before issue 20
 
 # A built-in mix of the kinds of query a router sees: short chat, questions, code, long instructions.
 BUILTIN_QUERIES = [
@@ -183,11 +186,19 @@ def run_bench(bundle: str | Path, queries: Sequence[str] | None = None, baseline
     for cell in cells + [natural]:
         sizes = [len(e.ids) for b in cell["_inputs"] for e in router.tokenizer.encode_batch(b)]
         cell["tokens"] = float(np.mean(sizes))
-    measure(engines, cells, iters, warmup, progress)
+    # Batches: the shipped model as route_batch runs it (each query alone: decisions independent of
+    # the batch) beside the padded batch it ran before issue 20, taking turns like every engine.
+    batched = [c for c in cells if c["batch"] > 1]
+    measure(engines, [c for c in cells if c["batch"] == 1], iters, warmup, progress)
+    measure({**engines, PADDED: lambda texts: router.probabilities(texts, batch_size=len(texts), padded=True)},
+            batched, iters, warmup, progress)
+    for cell in batched:
+        cell["padded"] = cell["results"].pop(PADDED)
     measure(engines, [natural], max(iters, min(len(queries), 200)), warmup, progress)
 
     report["cells"] = cells
     report["queries"] = dict(natural, n=len(queries))
+    report["batch_invariance"] = batch_invariance(router, queries)
     headline = next((c for c in cells if c["batch"] == 1 and c["tokens_target"] == RATIO_TOKENS), cells[0] if cells else natural)
     report["ratios"] = {f"{name}_vs_torch_p50": ratio(headline, name) for name in ("int8", "fp32")}
     report["ratios"].update({f"{name}_vs_torch_cpu_p50": ratio(headline, name, "cpu_p50_ms") for name in ("int8", "fp32")})
@@ -196,6 +207,27 @@ def run_bench(bundle: str | Path, queries: Sequence[str] | None = None, baseline
                                  **{f"{name}_vs_torch_p50": ratio(c, name) for name in engines if name != "torch"}}
                                 for c in cells]
     return report
+
+
+def batch_invariance(router, queries: Sequence[str], batch: int = 32) -> dict:
+    """How route_batch (batches of `batch`, in the given order) and the padded batches it replaced
+    answer the queries, against route() on each alone: same decision means candidate, expected
+    rewards and confidence all equal."""
+    def key(d) -> dict:
+        out = d.to_json()
+        out.pop("latency_ms")
+        return out
+
+    alone = [key(router.route(q)) for q in queries]
+    out = {"n": len(queries), "batch": batch}
+    for name, padded in (("route_batch", False), ("padded", True)):
+        got = [key(d) for i in range(0, len(queries), batch)
+               for d in router.route_batch(queries[i:i + batch], batch_size=batch, padded=padded)]
+        out[name] = {"same_candidate": sum(a["candidate"] == g["candidate"] for a, g in zip(alone, got)),
+                     "same_decision": sum(a == g for a, g in zip(alone, got)),
+                     "max_expected_reward_diff": max(abs(a["expected_rewards"][k] - g["expected_rewards"][k])
+                                                     for a, g in zip(alone, got) for k in a["expected_rewards"])}
+    return out
 
 
 def ratio(cell: dict, engine: str, key: str = "p50_ms") -> float | None:
@@ -234,6 +266,19 @@ def format_table(report: dict) -> str:
         cpu = [f"{k.split('_')[0]} {v:.2f}x" for k, v in r.items() if k.endswith("_cpu_p50") and v is not None]
         lines.append(f"p50 vs PyTorch eager at {r['at_tokens']:.0f} tokens, batch 1: " + ", ".join(parts)
                      + " (CPU time: " + ", ".join(cpu) + ")")
+    for cell in report["cells"]:
+        if "padded" in cell:
+            alone, padded = cell["results"][report["shipped"]]["qps"], cell["padded"]["qps"]
+            lines.append(f"batch {cell['batch']} at {cell['tokens']:.0f} tokens, {report['shipped']}: each query alone "
+                         f"(route_batch: decisions independent of the batch) {alone:.1f} q/s, one padded batch (before "
+                         f"issue 20: decisions depend on the batch) {padded:.1f} q/s: {alone / padded:.2f}x")
+    inv = report.get("batch_invariance")
+    if inv:
+        mine, old = inv["route_batch"], inv["padded"]
+        lines.append(f"the given queries in batches of {inv['batch']}, against route() on each alone: route_batch "
+                     f"{mine['same_decision']}/{inv['n']} the same decision; padded batches {old['same_decision']}/{inv['n']} "
+                     f"({old['same_candidate']}/{inv['n']} the same candidate, expected rewards apart by up to "
+                     f"{old['max_expected_reward_diff']:.4f})")
     for name, why in report["skipped"].items():
         lines.append(f"skipped {name}: {why}")
     return "\n".join(lines)
@@ -244,8 +289,8 @@ class MicroBatcher:
     into one Router.route_batch call.
 
     For `zooter bench --triton`, which measures it beside threads sharing one Router: on CPU it was
-    slower, since a batch is padded to its longest query, and a dynamic int8 model's batch-wide
-    activation scales changed some decisions (docs/triton.md), so the Router does not offer it.
+    slower (docs/triton.md), so the Router does not offer it. route_batch runs each query alone
+    (issue 20), so gathering no longer changes decisions, and it saves no work either.
     """
 
     def __init__(self, router, window_ms: float = 1.0, max_batch: int = 32):

@@ -25,7 +25,7 @@ from zooter.runtime import decision as rule
 from zooter.runtime.bundle import BundleError, read_manifest
 from zooter.runtime.errors import SettingError
 from zooter.runtime.session import open_session
-from zooter.runtime.tokenize import clean_query, encode, load_tokenizer
+from zooter.runtime.tokenize import clean_query, encode, encode_each, load_tokenizer
 
 __all__ = ["Router", "Decision", "BundleError"]
 
@@ -117,12 +117,14 @@ class Router:
         logits, rewards = self.session.run(self.outputs, {name: feeds[name] for name in self.input_names})
         return logits, rewards
 
-    def outputs_of(self, texts: Sequence, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-        """(probabilities, raw reward scores) for every text, in input order, `batch_size` queries per call.
+    def outputs_of(self, texts: Sequence, batch_size: int = 32, padded: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, raw reward scores) for every text, in input order.
 
-        Batches are formed from queries of similar length: less padding to compute, and with
-        dynamic int8 (whose activation scales span the whole batch, padding included) answers
-        closer to routing each query alone."""
+        Each query runs alone at its own length, exactly as route() runs it, so its answer is a
+        function of the query alone: a dynamic int8 model takes its activation scales over the
+        whole batch, padding included, so in a shared batch a query's decision depended on its
+        companions (issue 20). `padded=True` is that older path, kept for `zooter bench` to compare
+        against: `batch_size` queries of similar length per call, padded to the longest."""
         if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
             raise TypeError(f"expected a list of queries, got {type(texts).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -135,6 +137,13 @@ class Router:
                 raise type(err)(f"query {i}: {err}" if len(texts) > 1 else str(err)) from None
         m = len(self.labels)
         probs, rewards = np.empty((len(cleaned), m)), np.empty((len(cleaned), m))
+        if not cleaned:
+            return probs, rewards
+        if not padded:
+            for i, feeds in enumerate(encode_each(self.tokenizer, cleaned, self.max_length)):
+                logits, scores = self.session.run(self.outputs, {name: feeds[name] for name in self.input_names})
+                probs[i], rewards[i] = rule.softmax(logits)[0], scores[0]
+            return probs, rewards
         order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i])) if len(cleaned) > batch_size else range(len(cleaned))
         order = list(order)
         for i in range(0, len(order), batch_size):
@@ -143,8 +152,8 @@ class Router:
             probs[idx], rewards[idx] = rule.softmax(logits), scores
         return probs, rewards
 
-    def probabilities(self, texts: Sequence, batch_size: int = 32) -> np.ndarray:
-        return self.outputs_of(texts, batch_size)[0]
+    def probabilities(self, texts: Sequence, batch_size: int = 32, padded: bool = False) -> np.ndarray:
+        return self.outputs_of(texts, batch_size, padded)[0]
 
     def decide(self, probs: np.ndarray, rewards: np.ndarray, lam: float | None = None, tolerance: float | None = None,
                candidates: Sequence[str] | None = None, latency_ms: float = 0.0) -> list[Decision]:
@@ -172,20 +181,21 @@ class Router:
             raise TypeError("route takes one query; use route_batch for a list")
         self.rule.settings(lam, tolerance)
         start = time.perf_counter()
-        logits, scores = self.scores([text])
-        decision = self.decide(rule.softmax(logits), scores, lam, tolerance, candidates)[0]
+        probs, scores = self.outputs_of([text])     # the path route_batch takes, to the last bit
+        decision = self.decide(probs, scores, lam, tolerance, candidates)[0]
         decision.latency_ms = (time.perf_counter() - start) * 1000
         return decision
 
     def route_batch(self, texts: Sequence, lam: float | None = None, tolerance: float | None = None,
-                    candidates: Sequence[str] | None = None, batch_size: int = 32) -> list[Decision]:
-        """Route many queries, `batch_size` per model call (see outputs_of), answers in input order;
-        latency_ms is the whole call's time. A bad query raises the error route() would, naming its index."""
+                    candidates: Sequence[str] | None = None, batch_size: int = 32, padded: bool = False) -> list[Decision]:
+        """Route many queries, answers in input order, each the decision route() gives that query alone
+        (see outputs_of; `padded` and `batch_size` only for comparisons); latency_ms is the whole
+        call's time. A bad query raises the error route() would, naming its index."""
         if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
             raise TypeError(f"route_batch takes a list of queries, got {type(texts).__name__}")
         self.rule.settings(lam, tolerance)
         start = time.perf_counter()
         if not len(texts):
             return []
-        probs, scores = self.outputs_of(texts, batch_size)
+        probs, scores = self.outputs_of(texts, batch_size, padded)
         return self.decide(probs, scores, lam, tolerance, candidates, (time.perf_counter() - start) * 1000)

@@ -73,16 +73,7 @@ def encode(tokenizer, texts: Sequence, max_length: int | None = None) -> dict[st
 
     `max_length` re-checks the cut (the tokenizer from `load_tokenizer` already truncates).
     """
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
-        raise TypeError(f"encode takes a list of queries, got {type(texts).__name__}")
-    cleaned = [clean_query(t) for t in texts]
-    if not cleaned:
-        raise ValueError("encode needs at least one query")
-    encodings = tokenizer.encode_batch(cleaned)
-    if max_length is not None:
-        longest = max(len(e.ids) for e in encodings)
-        if longest > max_length:
-            raise ValueError(f"tokenizer returned {longest} tokens for max_length {max_length}: load it with load_tokenizer")
+    encodings = _encodings(tokenizer, texts, max_length)
     width = max(len(e.ids) for e in encodings)
     batch = len(encodings)
     ids = np.full((batch, width), _pad_id(tokenizer), dtype=np.int64)
@@ -94,3 +85,28 @@ def encode(tokenizer, texts: Sequence, max_length: int | None = None) -> dict[st
         mask[i, :n] = 1
         types[i, :n] = e.type_ids
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def encode_each(tokenizer, texts: Sequence, max_length: int | None = None) -> list[dict[str, np.ndarray]]:
+    """One feed per query, each (1, its own length) and unpadded: exactly what `encode([text])` gives,
+    tokenized in one encode_batch call."""
+    out = []
+    for e in _encodings(tokenizer, texts, max_length):
+        ids = np.asarray(e.ids, dtype=np.int64)[None, :]
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                    "token_type_ids": np.asarray(e.type_ids, dtype=np.int64)[None, :]})
+    return out
+
+
+def _encodings(tokenizer, texts: Sequence, max_length: int | None):
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise TypeError(f"encode takes a list of queries, got {type(texts).__name__}")
+    cleaned = [clean_query(t) for t in texts]
+    if not cleaned:
+        raise ValueError("encode needs at least one query")
+    encodings = tokenizer.encode_batch(cleaned)
+    if max_length is not None:
+        longest = max(len(e.ids) for e in encodings)
+        if longest > max_length:
+            raise ValueError(f"tokenizer returned {longest} tokens for max_length {max_length}: load it with load_tokenizer")
+    return encodings

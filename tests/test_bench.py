@@ -33,6 +33,14 @@ def test_bench_reports_all_engines_side_by_side(bundles, tmp_path, capsys):
     assert ratios["int8_vs_torch_p50"] == pytest.approx(cell64["int8"]["p50_ms"] / cell64["torch"]["p50_ms"])
     assert ratios["fp32_vs_torch_p50"] == pytest.approx(cell64["fp32"]["p50_ms"] / cell64["torch"]["p50_ms"])
     assert "p50 vs PyTorch eager at" in table and "cold start" in table
+    # A batch as route_batch runs it (each query alone) beside the padded batch it replaced.
+    padded = report["cells"][2]["padded"]
+    assert 0 < padded["p50_ms"] <= padded["p99_ms"] and padded["n"] >= 3 and "padded" not in report["cells"][0]
+    assert "batch 8 at 64 tokens, int8: each query alone" in table and "one padded batch" in table
+    inv = report["batch_invariance"]
+    assert inv["n"] == report["queries"]["n"] and inv["route_batch"]["same_decision"] == inv["n"]
+    assert inv["padded"]["same_decision"] < inv["n"]    # the tiny INT8 bundle's padded batches move its answers
+    assert f"route_batch {inv['n']}/{inv['n']} the same decision" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

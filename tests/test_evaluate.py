@@ -145,3 +145,79 @@ def test_rewards_follow_the_router_label_order():
     data = RoutingDataset([Row("1", "q", {"b": 0.2, "a": 0.7})], ["b", "a"])
     assert aligned_rewards(data, ["a", "b", "z"])[0, :2].tolist() == [0.7, 0.2]
     assert np.isnan(aligned_rewards(data, ["a", "b", "z"])[0, 2])
+
+
+# --- honest figures: data the run has seen (issue 20.3) --------------------------------------------
+@pytest.fixture(scope="module")
+def seen_run(routing_files, tiny_backbone, tmp_path_factory):
+    """A tiny frozen run trained on routing_files' train rows, with its dev file."""
+    from zooter.training.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("seen") / "run"
+    train(TrainConfig(data=str(routing_files["train"]), dev=str(routing_files["dev"]), out=str(out),
+                      backbone=str(tiny_backbone), frozen=True, int8_consistency=0.0, epochs=2, max_length=32,
+                      batch_size=16, threads=1))
+    return out
+
+
+def _eval(run, data, tmp_path, capsys) -> tuple[dict, str]:
+    from zooter.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--data", str(data), "--json", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().err
+
+
+def _mix(routing_files, path, n_train: int):
+    """The 29 test rows whose queries training never saw, plus the first `n_train` training rows."""
+    from zooter.training.splits import dedupe
+
+    test, train, dev = (RoutingDataset.load(routing_files[k]) for k in ("test", "train", "dev"))
+    test = dedupe(dedupe(test, train)[0], dev)[0]
+    assert len(test) == 29      # the synthetic test file repeats one training query
+    RoutingDataset(test.rows + train.rows[:n_train], test.candidates).save(path)
+    return path
+
+
+def test_eval_warns_on_its_own_training_data_and_not_on_disjoint_data(seen_run, routing_files, tmp_path, capsys):
+    report, err = _eval(seen_run, routing_files["train"], tmp_path, capsys)
+    assert len(report["warnings"]) == 1 and "training rows (same data hash)" in report["warnings"][0]
+    assert "zooter eval: warning:" in err and "not held-out" in err
+    assert report["seen_in_training"]["training_queries"] == 120 and report["seen_in_training"]["seen_share"] == 1.0
+    # An exported bundle carries the digests: eval of the bundle warns alike.
+    from zooter.cli import main
+
+    assert main(["export", str(seen_run), "--out", str(tmp_path / "bundle"), "--quantize", "none"]) == 0
+    report, err = _eval(tmp_path / "bundle", _mix(routing_files, tmp_path / "mix4.jsonl", 4), tmp_path, capsys)
+    assert report["warnings"] and report["seen_in_training"]["from"] == "run.json query_digests"
+    report, err = _eval(seen_run, routing_files["dev"], tmp_path, capsys)
+    assert report["warnings"] and report["seen_in_training"]["dev_queries"] == 30
+    report, err = _eval(seen_run, _mix(routing_files, tmp_path / "disjoint.jsonl", 0), tmp_path, capsys)
+    assert report["warnings"] == [] and "warning" not in err
+    assert report["seen_in_training"]["checked"] and report["seen_in_training"]["seen_share"] == 0.0
+    # Shared queries: 4 of 33 (12.1%) warns, naming the share; 1 of 30 (3.3%) is under the 5% line.
+    report, err = _eval(seen_run, _mix(routing_files, tmp_path / "mix4.jsonl", 4), tmp_path, capsys)
+    assert len(report["warnings"]) == 1 and "4 of 33 queries (12.1%)" in err
+    report, err = _eval(seen_run, _mix(routing_files, tmp_path / "mix1.jsonl", 1), tmp_path, capsys)
+    assert report["warnings"] == [] and report["seen_in_training"]["training_queries"] == 1
+
+
+def test_eval_of_an_older_run_without_query_digests(seen_run, routing_files, tmp_path, capsys):
+    """A run trained before run.json kept its query digests: eval re-reads the files it names while
+    they hash as they did; when they are gone only the whole-file hashes are compared, and it says so."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(seen_run, old)
+    info = json.loads((old / "run.json").read_text())
+    del info["query_digests"]
+    (old / "run.json").write_text(json.dumps(info))
+    report, err = _eval(old, _mix(routing_files, tmp_path / "mix.jsonl", 4), tmp_path, capsys)
+    assert report["warnings"] and "re-read" in report["seen_in_training"]["from"]
+    info["data"] = str(tmp_path / "gone.jsonl")
+    (old / "run.json").write_text(json.dumps(info))
+    report, err = _eval(old, _mix(routing_files, tmp_path / "mix.jsonl", 4), tmp_path, capsys)
+    assert report["warnings"] == [] and not report["seen_in_training"]["checked"]
+    assert "files are gone" in report["seen_in_training"]["why"]
+    report, err = _eval(old, routing_files["train"], tmp_path, capsys)
+    assert report["warnings"] and "same data hash" in err

@@ -16,6 +16,8 @@ Conventions:
 - The oracle takes the best reward of each row; among tied best it takes the cheapest, so its cost
   is the least an oracle has to pay.
 - random is the exact expectation of a uniform choice among the scored candidates (no sampling).
+- Seen data: `warnings` names what makes the figures not held-out (the data is the run's training
+  or dev rows, or more than 5% of its queries are among them; see seen_data).
 - router_vs_best_single: the mean paired difference with a 95% interval from 2000 bootstrap
   resamples of the rows; calibration: the chosen candidate's expected reward against its realised
   reward in 10 equal-count bins (ECE = the count-weighted mean gap).
@@ -373,6 +375,62 @@ def aligned_rewards(data, labels: Sequence[str]) -> np.ndarray:
     return out
 
 
+SEEN_SHARE_LIMIT = 0.05   # more of the data's queries than this seen in training or dev: the figures are not held-out
+
+
+def seen_data(facts: dict, data) -> tuple[list[str], dict]:
+    """(warnings, overlap): whether `data` is, or shares queries with, the data the run trained on
+    (its training rows, and its dev rows, which chose the epoch and fitted the decision layer).
+
+    The query sets come from run.json's `query_digests`; a run trained before they were recorded
+    is checked against the training and dev files it names when they still hash as they did then,
+    else only the whole-file hashes are compared and `overlap` says why the queries were not."""
+    from zooter.training.splits import seen_in
+
+    warnings = []
+    digest = data.sha256()
+    for key, what in (("data_sha256", "training rows"), ("dev_sha256", "dev rows")):
+        if facts.get(key) == digest:
+            warnings.append(f"{data.path} is the run's {what} (same data hash): these figures are not held-out")
+    sets, source = facts.get("query_digests"), "run.json query_digests"
+    if sets is None:
+        sets, source = _digests_from_files(facts)
+    if sets is None:
+        return warnings, {"checked": False, "why": source}
+    train, dev = seen_in(data.queries, sets["train"]), seen_in(data.queries, sets["dev"])
+    seen = [a or b for a, b in zip(train, dev)]
+    n = max(len(seen), 1)
+    overlap = {"checked": True, "from": source, "n": len(seen), "training_queries": int(sum(train)),
+               "dev_queries": int(sum(dev)), "seen_share": sum(seen) / n, "limit": SEEN_SHARE_LIMIT}
+    if overlap["seen_share"] > SEEN_SHARE_LIMIT and not warnings:
+        warnings.append(f"{data.path}: {sum(seen)} of {len(seen)} queries ({overlap['seen_share']:.1%}) were seen by the run "
+                        f"({overlap['training_queries']} in training, {overlap['dev_queries']} in dev), more than "
+                        f"{SEEN_SHARE_LIMIT:.0%}: these figures are not held-out (`zooter data dedupe` removes them)")
+    return warnings, overlap
+
+
+def _digests_from_files(facts: dict) -> tuple[dict | None, str]:
+    """An older run's query sets, rebuilt from the files its run.json names; (None, why) when it cannot."""
+    from pathlib import Path
+
+    from zooter.runtime.errors import UserError
+    from zooter.training.dataset import RoutingDataset
+    from zooter.training.splits import query_digests
+    from zooter.training.train import split_dev
+
+    path, dev = facts.get("data"), (facts.get("config") or {}).get("dev")
+    why = "the run records no query_digests (trained before they were) and "
+    if not isinstance(path, str) or not Path(path).is_file() or (dev and not Path(dev).is_file()):
+        return None, why + "its training files are gone: only whole-file hashes were compared"
+    try:
+        train, held = split_dev(RoutingDataset.load(path), dev)
+    except UserError as err:
+        return None, why + f"its training files cannot be read ({err})"
+    if train.sha256() != facts.get("data_sha256") or held.sha256() != facts.get("dev_sha256"):
+        return None, why + "its training files changed since: only whole-file hashes were compared"
+    return {"train": query_digests(train.queries), "dev": query_digests(held.queries)}, f"{path} (re-read: older run)"
+
+
 def evaluate_router(path, data_path, *, candidates: str | None = None, lam: float = 0.0, tolerance: float = 0.0,
                     best_single: str | None = None, plots: str | None = None, router=None, guard: bool = True,
                     keep_rows: bool = False) -> dict:
@@ -394,6 +452,7 @@ def evaluate_router(path, data_path, *, candidates: str | None = None, lam: floa
     if not isinstance(decision, dict):
         raise UserError(f"{path}: no decision layer (trained by an older zooter); train and export it again")
     labels = list(router.labels)
+    warnings, overlap = seen_data(facts, data)
     probs, scores = router.outputs_of(data.queries)
     rewards = aligned_rewards(data, labels)
     keep = ~np.isnan(rewards).all(axis=1)
@@ -427,6 +486,7 @@ def evaluate_router(path, data_path, *, candidates: str | None = None, lam: floa
     report["data_sha256"] = data.sha256()
     report["dropped_rows_without_scores"] = int((~keep).sum())
     report["ignored_candidates"] = [c for c in data.candidates if c not in labels]
+    report["warnings"], report["seen_in_training"] = warnings, overlap
 
     # The paper's Figure 3: is routing easier when the reward distribution is peaked?
     choice = rule_for(labels, decision, costs, lam, tolerance).decide(probs, scores, allowed=~np.isnan(rewards),

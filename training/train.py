@@ -121,6 +121,7 @@ class Problem:
 def prepare(cfg: TrainConfig) -> Problem:
     """Split, temperature, targets (tag distributions from the training rows only) and provenance."""
     from zooter.training.labels import AllEqualRewards, auto_tau
+    from zooter.training.splits import DIGEST_SCHEME, query_digests
 
     train_data, dev_data = split_dev(RoutingDataset.load(cfg.data), cfg.dev)
     rewards = train_data.rewards()
@@ -138,6 +139,9 @@ def prepare(cfg: TrainConfig) -> Problem:
             "candidates_file": cfg.candidates, "best_single": best_single(train_data),
             "n_train": len(train_data), "n_dev": len(dev_data),
             "tags": {t: int(sum(t in r.tags for r in train_data.rows)) for t in tag_dists},
+            # so `zooter eval` can warn when it is given queries the router trained or chose on
+            "query_digests": {"scheme": DIGEST_SCHEME, "train": query_digests(train_data.queries),
+                              "dev": query_digests(dev_data.queries)},
             "config": asdict(cfg)}
     return Problem(train_data, dev_data, targets, meta)
 

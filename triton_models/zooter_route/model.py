@@ -6,10 +6,10 @@ same decision rule (zooter.runtime.decision), so a query is routed here exactly 
 python step instead of tokenize -> router -> decide saves two process round trips a request
 (docs/triton.md, "What each lever gave").
 
-Dynamic batching only gathers requests into one execute(): each request still runs on its own, at
-its own width, never padded with another (a dynamic int8 model takes its activation scales from the
-whole batch, so merging requests could change decisions). The rows of one request are routed
-together, as Router.route_batch routes a list. Optional `lambda`, `tolerance` and `candidates`
+Dynamic batching only gathers requests into one execute(): every row of every request still runs
+alone at its own width (Router.route_batch), so a decision here is the one Router.route gives the
+query in an app, whatever arrived with it (a dynamic int8 model takes its activation scales from the
+whole input, so padded rows would change each other's decisions: issue 20). Optional `lambda`, `tolerance` and `candidates`
 inputs are Router.route's per-request knobs. Bad input fails only its request, with INVALID_ARG
 (HTTP 400) naming the row or the knob.
 """

@@ -36,7 +36,8 @@ def register(sub) -> None:
         help="latency of a bundle vs PyTorch: cold start, p50/p95/p99, throughput by length and batch",
         description="Measure, side by side in one run, PyTorch eager (when the bundle's run is present), ONNX fp32 "
         "and the bundle's model: cold start; p50, p95, p99 and throughput for queries of about 16, 64, 256 and 512 "
-        "tokens, for batches of 1, 8 and 32 (at 64 tokens), and for the given queries at their own lengths. "
+        "tokens, for batches of 1, 8 and 32 (at 64 tokens; a batch as route_batch runs it, each query alone, beside "
+        "the same model on one padded batch, whose decisions depend on the batch), and for the given queries at their own lengths. "
         "Prints ratios against PyTorch. With --budget-ms, exits 1 when the bundle model's p99 on the queries "
         "exceeds the budget. With --triton URL: routing latency through Triton against in-process instead.",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from zooter.runtime.errors import UserError
 
@@ -198,7 +199,9 @@ def _register_eval(sub) -> None:
         "calibration of the expected rewards (ECE, reliability plot), a tolerance sweep of the cost knob, and "
         "routing accuracy by reward entropy. Prints a table and writes --json (and PNG plots with --plots).")
     p.add_argument("router", metavar="RUN_OR_BUNDLE", help="run folder (run.json) or bundle (router.json)")
-    p.add_argument("--data", required=True, help="evaluation data (JSONL); use rows never seen in training")
+    p.add_argument("--data", required=True, help="evaluation data (JSONL); use rows never seen in training (eval warns, on stderr and "
+                        "in the JSON's warnings, when it is the run's training or dev data or shares more than 5%% "
+                        "of their queries)")
     p.add_argument("--candidates", help="candidates.yaml with costs (default: the one recorded in the run)")
     p.add_argument("--tolerance", type=float, default=0.0, metavar="X",
                    help="cost knob in reward units: the cheapest candidate expected within X of the choice (default 0)")
@@ -220,6 +223,8 @@ def cmd_eval(args) -> int:
     check_weight(args.tolerance, "--tolerance")
     report = evaluate_router(args.router, args.data, candidates=args.candidates, lam=args.lam, tolerance=args.tolerance,
                              best_single=args.best_single, plots=args.plots)
+    for warning in report["warnings"]:
+        print(f"zooter eval: warning: {warning}", file=sys.stderr)
     if args.rmr:
         report["baselines"]["rmr"] = _rmr(args.data, args.rmr, report)
     from zooter.runtime.files import write_text_atomic
