@@ -91,42 +91,49 @@ class _Refused:
         self.what = what
 
 
+def _as_int(text: str):
+    digits = len(text.lstrip("-"))
+    return int(text) if digits <= MAX_INTEGER_DIGITS else _Refused(f"an integer of {digits} digits")
+
+
+def _as_float(text: str):
+    value = float(text)
+    return value if math.isfinite(value) else _Refused(f"{text[:40]} (beyond the largest number)")
+
+
+def _as_constant(name: str):
+    return _Refused(f"{name} (JSON has no such number)")
+
+
+# Made once: json.loads with hooks builds a decoder on every call. The int and float hooks cost a Python call per
+# number, so only a body with a run of digits or a 3-digit exponent (the only ways to a huge integer or an
+# infinite float) is decoded with them.
+_DECODE = json.JSONDecoder(parse_constant=_as_constant).decode
+_DECODE_NUMBERS = json.JSONDecoder(parse_constant=_as_constant, parse_int=_as_int, parse_float=_as_float).decode
+
+
 def parse_json(raw: bytes) -> dict:
     """A request body as a JSON object. Python's json takes NaN, Infinity, 1e999 and integers of any length, and
     recurses as deep as the body nests; upstreams choke on all of them (invalid JSON, OverflowError, a
     RecursionError), so they are refused here, each naming where it is."""
     if not raw.strip():
         raise invalid("the request body is empty: send a JSON object", code="invalid_json")
-    refused = []
-
-    def refuse(what: str) -> _Refused:
-        refused.append(what)
-        return _Refused(what)
-
-    def as_int(text: str):
-        digits = len(text.lstrip("-"))
-        return int(text) if digits <= MAX_INTEGER_DIGITS else refuse(f"an integer of {digits} digits")
-
-    def as_float(text: str):
-        value = float(text)
-        return value if math.isfinite(value) else refuse(f"{text[:40]} (beyond the largest number)")
-
-    # The int and float hooks cost a Python call per number (6x json.loads on a body of numbers): only a body
-    # with a long run of digits or a 3-digit exponent, the only ways to a huge integer or an infinite float, pays it.
     shape = raw.translate(_NUMBER_SHAPE)
     long = b"0" * (MAX_INTEGER_DIGITS + 1) in shape or b"e000" in shape or b"e+000" in shape
-    hooks = {"parse_int": as_int, "parse_float": as_float} if long else {}
     try:
-        body = json.loads(raw, parse_constant=lambda name: refuse(f"{name} (JSON has no such number)"), **hooks)
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        body = (_DECODE_NUMBERS if long else _DECODE)(text)
     except RecursionError:
         raise invalid(f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as err:    # JSONDecodeError is a ValueError
         raise invalid(f"the request body is not valid JSON: {quote(str(err), False)}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid(f"the request body must be a JSON object, not {_type_name(body)}", code="invalid_json")
-    # A body cannot nest deeper than it has brackets: most bodies need no walk at all.
+    # A body cannot nest deeper than it has brackets, nor hold a refused number without these bytes: most bodies
+    # need no walk at all.
+    refused = long or b"NaN" in raw or b"Infinity" in raw
     if refused or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
-        _check_tree(body, bool(refused))
+        _check_tree(body, refused)
     return body
 
 
