@@ -3,10 +3,10 @@
 uvicorn bounds a request's size (h11: 16 KiB of headers) but not its time: headers sent one byte at a time, or
 never finished, hold a connection open for ever, and nothing in the app sees it (the app starts only once the
 headers are in). `guarded(base, timeout, on_timeout)` is uvicorn's own HTTP protocol (h11 or httptools, as
-uvicorn picks) with one timer per connection: armed when a connection opens or a response ends, it closes a
-connection whose next request has not reached the app `timeout` seconds after its first byte (with a 408 when
-some of it came; silently when nothing did). The time the first byte came travels in the request's scope, so
-the app reads the body against the same deadline (gateway.py).
+uvicorn picks) with one timer per connection: armed when a connection opens and at a request's first byte, it
+closes a connection whose request has not reached the app `timeout` seconds after that (with a 408 when some
+of it came; silently when nothing did). The time the first byte came travels in the request's scope, so the
+app reads the body against the same deadline (gateway.py).
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ def guarded(base: type, timeout: float, on_timeout) -> type:
             super().data_received(data)
 
         def on_response_complete(self) -> None:
+            # Between requests uvicorn's keep-alive timeout closes an idle connection; the next request's first
+            # byte arms the timer again.
             self._in_request, self._first_byte = False, None
+            self._disarm()
             super().on_response_complete()
-            if not self._in_request and not self.transport.is_closing():
-                self._arm(timeout)
 
         def connection_lost(self, exc) -> None:
             self._disarm()

@@ -137,6 +137,9 @@ def parse_json(raw: bytes) -> dict:
     return body
 
 
+_CONTAINERS = (dict, list)
+
+
 def _check_tree(body: dict, refused: bool) -> None:
     """Depth at most MAX_DEPTH, and no _Refused number anywhere. Iterative (a recursive walk would hit the very
     limit it checks); paths are built only for the error."""
@@ -154,9 +157,6 @@ def _check_tree(body: dict, refused: bool) -> None:
                 where = _path((trail, key))
                 raise invalid(f"{where}: {item.what}: numbers must be finite, and integers at most "
                               f"{MAX_INTEGER_DIGITS} digits", where)
-
-
-_CONTAINERS = (dict, list)
 
 
 def _path(trail) -> str:
