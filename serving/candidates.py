@@ -96,8 +96,17 @@ def load_candidates(path: str | Path) -> list[Candidate]:
     try:
         items = yaml.safe_load(read_text(path, "candidates file"))
     except yaml.YAMLError as err:
-        raise CandidatesError(f"{path}: invalid YAML: {err}") from None
+        raise CandidatesError(f"{path}: invalid YAML{_yaml_where(err)}") from None
     return parse_candidates(items, str(path))
+
+
+def _yaml_where(err) -> str:
+    """' at line L, column C: what' on one line (PyYAML's own message spans three, with a source excerpt)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    what = " ".join((getattr(err, "problem", None) or str(err)).split())
+    context = getattr(err, "context", None)
+    return f"{where}: {what}" + (f" ({context})" if context else "")
 
 
 def save_candidates(candidates: Sequence[Candidate], path: str | Path) -> None:

@@ -2,13 +2,15 @@
 
     POST /v1/chat/completions, POST /v1/completions   streaming (SSE, `data: [DONE]`) or not
     GET  /v1/models    `zooter` and every candidate
-    GET  /health       liveness and readiness with the upstreams' state (?probe=live: liveness alone)
+    GET  /health       readiness from a background check of the upstreams (their map needs a key when keys are
+                       set); ?probe=live: liveness alone, ?probe=ready: readiness alone
     GET  /metrics      Prometheus
 
 `model: "zooter"` routes (per-request options in a `zooter` object: lambda, tolerance, candidates); a
 candidate's name goes straight to it. Headers x-zooter-candidate, x-zooter-confidence, x-zooter-fallback
 show the decision. Back ends and fallback: gateway_backends.py; upstreams: gateway_upstreams.py;
-request checks: gateway_requests.py; metrics: gateway_metrics.py. docs/gateway.md has the whole story.
+request checks: gateway_requests.py; metrics: gateway_metrics.py; the request-read deadline: gateway_http.py;
+/health's upstream check: gateway_health.py. docs/gateway.md has the whole story.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from typing import Callable, Sequence
 
 from zooter.runtime.errors import UserError
 from zooter.serving.gateway_backends import MID, Answer, BundleBackend, TritonBackend, remaining
+from zooter.serving.gateway_health import HealthMonitor
+from zooter.serving.gateway_http import STARTED, server_options, timeout_error
 from zooter.serving.gateway_metrics import Metrics
-from zooter.serving.gateway_requests import ApiError, parse_chat, parse_completion, read_json
+from zooter.serving.gateway_requests import INT32_MAX, ApiError, parse_chat, parse_completion, read_json
 from zooter.serving.gateway_upstreams import UpstreamError
 
 log = logging.getLogger("zooter.gateway")
@@ -45,11 +49,14 @@ class GatewaySettings:
     tolerance: float | None = None           # cost knob in reward units (None: the bundle's)
     api_keys: Sequence[str] = ()             # bearer tokens clients must send; empty: no authentication
     max_body_bytes: int = 1 << 20
-    request_timeout: float = 300.0           # a whole request, stream included
+    request_timeout: float = 300.0           # a whole request from its first byte: headers, body, answer, stream
     upstream_timeout: float = 60.0           # an upstream's first token and each one after it; a whole answer
                                              # when not streaming
     connect_timeout: float = 5.0
     max_tokens: int = 256                    # for Triton models when a request sends no max_tokens
+    max_tokens_limit: int = 1 << 20          # a request's max_tokens / max_completion_tokens above it: 400
+    max_attempts: int = 3                    # candidates tried at most for one request (fallback included)
+    health_interval: float = 5.0             # seconds between upstream checks while all are up (backs off to 30)
 
     def check(self) -> None:
         if bool(self.triton) == bool(self.bundle or self.candidates):
@@ -60,9 +67,16 @@ class GatewaySettings:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a number of seconds > 0, got {value!r}")
-        for name in ("max_body_bytes", "max_tokens"):
+        for name in ("max_body_bytes", "max_tokens", "max_attempts"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if not 1 <= self.max_tokens_limit <= INT32_MAX:
+            raise UserError(f"--max-tokens-limit must be from 1 to {INT32_MAX}, got {self.max_tokens_limit}")
+        if self.max_tokens > self.max_tokens_limit:
+            raise UserError(f"--max-tokens ({self.max_tokens}) must not exceed --max-tokens-limit "
+                            f"({self.max_tokens_limit})")
+        if not (math.isfinite(self.health_interval) and self.health_interval > 0):
+            raise UserError(f"the health check interval must be > 0 s, got {self.health_interval!r}")
         if self.triton and (self.lam is not None or self.tolerance is not None):
             raise UserError("--lambda and --tolerance apply to --bundle; a Triton repository has its rule built in "
                             "(zooter triton build --lambda/--tolerance)")
@@ -117,8 +131,10 @@ class Gateway:
             self.backend = BundleBackend(settings, self.metrics, self.http, self.redact)
         self.secrets = self.backend.secrets
         self.created = int(time.time())
+        self.monitor = HealthMonitor(self.backend.health, settings.health_interval)
 
     async def close(self) -> None:
+        await self.monitor.close()
         await self.backend.close()
         if self.http is not None:
             await self.http.aclose()
@@ -129,31 +145,37 @@ class Gateway:
             text = text.replace(secret, "[redacted]")
         return text
 
-    def authorize(self, request) -> None:
+    def authorized(self, request) -> bool:
         if not self.keys:
-            return
+            return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = _digest(token.strip())
         # Every key is compared, in constant time over equal-length digests: timing says nothing about a key.
         ok = False
         for key in self.keys:
             ok |= hmac.compare_digest(given, key)
-        if not (ok and scheme.lower() == "bearer"):
+        return ok and scheme.lower() == "bearer"
+
+    def authorize(self, request) -> None:
+        if not self.authorized(request):
             raise ApiError(401, "missing or invalid API key: send Authorization: Bearer <key>", code="invalid_api_key",
                            headers={"www-authenticate": "Bearer"})
 
     # --- answering ---------------------------------------------------------------------------------
     async def answer(self, request, kind: str):
+        from starlette.requests import ClientDisconnect
         from starlette.responses import JSONResponse, StreamingResponse
 
         endpoint = request.url.path
-        deadline = time.perf_counter() + self.settings.request_timeout
+        # From the request's first byte (gateway_http.py), so that headers and body share one deadline.
+        deadline = request.scope.get(STARTED, time.perf_counter()) + self.settings.request_timeout
         self.metrics.in_flight.inc()
         streaming = False
         try:
             self.authorize(request)
-            body = await read_json(request, self.settings.max_body_bytes)
-            call = parse_chat(body) if kind == "chat" else parse_completion(body)
+            body = await self._read(request, deadline)
+            limit = self.settings.max_tokens_limit
+            call = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
             answer = await self.backend.answer(call, deadline)
             headers = self._headers(answer)
             if answer.rest is not None:
@@ -167,6 +189,10 @@ class Gateway:
         except ApiError as err:
             self.metrics.requests.labels(endpoint, "", str(err.status)).inc()
             return error_response(err)
+        except ClientDisconnect:           # gone while sending its body: nobody to answer, nothing went wrong here
+            log.info("a client disconnected while sending its request to %s", endpoint)
+            self.metrics.requests.labels(endpoint, "", "499").inc()
+            return error_response(ApiError(499, "the client disconnected", code="client_disconnected"))
         except Exception:
             log.exception("unexpected error answering %s", endpoint)
             self.metrics.requests.labels(endpoint, "", "500").inc()
@@ -174,6 +200,19 @@ class Gateway:
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
+
+    async def _read(self, request, deadline: float) -> dict:
+        import anyio
+
+        try:
+            with anyio.fail_after(max(deadline - time.perf_counter(), 0.0)):
+                return await read_json(request, self.settings.max_body_bytes)
+        except TimeoutError:
+            raise timeout_error(self.settings.request_timeout) from None
+
+    def read_timed_out(self) -> None:
+        """A request whose headers did not arrive in time (gateway_http.py closed its connection with a 408)."""
+        self.metrics.requests.labels("", "", "408").inc()
 
     @staticmethod
     def _headers(answer: Answer) -> dict:
@@ -244,15 +283,23 @@ class Gateway:
                                                          "owned_by": "zooter"} for name in names]})
 
     async def health(self, request):
+        """Open to probes without a key; the upstream map (names, reasons) only with one when keys are set. Never
+        asks an upstream itself: the monitor's last check answers."""
         from starlette.responses import JSONResponse
 
-        if request.query_params.get("probe") == "live":
+        probe = request.query_params.get("probe")
+        if probe == "live":
             return JSONResponse({"live": True})
-        ready, upstreams = await self.backend.health()
+        ready, upstreams, age = await self.monitor.current()
+        code = 200 if ready else 503
+        if probe == "ready":
+            return JSONResponse({"ready": ready}, status_code=code)
         up = sum(state == "up" for state in upstreams.values())
         status = "ok" if ready and up == len(upstreams) else "degraded" if ready else "unavailable"
-        return JSONResponse({"status": status, "live": True, "ready": ready, "backend": self.backend.kind,
-                             "upstreams": upstreams}, status_code=200 if ready else 503)
+        body = {"status": status, "live": True, "ready": ready}
+        if self.authorized(request):
+            body.update(backend=self.backend.kind, upstreams=upstreams, checked_seconds_ago=round(age, 1))
+        return JSONResponse(body, status_code=code)
 
     async def prometheus(self, request):
         from starlette.responses import Response
@@ -283,6 +330,7 @@ def create_app(settings: GatewaySettings, on_ready: Callable[[Gateway], None] | 
     @asynccontextmanager
     async def lifespan(app):
         await gateway.backend.start()
+        await gateway.monitor.start()
         if on_ready is not None:
             on_ready(gateway)
         try:
@@ -309,6 +357,12 @@ def create_app(settings: GatewaySettings, on_ready: Callable[[Gateway], None] | 
                     lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.state.gateway = gateway
     return app
+
+
+def gateway_server_options(app) -> dict:
+    """uvicorn.Config options the app needs: the HTTP protocol that bounds reading a request."""
+    gateway = app.state.gateway
+    return server_options(gateway.settings.request_timeout, gateway.read_timed_out)
 
 
 def listen(host: str, port: int):
@@ -340,7 +394,8 @@ def serve(settings: GatewaySettings, host: str = "127.0.0.1", port: int = 8000, 
 
     app = create_app(settings, on_ready=ready)     # the router and candidates load first: bad input fails fast
     sock = listen(host, port)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+                            **gateway_server_options(app))
     # uvicorn stops gracefully on Ctrl-C or SIGTERM, then raises the signal again for the handler it found:
     # this one, so that a requested stop exits 0, as `zooter serve` does.
     stops = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}

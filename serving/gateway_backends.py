@@ -2,7 +2,8 @@
 
     BundleBackend   the in-process Router ranks the candidates (in a thread pool, never on the event loop);
                     the first that answers gets the request: a failure before its first token passes the
-                    request to the next in the ranking, invisibly to the client
+                    request to the next in the ranking, invisibly to the client, up to --max-attempts
+                    candidates (a request every upstream fails must not go to all of them)
     TritonBackend   the `zooter` model of a Triton repository does both inside Triton
 
 Both hand the gateway an Answer: the candidate, whether it was a fallback, and the answer's start (a
@@ -21,7 +22,7 @@ from functools import partial
 from typing import AsyncIterator
 
 from zooter.runtime.errors import UserError
-from zooter.serving.gateway_requests import ApiError, Call, invalid
+from zooter.serving.gateway_requests import ApiError, Call, invalid, quote
 from zooter.serving.gateway_upstreams import (GrpcClients, OpenAIUpstream, TritonModelUpstream, TritonZooter,
                                               UpstreamError, chunk, completion, is_token, new_id)
 
@@ -68,7 +69,7 @@ async def first_token(chunks: AsyncIterator, timeout: float) -> list:
 
 
 def unknown_model(model: str, names: list[str]) -> ApiError:
-    return ApiError(404, f"unknown model {model!r}: use 'zooter' to route, or one of the candidates {names}",
+    return ApiError(404, f"unknown model {quote(model)}: use 'zooter' to route, or one of the candidates {names}",
                     code="model_not_found", param="model")
 
 
@@ -82,7 +83,7 @@ def check_names(call: Call, names: list[str]) -> None:
             raise invalid("zooter options apply to model 'zooter' only; this request names a candidate", "zooter")
     unknown = [n for n in call.options.get("candidates", []) if n not in names]
     if unknown:
-        raise invalid(f"zooter.candidates: unknown candidate(s) {unknown}", "zooter.candidates")
+        raise invalid(f"zooter.candidates: {len(unknown)} unknown candidate(s) {quote(unknown)}", "zooter.candidates")
 
 
 class BundleBackend:
@@ -150,7 +151,7 @@ class BundleBackend:
         allowed = options.get("candidates")
         if allowed:
             if not any(n in self.router.labels for n in allowed):
-                raise invalid(f"zooter.candidates: none of {allowed} is one the router chooses between "
+                raise invalid(f"zooter.candidates: none of {quote(allowed)} is one the router chooses between "
                               f"({self.router.labels})", "zooter.candidates")
             kwargs["candidates"] = [n for n in allowed if n in self.router.labels]
         start = time.perf_counter()
@@ -165,13 +166,17 @@ class BundleBackend:
 
     async def answer(self, call: Call, deadline: float) -> Answer:
         ranking, confidence = await self._route(call)
-        failures = []
-        for name in ranking:
+        failures, attempts = [], 0
+        for i, name in enumerate(ranking):
             upstream = self.upstreams.get(name)
             if upstream is None:
                 failures.append(f"{name}: {self.unservable[name]}")
                 self.metrics.failure(name, BEFORE, "no_serve")
                 continue
+            if attempts == self.settings.max_attempts:
+                failures.append(f"{len(ranking) - i} more not tried (--max-attempts {attempts})")
+                break
+            attempts += 1
             started = time.perf_counter()
             try:
                 if call.stream:
@@ -301,7 +306,7 @@ class TritonBackend:
         # The zooter model checks the client's input before any candidate (INVALID_ARG; in a stream only the
         # message says so): those are the client's to fix.
         if err.client_status or BAD_INPUT in err.detail:
-            return invalid(f"Triton refused the request: {err.detail}", "messages")
+            return invalid(f"Triton refused the request: {quote(err.detail, False)}", "messages")
         return ApiError(503, f"Triton could not answer: {err.message}", "upstream_error", "upstreams_unavailable")
 
     @staticmethod

@@ -8,7 +8,7 @@ Models whose name contains a keyword misbehave:
     slow     waits 3 s before answering (past the tests' upstream timeout)
     picky    400 "max_tokens is too large for this model" (the client's fault: no fallback)
     private  401 unless the request carries "Authorization: Bearer <UPSTREAM_KEY>"
-Every request is recorded: (model, authorization header, body).
+Every request is recorded: (model, authorization header, body); every GET /models (a health probe) in `probes`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ UPSTREAM_KEY = "sk-upstream-test-0123456789"
 
 
 class ServerThread:
-    """uvicorn serving `app` on 127.0.0.1 (a free port) in a daemon thread."""
+    """uvicorn serving `app` on 127.0.0.1 (a free port) in a daemon thread; `options` go to uvicorn.Config."""
 
-    def __init__(self, app):
+    def __init__(self, app, **options):
         import uvicorn
 
         # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on accepted connections (as the gateway's own listen does)
@@ -34,7 +34,8 @@ class ServerThread:
         sock.listen(512)
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=2,
+                                **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
@@ -60,7 +61,7 @@ class Abort(Exception):
     """Raised inside a streaming body: uvicorn drops the connection without ending the chunked response."""
 
 
-def stub_app(records: list):
+def stub_app(records: list, probes: list | None = None):
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
@@ -117,6 +118,8 @@ def stub_app(records: list):
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def models(request):
+        if probes is not None:
+            probes.append(request.url.path)
         return JSONResponse({"object": "list", "data": []})
 
     return Starlette(routes=[Route("/v1/chat/completions", answer, methods=["POST"]),

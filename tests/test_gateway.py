@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import select
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -52,9 +55,11 @@ def write_candidates(path: Path, serve: dict[str, dict]) -> Path:
 
 
 def start_gateway(**settings) -> ServerThread:
-    from zooter.serving.gateway import GatewaySettings, create_app
+    """The gateway as `zooter gateway` serves it (its guarded HTTP protocol included), in a thread."""
+    from zooter.serving.gateway import GatewaySettings, create_app, gateway_server_options
 
-    return ServerThread(create_app(GatewaySettings(**settings)))
+    app = create_app(GatewaySettings(**settings))
+    return ServerThread(app, **gateway_server_options(app))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def faulty(bundles, stub, upstream_key, ranking, tmp_path_factory):
              ranking[2]: {"openai_base_url": v1, "model": "slow"},
              ranking[3]: {"openai_base_url": v1, "model": "good"}}
     path = write_candidates(tmp_path_factory.mktemp("faulty") / "candidates.yaml", serve)
-    server = start_gateway(bundle=bundles["int8"], candidates=path, upstream_timeout=1.0)
+    server = start_gateway(bundle=bundles["int8"], candidates=path, upstream_timeout=1.0, max_attempts=4)
     yield server
     server.stop()
 
@@ -298,18 +303,69 @@ BAD = [  # (body, status, param or code, words in the message)
     ({"model": "alpha-7b", "messages": [{"role": "user", "content": "hi"}], "zooter": {"lambda": 1}}, 400, "zooter",
      "model 'zooter' only"),
     ({"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "unknown model 'gpt-17'"),
+    (b"null", 400, "invalid_json", "must be a JSON object, not null"),
+    (b'"hi"', 400, "invalid_json", "must be a JSON object, not string"),
+    # Integers within their ranges (Triton's INT32 inputs wrapped or overflowed; upstreams got them unchecked).
+    *[({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], name: value}, 400, name, "must be an integer")
+      for name, value in [("max_tokens", 4294967299), ("max_tokens", 3000000000), ("max_tokens", 10**30),
+                          ("max_tokens", 10**9), ("max_tokens", 0), ("max_completion_tokens", 2**31),
+                          ("seed", 2**64), ("top_k", -5), ("top_logprobs", 21), ("min_tokens", -1)]],
+    # Bodies Python's json takes but nothing downstream can: deep nesting, 5,000 digits, NaN and infinities.
+    (b'{"model": "zooter", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json", "nests deeper than"),
+    (b'{"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "tools": ' + b"[" * 100 + b"]" * 100 + b"}",
+     400, "tools" + "[0]" * 63, "nests deeper than 64"),
+    (b'{"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "seed": 1' + b"0" * 5000 + b"}", 400,
+     "seed", "an integer of 5001 digits"),
+    *[(b'{"model": "zooter", "messages": [{"role": "user", "content": "hi"}], ' + field + b"}", 400, param, words)
+      for field, param, words in [(b'"frequency_penalty": NaN', "frequency_penalty", "NaN"),
+                                  (b'"seed": Infinity', "seed", "Infinity"),
+                                  (b'"logit_bias": {"50256": -Infinity}', "logit_bias.50256", "-Infinity"),
+                                  (b'"temperature": 1e999', "temperature", "1e999"),
+                                  (b'"metadata": {"tags": [1, NaN]}', "metadata.tags[1]", "NaN")]],
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": 101}}, 400,
+     "logit_bias", "from -100 to 100"),
+    ({"model": "zooter", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": -3}, 400,
+     "presence_penalty", "between"),
 ]
 
 
-@pytest.mark.parametrize("body,status,param,words", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
-def test_bad_input_gets_an_openai_shaped_error(healthy, body, status, param, words):
+@pytest.mark.parametrize("body,status,param,words", BAD, ids=[f"{i}-{b[2][:30]}" for i, b in enumerate(BAD)])
+def test_bad_input_gets_an_openai_shaped_error(healthy, stub, body, status, param, words, caplog):
     headers = {"authorization": f"Bearer {CLIENT_KEYS[0]}", "content-type": "application/json"}
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    asked = len(stub.records)
     response = httpx.post(healthy.url + "/v1/chat/completions", headers=headers, content=content)
-    assert response.status_code == status
+    assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "code", "param"} and words in error["message"]
     assert param in (error["param"], error["code"])
+    assert len(stub.records) == asked and "Traceback" not in caplog.text        # nothing went upstream
+
+
+def test_integer_ranges_hold_on_the_triton_back_end_too():
+    """Checked before any back end: with --triton, 4294967299 no longer wraps to 3 in Triton's INT32 input, nor
+    does 10**30 overflow into a 500 (Triton is not even running here: the 400 comes first)."""
+    gateway = start_gateway(triton=f"grpc://127.0.0.1:{closed_port()}")
+    try:
+        for value in (4294967299, 3000000000, 10**30, 2**20 + 1):
+            response = httpx.post(gateway.url + "/v1/chat/completions",
+                                  json={"model": "zooter", "messages": ask(QUERY), "max_tokens": value})
+            assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens", response.text
+    finally:
+        gateway.stop()
+
+
+def test_errors_quote_a_bounded_part_of_the_input(faulty):
+    many = [f"n{i}" for i in range(80000)]
+    response = httpx.post(faulty.url + "/v1/chat/completions",
+                          json={"model": "zooter", "messages": ask(QUERY), "zooter": {"candidates": many}})
+    assert response.status_code == 400 and len(response.content) < 1000, len(response.content)
+    assert "80000 unknown candidate(s)" in response.json()["error"]["message"]
+    response = httpx.post(faulty.url + "/v1/chat/completions", json={"model": "m" * 100000, "messages": ask(QUERY)})
+    assert response.status_code == 404 and len(response.content) < 1000, len(response.content)
+    response = httpx.post(faulty.url + "/v1/chat/completions",
+                          json={"model": "zooter", "messages": [{"role": "r" * 100000, "content": "hi"}]})
+    assert response.status_code == 400 and len(response.content) < 1000, len(response.content)
 
 
 def test_oversize_bodies_unknown_paths_and_the_openai_client(healthy):
@@ -355,6 +411,153 @@ def test_metrics_count_requests_routing_latency_and_tokens(healthy, router):
     assert metric(healthy, "zooter_gateway_in_flight_requests") == 0
 
 
+# --- reading a request: deadline, disconnects ---------------------------------------------------------------
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What the server sends until it closes (a socket timeout, generous, fails the test instead of hanging)."""
+    data = b""
+    while True:
+        try:
+            part = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not part:
+            return data
+        data += part
+
+
+def trickle(sock: socket.socket, data: bytes, every: float = 0.25) -> bytes:
+    """Send `data` a byte at a time, `every` seconds apart, until the server answers or closes: what it sent."""
+    for byte in data:
+        readable, _, _ = select.select([sock], [], [], every)
+        if readable:
+            return read_until_closed(sock)
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:              # closed under us
+            return read_until_closed(sock)
+    pytest.fail("the server took the whole trickle: it set no deadline on reading the request")
+
+
+def connect(server: ServerThread, head: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    sock.sendall(head)
+    return sock
+
+
+def wait_for(condition, what: str, limit: float = 60.0) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+
+
+@pytest.fixture(scope="module")
+def impatient(bundles, stub, tmp_path_factory):
+    """A gateway with a 2-second request timeout (not used for anything that should be answered)."""
+    path = write_candidates(tmp_path_factory.mktemp("impatient") / "candidates.yaml",
+                            {label: {"openai_base_url": stub.url + "/v1", "model": "good"} for label in LABELS})
+    server = start_gateway(bundle=bundles["int8"], candidates=path, request_timeout=2.0)
+    yield server
+    server.stop()
+
+
+def test_a_request_must_arrive_within_the_request_timeout(impatient, caplog):
+    """Slow-loris, with headers or body: stalled or a byte at a time, each is cut at --request-timeout (a 408, or a
+    closed connection when its headers never came), counted, and the in-flight gauge comes back to 0."""
+    endpoint = "/v1/chat/completions"
+    early, late = (metric(impatient, "zooter_gateway_requests_total", None, endpoint=e, status="408") for e in ("", endpoint))
+    # Headers that never end: stalled, then a byte every 0.25 s.
+    stalled = read_until_closed(connect(impatient, b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127"))
+    assert stalled == b"" or stalled.startswith(b"HTTP/1.1 408"), stalled
+    dripped = trickle(connect(impatient, b"POST /v1/chat"), b"/completions HTTP/1.1\r\nx-slow: " + b"a" * 400)
+    assert dripped.startswith(b"HTTP/1.1 408") and b"request_timeout" in dripped, dripped
+    # Bodies that never end: 5 stalled at once (each held a request in flight), and one a byte every 0.25 s.
+    body = json.dumps({"model": "zooter", "messages": ask(QUERY)}).encode()
+    socks = [connect(impatient, HEAD + b"content-length: %d\r\n\r\n" % len(body) + body[:20]) for _ in range(5)]
+    dripped = trickle(connect(impatient, HEAD + b"content-length: %d\r\n\r\n" % len(body)), body)
+    for answer in [read_until_closed(sock) for sock in socks] + [dripped]:
+        assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer, answer
+    assert metric(impatient, "zooter_gateway_requests_total", None, endpoint=endpoint, status="408") == late + 6
+    assert metric(impatient, "zooter_gateway_requests_total", None, endpoint="", status="408") >= early + 1
+    assert metric(impatient, "zooter_gateway_in_flight_requests", None) == 0
+    assert "Traceback" not in caplog.text
+
+
+def test_a_client_that_leaves_while_sending_is_a_499_not_an_error(healthy, caplog):
+    endpoint = "/v1/chat/completions"
+    before = metric(healthy, "zooter_gateway_requests_total", endpoint=endpoint, status="499")
+    errors = metric(healthy, "zooter_gateway_requests_total", endpoint=endpoint, status="500")
+    sock = connect(healthy, HEAD + f"authorization: Bearer {CLIENT_KEYS[0]}\r\n".encode() +
+                   b"content-length: 5000\r\n\r\n" + b'{"model": "zooter", "messages": [')
+    sock.close()
+    wait_for(lambda: metric(healthy, "zooter_gateway_requests_total", endpoint=endpoint, status="499") == before + 1,
+             "the disconnect was not counted as 499")
+    assert metric(healthy, "zooter_gateway_requests_total", endpoint=endpoint, status="500") == errors
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert metric(healthy, "zooter_gateway_in_flight_requests") == 0
+
+
+# --- health and the retry budget ------------------------------------------------------------------------------
+def test_health_answers_from_one_background_check(bundles, upstream_key, tmp_path):
+    """Ten /health calls ask each upstream once (the monitor's first check), not ten times; probes need no key
+    and get the status alone; the upstream map needs a key."""
+    records, probes = [], []
+    stub = ServerThread(stub_app(records, probes))
+    path = write_candidates(tmp_path / "c.yaml", {label: {"openai_base_url": stub.url + "/v1"} for label in LABELS})
+    gateway = start_gateway(bundle=bundles["int8"], candidates=path, api_keys=CLIENT_KEYS, health_interval=3600)
+    try:
+        key = {"authorization": f"Bearer {CLIENT_KEYS[0]}"}
+        for _ in range(10):
+            detailed = httpx.get(gateway.url + "/health", headers=key)
+            assert detailed.status_code == 200 and detailed.json()["upstreams"] == {label: "up" for label in LABELS}
+        assert len(probes) == len(LABELS), probes
+        bare = httpx.get(gateway.url + "/health")
+        assert bare.status_code == 200 and bare.json() == {"status": "ok", "live": True, "ready": True}
+        wrong = httpx.get(gateway.url + "/health", headers={"authorization": "Bearer nope"}).json()
+        assert "upstreams" not in wrong and "backend" not in wrong
+        ready = httpx.get(gateway.url + "/health?probe=ready")
+        assert ready.status_code == 200 and ready.json() == {"ready": True}
+        assert httpx.get(gateway.url + "/health?probe=live").json() == {"live": True}
+        assert len(probes) == len(LABELS)
+    finally:
+        gateway.stop()
+        stub.stop()
+
+
+def test_health_sees_an_upstream_go_down_without_being_asked(bundles, tmp_path):
+    stub = ServerThread(stub_app([]))
+    path = write_candidates(tmp_path / "c.yaml", {label: {"openai_base_url": stub.url + "/v1"} for label in LABELS})
+    gateway = start_gateway(bundle=bundles["int8"], candidates=path, health_interval=0.2)
+    try:
+        assert httpx.get(gateway.url + "/health").json()["status"] == "ok"
+        stub.stop()
+        wait_for(lambda: httpx.get(gateway.url + "/health").status_code == 503, "/health never saw the upstream go")
+        health = httpx.get(gateway.url + "/health").json()
+        assert health["status"] == "unavailable" and all(s.startswith("down") for s in health["upstreams"].values())
+        assert httpx.get(gateway.url + "/health?probe=ready").status_code == 503
+        assert httpx.get(gateway.url + "/health?probe=live").status_code == 200
+    finally:
+        gateway.stop()
+
+
+def test_a_request_every_upstream_fails_tries_max_attempts_candidates(bundles, stub, tmp_path):
+    from openai import InternalServerError
+
+    path = write_candidates(tmp_path / "c.yaml",
+                            {label: {"openai_base_url": stub.url + "/v1", "model": f"broken-{label}"} for label in LABELS})
+    gateway = start_gateway(bundle=bundles["int8"], candidates=path)
+    try:
+        asked = len(stub.records)
+        with pytest.raises(InternalServerError, match=r"1 more not tried \(--max-attempts 3\)") as info:
+            client(gateway, None).chat.completions.create(model="zooter", messages=ask(QUERY))
+        assert info.value.status_code == 503 and len(stub.records) == asked + 3
+    finally:
+        gateway.stop()
+
+
 def test_health_and_models_show_the_upstreams(faulty, ranking):
     response = httpx.get(faulty.url + "/health")
     assert response.status_code == 200
@@ -368,6 +571,9 @@ def test_health_and_models_show_the_upstreams(faulty, ranking):
 def test_the_command_refuses_a_bad_setup_in_one_line(bundles, tmp_path, capsys):
     from zooter.cli import main
 
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("- name: a\n  serve: {openai_base_url: http://127.0.0.1:1/v1\n- name: b\n")
+
     cases = [([], "give either --triton URL or --bundle B --candidates FILE"),
              (["--bundle", str(bundles["int8"])], "--bundle and --candidates go together"),
              (["--triton", "http://127.0.0.1:8000"], "the gateway talks to Triton over gRPC"),
@@ -376,7 +582,13 @@ def test_the_command_refuses_a_bad_setup_in_one_line(bundles, tmp_path, capsys):
              (["--bundle", str(bundles["int8"]), "--candidates", str(bundles["candidates"]),
                "--api-keys-file", str(tmp_path / "none")], "no such API keys file"),
              (["--bundle", str(bundles["int8"]), "--candidates", str(bundles["candidates"]),
-               "--upstream-timeout", "0"], "--upstream-timeout must be")]
+               "--upstream-timeout", "0"], "--upstream-timeout must be"),
+             (["--bundle", str(bundles["int8"]), "--candidates", str(bundles["candidates"]),
+               "--max-attempts", "0"], "--max-attempts must be >= 1"),
+             (["--bundle", str(bundles["int8"]), "--candidates", str(bundles["candidates"]),
+               "--max-tokens-limit", str(2**31)], "--max-tokens-limit must be from 1 to 2147483647"),
+             (["--bundle", str(bundles["int8"]), "--candidates", str(bad_yaml)],
+              f"{bad_yaml}: invalid YAML at line 3, column 7: expected ',' or '}}'")]
     for argv, message in cases:
         assert main(["gateway", *argv]) == 2, argv
         err = capsys.readouterr().err

@@ -43,7 +43,9 @@ def register(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="larger request bodies are refused with 413 (default 1048576)")
     p.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
-                   help="seconds for a whole request, stream included (default 300)")
+                   help="seconds for a whole request from its first byte: headers and body must arrive within it "
+                        "(else 408, or a closed connection), and the answer, stream included, must end within it "
+                        "(default 300)")
     p.add_argument("--upstream-timeout", type=float, default=60.0, metavar="S",
                    help="seconds an upstream may take to its first token and between tokens after it (to its "
                         "whole answer when not streaming); past it, the next candidate takes over before the first "
@@ -52,6 +54,12 @@ def register(sub) -> None:
                    help="seconds to connect to an OpenAI-compatible upstream (default 5)")
     p.add_argument("--max-tokens", type=int, default=256,
                    help="answer length for Triton models when a request sends no max_tokens (default 256)")
+    p.add_argument("--max-tokens-limit", type=int, default=1 << 20, metavar="N",
+                   help="a request's max_tokens or max_completion_tokens above N is refused with 400 "
+                        "(default 1048576; at most 2147483647)")
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N",
+                   help="with --bundle: candidates tried at most for one request when they fail before their first "
+                        "token (HTTP 5xx, timeouts, refused connections); then 503 (default 3)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
                    help="log level (default info); request bodies and keys are never logged")
     p.set_defaults(func=cmd_gateway)
@@ -69,5 +77,6 @@ def cmd_gateway(args) -> int:
                                api_keys=load_api_keys(args.api_keys_file) if args.api_keys_file else (),
                                max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                                upstream_timeout=args.upstream_timeout, connect_timeout=args.connect_timeout,
-                               max_tokens=args.max_tokens)
+                               max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
+                               max_attempts=args.max_attempts)
     return serve(settings, args.host, args.port, args.log_level)
