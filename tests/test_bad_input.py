@@ -233,3 +233,36 @@ def test_train_refuses_an_existing_run_and_never_mixes_one(routing_files, tiny_b
     assert "an interrupted run" in capsys.readouterr().err
     assert main(args + ["--force", "--seed", "5"]) == 0
     assert json.loads((out / "run.json").read_text())["seed"] == 5 and not (tmp_path / ".run.partial").exists()
+
+
+# --- rewards ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reward, shown", [("1e308", "1e+308"), ("-1e308", "-1e+308"), ("1000001", "1000001.0"),
+                                           ("1" + "0" * 400, "beyond a float's range")])
+def test_rewards_beyond_the_bound_are_refused_naming_line_and_candidate(tmp_path, capsys, reward, shown):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "a", "query": "one", "rewards": {"x": 0.5, "y": 0.2}}\n'
+                    f'{{"id": "b", "query": "two", "rewards": {{"x": 0.5, "y": {reward}}}}}\n')
+    assert main(["data", "stats", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.jsonl:2: reward for 'y' is {shown}, outside the accepted range [-1e+06, 1e+06]" in err
+    assert "Traceback" not in err
+
+
+def test_eval_prints_rewards_at_the_bound_with_four_significant_digits_and_no_warnings(bundles, tmp_path, capsys):
+    import re
+    import warnings
+
+    rng = __import__("random").Random(0)
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "query": text, "rewards": {
+        name: rng.choice([1e6, -1e6, rng.uniform(-1e6, 1e6)]) for name in LABELS}}) + "\n" for i, text in enumerate(TEXTS)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["eval", str(bundles["fp32"]), "--data", str(data), "--json", str(tmp_path / "r.json"),
+                     "--best-single", LABELS[0]]) == 0
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines()[1:len(LABELS) + 5]]   # method [*] reward cost MTR
+    significant = lambda text: len(re.sub(r"\D", "", text.split("e")[0]).lstrip("0"))
+    assert all(significant(row[-3]) == 4 for row in table), table
+    ci = re.search(r"router - best single = (\S+) \[95% CI (\S+), (\S+)\]", out).groups()
+    assert all(significant(figure) == 4 for figure in ci), ci

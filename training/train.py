@@ -28,6 +28,7 @@ import numpy as np
 
 from zooter.runtime.errors import UserError
 from zooter.training.dataset import RoutingDataset
+from zooter.training.evaluate import reward_text
 from zooter.training.labels import training_targets
 
 # Per-mode defaults; docs/training.md has the runs that chose them.
@@ -349,7 +350,7 @@ def _checkpoint(folder: RunFolder, progress: Progress, module, optimizer, schedu
 
 def _report(bar, cfg: TrainConfig, point: dict) -> None:
     bar.write(f"epoch {point['epoch']}/{cfg.epochs}: train loss {point['train_loss']:.4f}, "
-              f"dev routed reward {point['dev_reward']:.4f}"
+              f"dev routed reward {reward_text(point['dev_reward'])}"
               + (f", INT8 agreement {point['dev_int8_agreement']:.2%}" if "dev_int8_agreement" in point else ""))
 
 
@@ -516,7 +517,7 @@ def train_head(cfg: TrainConfig, problem: Problem, folder: RunFolder, rng, resum
         if dev_q is not None:
             best["int8_agreement"] = float(np.mean(head(dev_q).numpy().argmax(1) == logits.argmax(1)))
     if main:
-        print(f"head averaged over epochs {cfg.epochs // 2 + 1}-{cfg.epochs}: dev routed reward {best['dev_reward']:.4f}"
+        print(f"head averaged over epochs {cfg.epochs // 2 + 1}-{cfg.epochs}: dev routed reward {reward_text(best['dev_reward'])}"
               + (f", INT8 agreement {best['int8_agreement']:.2%}" if "int8_agreement" in best else ""), flush=True)
 
     oof = None

@@ -155,9 +155,8 @@ def _register_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from zooter.training.train import TrainConfig, train
-
-    from zooter.training.train import RunFolder
+    from zooter.training.evaluate import reward_text
+    from zooter.training.train import RunFolder, TrainConfig, train
 
     if args.resume and args.force:
         raise UserError("--resume continues a run and --force replaces it: give one of them")
@@ -179,11 +178,11 @@ def cmd_train(args) -> int:
     chosen = (f"head averaged over epochs {dev['averaged_epochs'][0]}-{dev['averaged_epochs'][1]}" if dev.get("averaged_epochs")
               else f"best epoch {dev['epoch']}")
     print(f"run written to {args.out} in {info['train_seconds']:.0f}s: tau {info['tau']:.4g} ({info['tau_rule']}), {chosen}, "
-          f"dev routed reward {dev['mean_reward']:.4f} vs best single ({best['candidate']}) "
-          f"{dev['best_single_from_train']:.4f}, oracle {dev['oracle']:.4f} (n={dev['n']})")
+          f"dev routed reward {reward_text(dev['mean_reward'])} vs best single ({best['candidate']}) "
+          f"{reward_text(dev['best_single_from_train'])}, oracle {reward_text(dev['oracle'])} (n={dev['n']})")
     fitted = decision["fitted_on"]
     print(f"decision layer on {fitted['rows']} held-out rows ({'dev + out-of-fold' if fitted['out_of_fold'] else 'dev'}): "
-          f"leave {decision['anchor']} only when the expected gain is above {decision['margin']:+.3f}")
+          f"leave {decision['anchor']} only when the expected gain is above {reward_text(decision['margin'], signed=True)}")
     return 0
 
 
@@ -212,7 +211,7 @@ def _register_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from zooter.training.evaluate import evaluate_router, format_table
+    from zooter.training.evaluate import evaluate_router, format_table, reward_text
 
     from zooter.runtime.decision import check_weight
 
@@ -228,7 +227,7 @@ def cmd_eval(args) -> int:
     print(format_table(report))
     if "rmr" in report["baselines"]:
         rmr = report["baselines"]["rmr"]
-        print(f"RMR baseline: mean reward {rmr.get('mean_reward')}")
+        print(f"RMR baseline: mean reward {reward_text(rmr.get('mean_reward'))}")
     print(f"report: {args.json}" + (f"; plots: {args.plots}" if args.plots else ""))
     return 0
 
