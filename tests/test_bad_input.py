@@ -235,6 +235,50 @@ def test_train_refuses_an_existing_run_and_never_mixes_one(routing_files, tiny_b
     assert json.loads((out / "run.json").read_text())["seed"] == 5 and not (tmp_path / ".run.partial").exists()
 
 
+# --- a damaged run ----------------------------------------------------------------------------------
+def _truncate_head(run: Path) -> str:
+    head = run / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:300])
+    return "head.safetensors: the head cannot be read: truncated or corrupt"
+
+
+def _corrupt_run_json(run: Path) -> str:
+    (run / "run.json").write_text('{"labels": ["alpha-7b",')
+    return "run.json: not valid JSON"
+
+
+def _drop_encoder(run: Path) -> str:
+    shutil.rmtree(run / "encoder")
+    return "encoder: missing or incomplete (no config.json)"
+
+
+def _truncate_encoder(run: Path) -> str:
+    weights = run / "encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    return "encoder: the encoder cannot be read: truncated or corrupt"
+
+
+def _labels_not_a_list(run: Path) -> str:
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(dict(info, labels="alpha-7b")))
+    return "run.json: 'labels' must be a list"
+
+
+@pytest.mark.parametrize("damage", [_truncate_head, _corrupt_run_json, _drop_encoder, _truncate_encoder, _labels_not_a_list])
+def test_a_damaged_run_is_one_line_for_eval_and_export(bundles, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(bundles["run"], run)
+    expected = damage(run)
+    data = str(bundles["parity"].with_suffix(".jsonl"))
+    assert main(["eval", str(run), "--data", data, "--json", str(tmp_path / "report.json")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(run) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle"), "--parity-data", str(bundles["parity"])]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 # --- rewards ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reward, shown", [("1e308", "1e+308"), ("-1e308", "-1e+308"), ("1000001", "1000001.0"),
                                            ("1" + "0" * 400, "beyond a float's range")])

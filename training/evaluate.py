@@ -340,14 +340,17 @@ def open_router(path, cache=None):
 
 def provenance(path) -> dict:
     """The training facts a run (run.json) or a bundle (router.json's provenance) records."""
-    import json
     from pathlib import Path
 
     path = Path(path)
     if (path / "run.json").is_file():
-        return json.loads((path / "run.json").read_text())
+        from zooter.training.model import read_run_info
+
+        return read_run_info(path)
     if (path / "router.json").is_file():
-        return json.loads((path / "router.json").read_text()).get("provenance", {})
+        from zooter.runtime.bundle import read_manifest
+
+        return read_manifest(path, verify=False).get("provenance", {})   # open_router verifies the files
     return {}
 
 
