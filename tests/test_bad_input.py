@@ -219,12 +219,9 @@ def test_train_refuses_an_existing_run_and_never_mixes_one(routing_files, tiny_b
     assert "a trained run is already there; pass --force" in capsys.readouterr().err
     assert (out / "head.safetensors").read_bytes() == first
 
-    # Ctrl-C while replacing it: the old run stays whole; the new one waits in .run.partial.
-    import zooter.training.train as loop
-
-    def interrupt(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(loop, "routed_reward", interrupt)
+    # Ctrl-C while replacing it, after its first epoch was saved: the old run stays whole; the new one
+    # waits in .run.partial.
+    interrupt_at_epoch(monkeypatch, 2)
     assert main(args + ["--force", "--seed", "5"]) == 130
     assert (out / "head.safetensors").read_bytes() == first and json.loads((out / "run.json").read_text())["seed"] == 0
     assert (tmp_path / ".run.partial").is_dir()
@@ -233,6 +230,82 @@ def test_train_refuses_an_existing_run_and_never_mixes_one(routing_files, tiny_b
     assert "an interrupted run" in capsys.readouterr().err
     assert main(args + ["--force", "--seed", "5"]) == 0
     assert json.loads((out / "run.json").read_text())["seed"] == 5 and not (tmp_path / ".run.partial").exists()
+
+
+def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
+    """Ctrl-C as a head-only run scores epoch `epoch` on dev: the epochs before it are saved."""
+    import zooter.training.train as loop
+
+    real, calls = loop.routed_reward, []
+
+    def scored(*a):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(loop, "routed_reward", scored)
+
+
+def train_args(routing_files, tiny_backbone, out: Path) -> list[str]:
+    return ["train", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--out", str(out),
+            "--backbone", str(tiny_backbone), "--frozen", "--epochs", "2", "--max-length", "32", "--int8-consistency", "0",
+            "--oof-folds", "0"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layers", "0"], "--layers must be between 1 and 2"),
+    (["--layers", "99"], "--layers must be between 1 and 2"),
+    (["--train-layers", "99", "--epochs", "1"], "--train-layers must be between 0 and 2"),
+])
+def test_a_refused_train_writes_nothing_and_the_corrected_run_just_works(routing_files, tiny_backbone, tmp_path, capsys,
+                                                                          flags, message):
+    args = train_args(routing_files, tiny_backbone, tmp_path / "run")
+    if "--train-layers" in flags:
+        args.remove("--frozen")   # --train-layers applies to fine-tuning
+        args[args.index("--int8-consistency"):args.index("--int8-consistency") + 2] = []
+    assert main(args + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []        # no .run.partial asking for a --resume
+    assert main(args) == 0 and (tmp_path / "run" / "run.json").is_file()
+
+
+def test_ctrl_c_before_the_first_epoch_leaves_nothing_to_resume_and_the_next_run_just_works(
+        routing_files, tiny_backbone, tmp_path, capsys, monkeypatch):
+    import zooter.training.embed as embed
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(embed, "embed_texts", interrupted)
+    args = train_args(routing_files, tiny_backbone, tmp_path / "run")
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the first epoch was saved: nothing to resume" in err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert main(args + ["--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    # A partial folder without saved state (left by a kill -9 during embedding) is reused without asking.
+    (tmp_path / ".run.partial").mkdir()
+    (tmp_path / ".run.partial" / "config.json").write_text("{}")
+    assert main(args) == 0 and not (tmp_path / ".run.partial").exists()
+
+
+def test_ctrl_c_after_an_epoch_says_resume_and_resume_finishes_the_run(routing_files, tiny_backbone, tmp_path, capsys,
+                                                                       monkeypatch):
+    out = tmp_path / "run"
+    args = train_args(routing_files, tiny_backbone, out)
+    interrupt_at_epoch(monkeypatch, 2)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "(1 epoch saved)" in err and f"zooter train --out {out} --resume" in err
+    assert (tmp_path / ".run.partial" / "state.pt").is_file() and not out.exists()
+    monkeypatch.undo()
+    assert main(args) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "run.json").read_text())["curves"][-1]["epoch"] == 2
+    assert not (tmp_path / ".run.partial").exists()
 
 
 # --- a damaged run ----------------------------------------------------------------------------------

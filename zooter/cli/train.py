@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from zooter.runtime.errors import UserError
 
@@ -171,8 +172,14 @@ def cmd_train(args) -> int:
             load_candidates(args.candidates)  # fail now, not after training
         config = config_from(args, args.out, args.data, args.dev)
     config.keep_state = args.keep_state
-    info = train(config, resume=args.resume, force=args.force, int8_embedder=_int8_embedder(config))
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary is enough
+    main_process = int(os.environ.get("RANK", "0")) == 0   # under torchrun / accelerate launch, one summary is enough
+    try:
+        info = train(config, resume=args.resume, force=args.force, int8_embedder=_int8_embedder(config))
+    except KeyboardInterrupt:
+        if main_process:
+            print(_interrupted(args.out), file=sys.stderr)
+        return 130
+    if not main_process:
         return 0
     dev, best, decision = info["dev"], info["best_single"], info["decision"]
     chosen = (f"head averaged over epochs {dev['averaged_epochs'][0]}-{dev['averaged_epochs'][1]}" if dev.get("averaged_epochs")
@@ -184,6 +191,16 @@ def cmd_train(args) -> int:
     print(f"decision layer on {fitted['rows']} held-out rows ({'dev + out-of-fold' if fitted['out_of_fold'] else 'dev'}): "
           f"leave {decision['anchor']} only when the expected gain is above {reward_text(decision['margin'], signed=True)}")
     return 0
+
+
+def _interrupted(out: str) -> str:
+    """What an interrupted `zooter train` leaves, and the command that goes on from there."""
+    from zooter.training.train import RunFolder, epochs_saved
+
+    folder = RunFolder.resumable(out)
+    if folder is None:
+        return "interrupted before the first epoch was saved: nothing to resume; run the same command to start again"
+    return f"interrupted: {folder} keeps the run ({epochs_saved(folder)}); `zooter train --out {out} --resume` continues it"
 
 
 # --- eval -------------------------------------------------------------------------------------
