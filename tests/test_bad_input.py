@@ -383,3 +383,15 @@ def test_eval_prints_rewards_at_the_bound_with_four_significant_digits_and_no_wa
     assert all(significant(row[-3]) == 4 for row in table), table
     ci = re.search(r"router - best single = (\S+) \[95% CI (\S+), (\S+)\]", out).groups()
     assert all(significant(figure) == 4 for figure in ci), ci
+
+
+# --- JSON errors ----------------------------------------------------------------------------------------
+def test_invalid_json_is_quoted_whole_with_its_column(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "a", "query": "one", "rewards": {"x": 0.5, "y": 0.2}}\n'
+                    '{"id": "b", "query": "tab\there", "rewards": {"x": 0.5, "y": 0.2}}\n')
+    assert main(["data", "stats", str(data)]) == 2
+    assert "data.jsonl:2: invalid JSON: Invalid control character at column 26\n" in capsys.readouterr().err
+    data.write_text('{"id": "a", "query": "one", "rewards": {"x": 0.5, "y": 0.2},}\n')
+    assert main(["data", "stats", str(data)]) == 2
+    assert "data.jsonl:1: invalid JSON: Expecting property name enclosed in double quotes at column 61\n" in capsys.readouterr().err
