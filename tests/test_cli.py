@@ -30,6 +30,17 @@ def test_every_subcommand_has_help(capsys):
         assert out.startswith("usage: zooter " + " ".join(path)), path
 
 
+def test_help_shows_percent_signs_once(capsys):
+    """argparse %-formats help= strings but not descriptions: '%%' belongs in the first only."""
+    shown = {}
+    for path in subcommand_paths(build_parser()):
+        with pytest.raises(SystemExit):
+            main([*path, "--help"])
+        shown[path] = " ".join(capsys.readouterr().out.split())
+        assert "%%" not in shown[path], path
+    assert "95% interval" in shown[("eval",)] and "10% of --data" in shown[("train",)]
+
+
 def test_cli_starts_without_heavy_imports():
     code = "import sys; from zooter.cli import build_parser; build_parser(); " \
            "print(sorted(m for m in ('torch', 'transformers', 'tritonclient', 'optimum', 'onnx') if m in sys.modules))"

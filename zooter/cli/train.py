@@ -210,7 +210,7 @@ def _register_eval(sub) -> None:
         description="Route every row of --data with a run folder or an exported bundle and score the choices: "
         "mean reward and cost of the router (the shipped rule, guard on) and of the unguarded router (argmax p), "
         "each single candidate, the best single (best on the TRAINING data), the oracle and random; router minus "
-        "best single with a paired bootstrap 95%% interval, gap closed, win/tie/loss, mean task rank per tag, "
+        "best single with a paired bootstrap 95% interval, gap closed, win/tie/loss, mean task rank per tag, "
         "calibration of the expected rewards (ECE, reliability plot), a tolerance sweep of the cost knob, and "
         "routing accuracy by reward entropy. Prints a table and writes --json (and PNG plots with --plots).")
     p.add_argument("router", metavar="RUN_OR_BUNDLE", help="run folder (run.json) or bundle (router.json)")
