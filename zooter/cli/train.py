@@ -142,7 +142,8 @@ def _register_train(sub) -> None:
         "KL(s* || softmax(logits)) where s*(q) is the tag-enhanced softmax of the rewards. Keeps the checkpoint "
         "with the best dev routing reward. Writes RUN/ (encoder/, head.safetensors, run.json, config.json, "
         "curves.json) into .RUN.partial beside it and renames it into place when done, so an interrupted run "
-        "never mixes with a finished one (--resume continues it). Multi-GPU: `accelerate launch -m zooter.cli train ...` or `torchrun --nproc-per-node N -m "
+        "never mixes with a finished one (--resume continues it from its last saved epoch; a run refused, or "
+        "stopped before its first epoch was saved, leaves nothing). Multi-GPU: `accelerate launch -m zooter.cli train ...` or `torchrun --nproc-per-node N -m "
         "zooter.cli train ...`.")
     p.add_argument("--data", help="training data (JSONL)")
     p.add_argument("--dev", help="dev data for checkpoint selection (default: 10%% of --data held out by query hash)")
