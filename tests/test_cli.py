@@ -45,6 +45,7 @@ def test_route_prints_a_header_that_its_help_names(bundles, capsys):
     with pytest.raises(SystemExit):
         main(["route", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
+    assert "[--threads N] BUNDLE [TEXT ...] zooter route" in help_text and "...] ...]" not in help_text
     columns = ["candidate", "expected_reward", "confidence", "latency_ms", "query"]
     assert all(f"{name} (" in help_text for name in columns)
     assert main(["route", str(bundles["int8"]), "What is 17 times 23?", " "]) == 2

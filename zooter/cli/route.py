@@ -16,6 +16,9 @@ def register(sub) -> None:
     p = sub.add_parser(
         "route",
         help="choose a candidate LLM for queries with a bundle (or a Triton server)",
+        # argparse would show the one positional list as "[BUNDLE [TEXT ...] ...]"
+        usage="%(prog)s [-h] [--json] [--tolerance X] [--lambda X] [--threads N] BUNDLE [TEXT ...]\n"
+              "       %(prog)s [-h] [--json] --triton URL [TEXT ...]",
         description="Route queries with BUNDLE (from `zooter export`). Queries come from the arguments, or one a "
         "line from stdin (bytes that are not UTF-8 are replaced, and the query is answered). With --triton URL, "
         "the queries go to a running `zooter serve` instead and no BUNDLE is given. Prints a header line, then "
