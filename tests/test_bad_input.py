@@ -385,6 +385,20 @@ def test_eval_prints_rewards_at_the_bound_with_four_significant_digits_and_no_wa
     assert all(significant(figure) == 4 for figure in ci), ci
 
 
+def test_eval_of_a_candidate_scored_on_no_row_prints_no_runtime_warning(bundles, tmp_path, capsys):
+    import warnings
+
+    rows = [json.loads(line) for line in bundles["parity"].with_suffix(".jsonl").read_text().splitlines()]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(dict(row, rewards=dict(row["rewards"], **{LABELS[-1]: None}))) + "\n" for row in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["eval", str(bundles["fp32"]), "--data", str(data), "--json", str(tmp_path / "r.json"),
+                     "--best-single", LABELS[0]]) == 0
+    unscored = [line for line in capsys.readouterr().out.splitlines() if line.startswith(LABELS[-1])]
+    assert unscored and unscored[0].split()[1] == "-"
+
+
 # --- JSON errors ----------------------------------------------------------------------------------------
 def test_invalid_json_is_quoted_whole_with_its_column(tmp_path, capsys):
     data = tmp_path / "data.jsonl"

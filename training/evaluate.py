@@ -105,7 +105,11 @@ def mean_task_rank(rewards: np.ndarray, router_rewards: np.ndarray, labels: Sequ
     names = ["router", *labels]
     ranks = []
     for idx in groups.values():
-        scores = np.concatenate([[np.nanmean(router_rewards[idx])], np.nanmean(rewards[idx], axis=0)])
+        # A candidate scored on no row of the task ranks last (NaN -> -inf below), without numpy's
+        # "Mean of empty slice" RuntimeWarning on the user's terminal.
+        scored = (~np.isnan(rewards[idx])).sum(axis=0)
+        means = np.where(scored > 0, np.nansum(rewards[idx], axis=0) / np.maximum(scored, 1), np.nan)
+        scores = np.concatenate([[np.nanmean(router_rewards[idx])], means])
         scores = np.where(np.isnan(scores), -np.inf, scores)
         ranks.append(_average_ranks(-scores))
     mean = np.mean(ranks, axis=0)
