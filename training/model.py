@@ -154,7 +154,7 @@ def reading(path: Path, what: str):
     so any error but our own is taken as damage; its message is kept for the curious."""
     try:
         yield
-    except UserError:
+    except (UserError, ImportError, MemoryError):   # ours; a missing extra (named by the CLI); not damage
         raise
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
