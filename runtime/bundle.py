@@ -37,7 +37,7 @@ import shutil
 from pathlib import Path
 
 from zooter.runtime.errors import UserError
-from zooter.runtime.files import sha256_file
+from zooter.runtime.files import json_error, sha256_file
 
 FORMAT_VERSION = 2
 MANIFEST = "router.json"
@@ -163,7 +163,7 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as err:
-        raise BundleError(f"{path}: invalid JSON: {err.msg} (line {err.lineno})") from None
+        raise BundleError(f"{path}: invalid JSON: {json_error(err)}") from None
     validate_manifest(manifest, str(path))
     for name, entry in manifest["files"].items():
         file = bundle / name

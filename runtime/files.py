@@ -5,6 +5,8 @@
 - `write_jsonl_atomic` / `write_text_atomic`: written beside the target, fsynced, renamed into place,
   so a crash or Ctrl-C leaves the old file or the new one, never half of one.
 - `sha256_file`: checksums for bundles and provenance.
+- `json_error`: a JSON parse error as a whole phrase with its place (json's own messages stop
+  mid-phrase, "Invalid control character at", and lean on the position str(err) appends).
 Standard library only: the bottom layer.
 """
 
@@ -25,6 +27,13 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_error(err: json.JSONDecodeError, line: bool = True) -> str:
+    """'Invalid control character at line 2 column 5': json's message completed with where it stopped.
+    line=False gives the column only, for a caller that names the file's line itself (JSON lines)."""
+    where = f"line {err.lineno} column {err.colno}" if line else f"column {err.colno}"
+    return f"{err.msg} {where}" if err.msg.endswith(" at") else f"{err.msg} at {where}"
 
 
 def open_for_reading(path: str | Path, what: str = "file"):
@@ -83,7 +92,9 @@ def read_jsonl(path: str | Path, what: str = "JSONL file") -> Iterator[tuple[int
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as err:
-                raise DataError(path, lineno, f"invalid JSON: {err.msg}") from None
+                raise DataError(path, lineno, f"invalid JSON: {json_error(err, line=False)}") from None
+            except ValueError as err:   # "Exceeds the limit (4300 digits) for integer string conversion: ..."
+                raise DataError(path, lineno, f"invalid JSON: {str(err).split(':')[0]}") from None
             _no_lone_surrogates(obj, path, lineno)
             yield lineno, obj
 

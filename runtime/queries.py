@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zooter.runtime.errors import DataError
-from zooter.runtime.files import lines_of, read_jsonl, read_text
+from zooter.runtime.files import json_error, lines_of, read_jsonl, read_text
 
 TEXT_KEYS = ("query", "prompt", "instruction", "text")
 
@@ -63,7 +63,7 @@ def read_queries(path: str | Path) -> tuple[list[Query], int]:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(path, err.lineno, f"invalid JSON: {err.msg}") from None
+            raise DataError(path, err.lineno, f"invalid JSON: {json_error(err, line=False)}") from None
         out = [query_from_object(obj, path, None) for obj in items]
     elif stripped.startswith("{"):
         out = [query_from_object(obj, path, lineno) for lineno, obj in read_jsonl(path, "queries file")]

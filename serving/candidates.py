@@ -20,6 +20,7 @@ from typing import Sequence
 
 from zooter.runtime.errors import UserError
 from zooter.runtime.decision import unit_price
+from zooter.runtime.files import json_error
 
 
 class CandidatesError(UserError):
@@ -167,7 +168,7 @@ def from_prices(path: str | Path) -> list[Candidate]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise CandidatesError(f"{path}: invalid JSON: {err.msg}") from None
+        raise CandidatesError(f"{path}: invalid JSON: {json_error(err)}") from None
     if not isinstance(data, dict):
         raise CandidatesError(f"{path}: expected an object {{model: {{input_price, output_price}}}}")
     out = []

@@ -219,12 +219,9 @@ def test_train_refuses_an_existing_run_and_never_mixes_one(routing_files, tiny_b
     assert "a trained run is already there; pass --force" in capsys.readouterr().err
     assert (out / "head.safetensors").read_bytes() == first
 
-    # Ctrl-C while replacing it: the old run stays whole; the new one waits in .run.partial.
-    import zooter.training.train as loop
-
-    def interrupt(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(loop, "routed_reward", interrupt)
+    # Ctrl-C while replacing it, after its first epoch was saved: the old run stays whole; the new one
+    # waits in .run.partial.
+    interrupt_at_epoch(monkeypatch, 2)
     assert main(args + ["--force", "--seed", "5"]) == 130
     assert (out / "head.safetensors").read_bytes() == first and json.loads((out / "run.json").read_text())["seed"] == 0
     assert (tmp_path / ".run.partial").is_dir()
@@ -233,3 +230,182 @@ def test_train_refuses_an_existing_run_and_never_mixes_one(routing_files, tiny_b
     assert "an interrupted run" in capsys.readouterr().err
     assert main(args + ["--force", "--seed", "5"]) == 0
     assert json.loads((out / "run.json").read_text())["seed"] == 5 and not (tmp_path / ".run.partial").exists()
+
+
+def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
+    """Ctrl-C as a head-only run scores epoch `epoch` on dev: the epochs before it are saved."""
+    import zooter.training.train as loop
+
+    real, calls = loop.routed_reward, []
+
+    def scored(*a):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(loop, "routed_reward", scored)
+
+
+def train_args(routing_files, tiny_backbone, out: Path) -> list[str]:
+    return ["train", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--out", str(out),
+            "--backbone", str(tiny_backbone), "--frozen", "--epochs", "2", "--max-length", "32", "--int8-consistency", "0",
+            "--oof-folds", "0"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--layers", "0"], "--layers must be between 1 and 2"),
+    (["--layers", "99"], "--layers must be between 1 and 2"),
+    (["--train-layers", "99", "--epochs", "1"], "--train-layers must be between 0 and 2"),
+])
+def test_a_refused_train_writes_nothing_and_the_corrected_run_just_works(routing_files, tiny_backbone, tmp_path, capsys,
+                                                                          flags, message):
+    args = train_args(routing_files, tiny_backbone, tmp_path / "run")
+    if "--train-layers" in flags:
+        args.remove("--frozen")   # --train-layers applies to fine-tuning
+        args[args.index("--int8-consistency"):args.index("--int8-consistency") + 2] = []
+    assert main(args + flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []        # no .run.partial asking for a --resume
+    assert main(args) == 0 and (tmp_path / "run" / "run.json").is_file()
+
+
+def test_ctrl_c_before_the_first_epoch_leaves_nothing_to_resume_and_the_next_run_just_works(
+        routing_files, tiny_backbone, tmp_path, capsys, monkeypatch):
+    import zooter.training.embed as embed
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(embed, "embed_texts", interrupted)
+    args = train_args(routing_files, tiny_backbone, tmp_path / "run")
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted before the first epoch was saved: nothing to resume" in err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert main(args + ["--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    # A partial folder without saved state (left by a kill -9 during embedding) is reused without asking.
+    (tmp_path / ".run.partial").mkdir()
+    (tmp_path / ".run.partial" / "config.json").write_text("{}")
+    assert main(args) == 0 and not (tmp_path / ".run.partial").exists()
+
+
+def test_ctrl_c_after_an_epoch_says_resume_and_resume_finishes_the_run(routing_files, tiny_backbone, tmp_path, capsys,
+                                                                       monkeypatch):
+    out = tmp_path / "run"
+    args = train_args(routing_files, tiny_backbone, out)
+    interrupt_at_epoch(monkeypatch, 2)
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "(1 epoch saved)" in err and f"zooter train --out {out} --resume" in err
+    assert (tmp_path / ".run.partial" / "state.pt").is_file() and not out.exists()
+    monkeypatch.undo()
+    assert main(args) == 2
+    assert "pass --resume to continue it" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert json.loads((out / "run.json").read_text())["curves"][-1]["epoch"] == 2
+    assert not (tmp_path / ".run.partial").exists()
+
+
+# --- a damaged run ----------------------------------------------------------------------------------
+def _truncate_head(run: Path) -> str:
+    head = run / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:300])
+    return "head.safetensors: the head cannot be read: truncated or corrupt"
+
+
+def _corrupt_run_json(run: Path) -> str:
+    (run / "run.json").write_text('{"labels": ["alpha-7b",')
+    return "run.json: not valid JSON"
+
+
+def _drop_encoder(run: Path) -> str:
+    shutil.rmtree(run / "encoder")
+    return "encoder: missing or incomplete (no config.json)"
+
+
+def _truncate_encoder(run: Path) -> str:
+    weights = run / "encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:300])
+    return "encoder: the encoder cannot be read: truncated or corrupt"
+
+
+def _labels_not_a_list(run: Path) -> str:
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps(dict(info, labels="alpha-7b")))
+    return "run.json: 'labels' must be a list"
+
+
+@pytest.mark.parametrize("damage", [_truncate_head, _corrupt_run_json, _drop_encoder, _truncate_encoder, _labels_not_a_list])
+def test_a_damaged_run_is_one_line_for_eval_and_export(bundles, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(bundles["run"], run)
+    expected = damage(run)
+    data = str(bundles["parity"].with_suffix(".jsonl"))
+    assert main(["eval", str(run), "--data", data, "--json", str(tmp_path / "report.json")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(run) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["export", str(run), "--out", str(tmp_path / "bundle"), "--parity-data", str(bundles["parity"])]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# --- rewards ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reward, shown", [("1e308", "1e+308"), ("-1e308", "-1e+308"), ("1000001", "1000001.0"),
+                                           ("1" + "0" * 400, "beyond a float's range")])
+def test_rewards_beyond_the_bound_are_refused_naming_line_and_candidate(tmp_path, capsys, reward, shown):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "a", "query": "one", "rewards": {"x": 0.5, "y": 0.2}}\n'
+                    f'{{"id": "b", "query": "two", "rewards": {{"x": 0.5, "y": {reward}}}}}\n')
+    assert main(["data", "stats", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.jsonl:2: reward for 'y' is {shown}, outside the accepted range [-1e+06, 1e+06]" in err
+    assert "Traceback" not in err
+
+
+def test_eval_prints_rewards_at_the_bound_with_four_significant_digits_and_no_warnings(bundles, tmp_path, capsys):
+    import re
+    import warnings
+
+    rng = __import__("random").Random(0)
+    data = tmp_path / "big.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "query": text, "rewards": {
+        name: rng.choice([1e6, -1e6, rng.uniform(-1e6, 1e6)]) for name in LABELS}}) + "\n" for i, text in enumerate(TEXTS)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["eval", str(bundles["fp32"]), "--data", str(data), "--json", str(tmp_path / "r.json"),
+                     "--best-single", LABELS[0]]) == 0
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines()[1:len(LABELS) + 5]]   # method [*] reward cost MTR
+    significant = lambda text: len(re.sub(r"\D", "", text.split("e")[0]).lstrip("0"))
+    assert all(significant(row[-3]) == 4 for row in table), table
+    ci = re.search(r"router - best single = (\S+) \[95% CI (\S+), (\S+)\]", out).groups()
+    assert all(significant(figure) == 4 for figure in ci), ci
+
+
+def test_eval_of_a_candidate_scored_on_no_row_prints_no_runtime_warning(bundles, tmp_path, capsys):
+    import warnings
+
+    rows = [json.loads(line) for line in bundles["parity"].with_suffix(".jsonl").read_text().splitlines()]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(dict(row, rewards=dict(row["rewards"], **{LABELS[-1]: None}))) + "\n" for row in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["eval", str(bundles["fp32"]), "--data", str(data), "--json", str(tmp_path / "r.json"),
+                     "--best-single", LABELS[0]]) == 0
+    unscored = [line for line in capsys.readouterr().out.splitlines() if line.startswith(LABELS[-1])]
+    assert unscored and unscored[0].split()[1] == "-"
+
+
+# --- JSON errors ----------------------------------------------------------------------------------------
+def test_invalid_json_is_quoted_whole_with_its_column(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"id": "a", "query": "one", "rewards": {"x": 0.5, "y": 0.2}}\n'
+                    '{"id": "b", "query": "tab\there", "rewards": {"x": 0.5, "y": 0.2}}\n')
+    assert main(["data", "stats", str(data)]) == 2
+    assert "data.jsonl:2: invalid JSON: Invalid control character at column 26\n" in capsys.readouterr().err
+    data.write_text('{"id": "a", "query": "one", "rewards": {"x": 0.5, "y": 0.2},}\n')
+    assert main(["data", "stats", str(data)]) == 2
+    assert "data.jsonl:1: invalid JSON: Expecting property name enclosed in double quotes at column 61\n" in capsys.readouterr().err

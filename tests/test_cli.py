@@ -30,6 +30,33 @@ def test_every_subcommand_has_help(capsys):
         assert out.startswith("usage: zooter " + " ".join(path)), path
 
 
+def test_help_shows_percent_signs_once(capsys):
+    """argparse %-formats help= strings but not descriptions: '%%' belongs in the first only."""
+    shown = {}
+    for path in subcommand_paths(build_parser()):
+        with pytest.raises(SystemExit):
+            main([*path, "--help"])
+        shown[path] = " ".join(capsys.readouterr().out.split())
+        assert "%%" not in shown[path], path
+    assert "95% interval" in shown[("eval",)] and "10% of --data" in shown[("train",)]
+
+
+def test_route_prints_a_header_that_its_help_names(bundles, capsys):
+    with pytest.raises(SystemExit):
+        main(["route", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "[--threads N] BUNDLE [TEXT ...] zooter route" in help_text and "...] ...]" not in help_text
+    columns = ["candidate", "expected_reward", "confidence", "latency_ms", "query"]
+    assert all(f"{name} (" in help_text for name in columns)
+    assert main(["route", str(bundles["int8"]), "What is 17 times 23?", " "]) == 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split("\t") == columns and len(lines) == 3
+    assert len(lines[1].split("\t")) == len(columns) and lines[1].split("\t")[-1] == "'What is 17 times 23?'"
+    assert lines[2].startswith("error\t")
+    assert main(["route", str(bundles["int8"]), "--json", "What is 17 times 23?"]) == 0
+    assert json.loads(capsys.readouterr().out)["line"] == 1    # --json: no header
+
+
 def test_cli_starts_without_heavy_imports():
     code = "import sys; from zooter.cli import build_parser; build_parser(); " \
            "print(sorted(m for m in ('torch', 'transformers', 'tritonclient', 'optimum', 'onnx') if m in sys.modules))"

@@ -224,7 +224,9 @@ def test_route_command(bundles, router, capsys, monkeypatch):
 
     # A lone surrogate (an undecodable argv byte) is replaced, and the query answered.
     assert main(["route", str(bundles["int8"]), "caf\udce9"]) == 0
-    assert capsys.readouterr().out.split("\t")[0] == router.route("caf\ufffd").candidate
+    header, answer = capsys.readouterr().out.splitlines()
+    assert header.split("\t") == ["candidate", "expected_reward", "confidence", "latency_ms", "query"]
+    assert answer.split("\t")[0] == router.route("caf\ufffd").candidate
 
     assert main(["route", str(bundles["int8"]), " "]) == 2
     assert "empty query" in capsys.readouterr().err

@@ -221,9 +221,10 @@ def test_route_command_uses_triton(triton_server, capsys):
     assert main(["route", "--triton", triton_server.http_url, "--json", "Prove that 17 is prime."]) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert answer["candidate"] in LABELS and abs(sum(answer["probabilities"].values()) - 1) < 1e-4
-    # The plain output: candidate, expected reward, confidence, the query, one line a query.
+    # The plain output: a header, then candidate, expected reward, confidence, the query, one line a query.
     assert main(["route", "--triton", triton_server.http_url, "Prove that 17 is prime.", "Write a haiku."]) == 0
-    lines = capsys.readouterr().out.strip().split("\n")
+    header, *lines = capsys.readouterr().out.strip().split("\n")
+    assert header.split("\t") == ["candidate", "expected_reward", "confidence", "query"]
     assert len(lines) == 2 and all(line.split("\t")[0] in LABELS and len(line.split("\t")) == 4 for line in lines)
     assert lines[0].split("\t")[0] == answer["candidate"]
 

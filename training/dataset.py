@@ -4,7 +4,7 @@
      "responses": {candidate: str} (optional), "source": str}
 
 A null reward means "not scored": it stays NaN in the reward matrix and is masked
-everywhere downstream, never read as zero.
+everywhere downstream, never read as zero. A reward is a finite number within +-REWARD_LIMIT.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ import numpy as np
 from zooter.runtime.errors import DataError
 from zooter.runtime.files import read_jsonl, write_jsonl_atomic
 
-__all__ = ["DataError", "Row", "RoutingDataset", "parse_row", "read_jsonl"]
+__all__ = ["DataError", "REWARD_LIMIT", "Row", "RoutingDataset", "parse_row", "read_jsonl"]
+
+# Rewards become softmax(r / tau), and calibration squares their errors: past about 1e154 the squares
+# overflow to inf and every figure turns into inf or nan. Real scales (a [0, 1] metric, a reward
+# model's logits, a 1-10 judge, 0-100 points) stay far below 1e6, so a larger value is a unit
+# mistake or a sentinel such as 1e308, refused rather than trained on.
+REWARD_LIMIT = 1e6
 
 
 @dataclass
@@ -46,10 +52,16 @@ def _reward(value, path, line, name) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(path, line, f"reward for {name!r} is {value!r}, expected a number or null")
-    value = float(value)
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise DataError(path, line, f"reward for {name!r} is {value}, rewards must be finite (use null for 'not scored')")
-    return value
+    if abs(value) > REWARD_LIMIT:   # compared before float(): an integer can be too large for a float
+        try:
+            shown = repr(float(value))
+        except OverflowError:
+            shown = "beyond a float's range"
+        raise DataError(path, line, f"reward for {name!r} is {shown}, outside the accepted range "
+                        f"[-{REWARD_LIMIT:g}, {REWARD_LIMIT:g}]; rescale the rewards (docs/data.md)")
+    return float(value)
 
 
 def parse_row(obj, path: str | Path = "<data>", line: int | None = None) -> Row:

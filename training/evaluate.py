@@ -107,7 +107,11 @@ def mean_task_rank(rewards: np.ndarray, router_rewards: np.ndarray, labels: Sequ
     names = ["router", *labels]
     ranks = []
     for idx in groups.values():
-        scores = np.concatenate([[np.nanmean(router_rewards[idx])], np.nanmean(rewards[idx], axis=0)])
+        # A candidate scored on no row of the task ranks last (NaN -> -inf below), without numpy's
+        # "Mean of empty slice" RuntimeWarning on the user's terminal.
+        scored = (~np.isnan(rewards[idx])).sum(axis=0)
+        means = np.where(scored > 0, np.nansum(rewards[idx], axis=0) / np.maximum(scored, 1), np.nan)
+        scores = np.concatenate([[np.nanmean(router_rewards[idx])], means])
         scores = np.where(np.isnan(scores), -np.inf, scores)
         ranks.append(_average_ranks(-scores))
     mean = np.mean(ranks, axis=0)
@@ -287,20 +291,23 @@ def format_table(report: dict) -> str:
         mark = " *" if name == base["best_single"]["candidate"] else ""
         rows.append((name + mark, v["mean_reward"], v["mean_cost"], report["mtr"].get(name)))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'method':<{width}}  {'reward':>7}  {'cost':>9}  {'MTR':>5}"]
-    for name, reward, cost, mtr in sorted(rows, key=lambda r: -(r[1] if r[1] is not None else -1)):
-        lines.append(f"{name:<{width}}  {_fmt(reward, 4):>7}  {_fmt(cost, 4):>9}  {_fmt(mtr, 2):>5}")
+    shown = [(name, reward_text(reward), _fmt(cost, 4), _fmt(mtr, 2))
+             for name, reward, cost, mtr in sorted(rows, key=lambda r: -(r[1] if r[1] is not None else -1))]
+    rw = max(6, *(len(r[1]) for r in shown))
+    lines = [f"{'method':<{width}}  {'reward':>{rw}}  {'cost':>9}  {'MTR':>5}"]
+    lines += [f"{name:<{width}}  {reward:>{rw}}  {cost:>9}  {mtr:>5}" for name, reward, cost, mtr in shown]
     d, u = report["router_vs_best_single"], report["unguarded"]["vs_best_single"]
-    lines.append(f"n={report['n']}  router - best single = {d['mean']:+.4f} [95% CI {d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
-                 f"  (unguarded {u['mean']:+.4f} [{u['ci95'][0]:+.4f}, {u['ci95'][1]:+.4f}])  "
+    r = lambda value: reward_text(value, signed=True)
+    lines.append(f"n={report['n']}  router - best single = {r(d['mean'])} [95% CI {r(d['ci95'][0])}, {r(d['ci95'][1])}]"
+                 f"  (unguarded {r(u['mean'])} [{r(u['ci95'][0])}, {r(u['ci95'][1])}])  "
                  f"gap closed={_fmt(report['gap_closed'], 3)}  win/tie/loss={'/'.join(map(str, report['win_tie_loss_vs_best_single']))}"
                  f"  (* = best single on training data)")
     lines.append(f"guard: kept the best single on {report['router']['kept_best_single']:.0%} of rows (margin "
-                 f"{report['router']['guard_margin']:+.3f});  calibration: ECE {report['calibration']['ece']:.4f} "
+                 f"{r(report['router']['guard_margin'])});  calibration: ECE {reward_text(report['calibration']['ece'])} "
                  f"(expected vs realised reward of the choice), confidence ECE {report['confidence_calibration']['ece']:.4f}")
     at = report.get("cost_at_best_single_quality")
     if at and at.get("cost_ratio_vs_best_single") is not None:
-        lines.append(f"cost knob: tolerance {at['tolerance']:g} reaches reward {at['mean_reward']:.4f} "
+        lines.append(f"cost knob: tolerance {at['tolerance']:g} reaches reward {reward_text(at['mean_reward'])} "
                      f"at {100 * at['cost_ratio_vs_best_single']:.0f}% of the best single's cost")
     elif report["pareto"]:
         lines.append("cost knob: no tolerance reaches the best single's reward")
@@ -309,6 +316,12 @@ def format_table(report: dict) -> str:
 
 def _fmt(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def reward_text(value, signed: bool = False) -> str:
+    """A figure in reward units, printed with 4 significant digits whatever the rewards' scale
+    (0.6192, 41.50, 1234, 1.235e+05): fixed decimals would print a 1e5-scale reward as 10 digits."""
+    return "-" if value is None else f"{value:{'+' if signed else ''}#.4g}".rstrip(".")
 
 
 # --- running a saved router over a data file ------------------------------------------------------
@@ -333,14 +346,17 @@ def open_router(path, cache=None):
 
 def provenance(path) -> dict:
     """The training facts a run (run.json) or a bundle (router.json's provenance) records."""
-    import json
     from pathlib import Path
 
     path = Path(path)
     if (path / "run.json").is_file():
-        return json.loads((path / "run.json").read_text())
+        from zooter.training.model import read_run_info
+
+        return read_run_info(path)
     if (path / "router.json").is_file():
-        return json.loads((path / "router.json").read_text()).get("provenance", {})
+        from zooter.runtime.bundle import read_manifest
+
+        return read_manifest(path, verify=False).get("provenance", {})   # open_router verifies the files
     return {}
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from zooter.runtime.errors import DataError, UserError
-from zooter.runtime.files import read_jsonl, write_jsonl_atomic
+from zooter.runtime.files import json_error, read_jsonl, write_jsonl_atomic
 from zooter.runtime.queries import Query, read_queries
 from zooter.serving.candidates import Candidate
 from zooter.serving.clients import Answer, CallError, Sampling, client_for
@@ -96,7 +96,7 @@ class Journal:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise DataError(self.path, lineno, f"journal line is not JSON ({err.msg}); it was edited by hand?") from None
+                    raise DataError(self.path, lineno, f"journal line is not JSON ({json_error(err, line=False)}); it was edited by hand?") from None
         return out
 
     def append(self, record: dict) -> None:

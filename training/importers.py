@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from zooter.runtime.errors import DataError, UserError
-from zooter.runtime.files import read_text
+from zooter.runtime.files import json_error, read_text
 from zooter.runtime.queries import text_id
 from zooter.training.dataset import RoutingDataset, Row, parse_row
 
@@ -25,7 +25,7 @@ def _load_json(path: Path):
     try:
         obj = json.loads(read_text(path, "JSON file"))
     except json.JSONDecodeError as err:
-        raise DataError(path, err.lineno, f"invalid JSON: {err.msg}") from None
+        raise DataError(path, err.lineno, f"invalid JSON: {json_error(err, line=False)}") from None
     try:
         json.dumps(obj, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

@@ -15,6 +15,7 @@ evaluation, the export parity gate, the latency baseline and the paper's reprodu
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -81,8 +82,9 @@ class RouterModel(nn.Module):
         path = Path(backbone)
         if not (path / "config.json").is_file():
             raise UserError(f"backbone {path}: not a Hugging Face model folder (no config.json)")
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False) if _has_pooler_arg(path) else AutoModel.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with reading(path, "the backbone"):
+            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False) if _has_pooler_arg(path) else AutoModel.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(encoder, labels), tokenizer
 
     def save(self, run: str | Path, tokenizer, meta: dict) -> None:
@@ -110,24 +112,53 @@ class RouterModel(nn.Module):
 
         run = Path(run)
         info = read_run_info(run)
-        # No pooler: the router mean-pools, and a BERT pooler would load as unused random weights.
-        encoder = (AutoModel.from_pretrained(run / "encoder", add_pooling_layer=False) if _has_pooler_arg(run / "encoder")
-                   else AutoModel.from_pretrained(run / "encoder"))
+        folder = run / "encoder"
+        if not (folder / "config.json").is_file():
+            raise UserError(f"{folder}: missing or incomplete (no config.json): the run's encoder is not there")
+        with reading(folder, "the encoder"):
+            # No pooler: the router mean-pools, and a BERT pooler would load as unused random weights.
+            encoder = (AutoModel.from_pretrained(folder, add_pooling_layer=False) if _has_pooler_arg(folder)
+                       else AutoModel.from_pretrained(folder))
+            tokenizer = AutoTokenizer.from_pretrained(folder)
         model = cls(encoder, info["labels"])
         model.load_head(run)
-        tokenizer = AutoTokenizer.from_pretrained(run / "encoder")
         return model.eval(), tokenizer, info
 
     def load_head(self, run: str | Path) -> None:
         from safetensors.torch import load_file
 
-        head = load_file(Path(run) / "head.safetensors")
-        if head["weight"].shape[0] != len(self.labels):
+        path = Path(run) / "head.safetensors"
+        if not path.is_file():
+            raise UserError(f"{path}: missing (the run's head)")
+        with reading(path, "the head"):
+            head = load_file(path)
+        if "weight" in head and head["weight"].shape[0] != len(self.labels):
             raise UserError(f"{run}: head has {head['weight'].shape[0]} outputs but run.json lists {len(self.labels)} labels")
-        if "reward.weight" not in head:
+        if "weight" in head and "reward.weight" not in head:
             raise UserError(f"{run}: the run has no expected-reward head (trained by an older zooter); train it again")
+        expected = {"weight": self.head.weight, "bias": self.head.bias,
+                    "reward.weight": self.reward_head.weight, "reward.bias": self.reward_head.bias}
+        for key, param in expected.items():
+            if key not in head or head[key].shape != param.shape:
+                found = "missing" if key not in head else f"shaped {tuple(head[key].shape)}"
+                raise UserError(f"{path}: tensor {key!r} is {found}, expected {tuple(param.shape)} for this encoder "
+                                f"and {len(self.labels)} labels: not this run's head")
         self.head.load_state_dict({k: head[k] for k in ("weight", "bias")})
         self.reward_head.load_state_dict({"weight": head["reward.weight"], "bias": head["reward.bias"]})
+
+
+@contextmanager
+def reading(path: Path, what: str):
+    """Reading one of a run's files: a damaged one becomes one line naming it. safetensors, transformers,
+    json and tokenizers each raise their own error types (some a bare Exception) for a truncated file,
+    so any error but our own is taken as damage; its message is kept for the curious."""
+    try:
+        yield
+    except (UserError, ImportError, MemoryError):   # ours; a missing extra (named by the CLI); not damage
+        raise
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: {what} cannot be read: truncated or corrupt ({reason})") from None
 
 
 def read_run_info(run: str | Path) -> dict:
@@ -136,11 +167,20 @@ def read_run_info(run: str | Path) -> dict:
     try:
         if not path.is_file():
             raise UserError(f"{run}: not a zooter run (no run.json)")
-        return json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except PermissionError:
         raise UserError(f"{run}: permission denied (cannot read the run)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
+        raise UserError(f"{path}: not valid JSON ({err}); the file is truncated or corrupt") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    labels = info.get("labels")
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+        raise UserError(f"{path}: 'labels' must be a list of at least 2 candidate names")
+    if "max_length" in info and (isinstance(info["max_length"], bool) or not isinstance(info["max_length"], int)
+                                 or info["max_length"] < 1):
+        raise UserError(f"{path}: 'max_length' must be a positive integer, got {info['max_length']!r}")
+    return info
 
 
 class TorchRouter:
@@ -179,12 +219,15 @@ class TorchRouter:
             backbone, hf_tokenizer = encoder
             model = RouterModel(backbone.encoder, info["labels"])
             model.load_head(run)
-        max_length = int(info["max_length"])
+        if "max_length" not in info:
+            raise UserError(f"{run / 'run.json'}: no 'max_length'")
+        max_length = info["max_length"]
         tokenizer_json = Path(hf_tokenizer.name_or_path) / "tokenizer.json"
         if not tokenizer_json.is_file():
             tokenizer_json = run / "encoder" / "tokenizer.json"
-        return cls(model, load_tokenizer(tokenizer_json, max_length), max_length, info.get("decision"),
-                   cache=cache, hf_tokenizer=hf_tokenizer)
+        with reading(tokenizer_json, "the tokenizer"):
+            tokenizer = load_tokenizer(tokenizer_json, max_length)
+        return cls(model, tokenizer, max_length, info.get("decision"), cache=cache, hf_tokenizer=hf_tokenizer)
 
     def outputs_of(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, raw expected-reward scores), (len(texts), labels) each, in input order."""

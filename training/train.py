@@ -12,7 +12,8 @@ and only the head trains, seconds per run) and `fine_tune` (the whole encoder). 
 Hugging Face accelerate, so the same code runs on one CPU or, under `accelerate launch` /
 `torchrun`, on several GPUs. The run is written into RUN's partial folder (`.RUN.partial`, with
 state.pt for --resume) and renamed to RUN when it ends: an interrupted run never mixes with a
-finished one.
+finished one. Everything that can be refused is checked before that folder is made, and a run
+stopped before its first epoch was saved removes it (RunFolder).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from zooter.runtime.errors import UserError
 from zooter.training.dataset import RoutingDataset
+from zooter.training.evaluate import reward_text
 from zooter.training.labels import training_targets
 
 # Per-mode defaults; docs/training.md has the runs that chose them.
@@ -181,16 +183,38 @@ def routed_reward(rewards: np.ndarray, logits: np.ndarray) -> float:
 
 
 # --- shared by both loops ---------------------------------------------------------------------------
+def partial_folder(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.partial")
+
+
+def epochs_saved(folder: Path) -> str:
+    """'3 epochs saved', from the curves written with each checkpoint."""
+    try:
+        n = len(json.loads((folder / "curves.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return "its last epoch saved"
+    return f"{n} epoch{'s' if n != 1 else ''} saved"
+
+
+def nothing_to_resume(out: str | Path) -> str:
+    return (f"{out}: nothing to resume: no interrupted run saved an epoch there (a finished run keeps its state only "
+            f"with --keep-state); run the same command without --resume to start")
+
+
 class RunFolder:
     """RUN is written into `.RUN.partial` beside it and renamed into place when training ends.
 
-    A new run refuses an existing RUN unless `force`, and an interrupted one unless `resume` or
-    `force`; --resume continues the partial folder (or a finished run kept with --keep-state).
+    A new run refuses an existing RUN unless `force`, and an interrupted run that can be resumed (its
+    partial folder holds state.pt, written at the end of each epoch) unless `resume` or `force`. A
+    partial folder without state.pt holds nothing to resume: a new run reuses it without asking, and
+    a run stopped before its first epoch was saved removes it (`abandon`). --resume continues the
+    partial folder (or a finished run kept with --keep-state).
     """
 
     def __init__(self, out: str | Path, resume: bool = False, force: bool = False, main: bool = True):
         self.out = Path(out)
-        self.work = self.out.with_name(f".{self.out.name}.partial")
+        self.work = partial_folder(self.out)
         self.state = self.work / "state.pt"
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"{self.out}: exists and is not a folder")
@@ -198,36 +222,54 @@ class RunFolder:
         if self.out.is_dir() and any(self.out.iterdir()) and not finished:
             raise UserError(f"{self.out}: exists and is not a zooter run; choose a new --out")
         if resume:
-            if not self.state.is_file():
-                if not (self.out / "state.pt").is_file():
-                    raise UserError(f"{self.out}: nothing to resume (no state.pt; a finished run keeps it only "
-                                    f"with --keep-state)")
-                if main:
-                    shutil.rmtree(self.work, ignore_errors=True)
-                    shutil.copytree(self.out, self.work)
+            source = self.resumable(self.out)
+            if source is None:
+                raise UserError(nothing_to_resume(self.out))
+            if source == self.out and main:
+                shutil.rmtree(self.work, ignore_errors=True)
+                shutil.copytree(self.out, self.work)
             return
-        if self.work.exists() and not force:
-            raise UserError(f"{self.work}: an interrupted run of {self.out} is there; pass --resume to continue "
-                            f"it or --force to start over")
+        if self.state.is_file() and not force:
+            raise UserError(f"{self.work}: an interrupted run of {self.out} is there ({epochs_saved(self.work)}); pass "
+                            f"--resume to continue it or --force to start over")
         if finished and not force:
-            raise UserError(f"{self.out}: a trained run is already there; pass --force to replace it "
-                            f"(or --resume to continue it)")
+            raise UserError(f"{self.out}: a trained run is already there; pass --force to replace it"
+                            + (" (or --resume to continue it)" if (self.out / "state.pt").is_file() else ""))
         self.fresh = True
 
     def start(self, main: bool = True) -> None:
-        """Create the partial folder of a new run (after the data has been read without error)."""
+        """Create the partial folder of a new run, once everything that can be refused has been checked
+        (data, backbone, flags): a refused run writes nothing."""
         if main and getattr(self, "fresh", False):
             shutil.rmtree(self.work, ignore_errors=True)
             self.work.mkdir(parents=True)
 
+    def abandon(self) -> None:
+        """After an interruption or a failure: keep the partial folder when it can be resumed, else
+        remove it, so that nothing asks for a --resume that has nothing to continue."""
+        if not self.state.is_file():
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    @staticmethod
+    def resumable(out: str | Path) -> Path | None:
+        """The folder holding the state to resume RUN from: its partial folder, else a finished RUN
+        kept with --keep-state; None when there is nothing to resume."""
+        out = Path(out)
+        for folder in (partial_folder(out), out):
+            if (folder / "state.pt").is_file() and (folder / "config.json").is_file():
+                return folder
+        return None
+
     @staticmethod
     def saved_config(out: str | Path) -> dict:
-        """The config.json of the run to resume (its partial folder first)."""
-        out = Path(out)
-        for folder in (out.with_name(f".{out.name}.partial"), out):
-            if (folder / "config.json").is_file():
-                return json.loads((folder / "config.json").read_text())
-        raise UserError(f"{out}: nothing to resume (no config.json)")
+        """The config.json of the run to resume."""
+        folder = RunFolder.resumable(out)
+        if folder is None:
+            raise UserError(nothing_to_resume(out))
+        try:
+            return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{folder / 'config.json'}: not valid JSON ({err}); the file is truncated or corrupt") from None
 
     def save_state(self, **state) -> None:
         import torch
@@ -317,8 +359,9 @@ def _setup(cfg: TrainConfig):
 
 
 def _new_model(cfg: TrainConfig, problem: Problem):
-    """A fresh router; the head's bias starts at the log of the mean target (the prior), so early
-    steps learn the query rather than the label frequencies."""
+    """A fresh router, cut to --layers and, when fine-tuning, frozen below --train-layers; the head's
+    bias starts at the log of the mean target (the prior), so early steps learn the query rather than
+    the label frequencies."""
     import torch
 
     from zooter.training.model import RouterModel, keep_first_layers
@@ -326,6 +369,8 @@ def _new_model(cfg: TrainConfig, problem: Problem):
     model, tokenizer = RouterModel.from_backbone(cfg.backbone, problem.labels)
     if cfg.layers is not None:
         keep_first_layers(model.encoder, cfg.layers)
+    if cfg.train_layers is not None and not cfg.frozen:
+        freeze_lower_layers(model, cfg.train_layers)
     with torch.no_grad():
         model.head.bias.copy_(torch.log(torch.tensor(problem.targets.mean(0), dtype=torch.float32).clamp(min=1e-6)))
     return model, tokenizer
@@ -353,7 +398,7 @@ def _checkpoint(folder: RunFolder, progress: Progress, module, optimizer, schedu
 
 def _report(bar, cfg: TrainConfig, point: dict) -> None:
     bar.write(f"epoch {point['epoch']}/{cfg.epochs}: train loss {point['train_loss']:.4f}, "
-              f"dev routed reward {point['dev_reward']:.4f}"
+              f"dev routed reward {reward_text(point['dev_reward'])}"
               + (f", INT8 agreement {point['dev_int8_agreement']:.2%}" if "dev_int8_agreement" in point else ""))
 
 
@@ -392,19 +437,26 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, int8_e
         raise UserError("quantization-aware training (--int8-consistency > 0) needs the INT8 encoder of "
                         "zooter.export.int8_encoder: pass int8_embedder=Int8Embedder()")
     accelerator, rng = _setup(cfg)
-    folder = RunFolder(cfg.out, resume=resume, force=force, main=accelerator.is_main_process)
+    main = accelerator.is_main_process
+    folder = RunFolder(cfg.out, resume=resume, force=force, main=main)
     problem = prepare(cfg)
-    folder.start(accelerator.is_main_process)
+    model, tokenizer = _new_model(cfg, problem)   # a bad backbone, --layers or --train-layers: refused here
+    folder.start(main)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (folder.work / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    started = time.time()
-    if cfg.frozen:
-        train_head(cfg, problem, folder, rng, resume, int8_embedder, main=accelerator.is_main_process)
-    else:
-        fine_tune(cfg, problem, folder, accelerator, rng, resume)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    try:
+        if main:
+            (folder.work / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        started = time.time()
+        if cfg.frozen:
+            train_head(cfg, problem, model, tokenizer, folder, rng, resume, int8_embedder, main=main)
+        else:
+            fine_tune(cfg, problem, model, tokenizer, folder, accelerator, rng, resume)
+        accelerator.wait_for_everyone()
+    except BaseException:   # Ctrl-C included
+        if main:
+            folder.abandon()
+        raise
+    if not main:
         return {}
     info = json.loads((folder.work / "run.json").read_text())
     info["train_seconds"] = round(time.time() - started, 1)
@@ -464,8 +516,8 @@ def fit_head(cfg: TrainConfig, x, targets, rng, x_int8=None, after_epoch=None, r
     return head, progress
 
 
-def train_head(cfg: TrainConfig, problem: Problem, folder: RunFolder, rng, resume: bool, int8_embedder=None,
-               main: bool = True) -> None:
+def train_head(cfg: TrainConfig, problem: Problem, model, tokenizer, folder: RunFolder, rng, resume: bool,
+               int8_embedder=None, main: bool = True) -> None:
     """Frozen encoder: embed every query once, train the head (fit_head), fit the decision layer on
     held-out predictions (the dev rows and, with oof_folds, every training row predicted by heads
     trained without it), write the run. Runs in one process: a linear head gains nothing from more."""
@@ -476,7 +528,6 @@ def train_head(cfg: TrainConfig, problem: Problem, folder: RunFolder, rng, resum
     from zooter.training.calibrate import inner_folds
     from zooter.training.embed import embed_texts
 
-    model, tokenizer = _new_model(cfg, problem)
     queries, dev_queries = problem.train.queries, problem.dev.queries
     train_x = torch.tensor(embed_texts(model, tokenizer, queries, cfg.max_length, cache=cfg.cache, progress="embedding train"))
     dev_x = torch.tensor(embed_texts(model, tokenizer, dev_queries, cfg.max_length, cache=cfg.cache, progress="embedding dev"))
@@ -520,7 +571,7 @@ def train_head(cfg: TrainConfig, problem: Problem, folder: RunFolder, rng, resum
         if dev_q is not None:
             best["int8_agreement"] = float(np.mean(head(dev_q).numpy().argmax(1) == logits.argmax(1)))
     if main:
-        print(f"head averaged over epochs {cfg.epochs // 2 + 1}-{cfg.epochs}: dev routed reward {best['dev_reward']:.4f}"
+        print(f"head averaged over epochs {cfg.epochs // 2 + 1}-{cfg.epochs}: dev routed reward {reward_text(best['dev_reward'])}"
               + (f", INT8 agreement {best['int8_agreement']:.2%}" if "int8_agreement" in best else ""), flush=True)
 
     oof = None
@@ -542,7 +593,8 @@ def train_head(cfg: TrainConfig, problem: Problem, folder: RunFolder, rng, resum
                                                 decision=decision))
 
 
-def fine_tune(cfg: TrainConfig, problem: Problem, folder: RunFolder, accelerator, rng, resume: bool) -> None:
+def fine_tune(cfg: TrainConfig, problem: Problem, model, tokenizer, folder: RunFolder, accelerator, rng,
+              resume: bool) -> None:
     """The whole encoder (or its top --train-layers layers) trains with the head; the epoch with the
     best dev routed reward is kept (written as it is found, so a resumed run keeps it). The decision
     layer is then fitted on the kept model's embeddings, with the dev rows as its held-out rows
@@ -554,9 +606,6 @@ def fine_tune(cfg: TrainConfig, problem: Problem, folder: RunFolder, accelerator
     from zooter.training.embed import in_length_order
     from zooter.training.model import RouterModel
 
-    model, tokenizer = _new_model(cfg, problem)
-    if cfg.train_layers is not None:
-        freeze_lower_layers(model, cfg.train_layers)
     queries = problem.train.queries
     lengths = np.array([len(ids) for ids in tokenizer(queries, truncation=True, max_length=cfg.max_length)["input_ids"]])
     targets = torch.tensor(problem.targets, dtype=torch.float32)

@@ -17,7 +17,7 @@ def register_export(sub) -> None:
         description="Export RUN (a training run folder) to BUNDLE: ONNX through optimum, ONNX Runtime transformer "
         "fusions, then dynamic INT8 (CPU) or fp16 (GPU) or neither. The exported model is checked against the "
         "PyTorch model on the run's dev rows (or --parity-data), both deciding by the rule the bundle ships (guard "
-        "and tolerance included): the export fails (exit 2) when fewer than 99%% of the clear decisions agree or "
+        "and tolerance included): the export fails (exit 2) when fewer than 99% of the clear decisions agree or "
         "the routed reward moves by more than 0.003, unless --allow-drift (docs/export-runtime.md). The bundle holds the model, tokenizer.json and router.json (labels, max_length, "
         "checksums, quantization, costs, provenance, parity, evaluation).",
     )

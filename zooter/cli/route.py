@@ -6,16 +6,26 @@ import sys
 
 from zooter.runtime.errors import UserError
 
+# The plain output's columns, named by its first line. Through Triton there is no per-query latency:
+# one request carries many queries. --json uses the same keys (with `line` in place of the query).
+COLUMNS = ("candidate", "expected_reward", "confidence", "latency_ms", "query")
+TRITON_COLUMNS = tuple(c for c in COLUMNS if c != "latency_ms")
+
 
 def register(sub) -> None:
     p = sub.add_parser(
         "route",
         help="choose a candidate LLM for queries with a bundle (or a Triton server)",
-        description="Route queries with BUNDLE (from `zooter export`): prints the chosen candidate, its "
-        "confidence and the latency per query. Queries come from the arguments, or one a line from stdin "
-        "(bytes that are not UTF-8 are replaced, and the query is answered). With --triton URL, the queries "
-        "go to a running `zooter serve` instead and no BUNDLE is given. Output lines follow the input "
-        "lines one for one: a blank or bad query gets an error line (exit status 2 at the end).",
+        # argparse would show the one positional list as "[BUNDLE [TEXT ...] ...]"
+        usage="%(prog)s [-h] [--json] [--tolerance X] [--lambda X] [--threads N] BUNDLE [TEXT ...]\n"
+              "       %(prog)s [-h] [--json] --triton URL [TEXT ...]",
+        description="Route queries with BUNDLE (from `zooter export`). Queries come from the arguments, or one a "
+        "line from stdin (bytes that are not UTF-8 are replaced, and the query is answered). With --triton URL, "
+        "the queries go to a running `zooter serve` instead and no BUNDLE is given. Prints a header line, then "
+        "one tab-separated line a query, in input order: candidate (the choice), expected_reward (its expected "
+        "reward, in the training rewards' units), confidence (0-1), latency_ms (not through Triton) and query "
+        "(its first 60 characters, quoted). A blank or bad query gets the line 'error<TAB>MESSAGE<TAB>(line N)' "
+        "in its place and exit status 2 at the end.",
     )
     p.add_argument("args", nargs="*", metavar="BUNDLE [TEXT ...]",
                    help="the bundle folder, then queries (none: read one a line from stdin)")
@@ -85,16 +95,18 @@ def _queries(texts: list[str]) -> list[tuple[int, str]]:
 def _emit(args, line: int, text: str, answer: dict | None, error: str | None) -> None:
     import json
 
+    if not args.json and not getattr(args, "header_printed", False):   # above the first line, if any
+        print("\t".join(TRITON_COLUMNS if args.triton else COLUMNS), flush=True)
+        args.header_printed = True
     if error is not None:
         print(json.dumps({"line": line, "error": error}) if args.json else f"error\t{error}\t(line {line})", flush=True)
         print(f"zooter route: line {line}: {error}", file=sys.stderr)
     elif args.json:
         print(json.dumps({"line": line, **answer}), flush=True)
     else:
-        # Through Triton there is no per-query latency (one request carries many queries).
         fields = [f"{answer[k]:.3f}" for k in ("expected_reward", "confidence") if k in answer]
         if "latency_ms" in answer:
-            fields.append(f"{answer['latency_ms']:.1f} ms")
+            fields.append(f"{answer['latency_ms']:.1f}")
         print("\t".join([answer["candidate"], *fields, repr(text[:60])]), flush=True)
 
 

@@ -142,7 +142,8 @@ def _register_train(sub) -> None:
         "KL(s* || softmax(logits)) where s*(q) is the tag-enhanced softmax of the rewards. Keeps the checkpoint "
         "with the best dev routing reward. Writes RUN/ (encoder/, head.safetensors, run.json, config.json, "
         "curves.json) into .RUN.partial beside it and renames it into place when done, so an interrupted run "
-        "never mixes with a finished one (--resume continues it). Multi-GPU: `accelerate launch -m zooter.cli train ...` or `torchrun --nproc-per-node N -m "
+        "never mixes with a finished one (--resume continues it from its last saved epoch; a run refused, or "
+        "stopped before its first epoch was saved, leaves nothing). Multi-GPU: `accelerate launch -m zooter.cli train ...` or `torchrun --nproc-per-node N -m "
         "zooter.cli train ...`.")
     p.add_argument("--data", help="training data (JSONL)")
     p.add_argument("--dev", help="dev data for checkpoint selection (default: 10%% of --data held out by query hash)")
@@ -156,9 +157,8 @@ def _register_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
-    from zooter.training.train import TrainConfig, train
-
-    from zooter.training.train import RunFolder
+    from zooter.training.evaluate import reward_text
+    from zooter.training.train import RunFolder, TrainConfig, train
 
     if args.resume and args.force:
         raise UserError("--resume continues a run and --force replaces it: give one of them")
@@ -173,19 +173,35 @@ def cmd_train(args) -> int:
             load_candidates(args.candidates)  # fail now, not after training
         config = config_from(args, args.out, args.data, args.dev)
     config.keep_state = args.keep_state
-    info = train(config, resume=args.resume, force=args.force, int8_embedder=_int8_embedder(config))
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one summary is enough
+    main_process = int(os.environ.get("RANK", "0")) == 0   # under torchrun / accelerate launch, one summary is enough
+    try:
+        info = train(config, resume=args.resume, force=args.force, int8_embedder=_int8_embedder(config))
+    except KeyboardInterrupt:
+        if main_process:
+            print(_interrupted(args.out), file=sys.stderr)
+        return 130
+    if not main_process:
         return 0
     dev, best, decision = info["dev"], info["best_single"], info["decision"]
     chosen = (f"head averaged over epochs {dev['averaged_epochs'][0]}-{dev['averaged_epochs'][1]}" if dev.get("averaged_epochs")
               else f"best epoch {dev['epoch']}")
     print(f"run written to {args.out} in {info['train_seconds']:.0f}s: tau {info['tau']:.4g} ({info['tau_rule']}), {chosen}, "
-          f"dev routed reward {dev['mean_reward']:.4f} vs best single ({best['candidate']}) "
-          f"{dev['best_single_from_train']:.4f}, oracle {dev['oracle']:.4f} (n={dev['n']})")
+          f"dev routed reward {reward_text(dev['mean_reward'])} vs best single ({best['candidate']}) "
+          f"{reward_text(dev['best_single_from_train'])}, oracle {reward_text(dev['oracle'])} (n={dev['n']})")
     fitted = decision["fitted_on"]
     print(f"decision layer on {fitted['rows']} held-out rows ({'dev + out-of-fold' if fitted['out_of_fold'] else 'dev'}): "
-          f"leave {decision['anchor']} only when the expected gain is above {decision['margin']:+.3f}")
+          f"leave {decision['anchor']} only when the expected gain is above {reward_text(decision['margin'], signed=True)}")
     return 0
+
+
+def _interrupted(out: str) -> str:
+    """What an interrupted `zooter train` leaves, and the command that goes on from there."""
+    from zooter.training.train import RunFolder, epochs_saved
+
+    folder = RunFolder.resumable(out)
+    if folder is None:
+        return "interrupted before the first epoch was saved: nothing to resume; run the same command to start again"
+    return f"interrupted: {folder} keeps the run ({epochs_saved(folder)}); `zooter train --out {out} --resume` continues it"
 
 
 # --- eval -------------------------------------------------------------------------------------
@@ -195,7 +211,7 @@ def _register_eval(sub) -> None:
         description="Route every row of --data with a run folder or an exported bundle and score the choices: "
         "mean reward and cost of the router (the shipped rule, guard on) and of the unguarded router (argmax p), "
         "each single candidate, the best single (best on the TRAINING data), the oracle and random; router minus "
-        "best single with a paired bootstrap 95%% interval, gap closed, win/tie/loss, mean task rank per tag, "
+        "best single with a paired bootstrap 95% interval, gap closed, win/tie/loss, mean task rank per tag, "
         "calibration of the expected rewards (ECE, reliability plot), a tolerance sweep of the cost knob, and "
         "routing accuracy by reward entropy. Prints a table and writes --json (and PNG plots with --plots).")
     p.add_argument("router", metavar="RUN_OR_BUNDLE", help="run folder (run.json) or bundle (router.json)")
@@ -215,7 +231,7 @@ def _register_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from zooter.training.evaluate import evaluate_router, format_table
+    from zooter.training.evaluate import evaluate_router, format_table, reward_text
 
     from zooter.runtime.decision import check_weight
 
@@ -233,7 +249,7 @@ def cmd_eval(args) -> int:
     print(format_table(report))
     if "rmr" in report["baselines"]:
         rmr = report["baselines"]["rmr"]
-        print(f"RMR baseline: mean reward {rmr.get('mean_reward')}")
+        print(f"RMR baseline: mean reward {reward_text(rmr.get('mean_reward'))}")
     print(f"report: {args.json}" + (f"; plots: {args.plots}" if args.plots else ""))
     return 0
 
