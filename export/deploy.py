@@ -24,11 +24,11 @@ from __future__ import annotations
 import re
 import shutil
 from dataclasses import dataclass
+from importlib.metadata import version as _version
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from zooter import __version__
 from zooter.runtime.bundle import bundle_bytes, read_manifest
 from zooter.runtime.errors import UserError
 from zooter.serving.candidates import Candidate, costs_for, load_candidates
@@ -40,6 +40,7 @@ GATEWAY_PORT = 8000
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
 IN_FLIGHT_METRIC = "zooter_gateway_in_flight_requests"        # serving/gateway_metrics.py
 QUEUE_COMPUTE_METRIC = "triton_queue_compute_ratio"           # exposed by the adapter rule below
+__version__ = _version("zooter")
 UID = 10001                                                    # non-root, above the host's user range
 # Paths inside the gateway pod.
 BUNDLE_DIR = "/var/lib/zooter/bundle"
@@ -117,7 +118,10 @@ def _service_name(host: str, taken: set[str]) -> str:
 def plan(candidates: Sequence[Candidate], labels: Sequence[str], source: str) -> tuple[list[TritonGroup], list[Candidate]]:
     """The Triton groups and the candidates file for the cluster (triton_url -> the group's Service).
     Candidates without a `serve` entry cannot be called from the cluster: refused, all named in one line."""
-    costs_for(candidates, labels)          # every label the bundle routes to has an entry (names the missing)
+    try:
+        costs_for(candidates, labels)      # every label the bundle routes to has an entry (names the missing)
+    except UserError as err:
+        raise UserError(f"{source}: {err} (the bundle routes to {', '.join(labels)})") from None
     bare = [c.name for c in candidates if not c.serve]
     if bare:
         raise UserError(f"{source}: no serve entry for {', '.join(bare)}: every candidate must say where it is "
@@ -389,20 +393,15 @@ def adapter_rules(s: DeploySettings) -> dict:
 
 
 # --- container build files ---------------------------------------------------------------------------
+# The folders pyproject.toml installs (its package-dir); the tests hold the two lists together.
+PACKAGE_FOLDERS = ("zooter", "runtime", "serving", "training", "export", "triton_models")
+SOURCE = "WORKDIR /src\nCOPY pyproject.toml README.md ./\n" + "".join(f"COPY {d} {d}\n" for d in PACKAGE_FOLDERS)
 GATEWAY_DOCKERFILE = """\
 # The gateway image: zooter with the `gateway` extra and the Triton gRPC client, no bundle (that comes from
 # the bundle image through a volume). Build from a zooter checkout:
 #   docker build -f {out}/build/gateway.Dockerfile -t {image} .
 FROM python:3.12-slim
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY zooter zooter
-COPY runtime runtime
-COPY serving serving
-COPY training training
-COPY export export
-COPY triton_models triton_models
-RUN pip install --no-cache-dir '.[gateway]' 'tritonclient[grpc]>=2.40' \\
+{source}RUN pip install --no-cache-dir '.[gateway]' 'tritonclient[grpc]>=2.40' \\
     && rm -rf /src \\
     && useradd --uid {uid} --user-group --no-create-home --shell /usr/sbin/nologin zooter
 WORKDIR /
@@ -434,15 +433,7 @@ TRITON_ROUTER_DOCKERFILE = """\
 # Run it with ZOOTER_CONTROL_KEY set (a Secret): the repository, logging and trace APIs need it.
 ARG TRITON_VERSION={version}
 FROM nvcr.io/nvidia/tritonserver:${{TRITON_VERSION}}-trtllm-python-py3
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY zooter zooter
-COPY runtime runtime
-COPY serving serving
-COPY training training
-COPY export export
-COPY triton_models triton_models
-# The python backend's stub runs the image's python3; newer images mark it externally managed.
+{source}# The python backend's stub runs the image's python3; newer images mark it externally managed.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1
 RUN python3 -m pip install --no-cache-dir . && rm -rf /src
 COPY --from=repo --chown=1000:1000 . /models
@@ -455,10 +446,10 @@ CMD ["sh", "-c", "exec tritonserver --model-repository=/models --model-control-m
 
 
 def build_files(s: DeploySettings, out: Path, bundle_image: str) -> dict[str, str]:
-    return {"gateway.Dockerfile": GATEWAY_DOCKERFILE.format(out=out, image=s.gateway_image, uid=UID, port=GATEWAY_PORT),
+    return {"gateway.Dockerfile": GATEWAY_DOCKERFILE.format(source=SOURCE, out=out, image=s.gateway_image, uid=UID, port=GATEWAY_PORT),
             "bundle.Dockerfile": BUNDLE_DOCKERFILE.format(out=out, image=bundle_image, uid=UID),
             "triton-router.Dockerfile": TRITON_ROUTER_DOCKERFILE.format(
-                out=out, version=s.triton_version, http=TRITON_HTTP, grpc=TRITON_GRPC, metrics=TRITON_METRICS,
+                source=SOURCE, out=out, version=s.triton_version, http=TRITON_HTTP, grpc=TRITON_GRPC, metrics=TRITON_METRICS,
                 apis=RESTRICTED_APIS, header=CONTROL_HEADER)}
 
 
