@@ -4,6 +4,7 @@ the gateway's candidates file points at the generated Services, ports and probes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -94,6 +95,21 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(deployed):
         assert selects(monitor["spec"]["selector"]["matchLabels"], template["metadata"]["labels"])
         for endpoint in monitor["spec"]["podMetricsEndpoints"]:
             assert container_port(template["spec"], endpoint["port"])
+
+
+def test_the_gateway_takes_the_cluster_candidates_file(deployed, bundles, monkeypatch):
+    """The rewritten file is one the gateway accepts: every candidate callable, Triton ones at the Services."""
+    from zooter.serving.gateway import GatewaySettings, create_app
+
+    monkeypatch.setenv("DELTA_KEY", "upstream-key")
+    app = create_app(GatewaySettings(bundle=bundles["int8"], candidates=deployed / "candidates.yaml"))
+    backend = app.state.gateway.backend
+    try:
+        assert not backend.unservable and sorted(backend.upstreams) == ["alpha-7b", "beta-70b", "delta-1b", "gamma-8b"]
+        assert ({backend.upstreams[n].address for n in ("alpha-7b", "beta-70b", "gamma-8b")}
+                == {"triton-gpu-a:8001", "triton-gpu-b:8001"})
+    finally:
+        asyncio.run(app.state.gateway.close())
 
 
 def test_gateway_wiring_matches_the_gateway_process(deployed):
