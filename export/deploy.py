@@ -67,7 +67,7 @@ class DeploySettings:
     triton_version: str = "25.01"                    # NGC release yy.mm of tritonserver:<yy.mm>-trtllm-python-py3
     gateway_replicas: int = 2
     gateway_max_replicas: int = 10
-    in_flight_target: int = 16                       # average in-flight requests per gateway pod
+    in_flight_target: int = 64                       # average in-flight requests per gateway pod (docs/deploy.md)
     gpus: int = 1                                    # nvidia.com/gpu per Triton pod
     candidate_max_replicas: int = 4
     queue_compute_target: str = "1"                  # queue time / compute time per Triton pod

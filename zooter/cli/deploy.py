@@ -31,8 +31,8 @@ def register(sub) -> None:
                    help="NGC release of nvcr.io/nvidia/tritonserver:<YY.MM>-trtllm-python-py3 (default 25.01)")
     p.add_argument("--gateway-replicas", type=int, default=2, help="gateway replicas, and the HPA's minimum (>= 2)")
     p.add_argument("--gateway-max-replicas", type=int, default=10, help="the gateway HPA's maximum (default 10)")
-    p.add_argument("--in-flight-target", type=int, default=16,
-                   help="average in-flight requests per gateway pod the HPA aims at (default 16)")
+    p.add_argument("--in-flight-target", type=int, default=64,
+                   help="average in-flight requests per gateway pod the HPA aims at (default 64; docs/deploy.md derives it)")
     p.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu per Triton pod (default 1)")
     p.add_argument("--candidate-max-replicas", type=int, default=4, help="each Triton HPA's maximum (default 4)")
     p.set_defaults(func=cmd_deploy_kubernetes)
