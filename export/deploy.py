@@ -232,7 +232,8 @@ def gateway_manifests(s: DeploySettings, candidates_text: str, upstream_envs: Se
         "command": ["zooter"], "args": args, "env": env,
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
         # Readiness is /health itself: ready while at least one candidate the router chooses answers.
-        "readinessProbe": _http_probe("/health", "http", 5, 3),
+        # (each probe asks every upstream, an OpenAI-compatible provider's /models included, 2 s at most)
+        "readinessProbe": _http_probe("/health", "http", 10, 3, timeout=5),
         "livenessProbe": _http_probe("/health?probe=live", "http", 10, 6),
         "startupProbe": _http_probe("/health?probe=live", "http", 2, 60),
         "resources": {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
@@ -440,7 +441,7 @@ COPY --from=repo --chown=1000:1000 . /models
 WORKDIR /
 USER 1000:1000
 EXPOSE {http} {grpc} {metrics}
-HEALTHCHECK --interval=30s --timeout=3s CMD ["curl", "-fs", "http://127.0.0.1:{http}/v2/health/ready"]
+HEALTHCHECK --interval=30s --timeout=3s CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:{http}/v2/health/ready', timeout=2)"]
 CMD ["sh", "-c", "exec tritonserver --model-repository=/models --model-control-mode=none --http-restricted-api={apis}:{header}=${{ZOOTER_CONTROL_KEY:?set ZOOTER_CONTROL_KEY}} --grpc-restricted-protocol={apis}:{header}=${{ZOOTER_CONTROL_KEY}}"]
 """
 
