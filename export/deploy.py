@@ -375,8 +375,6 @@ def adapter_rules(s: DeploySettings) -> dict:
     """prometheus-adapter's rules for both HPAs: in-flight requests per gateway pod, and Triton's queue time
     over compute time per pod (the rates of nv_inference_queue_duration_us and
     nv_inference_compute_infer_duration_us over a minute)."""
-    import yaml
-
     pods = {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}}
     rules = {"rules": [
         {"seriesQuery": f'{IN_FLIGHT_METRIC}{{namespace!="",pod!=""}}', "resources": pods,
@@ -390,7 +388,7 @@ def adapter_rules(s: DeploySettings) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "adapter-config", "namespace": s.monitoring_namespace,
                          "labels": {LABEL_PART: "zooter"}},
-            "data": {"config.yaml": yaml.safe_dump(rules, sort_keys=False)}}
+            "data": {"config.yaml": dump(rules)}}
 
 
 # --- container build files ---------------------------------------------------------------------------
@@ -426,6 +424,7 @@ HEALTHCHECK NONE
 """
 
 TRITON_ROUTER_DOCKERFILE = """\
+# syntax=docker/dockerfile:1
 # The router inside Triton (the one-server shape, docs/triton.md): NVIDIA's TensorRT-LLM Triton image with
 # zooter's runtime (numpy, onnxruntime, tokenizers) installed into the python backend's interpreter, and the
 # repository from `zooter triton build` baked in. Build from a zooter checkout:
@@ -458,12 +457,21 @@ def build_files(s: DeploySettings, out: Path, bundle_image: str) -> dict[str, st
 MARKER = ".zooter-deploy"
 
 
+def dump(doc) -> str:
+    """YAML without anchors and aliases (the manifests share label dicts; some tools refuse aliases)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data):
+            return True
+
+    return yaml.dump(doc, Dumper=Dumper, sort_keys=False)
+
+
 def write_kubernetes(bundle: str | Path, candidates_file: str | Path, out: str | Path,
                      settings: DeploySettings | None = None) -> dict:
     """Write the Kustomize folder; returns {"out", "files", "groups": {service: [candidates]}}. A folder that
     exists is replaced only when this command wrote it."""
-    import yaml
-
     s = settings or DeploySettings()
     s.check()
     out = Path(out)
@@ -474,7 +482,7 @@ def write_kubernetes(bundle: str | Path, candidates_file: str | Path, out: str |
         raise UserError(f"--out {out}: exists and was not written by zooter deploy; choose an empty or new folder")
     bundle_image = s.bundle_image or f"zooter-bundle:{manifest['manifest_sha256'][:12]}"
     size_mib = max(64, 2 * bundle_bytes(manifest) // (1 << 20) + 16)
-    candidates_text = yaml.safe_dump([c.to_json() for c in rewritten], sort_keys=False)
+    candidates_text = dump([c.to_json() for c in rewritten])
     upstream_envs = sorted({str(c.serve["api_key_env"]) for c in rewritten if c.serve.get("api_key_env")})
     docs = {"namespace.yaml": {"apiVersion": "v1", "kind": "Namespace",
                                "metadata": {"name": s.namespace, "labels": {LABEL_PART: "zooter"}}}}
@@ -493,14 +501,14 @@ def write_kubernetes(bundle: str | Path, candidates_file: str | Path, out: str |
         (tmp / "build").mkdir(parents=True)
         (tmp / "prometheus-adapter").mkdir()
         for name, doc in docs.items():
-            (tmp / name).write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+            (tmp / name).write_text(dump(doc), encoding="utf-8")
         (tmp / "kustomization.yaml").write_text(
             "# Written by `zooter deploy kubernetes` (docs/deploy.md); apply with: kubectl apply -k .\n"
-            + yaml.safe_dump(kustomization, sort_keys=False), encoding="utf-8")
+            + dump(kustomization), encoding="utf-8")
         (tmp / "candidates.yaml").write_text(candidates_text, encoding="utf-8")
         (tmp / "prometheus-adapter" / "config.yaml").write_text(
             "# prometheus-adapter's rules for the zooter HPAs: merge into your adapter's configuration.\n"
-            + yaml.safe_dump(adapter_rules(s), sort_keys=False), encoding="utf-8")
+            + dump(adapter_rules(s)), encoding="utf-8")
         for name, text in build_files(s, out, bundle_image).items():
             (tmp / "build" / name).write_text(text, encoding="utf-8")
         (tmp / MARKER).write_text(f"zooter {__version__}\n", encoding="utf-8")
