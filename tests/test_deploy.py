@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -318,3 +319,12 @@ def test_a_second_run_replaces_its_own_folder(bundles, tmp_path):
     docs = docs_of(tmp_path / "k8s")
     assert ("Deployment", "triton-gpu-b") not in docs and not (tmp_path / "k8s" / "triton-gpu-b-service.yaml").exists()
     assert {d["metadata"].get("namespace") for (kind, _), d in docs.items() if kind != "Namespace"} == {"routing"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (its kustomize builds the folder)")
+def test_kustomize_builds_the_folder(deployed):
+    built = subprocess.run(["kubectl", "kustomize", str(deployed)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} == set(docs_of(deployed))
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"zooter"}
