@@ -22,19 +22,19 @@ def register(sub) -> None:
     p.add_argument("--candidates", required=True, metavar="FILE",
                    help="candidates YAML, each with serve.triton_model (+ triton_url) or serve.openai_base_url")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced if zooter deploy wrote it)")
-    p.add_argument("--namespace", default="zooter", help="Kubernetes namespace (default zooter)")
+    p.add_argument("--namespace", default="zooter", metavar="NS", help="Kubernetes namespace (default zooter)")
     p.add_argument("--gateway-image", default=None, metavar="IMAGE",
                    help="gateway image with a fixed tag (default zooter-gateway:<zooter version>)")
     p.add_argument("--bundle-image", default=None, metavar="IMAGE",
                    help="bundle image (default zooter-bundle:<first 12 of the bundle's manifest_sha256>)")
     p.add_argument("--triton-version", default="25.01", metavar="YY.MM",
                    help="NGC release of nvcr.io/nvidia/tritonserver:<YY.MM>-trtllm-python-py3 (default 25.01)")
-    p.add_argument("--gateway-replicas", type=int, default=2, help="gateway replicas, and the HPA's minimum (>= 2)")
-    p.add_argument("--gateway-max-replicas", type=int, default=10, help="the gateway HPA's maximum (default 10)")
-    p.add_argument("--in-flight-target", type=int, default=64,
+    p.add_argument("--gateway-replicas", type=int, metavar="N", default=2, help="gateway replicas, and the HPA's minimum (>= 2)")
+    p.add_argument("--gateway-max-replicas", type=int, metavar="N", default=10, help="the gateway HPA's maximum (default 10)")
+    p.add_argument("--in-flight-target", type=int, metavar="N", default=64,
                    help="average in-flight requests per gateway pod the HPA aims at (default 64; docs/deploy.md derives it)")
-    p.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu per Triton pod (default 1)")
-    p.add_argument("--candidate-max-replicas", type=int, default=4, help="each Triton HPA's maximum (default 4)")
+    p.add_argument("--gpus", type=int, metavar="N", default=1, help="nvidia.com/gpu per Triton pod (default 1)")
+    p.add_argument("--candidate-max-replicas", type=int, metavar="N", default=4, help="each Triton HPA's maximum (default 4)")
     p.set_defaults(func=cmd_deploy_kubernetes)
 
 
