@@ -150,18 +150,32 @@ def _identity(pid: int) -> list:
     return [pid, _start_time(pid)]
 
 
+def _references(proc: Path) -> set[str]:
+    """The paths a process holds: open files, its folder, its mappings and its command-line arguments."""
+    names: set[str] = set()
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:              # gone meanwhile, or another user's
+        fds = []
+    for link in (*fds, proc / "cwd"):
+        try:
+            names.add(os.readlink(link))
+        except OSError:          # closed meanwhile
+            pass
+    try:
+        names.update(line.split(None, 5)[5] for line in (proc / "maps").read_text().splitlines()
+                     if line.count(" ") >= 5 and "/" in line)
+        names.update((proc / "cmdline").read_bytes().decode(errors="replace").replace("=", "\0").split("\0"))
+    except OSError:
+        pass
+    return names
+
+
 def _in_use(paths: set[str]) -> set[str]:
-    """Which of `paths` some running process has open, mapped, as its folder or on its command line."""
+    """Which of `paths` (files or folders) some running process holds (see _references)."""
     used: set[str] = set()
     for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            names = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
-            names.add(os.readlink(proc / "cwd"))
-            names.update(line.split(None, 5)[5] for line in (proc / "maps").read_text().splitlines()
-                         if line.count(" ") >= 5 and "/" in line)
-            names.update((proc / "cmdline").read_bytes().decode(errors="replace").replace("=", "\0").split("\0"))
-        except OSError:          # gone meanwhile, or another user's
-            continue
+        names = _references(proc)
         for path in paths - used:
             if any(name == path or name.startswith(path + "/") for name in names):
                 used.add(path)
