@@ -174,7 +174,7 @@ def _references(proc: Path) -> set[str]:
 def _in_use(paths: set[str]) -> set[str]:
     """Which of `paths` (files or folders) some running process holds (see _references)."""
     used: set[str] = set()
-    for proc in Path("/proc").glob("[0-9]*"):
+    for proc in Path("/proc").glob("[0-9]*") if paths else ():
         names = _references(proc)
         for path in paths - used:
             if any(name == path or name.startswith(path + "/") for name in names):
