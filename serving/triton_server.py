@@ -141,7 +141,7 @@ def _alive(owner) -> bool:
     """owner: [pid, start time] as written by _identity()."""
     try:
         pid, started = owner
-        return _start_time(int(pid)) == started
+        return started is not None and _start_time(int(pid)) == started
     except (TypeError, ValueError):
         return False
 
@@ -199,7 +199,8 @@ def sweep_leftovers(tmp_root: Path | None = None, shm_root: Path = SHM_ROOT, now
         return st.st_uid == uid and now - st.st_mtime >= FRESH_S
 
     candidates, unmarked = [], []
-    for folder in sorted(tmp_root.glob(WORKDIR_PREFIX + "*")):
+    # ".zooter-triton-*": a work folder still being set up, left so only by a launcher that died then
+    for folder in sorted([*tmp_root.glob(WORKDIR_PREFIX + "*"), *tmp_root.glob("." + WORKDIR_PREFIX + "*")]):
         if not folder.is_dir() or folder.is_symlink() or not ours_and_settled(folder):
             continue
         try:

@@ -665,14 +665,16 @@ def fake_leftovers(tmp_root: Path, shm_root: Path, tag: str) -> dict[str, Path]:
     gone.kill()
     gone.wait()
     paths = {"dead": tmp_root / f"zooter-triton-{tag}dead", "live": tmp_root / f"zooter-triton-{tag}live",
+             "staging": tmp_root / f".zooter-triton-{tag}new",     # its launcher died while setting it up
              "unmarked_dead": tmp_root / f"zooter-triton-{tag}old", "fresh": tmp_root / f"zooter-triton-{tag}fresh",
              "dead_region": shm_root / f"triton_python_backend_shm_region_{tag}dead",
              "live_region": shm_root / f"triton_python_backend_shm_region_{tag}live"}
-    for name in ("dead", "live", "unmarked_dead", "fresh"):
+    for name in ("dead", "live", "staging", "unmarked_dead", "fresh"):
         (paths[name] / "backends").mkdir(parents=True)
         (paths[name] / "tritonserver.log").write_text("...")
     for name, owner in (("dead", dead_owner), ("fresh", dead_owner), ("live", _identity(os.getpid()))):
         (paths[name] / "owner.json").write_text(json.dumps({"launcher": owner, "server": dead_owner}))
+    (paths["staging"] / "owner.json").write_text(json.dumps({"launcher": dead_owner, "server": None}))
     for name in ("dead_region", "live_region"):
         paths[name].write_bytes(b"\0" * 4096)
     for name, path in paths.items():
@@ -700,7 +702,7 @@ def test_sweep_removes_what_dead_servers_left_and_nothing_of_a_live_one(tmp_path
     finally:
         holder.kill()
         holder.wait()
-    assert removed == {paths["dead"], paths["unmarked_dead"], paths["dead_region"]}
+    assert removed == {paths["dead"], paths["staging"], paths["unmarked_dead"], paths["dead_region"]}
     assert all(not p.exists() for p in removed)
     assert paths["live"].is_dir() and paths["fresh"].is_dir() and used.is_dir() and paths["live_region"].is_file()
 
@@ -836,7 +838,7 @@ def test_zooter_serve_sweeps_what_dead_servers_left_and_leaves_nothing_itself(tr
                 break
         out = "".join(lines)
         assert "ready:" in out, out
-        for name in ("dead", "unmarked_dead", "dead_region"):
+        for name in ("dead", "staging", "unmarked_dead", "dead_region"):
             assert f"removed {paths[name]}: left by a Triton server that is gone" in out, out
             assert not paths[name].exists()
         assert paths["live"].is_dir() and paths["fresh"].is_dir() and paths["live_region"].is_file()
