@@ -225,6 +225,18 @@ def sweep_leftovers(tmp_root: Path | None = None, shm_root: Path = SHM_ROOT, now
     return removed
 
 
+def _group_running(pgid: int) -> bool:
+    """Whether a process of this group still runs (zombies, dead but not yet reaped, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 def _stack_limit(wanted: int) -> int | None:
     """The soft RLIMIT_STACK to give tritonserver, or None to leave it: never above the hard limit, and
     not under strict overcommit (mode 2 charges every thread's whole stack; threads would fail)."""
@@ -453,11 +465,9 @@ class TritonServer:
         except (ProcessLookupError, PermissionError):
             return
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:   # the stubs' mappings go with them: wait, so the sweep sees them gone
-            try:
-                os.killpg(self.process.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
+        # The stubs' mappings go with them: wait until the group is gone, so the regions are seen unused.
+        while _group_running(self.process.pid) and time.monotonic() < deadline:
+            self.process.poll()          # reap the server itself
             time.sleep(0.05)
 
     def _remove_regions(self) -> None:

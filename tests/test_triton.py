@@ -708,14 +708,13 @@ def test_sweep_removes_what_dead_servers_left_and_nothing_of_a_live_one(tmp_path
 
 
 @pytest.mark.triton
-@pytest.mark.slow
 def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
     """A server that overruns its exit timeout ("failed to stop server: Internal - Exit timeout expired",
     exit code 1) or ignores SIGTERM is no error: stop() waits, kills the process group, removes the work
     folder and the python backend's /dev/shm regions."""
     import os
 
-    from zooter.serving.triton_server import TritonServer
+    from zooter.serving.triton_server import TritonServer, _group_running
 
     repo = tmp_path / "repo"
     (repo / "stuck" / "1").mkdir(parents=True)
@@ -740,8 +739,7 @@ def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
             assert code == 1 and "failed to stop server: Internal - Exit timeout expired" in server.log_tail(), \
                 server.log_tail()                       # Triton's own words, as in the busy `make test`
         server.close()
-        with pytest.raises(ProcessLookupError):
-            os.killpg(pid, 0)                           # no stub of it is left either
+        assert not _group_running(pid)                 # no stub of it is left either (zombies aside: they are dead)
         assert not workdir.exists() and not any(Path(r).exists() for r in regions)
 
 
