@@ -658,9 +658,9 @@ def fake_leftovers(tmp_root: Path, shm_root: Path, tag: str) -> dict[str, Path]:
     All but "fresh" are dated an hour back (the sweep leaves anything younger than a minute alone)."""
     import os
 
-    gone = subprocess.Popen(["sleep", "60"])          # a process that existed, then ended: its PID and start time
     from zooter.serving.triton_server import _identity
 
+    gone = subprocess.Popen(["sleep", "60"])          # a process that existed, then ended: its PID and start time
     dead_owner = _identity(gone.pid)
     gone.kill()
     gone.wait()
