@@ -19,6 +19,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.candidate = config["parameters"]["candidate"]["string_value"]
         self.input_names = [i["name"] for i in config["input"]]
+        self.max_text_bytes = int(config["parameters"].get("max_text_bytes", {}).get("string_value") or 65536)
         self.pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="standin")
 
     def execute(self, requests):
@@ -28,6 +29,13 @@ class TritonPythonModel:
 
     def _forward(self, request):
         sender = request.get_response_sender()
+        text = pb_utils.get_input_tensor_by_name(request, "text_input")
+        size = sum(len(t) for t in text.as_numpy().reshape(-1) if isinstance(t, bytes)) if text is not None else 0
+        if size > self.max_text_bytes:       # refused here rather than copied on to the LLM's process
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"stand-in {self.candidate}: text_input of {size} bytes is over the {self.max_text_bytes}-byte limit",
+                pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
+            return
         try:
             inputs = [pb_utils.Tensor(name, t.as_numpy()) for name in self.input_names
                       if (t := pb_utils.get_input_tensor_by_name(request, name)) is not None]

@@ -58,6 +58,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.max_tokens_cap = int(params.get("max_tokens_cap") or 512)
+        self.max_text_bytes = int(params.get("max_text_bytes") or 65536)
         self.model, self.tokenizer = standin_llm.load(params.get("model_dir") or None)
         self.generate_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="standin-llm")
@@ -71,6 +72,9 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             self._generate(request, sender)
+        except ValueError as err:       # the request's own fault: HTTP 400, gRPC INVALID_ARGUMENT
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"zooter_standin_llm: {err}", pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
         except Exception as err:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"zooter_standin_llm: {type(err).__name__}: {err}")), flags=FINAL)
@@ -79,6 +83,8 @@ class TritonPythonModel:
         texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
         if texts.size != 1:
             raise ValueError(f"one prompt per request, got {texts.size}")
+        if isinstance(texts[0], bytes) and len(texts[0]) > self.max_text_bytes:
+            raise ValueError(f"text_input of {len(texts[0])} bytes is over the {self.max_text_bytes}-byte limit")
         prompt = texts[0].decode("utf-8", errors="replace") if isinstance(texts[0], bytes) else str(texts[0])
         if not prompt.strip():
             raise ValueError("empty text_input")

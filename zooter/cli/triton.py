@@ -81,9 +81,10 @@ def register_serve(sub) -> None:
                     "nvidia-pytriton wheel (with the python-backend stub for this Python). Waits until the "
                     "server is ready, prints the addresses it listens on, and stops it cleanly on Ctrl-C or "
                     "SIGTERM. Safe by default: every endpoint binds 127.0.0.1 (--host opens them), model control "
-                    "is off (--model-control turns it on), and the repository and logging APIs always need the "
-                    "control key, written to --control-key-file (mode 0600), in the zooter-control-key header. "
-                    "See docs/triton.md, Security.")
+                    "is off (--model-control turns it on), and the repository, logging, trace and shared-memory APIs "
+                    "always need the control key, written to --control-key-file (mode 0600), in the "
+                    "zooter-control-key header. See docs/triton.md, Security. At start it removes what dead "
+                    "servers left (work folders in the temporary folder, python-backend regions in /dev/shm).")
     p.add_argument("repository", help="model repository folder (zooter triton build --out)")
     p.add_argument("--model-repository", action="append", default=[], metavar="DIR",
                    help="another repository to serve alongside, e.g. the TensorRT-LLM ensembles the candidates "
@@ -147,8 +148,12 @@ def cmd_serve(args) -> int:
         if server.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"  listening on {server.host}: reachable from other machines; keep it behind a proxy "
                   f"(docs/triton.md, Security)", flush=True)
-        print(f"  model control: {'on' if server.model_control else 'off'}; repository and logging APIs need the "
-              f"key in {key_file} (header zooter-control-key)", flush=True)
+        print(f"  model control: {'on' if server.model_control else 'off'}; repository, logging, trace and "
+              f"shared-memory APIs need the key in {key_file} (header zooter-control-key)", flush=True)
+        if server.http_stack < 2 * 64 << 20:
+            print(f"  warning: tritonserver's threads have {server.http_stack >> 20} MiB stacks (RLIMIT_STACK): a "
+                  f"form-encoded HTTP body over ~{server.http_stack >> 21} MB crashes it; raise `ulimit -s` "
+                  f"(docs/triton.md, Oversized requests)", flush=True)
         print(f"  zooter ask --triton {server.http_url} --stream \"...\"   (Ctrl-C stops the server)", flush=True)
 
     return serve_forever(server, timeout=args.timeout, on_ready=ready)
