@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from zooter.runtime.conversation import check_route_on
 from zooter.runtime.errors import UserError
 from zooter.serving.gateway_backends import MID, Answer, BundleBackend, TritonBackend, remaining
 from zooter.serving.gateway_metrics import Metrics
@@ -50,6 +51,8 @@ class GatewaySettings:
                                              # when not streaming
     connect_timeout: float = 5.0
     max_tokens: int = 256                    # for Triton models when a request sends no max_tokens
+    route_on: str | None = None              # which text is routed (runtime/conversation.py); None: last-user
+                                             # with --bundle, the repository's own (zooter triton build) with --triton
 
     def check(self) -> None:
         if bool(self.triton) == bool(self.bundle or self.candidates):
@@ -63,6 +66,11 @@ class GatewaySettings:
         for name in ("max_body_bytes", "max_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.route_on is not None:
+            try:
+                check_route_on(self.route_on)
+            except ValueError as err:
+                raise UserError(str(err)) from None
         if self.triton and (self.lam is not None or self.tolerance is not None):
             raise UserError("--lambda and --tolerance apply to --bundle; a Triton repository has its rule built in "
                             "(zooter triton build --lambda/--tolerance)")

@@ -38,6 +38,10 @@ def register(sub) -> None:
                         "router's choice (default: the bundle's); a request may set its own in its zooter object")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="X",
                    help="with --bundle: the older cost weight of the in-process rule, >= 0 (default: the bundle's)")
+    p.add_argument("--route-on", choices=["last-user", "conversation"], default=None,
+                   help="which text of a chat is routed: the last user message (the default with --bundle) or the "
+                        "whole conversation, cut to the router's max_length tokens keeping its start; with --triton "
+                        "the default is the repository's (zooter triton build --route-on) and this overrides it")
     p.add_argument("--api-keys-file", metavar="FILE",
                    help="clients must send one of these keys (one a line) as a bearer token; default: no keys")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -69,5 +73,5 @@ def cmd_gateway(args) -> int:
                                api_keys=load_api_keys(args.api_keys_file) if args.api_keys_file else (),
                                max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                                upstream_timeout=args.upstream_timeout, connect_timeout=args.connect_timeout,
-                               max_tokens=args.max_tokens)
+                               max_tokens=args.max_tokens, route_on=args.route_on)
     return serve(settings, args.host, args.port, args.log_level)
