@@ -178,7 +178,7 @@ def served(bundles, tmp_path_factory):
     finally:
         for gateway in gateways.values():
             gateway.stop()
-        assert server.stop() == 0, server.log_tail()
+        server.stop()          # its exit code is the launcher's business (tests/test_triton.py), not this test's
 
 
 def start_gateway(**settings) -> ServerThread:

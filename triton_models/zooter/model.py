@@ -235,8 +235,8 @@ class TritonPythonModel:
 
         forwarded = self._candidate_inputs(request)
         max_tokens = int(next(t.as_numpy().reshape(-1)[0] for t in forwarded if t.name() == "max_tokens"))
-        streaming = pb_utils.get_input_tensor_by_name(request, "stream")
-        streaming = streaming is not None and bool(streaming.as_numpy().reshape(-1)[0])
+        stream = pb_utils.get_input_tensor_by_name(request, "stream")
+        streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
         skipped = []
         for label in order:
             model = self.serving.get(label, {}).get("model")
@@ -247,16 +247,19 @@ class TritonPythonModel:
                 skipped.append(f"{label}: model {model} is not ready")
                 continue
             note = "" if not skipped else f"fallback to {label}, the next candidate in the ranking; " + "; ".join(skipped)
-            error, started, end, held = self._stream_from(label, model, forwarded, note, confidence, sender,
-                                                          hold_last=not streaming)
+            # Not streamed: the answer is sent whole, with how it ended, as one response (Triton's HTTP
+            # /generate takes exactly one).
+            whole = None if streaming else []
+            error, started, end = self._stream_from(label, model, forwarded, note, confidence, sender, whole)
             if error is not None and started:
-                if held:
-                    sender.send(pb_utils.InferenceResponse(held))
                 sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {label} failed mid-answer: {error}",
                                                                E.UNAVAILABLE)), flags=FINAL)
                 return "failed_mid_answer"
             if error is None:
-                sender.send(self._ending(label, note, end, max_tokens, held), flags=FINAL)
+                if sender.is_cancelled():      # nobody to tell how it ended; the final flag still closes it
+                    sender.send(flags=FINAL)
+                else:
+                    sender.send(self._ending(label, note, end, max_tokens, whole, confidence), flags=FINAL)
                 if label != order[0]:
                     self._fallback(order[0], label)
                 return "ok" if label == order[0] else "fallback"
@@ -269,14 +272,16 @@ class TritonPythonModel:
         return "no_candidate"
 
     @staticmethod
-    def _ending(label, note, end, max_tokens, held=None):
-        """The final response: the held last chunk (else no text), and how the answer ended (finish_reason;
-        the token counts the candidate gave, absent when it gave none)."""
+    def _ending(label, note, end, max_tokens, whole=None, confidence=None):
+        """The final response: how the answer ended (finish_reason; the token counts the candidate gave,
+        absent when it gave none), with the whole answer when it was not streamed, else no text."""
         finish = finish_reason(end.get("finish_reason"), end.get("completion_tokens"), max_tokens) or "stop"
-        return pb_utils.InferenceResponse([
-            *(held or [_str_tensor("text_output", ""), _str_tensor("candidate", label), _str_tensor("note", note)]),
-            _str_tensor("finish_reason", finish),
-            *(pb_utils.Tensor(name, np.array([[end[name]]], dtype=np.int32)) for name in END_OUTPUTS[1:] if name in end)])
+        tensors = [_str_tensor("text_output", "".join(whole or ())), _str_tensor("candidate", label),
+                   _str_tensor("note", note), _str_tensor("finish_reason", finish)]
+        tensors += [pb_utils.Tensor(name, np.array([[end[name]]], dtype=np.int32)) for name in END_OUTPUTS[1:] if name in end]
+        if whole is not None and confidence is not None:
+            tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
+        return pb_utils.InferenceResponse(tensors)
 
     @staticmethod
     def _ready(model):
@@ -295,12 +300,10 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("max_tokens", np.array([[self.default_max_tokens]], dtype=np.int32)))
         return tensors
 
-    def _stream_from(self, label, model, inputs, note, confidence, sender, hold_last=False):
-        """Forward the candidate's responses; returns (None on success else the error text, whether
-        the candidate sent text, {END_OUTPUTS name: the last value the candidate sent}, the tensors of the
-        last chunk when held back). `hold_last` (not streaming): the last chunk is held back for the caller
-        to send with how the answer ended, so that a request that is not streamed gets one response
-        (Triton's HTTP /generate takes no more).
+    def _stream_from(self, label, model, inputs, note, confidence, sender, whole=None):
+        """Forward the candidate's responses, or gather their text in `whole` (a list) when given; returns
+        (None on success else the error text, whether the candidate gave text, {END_OUTPUTS name: the
+        last value the candidate sent}).
 
         A helper thread reads the candidate's stream: a request that reached a candidate as it was
         being unloaded can wait forever for responses, and this thread must still end the client's
@@ -321,20 +324,20 @@ class TritonPythonModel:
             received.put(None)
 
         threading.Thread(target=read, name="zooter-read", daemon=True).start()
-        sent, end, held = False, {}, None
+        sent, end = False, {}
         while True:
             try:
                 response = received.get(timeout=1.0)
             except queue.Empty:
                 if not self._ready(model):
-                    return f"model {model} was unloaded mid-answer", sent, end, held
+                    return f"model {model} was unloaded mid-answer", sent, end
                 continue
             if response is None:
-                return None, sent, end, held
+                return None, sent, end
             if isinstance(response, Exception):
-                return f"model {model} failed: {response}", sent, end, held
+                return f"model {model} failed: {response}", sent, end
             if response.has_error():
-                return f"model {model} failed: {response.error().message()}", sent, end, held
+                return f"model {model} failed: {response.error().message()}", sent, end
             for name in END_OUTPUTS:
                 tensor = pb_utils.get_output_tensor_by_name(response, name)
                 if tensor is not None and tensor.as_numpy().size:
@@ -344,18 +347,16 @@ class TritonPythonModel:
             if out is None:          # the empty final response that closes a stream
                 continue
             chunk = "".join(_text(v) for v in out.as_numpy().reshape(-1))
-            tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label), _str_tensor("note", note)]
-            if not sent and confidence is not None:     # the decision's confidence rides on the first chunk
-                tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
-            sent = True
-            if hold_last:
-                if held is not None:
-                    sender.send(pb_utils.InferenceResponse(held))
-                held = tensors
+            if whole is not None:
+                whole.append(chunk)
             else:
+                tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label), _str_tensor("note", note)]
+                if not sent and confidence is not None:     # the decision's confidence rides on the first chunk
+                    tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
                 sender.send(pb_utils.InferenceResponse(tensors))
+            sent = True
             if sender.is_cancelled():
-                return None, sent, end, held
+                return None, sent, end
 
     def finalize(self):
         # Unloading waits for our open streams first (each ends with a final flag, see _stream_from), but a
