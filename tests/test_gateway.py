@@ -686,7 +686,7 @@ def test_gateway_in_front_of_triton(triton, router, ranking):
         assert float(confidence) == pytest.approx(router.route(text).confidence, abs=1e-3)
         assert len(chunks) >= 3 and {c.model for c in chunks} == {chosen}
         assert "".join(c.choices[0].delta.content or "" for c in chunks).startswith(banner(chosen))
-        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert chunks[-1].choices[0].finish_reason == "length"        # 4 tokens cut the stand-in's answer
 
         async def fallback():       # QUERY's first choice has no Triton model: Triton answers with the second
             async_openai = async_client(gateway, None)
@@ -698,6 +698,9 @@ def test_gateway_in_front_of_triton(triton, router, ranking):
         headers, answer = asyncio.run(fallback())
         assert headers["x-zooter-candidate"] == ranking[1] == answer.model and headers["x-zooter-fallback"] == "true"
         assert answer.choices[0].message.content.startswith(banner(ranking[1]))
+        # The stand-in counts its tokens: 3 generated (max_tokens), so the answer was cut.
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 3
+        assert answer.usage.total_tokens == answer.usage.prompt_tokens + 3 and answer.usage.prompt_tokens > 0
         assert metric(gateway, "zooter_gateway_fallbacks_total", None, candidate=ranking[1]) == 1
 
         # A named candidate answers without routing; the `zooter` object's knobs reach the router inside Triton.
@@ -747,6 +750,7 @@ def test_in_process_routing_to_triton_models(triton, bundles, ranking, tmp_path)
                       stage="before_first_token", reason="unloaded") == 1
         answer = openai.completions.create(model=ranking[2], prompt=QUERY, max_tokens=2)
         assert answer.model == ranking[2] and answer.choices[0].text.startswith(banner(ranking[2]))
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 2
         health = httpx.get(gateway.url + "/health").json()
         assert health["upstreams"][ranking[0]].startswith("down") and health["upstreams"][ranking[1]] == "up"
     finally:

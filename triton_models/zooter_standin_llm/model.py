@@ -2,7 +2,10 @@
 
 TensorRT-LLM ensemble inputs (text_input, max_tokens, stream, temperature, top_p, top_k,
 random_seed, repetition_penalty; the rest are accepted and ignored) -> text_output, streamed token
-by token when `stream` is true, else one response. The first chunk names the stand-in, so nobody
+by token when `stream` is true, else one response; the final response says how the answer ended:
+`finish_reason` ("length" when max_tokens cut it, else "stop", as TensorRT-LLM's LLM-API model
+names it) and the token counts `prompt_tokens`, `completion_tokens` (the chat-templated prompt and
+the generated tokens, the end-of-sequence token not counted). The first chunk names the stand-in, so nobody
 mistakes its answer for the real candidate's. Generations run one at a time (one copy of the
 weights, 2 cores); requests wait their turn in threads. A cancelled request stops generating.
 """
@@ -31,6 +34,13 @@ def _scalar(request, name, default):
 
 def _text_tensor(text):
     return pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=object))
+
+
+def _ending(finish, prompt_tokens, completion_tokens):
+    return pb_utils.InferenceResponse([
+        pb_utils.Tensor("finish_reason", np.array([[finish.encode()]], dtype=object)),
+        pb_utils.Tensor("prompt_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
+        pb_utils.Tensor("completion_tokens", np.array([[completion_tokens]], dtype=np.int32))])
 
 
 class _Sender(TextStreamer):
@@ -119,13 +129,16 @@ class TritonPythonModel:
             if sampling["do_sample"]:
                 torch.manual_seed(int(_scalar(request, "random_seed", 0)))
             with torch.inference_mode():
-                self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                     repetition_penalty=repetition_penalty, streamer=streamer,
                                     stopping_criteria=StoppingCriteriaList([_Cancelled(sender)]),
                                     pad_token_id=self.tokenizer.eos_token_id, **sampling)
         if not stream:
             sender.send(pb_utils.InferenceResponse([_text_tensor(banner + "".join(pieces))]))
-        sender.send(flags=FINAL)
+        generated = out[0, ids.shape[1]:].tolist()
+        stopped = bool(generated) and generated[-1] == self.tokenizer.eos_token_id
+        finish = "length" if len(generated) >= max_tokens and not stopped else "stop"
+        sender.send(_ending(finish, int(ids.shape[1]), len(generated) - stopped), flags=FINAL)
 
     def finalize(self):
         self.pool.shutdown(wait=True)

@@ -42,8 +42,15 @@ def register(sub) -> None:
                    help="older cost knob: argmax p - X * cost / max(cost), X >= 0; default: the bundle's")
     p.add_argument("--max-batch-size", type=int, default=32, help="max_batch_size of the routing models (default 32)")
     p.add_argument("--max-text-bytes", type=int, default=65536,
-                   help="longer queries are refused with an error (default 65536); within it, the router reads "
-                        "the first max_length tokens, as in-process")
+                   help="zooter_route refuses longer texts with an error (default 65536; `zooter` cuts the text it "
+                        "routes on to fit); within it, the router reads the first max_length tokens, as in-process")
+    p.add_argument("--max-prompt-bytes", type=int, default=1 << 20,
+                   help="`zooter` refuses a longer text_input, the prompt the candidate gets (default 1048576, the "
+                        "gateway's --max-body-bytes)")
+    p.add_argument("--route-on", choices=["last-user", "conversation"], default="last-user",
+                   help="which text `zooter` routes on when the client sends the conversation (`messages`, as the "
+                        "gateway does): the last user message (default) or the whole conversation; a request may "
+                        "send its own route_on (docs/triton.md)")
     p.add_argument("--max-tokens", type=int, default=128, help="answer length when a request sends no max_tokens")
     p.set_defaults(func=cmd_triton_build)
 
@@ -63,7 +70,8 @@ def cmd_triton_build(args) -> int:
                              stand_ins=args.stand_ins, lam=args.lam, tolerance=args.tolerance,
                              max_batch_size=args.max_batch_size, max_text_bytes=args.max_text_bytes,
                              router_device=args.router_device, tensorrt=args.tensorrt,
-                             default_max_tokens=args.max_tokens)
+                             default_max_tokens=args.max_tokens, route_on=args.route_on,
+                             max_prompt_bytes=args.max_prompt_bytes)
     print(f"wrote {built.path}: {len(built.models)} models ({', '.join(built.models[:5])}"
           f"{', ...' if len(built.models) > 5 else ''})")
     for label, s in built.serving.items():
