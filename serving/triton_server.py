@@ -123,6 +123,9 @@ HTTP_THREAD_STACK = 1 << 30
 WORKDIR_PREFIX = "zooter-triton-"
 OWNER_FILE = "owner.json"
 SHM_PREFIX = "triton_python_backend_shm_region_"    # the python backend's default region names
+# The python backend makes an (empty, unless EXECUTION_ENV_PATH is used) /tmp/python_env_XXXXXX at start and
+# removes it at a clean exit; the path is fixed in libtriton_python.so, so a killed server leaves it behind.
+PYTHON_ENV_GLOB = "/tmp/python_env_*"
 SHM_ROOT = Path("/dev/shm")
 FRESH_S = 60.0      # younger leftovers may be a server starting right now: left for the next sweep
 
@@ -237,6 +240,12 @@ def _group_running(pgid: int) -> bool:
     return False
 
 
+def _python_envs() -> set[str]:
+    import glob
+
+    return set(glob.glob(PYTHON_ENV_GLOB))
+
+
 def _stack_limit(wanted: int) -> int | None:
     """The soft RLIMIT_STACK to give tritonserver, or None to leave it: never above the hard limit, and
     not under strict overcommit (mode 2 charges every thread's whole stack; threads would fail)."""
@@ -272,6 +281,7 @@ class TritonServer:
     process: subprocess.Popen | None = field(default=None, init=False)
     _workdir: Path | None = field(default=None, init=False)
     _regions: set = field(default_factory=set, init=False)     # this server's /dev/shm regions, seen running
+    _envs: set = field(default_factory=set, init=False)        # python_env folders that appeared as it started
 
     def __post_init__(self):
         self.repository = Path(self.repository).resolve()
@@ -370,6 +380,7 @@ class TritonServer:
         backends = _private_backends(install, self._workdir) if install.from_wheel else None
         log = open(self.log_file, "ab") if self.log_file else open(self._workdir / "tritonserver.log", "ab")
         stack = _stack_limit(self.http_stack_bytes)
+        envs_before = _python_envs()
 
         def prepare_child():
             _stop_with_parent()
@@ -384,6 +395,7 @@ class TritonServer:
         try:
             self.wait_ready(timeout)
             self._note_regions()
+            self._envs = _python_envs() - envs_before
         except BaseException:
             self.close()
             raise
@@ -457,6 +469,11 @@ class TritonServer:
             # Keep the log beside nothing else: the private backends copy is not needed any more.
             shutil.rmtree(self._workdir / "backends", ignore_errors=True)
         self._remove_regions()
+        for env in self._envs:          # gone already after a clean exit; only an empty one is removed
+            try:
+                os.rmdir(env)
+            except OSError:
+                pass
         return code
 
     def _kill_group(self) -> None:

@@ -712,7 +712,7 @@ def test_sweep_removes_what_dead_servers_left_and_nothing_of_a_live_one(tmp_path
 def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
     """A server that overruns its exit timeout ("failed to stop server: Internal - Exit timeout expired",
     exit code 1) or ignores SIGTERM is no error: stop() waits, kills the process group, removes the work
-    folder and the python backend's /dev/shm regions."""
+    folder, the python backend's /dev/shm regions and its /tmp/python_env_* folder."""
     import os
 
     from zooter.serving.triton_server import TritonServer, _group_running
@@ -729,8 +729,9 @@ def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
         server = TritonServer(repo, exit_timeout=1, log_file=tmp_path / f"{stopped_by}.log")
         server.start(timeout=300)
         pid, workdir = server.process.pid, server._workdir
-        regions = set(server._regions)
+        regions, envs = set(server._regions), set(server._envs)
         assert regions, "the python backend maps its regions in /dev/shm"
+        assert envs and all(Path(e).is_dir() for e in envs), "the python backend makes its /tmp/python_env_*"
         if stopped_by == "kill":
             os.kill(pid, signal.SIGSTOP)                # deaf to SIGTERM: only a kill ends it
             code = server.stop(grace=2)
@@ -742,6 +743,7 @@ def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
         server.close()
         assert not _group_running(pid)                 # no stub of it is left either (zombies aside: they are dead)
         assert not workdir.exists() and not any(Path(r).exists() for r in regions)
+        assert not any(Path(e).exists() for e in envs)
 
 
 def test_zooter_serve_binds_loopback_and_guards_model_control(triton_bundle, tmp_path, listeners):
