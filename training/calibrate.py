@@ -106,6 +106,8 @@ class FittingRows:
     scores: np.ndarray         # (n, m) raw expected-reward scores
     rewards: np.ndarray        # (n, m) realised rewards (NaN: not scored)
     oof: bool                  # training rows predicted out of fold are among them
+    margin_rows: np.ndarray | None = None   # rows the guard's margin is chosen on (None: all); an added
+                                            # candidate's gain is measured only where it was scored
 
 
 def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
@@ -116,7 +118,8 @@ def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
     expected = expected_reward(s)
     a = labels.index(anchor)
     span = max(expected_reward.y) - min(expected_reward.y)
-    margin = _margin(rows.probs, expected, r, a, span)
+    m = slice(None) if rows.margin_rows is None else rows.margin_rows
+    margin = _margin(rows.probs[m], expected[m], r[m], a, span)
     # With the margin fitted: how often the guarded choice is a best answer, by its expected-reward lead.
     rule = Rule(tuple(labels), a, margin, expected_reward, Table((0.0,), (1.0,)))
     choice = rule.decide(rows.probs, s, allowed=scored).choice

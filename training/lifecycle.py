@@ -219,7 +219,7 @@ def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, he
     finally:
         torch.set_num_threads(threads)
     reward_head, decision = decision_layer(problem, train_x, dev_x, softmax(dev_logits), train_q, oof,
-                                           fit_rewards=completed)
+                                           fit_rewards=completed, margin_columns=estimated)
     return Fitted(head, reward_head, decision, dev_logits, problem.meta["best_single"])
 
 

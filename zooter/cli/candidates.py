@@ -36,6 +36,22 @@ def register(sub) -> None:
     _common(r)
     r.set_defaults(func=cmd_remove)
 
+    b = group.add_parser("bench", help="leave-one-candidate-out benchmark of `add` (docs/training.md)",
+                         description="For each --names candidate and each fold: a frozen router trained on every "
+                         "candidate, and one with the candidate added from its rewards on k random training rows; "
+                         "both route the fold's test rows with the shipped rule. Prints the curve over k with 95%% "
+                         "bootstrap intervals against the retrain and the best single candidate.")
+    b.add_argument("--data", required=True, help="routing data (JSONL) scoring every candidate")
+    b.add_argument("--names", required=True, help="comma-separated candidates to leave out and add back")
+    b.add_argument("--k", default="50,100,250,500,all", help="labelled rows of the added candidate (default 50,100,250,500,all)")
+    b.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    b.add_argument("--layers", type=int, default=2, help="encoder layers kept (default 2)")
+    b.add_argument("--oof-folds", type=int, default=0, help="out-of-fold heads for the decision layer (default 0: dev rows)")
+    b.add_argument("--cache", help="embedding cache folder")
+    b.add_argument("--backbone", help="encoder folder (default all-MiniLM-L6-v2)")
+    b.add_argument("--json", help="also write the table as JSON here")
+    b.set_defaults(func=cmd_bench)
+
     ls = group.add_parser("list", help="a run's or bundle's candidates, how each entered, their dev figures")
     ls.add_argument("path", metavar="RUN_OR_BUNDLE")
     ls.add_argument("--json", action="store_true", help="print JSON")
@@ -94,3 +110,25 @@ def cmd_list(args) -> int:
               f"{'-' if 'dev_chosen' not in r else format(r['dev_chosen'], '.1%'):>7}")
     return 0
 
+
+
+def cmd_bench(args) -> int:
+    from zooter.runtime.errors import UserError
+    from zooter.training.lifecycle_bench import ALL, bench, format_table
+
+    try:
+        ks = [ALL if k.strip() == "all" else int(k) for k in args.k.split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--k: expected comma-separated row counts or 'all', got {args.k!r}") from None
+    if not ks or any(k is not ALL and k < 2 for k in ks):
+        raise UserError(f"--k: each count must be at least 2, got {args.k!r}")
+    if args.folds < 2:
+        raise UserError(f"--folds must be at least 2, got {args.folds}")
+    table = bench(args.data, [n.strip() for n in args.names.split(",") if n.strip()], ks, folds=args.folds,
+                  layers=args.layers, cache=args.cache, backbone=args.backbone, oof_folds=args.oof_folds)
+    print(format_table(table))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
+    return 0
