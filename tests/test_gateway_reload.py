@@ -137,3 +137,14 @@ def test_a_bundle_that_does_not_load_on_sighup_keeps_the_old_router(served, bund
                    json={"model": "zooter", "messages": [{"role": "user", "content": "still there?"}]})
     assert r.status_code == 200 and r.headers["x-zooter-router"] == old
     assert gateway.proc.poll() is None
+
+
+def test_another_encoder_is_not_a_router_swap(bundles):
+    from zooter.runtime.bundle import read_manifest, swap_problem
+
+    old = read_manifest(bundles["int8"])
+    assert swap_problem(old, read_manifest(bundles["fp32"])) is None      # same encoder, other router: a swap
+    other = {**old, "max_length": old["max_length"] // 2,
+             "files": {**old["files"], "tokenizer.json": {**old["files"]["tokenizer.json"], "sha256": "0" * 64}}}
+    problem = swap_problem(old, other)
+    assert problem.startswith("another encoder") and "tokenizer.json" in problem and "max_length" in problem

@@ -75,6 +75,19 @@ def test_added_candidate_is_chosen_where_it_is_better_and_listed(pool, capsys):
     assert listed[NEW]["entered"] == "added on 152 rows" and listed["mathy"]["entered"] == "trained"
     assert listed[NEW]["dev_scored"] == entered["dev"] and listed[NEW]["dev_chosen"] > 0.2
 
+    # `zooter export` takes the new run like any other; the bundle lists the candidates alike
+    bundle = pool["root"] / "added-bundle"
+    assert main(["export", str(run2), "--out", str(bundle), "--quantize", "none", "--parity-data",
+                 str(pool["root"] / "dev.jsonl")]) == 0
+    from zooter.runtime.router import Router
+
+    router = Router.load(bundle)
+    assert router.labels == OLD + [NEW]
+    assert [router.route(q).candidate for q in test.queries[:12]] == list(chosen[:12])
+    capsys.readouterr()
+    assert main(["candidates", "list", str(bundle), "--json"]) == 0
+    assert {r["name"]: r["entered"] for r in json.loads(capsys.readouterr().out)}[NEW] == "added on 152 rows"
+
 
 def test_add_then_remove_returns_the_original_decisions(pool):
     run2, run3 = pool["root"] / "added2", pool["root"] / "removed"
