@@ -8,7 +8,8 @@ Fills the templates in triton_models/ (config.pbtxt with ${...} fields, model.py
         zooter_tokenize   python: text -> token ids (zooter.runtime.tokenize, as the Router)
         zooter_router     the bundle's ONNX graph on Triton's onnxruntime backend (CPU or GPU, TensorRT)
         zooter_decide     python: logits, rewards -> the decision (zooter.runtime.decision.Rule)
-    zooter            python BLS, decoupled: route, then stream the chosen candidate's answer, with fallback
+    zooter            python BLS, decoupled: route (on the text --route-on picks, zooter.runtime.conversation),
+                      then stream the chosen candidate's answer, with fallback
     standin_<name>    (--stand-ins) a candidate with TensorRT-LLM I/O answered by zooter_standin_llm
     zooter_standin_llm  SmolLM2-135M-Instruct shared by all stand-ins
 
@@ -155,7 +156,8 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
                      tolerance: float | None = None, max_batch_size: int = 32, max_text_bytes: int = 65536,
                      router_device: str = "cpu", tensorrt: bool = False, default_max_tokens: int = 128,
                      max_tokens_limit: int = 4096, standin_model_dir: str | Path | None = None,
-                     route_instances: int = 2, intra_op_threads: int = 2) -> BuiltRepository:
+                     route_instances: int = 2, intra_op_threads: int = 2, route_on: str = "last-user",
+                     max_prompt_bytes: int = 1 << 20) -> BuiltRepository:
     """Write a model repository to `out`; returns what went where. `candidates`: a list of Candidate."""
     bundle, info = read_bundle(bundle)
     labels = list(info["labels"])
@@ -176,6 +178,14 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
     tolerance = check_weight(info["decision"].get("tolerance", 0.0) if tolerance is None else tolerance, "--tolerance")
     if router_device == "gpu" and router_backend != "onnxruntime":
         raise UserError("--router-device gpu needs --router-backend onnxruntime (the python router runs on the CPU)")
+    from zooter.runtime.conversation import check_route_on
+
+    try:
+        check_route_on(route_on)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if max_prompt_bytes < 1:
+        raise UserError(f"--max-prompt-bytes must be >= 1, got {max_prompt_bytes}")
     if not 1 <= default_max_tokens <= max_tokens_limit:
         raise UserError(f"--max-tokens must be in 1..{max_tokens_limit}, got {default_max_tokens}")
     if candidates is not None:
@@ -199,7 +209,8 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
     token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
     common = {"max_batch_size": max_batch_size, "num_labels": len(labels), "llm_inputs": _io_block(LLM_INPUTS),
               "default_max_tokens": default_max_tokens, "max_tokens_limit": max_tokens_limit,
-              "max_text_bytes": max_text_bytes, "labels_json": _pbtxt_string(json.dumps(labels))}
+              "max_text_bytes": max_text_bytes, "labels_json": _pbtxt_string(json.dumps(labels)),
+              "max_prompt_bytes": max_prompt_bytes, "route_on": route_on}
     common["decision_outputs"] = Template(_io_block([(n, t, d, False) for n, t, d in DECISION_OUTPUTS])).substitute(common)
     routing = {"labels": labels, "costs": costs, "candidates": serving, "decision": {"lambda": lam, "tolerance": tolerance},
                "router_backend": router_backend,

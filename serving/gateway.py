@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from zooter.runtime.bundle import swap_problem
+from zooter.runtime.conversation import check_route_on
 from zooter.runtime.errors import UserError
 from zooter.serving.gateway_backends import MID, Answer, BundleBackend, TritonBackend, remaining
 from zooter.serving.gateway_health import HealthMonitor
@@ -60,6 +61,8 @@ class GatewaySettings:
     max_tokens_limit: int = 1 << 20          # a request's max_tokens / max_completion_tokens above it: 400
     max_attempts: int = 3                    # candidates tried at most for one request (fallback included)
     health_interval: float = 5.0             # seconds between upstream checks while all are up (backs off to 30)
+    route_on: str | None = None              # which text is routed (runtime/conversation.py); None: last-user
+                                             # with --bundle, the repository's own (zooter triton build) with --triton
 
     def check(self) -> None:
         if bool(self.triton) == bool(self.bundle or self.candidates):
@@ -80,6 +83,11 @@ class GatewaySettings:
                             f"({self.max_tokens_limit})")
         if not (math.isfinite(self.health_interval) and self.health_interval > 0):
             raise UserError(f"the health check interval must be > 0 s, got {self.health_interval!r}")
+        if self.route_on is not None:
+            try:
+                check_route_on(self.route_on)
+            except ValueError as err:
+                raise UserError(str(err)) from None
         if self.triton and (self.lam is not None or self.tolerance is not None):
             raise UserError("--lambda and --tolerance apply to --bundle; a Triton repository has its rule built in "
                             "(zooter triton build --lambda/--tolerance)")

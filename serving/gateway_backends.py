@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import AsyncIterator
 
+from zooter.runtime.conversation import DEFAULT_ROUTE_ON, route_text
 from zooter.runtime.errors import UserError
 from zooter.serving.gateway_requests import ApiError, Call, invalid, quote
-from zooter.serving.gateway_upstreams import (GrpcClients, OpenAIUpstream, TritonModelUpstream, TritonZooter,
-                                              UpstreamError, chunk, completion, is_token, new_id)
+from zooter.serving.gateway_upstreams import (Ending, GrpcClients, OpenAIUpstream, TritonModelUpstream,
+                                              TritonZooter, UpstreamError, chunk, completion, is_token, new_id)
 
 log = logging.getLogger("zooter.gateway")
 BEFORE, MID = "before_first_token", "mid_stream"
@@ -155,9 +156,10 @@ class BundleBackend:
                               f"({self.router.labels})", "zooter.candidates")
             kwargs["candidates"] = [n for n in allowed if n in self.router.labels]
         start = time.perf_counter()
+        text = route_text(call.turns, self.settings.route_on or DEFAULT_ROUTE_ON)
         try:
             decision = await asyncio.get_running_loop().run_in_executor(
-                self.pool, partial(self.router.route, call.route_text, **kwargs))
+                self.pool, partial(self.router.route, text, **kwargs))
         except (ValueError, TypeError) as err:   # a setting the bundle cannot take (SettingError), blank text
             raise invalid(f"cannot route this request: {err}", "zooter") from None
         self.metrics.routing.labels(self.router.router_id).observe(time.perf_counter() - start)
@@ -260,6 +262,10 @@ class TritonBackend:
         if (call.options or call.model != "zooter") and not self.zooter.takes_options():
             raise invalid("this Triton repository predates per-request options and named candidates: rebuild it "
                           "with zooter triton build", "zooter" if call.options else "model", "unsupported_option")
+        if self.settings.route_on is not None and not self.zooter.takes_messages():
+            raise ApiError(503, "the gateway's --route-on needs a Triton repository that routes conversations "
+                                "(the `zooter` model's messages and route_on inputs): rebuild it with zooter triton "
+                                "build", "upstream_error", "unsupported_repository")
 
     async def answer(self, call: Call, deadline: float) -> Answer:
         import anyio
@@ -269,26 +275,31 @@ class TritonBackend:
                            "upstream_error", "upstreams_unavailable")
         self._check(call)
         started = time.perf_counter()
-        pieces = self.zooter.pieces(call, call.stream)
+        pieces = self.zooter.pieces(call, call.stream, self.settings.route_on)
         try:
             if not call.stream:
                 with anyio.fail_after(remaining(deadline)):
                     got = [piece async for piece in pieces]
                 if not got:
                     raise UpstreamError("broken", "Triton closed the stream without answering")
+                ending = Ending(call.max_tokens)
+                for piece in got:
+                    ending.add(piece)
                 return self._answer(got[0], started,
                                     completion=completion(call.kind, got[0]["candidate"],
-                                                          "".join(p["text_output"] for p in got)))
+                                                          "".join(p["text_output"] for p in got),
+                                                          ending.finish, ending.usage))
             with anyio.fail_after(min(self.settings.upstream_timeout, remaining(deadline))):
                 first = await pieces.__anext__()
         except (UpstreamError, TimeoutError, StopAsyncIteration) as err:
             await pieces.aclose()
             raise self._error(err) from None
         id, created = new_id(call.kind), int(time.time())
-        candidate = first["candidate"]
+        candidate, ending = first["candidate"], Ending(call.max_tokens)
+        ending.add(first)
         return self._answer(first, started, chunks=[chunk(call.kind, id, created, candidate, first["text_output"],
                                                           first=True)],
-                            rest=self._rest(call, pieces, candidate, id, created))
+                            rest=self._rest(call, pieces, candidate, id, created, ending))
 
     def _answer(self, first: dict, started: float, **result) -> Answer:
         candidate, fallback = first["candidate"], bool(first.get("note"))
@@ -310,15 +321,17 @@ class TritonBackend:
         return ApiError(503, f"Triton could not answer: {err.message}", "upstream_error", "upstreams_unavailable")
 
     @staticmethod
-    async def _rest(call: Call, pieces, candidate: str, id: str, created: int):
+    async def _rest(call: Call, pieces, candidate: str, id: str, created: int, ending: Ending):
         try:
             async for piece in pieces:
                 # A zooter model that moves on to the next candidate after a failure mid-answer would glue two
                 # answers together; that is not an answer, so the stream ends in an error instead.
-                if piece["candidate"] != candidate:
+                if piece["candidate"] and piece["candidate"] != candidate:
                     raise UpstreamError("broken", f"{candidate} failed mid-answer (Triton went on to "
                                                   f"{piece['candidate']})")
-                yield chunk(call.kind, id, created, candidate, piece["text_output"])
-            yield chunk(call.kind, id, created, candidate, "", finish="stop")
+                ending.add(piece)
+                if piece["text_output"]:
+                    yield chunk(call.kind, id, created, candidate, piece["text_output"])
+            yield chunk(call.kind, id, created, candidate, "", finish=ending.finish)
         finally:
             await pieces.aclose()

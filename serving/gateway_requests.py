@@ -10,10 +10,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from zooter.runtime.conversation import transcript
+
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-# The router reads only its first max_length tokens (512 at most); cutting the text it tokenizes keeps a
-# megabyte of conversation from holding a routing thread, without changing any decision in practice.
-ROUTE_TEXT_CHARS = 32768
 # Errors quote at most this much of what a client sent: a 400 never grows with the request.
 QUOTE_CHARS = 200
 # Deeper bodies are refused before anything recurses over them (a chat request with a tool's JSON schema nests
@@ -55,7 +54,8 @@ class Call:
     model: str                   # "zooter" or a candidate's name
     stream: bool
     body: dict                   # the client's body without `zooter`: forwarded to OpenAI-compatible upstreams
-    route_text: str              # what the router reads: the last user message, or the prompt
+    turns: list                  # (role, text) of each message, a prompt as one user turn: the back end
+                                 # routes on the part runtime.conversation.route_text picks
     prompt: str                  # text_input for Triton models (TensorRT-LLM I/O has no chat messages)
     max_tokens: int | None
     sampling: dict = field(default_factory=dict)   # temperature, top_p: the Triton inputs of the same name
@@ -304,7 +304,7 @@ def prompt_from_messages(turns: list[tuple[str, str]]) -> str:
     as it is (the model's own chat template applies, as with `zooter ask`), else a role-labelled transcript."""
     if len(turns) == 1 and turns[0][0] == "user":
         return turns[0][1]
-    return "\n\n".join(f"{role}: {text}" for role, text in turns if text) + "\n\nassistant:"
+    return transcript(turns) + "\n\nassistant:"
 
 
 def parse_chat(body: dict, max_tokens_limit: int = INT32_MAX) -> Call:
@@ -325,12 +325,11 @@ def parse_chat(body: dict, max_tokens_limit: int = INT32_MAX) -> Call:
         if role not in ROLES:
             raise invalid(f"{where}.role must be one of {list(ROLES)}, got {quote(role)}", f"{where}.role")
         turns.append((role, _content_text(message.get("content"), where)))
-    texts = [text for role, text in turns if role == "user" and text.strip()] or [t for _, t in turns if t.strip()]
-    if not texts:
+    if not any(text.strip() for _, text in turns):
         raise invalid("messages hold no text to answer", "messages")
     forwarded = {k: v for k, v in body.items() if k != "zooter"}
     return Call("chat", stream=common["stream"], model=common["model"], body=forwarded,
-                route_text=texts[-1][:ROUTE_TEXT_CHARS], prompt=prompt_from_messages(turns),
+                turns=turns, prompt=prompt_from_messages(turns),
                 max_tokens=common["max_tokens"], sampling=common["sampling"], options=common["options"])
 
 
@@ -348,5 +347,5 @@ def parse_completion(body: dict, max_tokens_limit: int = INT32_MAX) -> Call:
         raise invalid("prompt must not be empty", "prompt")
     forwarded = {k: v for k, v in body.items() if k != "zooter"}
     return Call("completions", stream=common["stream"], model=common["model"], body=forwarded,
-                route_text=prompt[:ROUTE_TEXT_CHARS], prompt=prompt, max_tokens=common["max_tokens"],
+                turns=[("user", prompt)], prompt=prompt, max_tokens=common["max_tokens"],
                 sampling=common["sampling"], options=common["options"])

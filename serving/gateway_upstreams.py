@@ -20,6 +20,7 @@ import secrets
 import time
 from typing import AsyncIterator
 
+from zooter.runtime.conversation import finish_reason, turns_to_json
 from zooter.runtime.errors import UserError
 
 # Upstream statuses that mean "this request is wrong": asking another candidate cannot help.
@@ -51,13 +52,51 @@ def chunk(kind: str, id: str, created: int, model: str, text: str, finish: str |
     return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
 
 
-def completion(kind: str, model: str, text: str) -> dict:
+def completion(kind: str, model: str, text: str, finish: str = "stop", usage: dict | None = None) -> dict:
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
         obj = "chat.completion"
     else:
-        choice, obj = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}, "text_completion"
-    return {"id": new_id(kind), "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+        choice, obj = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}, "text_completion"
+    answer = {"id": new_id(kind), "object": obj, "created": int(time.time()), "model": model, "choices": [choice]}
+    if usage:
+        answer["usage"] = usage
+    return answer
+
+
+# What a Triton model may say about its answer's end, besides text_output: TensorRT-LLM's LLM-API model
+# gives `finish_reason`; Zooter's stand-ins and `zooter` model also give the token counts.
+END_OUTPUTS = ("finish_reason", "prompt_tokens", "completion_tokens")
+
+
+class Ending:
+    """How a Triton answer ended, from the END_OUTPUTS its responses carried (each named output: the last
+    value sent). `finish` is the model's finish_reason, else inferred from completion_tokens and max_tokens,
+    else "stop" (nothing tells: docs/gateway.md); `usage` is given only when the model counted both."""
+
+    def __init__(self, max_tokens: int | None):
+        self.max_tokens = max_tokens
+        self.values: dict[str, str] = {}
+
+    def add(self, piece: dict) -> None:
+        self.values.update({name: piece[name] for name in END_OUTPUTS if piece.get(name)})
+
+    def _count(self, name: str) -> int | None:
+        try:
+            return int(self.values[name])
+        except (KeyError, ValueError):
+            return None
+
+    @property
+    def finish(self) -> str:
+        return finish_reason(self.values.get("finish_reason"), self._count("completion_tokens"), self.max_tokens) or "stop"
+
+    @property
+    def usage(self) -> dict | None:
+        prompt, answer = self._count("prompt_tokens"), self._count("completion_tokens")
+        if prompt is None or answer is None:
+            return None
+        return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
 
 
 def is_token(data: dict) -> bool:
@@ -299,6 +338,7 @@ class TritonModelUpstream:
         self.name, self.model, self.clients, self.max_tokens = name, str(serve["triton_model"]), clients, max_tokens
         self.address = grpc_address(str(serve.get("triton_url") or "localhost:8001"), f"candidate {name!r}")
         self._inputs: dict | None = None      # name -> (datatype, shape), read once from the model's metadata
+        self._outputs: list[str] = ["text_output"]   # text_output and the END_OUTPUTS the model has
 
     async def _describe(self, client) -> dict:
         from tritonclient.utils import InferenceServerException
@@ -312,38 +352,47 @@ class TritonModelUpstream:
         if "text_input" not in inputs or "max_tokens" not in inputs or \
                 "text_output" not in {o["name"] for o in meta["outputs"]}:
             raise UpstreamError("bad_response", "the model lacks TensorRT-LLM I/O (text_input, max_tokens -> text_output)")
+        outputs = {o["name"] for o in meta["outputs"]}
+        self._outputs = ["text_output", *(name for name in END_OUTPUTS if name in outputs)]
         return inputs
 
-    async def texts(self, call, stream: bool) -> AsyncIterator[str]:
+    async def texts(self, call, stream: bool, ending: Ending) -> AsyncIterator[str]:
+        """The answer's pieces of text; what the model says about its end goes to `ending`."""
         client = self.clients.get(self.address)
         if self._inputs is None:
             self._inputs = await self._describe(client)
-        wanted = {"text_input": call.prompt.encode("utf-8"), "max_tokens": call.max_tokens or self.max_tokens,
+        wanted = {"text_input": call.prompt.encode("utf-8"), "max_tokens": ending.max_tokens,
                   "stream": stream, **call.sampling,
                   # Without it a TensorRT-LLM ensemble answers with the prompt followed by the answer.
                   "exclude_input_in_output": True}
         inputs = [_tensor(name, *self._inputs[name], value) for name, value in wanted.items() if name in self._inputs]
         import tritonclient.grpc as grpcclient
 
-        request = {"model_name": self.model, "inputs": inputs, "outputs": [grpcclient.InferRequestedOutput("text_output")]}
+        outputs = tuple(self._outputs)
+        request = {"model_name": self.model, "inputs": inputs,
+                   "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs]}
         try:
-            async for (text,) in _responses(client, request, ("text_output",)):
-                if text:
-                    yield text
+            async for values in _responses(client, request, outputs):
+                piece = dict(zip(outputs, values))
+                ending.add(piece)
+                if piece["text_output"]:
+                    yield piece["text_output"]
         except UpstreamError:
             self._inputs = None           # a model loaded again may have another config
             raise
 
     async def stream(self, call) -> AsyncIterator[dict]:
         id, created = new_id(call.kind), int(time.time())
-        first = True
-        async for text in self.texts(call, stream=True):
+        first, ending = True, Ending(call.max_tokens or self.max_tokens)
+        async for text in self.texts(call, True, ending):
             yield chunk(call.kind, id, created, self.name, text, first=first)
             first = False
-        yield chunk(call.kind, id, created, self.name, "", finish="stop", first=first)
+        yield chunk(call.kind, id, created, self.name, "", finish=ending.finish, first=first)
 
     async def complete(self, call, timeout) -> dict:
-        return completion(call.kind, self.name, "".join([t async for t in self.texts(call, stream=False)]))
+        ending = Ending(call.max_tokens or self.max_tokens)
+        text = "".join([t async for t in self.texts(call, False, ending)])
+        return completion(call.kind, self.name, text, ending.finish, ending.usage)
 
     async def probe(self) -> str:
         from tritonclient.utils import InferenceServerException
@@ -374,7 +423,7 @@ class TritonZooter:
         client = self.clients.get(self.address)
         config = await client.get_model_config(self.MODEL, client_timeout=5.0)
         self.outputs = tuple(o.name for o in config.config.output
-                             if o.name in ("text_output", "candidate", "note", "confidence"))
+                             if o.name in ("text_output", "candidate", "note", "confidence", *END_OUTPUTS))
         self.inputs = frozenset(i.name for i in config.config.input)
         route = await client.get_model_config(self.ROUTE, client_timeout=5.0)
         return json.loads(route.config.parameters["labels"].string_value)
@@ -383,13 +432,24 @@ class TritonZooter:
         """Whether the repository's `zooter` model takes a named candidate and per-request routing knobs."""
         return {"answer_with", "route_lambda", "route_tolerance", "route_candidates"} <= self.inputs
 
-    async def pieces(self, call, stream: bool) -> AsyncIterator[dict[str, str]]:
-        """{output: decoded value} per response ("" for an output a response does not carry)."""
+    def takes_messages(self) -> bool:
+        """Whether the repository's `zooter` model routes a conversation itself (the `messages` and `route_on`
+        inputs); an older one routes on text_input, the whole prompt."""
+        return {"messages", "route_on"} <= self.inputs
+
+    async def pieces(self, call, stream: bool, route_on: str | None = None) -> AsyncIterator[dict[str, str]]:
+        """{output: decoded value} per response ("" for an output a response does not carry). The candidate
+        gets the whole prompt (text_input); the model routes on the part of `messages` its route_on picks
+        (`route_on`: this request's, else the repository's)."""
         import tritonclient.grpc as grpcclient
 
         if self.outputs is None:
             await self.describe()
         values = {"text_input": ("BYTES", call.prompt.encode("utf-8")), "stream": ("BOOL", stream)}
+        if call.kind == "chat" and self.takes_messages():
+            values["messages"] = ("BYTES", turns_to_json(call.turns).encode("utf-8"))
+        if route_on is not None:
+            values["route_on"] = ("BYTES", route_on.encode("utf-8"))
         if call.max_tokens:
             values["max_tokens"] = ("INT32", call.max_tokens)
         values.update({name: ("FP32", value) for name, value in call.sampling.items()})

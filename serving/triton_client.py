@@ -254,7 +254,8 @@ class Chunk:
 
 
 def ask(url: str, text: str, stream: bool = True, max_tokens: int = 128, **sampling) -> Iterator[Chunk]:
-    """Ask `zooter` (route, then the chosen candidate answers). Yields text chunks as they arrive.
+    """Ask `zooter` (route, then the chosen candidate answers). Yields text chunks as they arrive (a stream's
+    last response, which only says how the answer ended, is not one).
 
     `sampling`: extra TensorRT-LLM inputs (temperature, top_p, top_k, random_seed, ...).
     Raises TritonRequestError when Triton answers with an error.
@@ -286,7 +287,9 @@ def _ask_http(address, text, stream, max_tokens, sampling) -> Iterator[Chunk]:
         for line in response:
             line = line.strip()
             if line.startswith(b"data:"):
-                yield _chunk(json.loads(line[5:]))
+                chunk = _chunk(json.loads(line[5:]))
+                if chunk.text:
+                    yield chunk
 
 
 def _error_text(raw: bytes) -> str:
@@ -333,8 +336,9 @@ def _ask_grpc(url, text, stream_answer, max_tokens, sampling) -> Iterator[Chunk]
 
     try:
         for result in stream(client, ANSWER_MODEL, inputs):
-            if result.as_numpy("text_output") is not None:
-                yield Chunk(first(result, "text_output"), first(result, "candidate"), first(result, "note"))
+            text = first(result, "text_output")
+            if text or (result.as_numpy("text_output") is not None and not stream_answer):
+                yield Chunk(text, first(result, "candidate"), first(result, "note"))
     except TritonRequestError:
         raise
     except Exception as err:   # the gRPC channel could not be opened

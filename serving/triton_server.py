@@ -9,13 +9,23 @@ interpreter's bin folder first on PATH.
 
 Safe by default (docs/triton.md, "Security"): HTTP, gRPC and metrics bind 127.0.0.1 unless a host
 is given; model control (load, unload, upload through the repository API) is off unless asked for,
-and the repository, logging and trace APIs are always restricted to requests that carry the
-launcher's random control key in the `zooter-control-key` header.
+and the repository, logging, trace and shared-memory APIs are always restricted to requests that
+carry the launcher's random control key in the `zooter-control-key` header.
+
+Hardened against its own front end (docs/triton.md, "Oversized requests"): tritonserver's HTTP
+threads get stacks large enough for libevhtp's form-body parser, which puts two copies of a
+`application/x-www-form-urlencoded` body on the stack (a 5 MB body crashed an 8 MiB stack).
+
+Leaves nothing behind: a stop waits for Triton's own exit timeout, then kills the process group;
+the work folder and the python backend's /dev/shm regions go with the server, and whatever a
+crashed or killed server left is swept by the next start (`sweep_leftovers`), never a live one's.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -99,8 +109,146 @@ def _stop_with_parent() -> None:
 
 
 LOCALHOST = "127.0.0.1"
-# Control APIs: loading models runs their code; logging and trace settings choose files to write.
-RESTRICTED_APIS = "model-repository,logging,trace"
+# Control APIs: loading models runs their code; logging and trace settings choose files to write;
+# registering a shared-memory region (system or CUDA) lets a client read and write any /dev/shm key
+# the server can open, the python backend's own regions included.
+RESTRICTED_APIS = "model-repository,logging,trace,shared-memory"
+
+# libevhtp (tritonserver's HTTP parser) copies a form-encoded body twice onto the HTTP thread's stack
+# (evhtp_parse_query_wflags: `char key_buf[len + 1]; char val_buf[len + 1];`); threads get
+# RLIMIT_STACK-sized stacks, 8 MiB by default, so a body over ~4 MB crashed the server. With 1 GiB
+# (address space: a page costs memory only once a big body touches it) bodies up to ~511 MB parse and
+# reach the models' own limits. docs/triton.md, "Oversized requests".
+HTTP_THREAD_STACK = 1 << 30
+WORKDIR_PREFIX = "zooter-triton-"
+OWNER_FILE = "owner.json"
+SHM_PREFIX = "triton_python_backend_shm_region_"    # the python backend's default region names
+SHM_ROOT = Path("/dev/shm")
+FRESH_S = 60.0      # younger leftovers may be a server starting right now: left for the next sweep
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (field 22 of /proc/PID/stat): a PID plus this names one
+    process, even after the PID is reused. None when no such process runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(owner) -> bool:
+    """owner: [pid, start time] as written by _identity()."""
+    try:
+        pid, started = owner
+        return started is not None and _start_time(int(pid)) == started
+    except (TypeError, ValueError):
+        return False
+
+
+def _identity(pid: int) -> list:
+    return [pid, _start_time(pid)]
+
+
+def _references(proc: Path) -> set[str]:
+    """The paths a process holds: open files, its folder, its mappings and its command-line arguments."""
+    names: set[str] = set()
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:              # gone meanwhile, or another user's
+        fds = []
+    for link in (*fds, proc / "cwd"):
+        try:
+            names.add(os.readlink(link))
+        except OSError:          # closed meanwhile
+            pass
+    try:
+        names.update(line.split(None, 5)[5] for line in (proc / "maps").read_text().splitlines()
+                     if line.count(" ") >= 5 and "/" in line)
+        names.update((proc / "cmdline").read_bytes().decode(errors="replace").replace("=", "\0").split("\0"))
+    except OSError:
+        pass
+    return names
+
+
+def _in_use(paths: set[str]) -> set[str]:
+    """Which of `paths` (files or folders) some running process holds (see _references)."""
+    used: set[str] = set()
+    for proc in Path("/proc").glob("[0-9]*") if paths else ():
+        names = _references(proc)
+        for path in paths - used:
+            if any(name == path or name.startswith(path + "/") for name in names):
+                used.add(path)
+    return used
+
+
+def sweep_leftovers(tmp_root: Path | None = None, shm_root: Path = SHM_ROOT, now: float | None = None) -> list[Path]:
+    """Remove what dead Triton servers left: work folders `zooter-triton-*` in the temporary folder whose
+    owner (the launcher and its tritonserver, by PID and start time) is gone, and python-backend
+    /dev/shm regions no process has open or mapped. Only this user's, never a live server's, and
+    nothing younger than a minute. Returns what was removed."""
+    tmp_root = Path(tmp_root or tempfile.gettempdir())
+    now = time.time() if now is None else now
+    uid = os.getuid()
+
+    def ours_and_settled(path: Path) -> bool:
+        try:
+            st = path.lstat()
+        except OSError:
+            return False
+        return st.st_uid == uid and now - st.st_mtime >= FRESH_S
+
+    candidates, unmarked = [], []
+    # ".zooter-triton-*": a work folder still being set up, left so only by a launcher that died then
+    for folder in sorted([*tmp_root.glob(WORKDIR_PREFIX + "*"), *tmp_root.glob("." + WORKDIR_PREFIX + "*")]):
+        if not folder.is_dir() or folder.is_symlink() or not ours_and_settled(folder):
+            continue
+        try:
+            owners = json.loads((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            unmarked.append(folder)      # from a launcher before owner files: judged by /proc alone
+            continue
+        if not any(_alive(owner) for owner in owners.values() if owner):
+            candidates.append(folder)
+    regions = [p for p in sorted(shm_root.glob(SHM_PREFIX + "*")) if p.is_file() and ours_and_settled(p)]
+    used = _in_use({str(p) for p in (*candidates, *unmarked, *regions)})
+    removed = []
+    for path in (*candidates, *unmarked, *regions):
+        if str(path) in used:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of this group still runs (zombies, dead but not yet reaped, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _stack_limit(wanted: int) -> int | None:
+    """The soft RLIMIT_STACK to give tritonserver, or None to leave it: never above the hard limit, and
+    not under strict overcommit (mode 2 charges every thread's whole stack; threads would fail)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    try:
+        if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "2":
+            return None
+    except OSError:
+        pass
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    # An unlimited soft limit is no better: libc then gives threads 2 MiB.
+    return target if soft == resource.RLIM_INFINITY or target > soft else None
 
 
 @dataclass
@@ -118,9 +266,12 @@ class TritonServer:
     load_models: Sequence[str] = ("*",)
     log_file: Path | None = None
     log_verbose: int = 0
+    exit_timeout: int = 30             # Triton's own: how long a stop waits for in-flight work and unloads
+    http_stack_bytes: int = HTTP_THREAD_STACK
     extra_args: Sequence[str] = ()
     process: subprocess.Popen | None = field(default=None, init=False)
     _workdir: Path | None = field(default=None, init=False)
+    _regions: set = field(default_factory=set, init=False)     # this server's /dev/shm regions, seen running
 
     def __post_init__(self):
         self.repository = Path(self.repository).resolve()
@@ -171,17 +322,18 @@ class TritonServer:
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", "--allow-cpu-metrics=true",
                "--allow-gpu-metrics=false", f"--log-verbose={self.log_verbose}",
-               # Triton's own default: long enough for every python stub to finalize on a loaded
+               # Triton's own default (30): long enough for every python stub to finalize on a loaded
                # machine (a shorter one cut the BLS model's unload short: docs/triton.md), short
                # enough that a stop never hangs on a stuck generation.
-               "--exit-timeout-secs=30"]
+               f"--exit-timeout-secs={self.exit_timeout}"]
         if backends is not None:
             cmd.append(f"--backend-directory={backends}")
         if self.model_control:
             cmd.append("--model-control-mode=explicit")
             cmd += [f"--load-model={name}" for name in self.load_models]
         if self.control_key:
-            # Every model-repository (index, load, unload, upload), logging and trace call needs the key.
+            # Every model-repository (index, load, unload, upload), logging, trace and shared-memory
+            # (register, unregister, status; system and CUDA) call needs the key.
             from zooter.serving.triton_client import CONTROL_HEADER
 
             cmd += [f"--http-restricted-api={RESTRICTED_APIS}:{CONTROL_HEADER}={self.control_key}",
@@ -198,21 +350,61 @@ class TritonServer:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
 
+    def _make_workdir(self) -> Path:
+        """A private work folder that appears under its final name only with its owner file inside, so a
+        sweep running at the same moment never takes it for a dead server's."""
+        staging = Path(tempfile.mkdtemp(prefix="." + WORKDIR_PREFIX))
+        self._write_owner(staging)
+        final = staging.with_name(staging.name[1:])
+        staging.rename(final)
+        return final
+
+    def _write_owner(self, folder: Path) -> None:
+        owners = {"launcher": _identity(os.getpid()),
+                  "server": _identity(self.process.pid) if self.process is not None else None}
+        (folder / OWNER_FILE).write_text(json.dumps(owners) + "\n")
+
     def start(self, timeout: float = 180.0) -> "TritonServer":
         install = find_tritonserver()
-        self._workdir = Path(tempfile.mkdtemp(prefix="zooter-triton-"))
+        self._workdir = self._make_workdir()
         backends = _private_backends(install, self._workdir) if install.from_wheel else None
         log = open(self.log_file, "ab") if self.log_file else open(self._workdir / "tritonserver.log", "ab")
+        stack = _stack_limit(self.http_stack_bytes)
+
+        def prepare_child():
+            _stop_with_parent()
+            if stack is not None:      # read once by the child's libc: the default stack of every thread it starts
+                resource.setrlimit(resource.RLIMIT_STACK, (stack, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
         self.process = subprocess.Popen(self.command(install, backends), env=self.environment(install),
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_stop_with_parent)
+                                        preexec_fn=prepare_child)
         log.close()
+        self._write_owner(self._workdir)
         try:
             self.wait_ready(timeout)
+            self._note_regions()
         except BaseException:
-            self.stop()
+            self.close()
             raise
         return self
+
+    @property
+    def http_stack(self) -> int:
+        """The stack each of tritonserver's threads gets: form bodies up to about half of it parse."""
+        stack = _stack_limit(self.http_stack_bytes)
+        return stack if stack is not None else resource.getrlimit(resource.RLIMIT_STACK)[0]
+
+    def _note_regions(self) -> None:
+        """Remember the /dev/shm regions this server maps, to remove them if it dies without doing so."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            maps = Path(f"/proc/{self.process.pid}/maps").read_text()
+        except OSError:
+            return
+        self._regions.update(line.split(None, 5)[5] for line in maps.splitlines()
+                             if line.count(" ") >= 5 and f"/{SHM_PREFIX}" in line)
 
     @property
     def log_path(self) -> Path | None:
@@ -243,31 +435,59 @@ class TritonServer:
             time.sleep(0.25)
         raise UserError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 45.0) -> int | None:
-        """SIGTERM (Triton finishes in-flight requests and unloads models), SIGKILL if it hangs
-        past its own 30 s exit timeout."""
+    def stop(self, grace: float = 30.0) -> int | None:
+        """Stop the server; always returns with it gone, never raises for a slow one. SIGTERM: Triton
+        finishes in-flight requests and unloads the models within its exit timeout, after which it
+        exits by itself with code 1 ("failed to stop server: Internal - Exit timeout expired"). A server
+        still there `grace` seconds after that (a loaded machine, a hung stub) is killed with its whole
+        process group. Returns Triton's exit code: 0 a clean stop, 1 its exit timeout, -9 killed."""
         code = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                code = self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                code = self.process.wait()
-        elif self.process is not None:
+        if self.process is not None:
+            self._note_regions()
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    code = self.process.wait(self.exit_timeout + grace)
+                except subprocess.TimeoutExpired:
+                    self._kill_group()
+                    code = self.process.wait()
             code = self.process.returncode
+            self._kill_group()        # python stubs a crashed or timed-out server left running
         if self._workdir is not None and not self.log_file:
             # Keep the log beside nothing else: the private backends copy is not needed any more.
             shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+        self._remove_regions()
+        return code
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + 30
+        # The stubs' mappings go with them: wait until the group is gone, so the regions are seen unused.
+        while _group_running(self.process.pid) and time.monotonic() < deadline:
+            self.process.poll()          # reap the server itself
+            time.sleep(0.05)
+
+    def _remove_regions(self) -> None:
+        """A server that crashed, timed out or was killed leaves its python-backend regions in /dev/shm."""
+        leftover = {p for p in self._regions if Path(p).exists()}
+        for path in leftover - _in_use(leftover):
+            Path(path).unlink(missing_ok=True)
+
+    def close(self) -> int | None:
+        """stop(), then remove the work folder (with the log, unless log_file put it elsewhere)."""
+        code = self.stop()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
         return code
 
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+        self.close()
 
     # --- model control (explicit mode, with the control key) -------------------------------------
     def load(self, model: str) -> None:
@@ -298,6 +518,8 @@ def serve_forever(server: TritonServer, timeout: float = 300.0, on_ready=None) -
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
+            for path in sweep_leftovers():
+                print(f"removed {path}: left by a Triton server that is gone", file=sys.stderr, flush=True)
             server.start(timeout)
             if on_ready is not None:
                 on_ready(server)
@@ -311,5 +533,6 @@ def serve_forever(server: TritonServer, timeout: float = 300.0, on_ready=None) -
         print(f"tritonserver exited on its own (code {server.process.returncode}):\n{server.log_tail()}", file=sys.stderr)
         return server.process.returncode or 1
     finally:
+        server.close()          # idempotent: the work folder, and the /dev/shm regions of a crashed server
         for s, handler in previous.items():
             signal.signal(s, handler)

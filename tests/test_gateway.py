@@ -659,8 +659,10 @@ def triton(bundles, ranking, tmp_path_factory):
     built = build_repository(bundles["int8"], folder / "repo", candidates, stand_ins=True, default_max_tokens=4)
     server = TritonServer(built.path, log_file=folder / "server.log")
     server.start(timeout=300)
-    yield server
-    assert server.stop() == 0, server.log_tail()
+    try:
+        yield server
+    finally:
+        server.close()      # TritonServer's one stop path: a slow exit is waited for, then killed
 
 
 def banner(candidate: str) -> str:
@@ -685,7 +687,7 @@ def test_gateway_in_front_of_triton(triton, router, ranking):
         assert float(confidence) == pytest.approx(router.route(text).confidence, abs=1e-3)
         assert len(chunks) >= 3 and {c.model for c in chunks} == {chosen}
         assert "".join(c.choices[0].delta.content or "" for c in chunks).startswith(banner(chosen))
-        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert chunks[-1].choices[0].finish_reason == "length"        # 4 tokens cut the stand-in's answer
 
         async def fallback():       # QUERY's first choice has no Triton model: Triton answers with the second
             async_openai = async_client(gateway, None)
@@ -697,6 +699,9 @@ def test_gateway_in_front_of_triton(triton, router, ranking):
         headers, answer = asyncio.run(fallback())
         assert headers["x-zooter-candidate"] == ranking[1] == answer.model and headers["x-zooter-fallback"] == "true"
         assert answer.choices[0].message.content.startswith(banner(ranking[1]))
+        # The stand-in counts its tokens: 3 generated (max_tokens), so the answer was cut.
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 3
+        assert answer.usage.total_tokens == answer.usage.prompt_tokens + 3 and answer.usage.prompt_tokens > 0
         assert metric(gateway, "zooter_gateway_fallbacks_total", None, candidate=ranking[1]) == 1
 
         # A named candidate answers without routing; the `zooter` object's knobs reach the router inside Triton.
@@ -746,6 +751,7 @@ def test_in_process_routing_to_triton_models(triton, bundles, ranking, tmp_path)
                       stage="before_first_token", reason="unloaded") == 1
         answer = openai.completions.create(model=ranking[2], prompt=QUERY, max_tokens=2)
         assert answer.model == ranking[2] and answer.choices[0].text.startswith(banner(ranking[2]))
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 2
         health = httpx.get(gateway.url + "/health").json()
         assert health["upstreams"][ranking[0]].startswith("down") and health["upstreams"][ranking[1]] == "up"
     finally:

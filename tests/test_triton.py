@@ -131,9 +131,11 @@ def triton_server(triton_repo, trtllm_repo, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton_log") / "server.log"
     server = TritonServer(triton_repo, extra_repositories=[trtllm_repo], model_control=True, log_file=log)
     server.start(timeout=300)
-    yield server
-    code = server.stop()
-    assert code == 0, f"tritonserver did not stop cleanly (exit {code}):\n{server.log_tail()}"
+    try:
+        yield server
+    finally:
+        server.close()      # the one stop path: a slow exit under load is waited for, then killed; never an error
+    assert server.process.poll() is not None
 
 
 # --- repository -------------------------------------------------------------------------------------
@@ -459,6 +461,112 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(triton_server):
     assert route_via_triton(url, ["still routing after all that"])[0]["candidate"] in LABELS
 
 
+# --- oversized requests, restricted control APIs ---------------------------------------------------------
+FORM = "application/x-www-form-urlencoded"      # curl --data-binary's default, and urllib's
+
+
+def http_call(url: str, path: str, body: bytes | None = None, content_type: str = "application/json",
+              headers: dict | None = None) -> tuple[int, str]:
+    """(status, body text) of a POST (with a body) or GET to the server; errors are answers here."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"http://{url}{path}", data=body, method="POST" if body is not None else "GET",
+                                     headers={"Content-Type": content_type, **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.read().decode(errors="replace")
+    except urllib.error.HTTPError as err:
+        with err:               # closed now: an open connection would hold the server's stop until its exit timeout
+            return err.code, err.read().decode(errors="replace")
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_5_and_50_mb_requests_get_a_400_and_the_server_stays_up(triton_server, real_candidate):
+    """A 5 MB form-encoded body crashed tritonserver (libevhtp copies it twice onto an 8 MiB thread stack).
+    Every size and form now gets the model's own refusal, over HTTP and gRPC, and the server serves on."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from zooter.export.triton_repo import model_name_for
+    from zooter.serving.triton_client import TritonRequestError, ask, stream
+
+    url = triton_server.http_url
+    standin = model_name_for(next(label for label in LABELS if label != real_candidate))
+    client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    try:
+        for n in (5_000_000, 50_000_000):
+            text = "x" * n
+            generate = json.dumps({"text_input": text, "max_tokens": 2}).encode()
+            infer = json.dumps({"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}).encode()
+            for content_type in (FORM, "application/json"):
+                for path, body in (("/v2/models/zooter/generate", generate), ("/v2/models/zooter/generate_stream", generate),
+                                   ("/v2/models/zooter_route/infer", infer), (f"/v2/models/{standin}/generate", generate)):
+                    status, answer = http_call(url, path, body, content_type)
+                    assert status == 400 and f"{n} bytes is over the" in answer, (path, content_type, status, answer[:300])
+            big = grpcclient.InferInput("text", [1, 1], "BYTES")
+            big.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+            with pytest.raises(InferenceServerException, match=f"{n} bytes is over the") as refused:
+                client.infer("zooter_route", [big])
+            assert "INVALID_ARGUMENT" in str(refused.value.status())
+            for model in ("zooter", standin, "zooter_standin_llm"):
+                big = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+                big.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+                with pytest.raises(TritonRequestError, match=f"{n} bytes is over the"):  # a stream's error has no code
+                    list(stream(client, model, [big], timeout=300))
+    finally:
+        client.close()
+    assert triton_server.process.poll() is None and triton_server.is_ready()
+    assert list(ask(url, FIXED_QUERY, stream=False, max_tokens=2))[0].candidate == real_candidate
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_shared_memory_apis_need_the_control_key(triton_server):
+    """Registering a /dev/shm key (the python backend's own regions included) was open to anyone."""
+    from multiprocessing import shared_memory
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from zooter.serving.triton_client import CONTROL_HEADER, route_via_triton
+
+    url, key = triton_server.http_url, triton_server.control_key
+    maps = Path(f"/proc/{triton_server.process.pid}/maps").read_text()
+    backend_region = next(line.split()[-1] for line in maps.splitlines() if "triton_python_backend_shm_region_" in line)
+    probe = shared_memory.SharedMemory(create=True, size=64)
+    try:
+        for region in (f"/{probe.name}", "/" + Path(backend_region).name):
+            body = json.dumps({"key": region, "offset": 0, "byte_size": 64}).encode()
+            status, answer = http_call(url, "/v2/systemsharedmemory/region/probe/register", body)
+            assert status == 403 and CONTROL_HEADER in answer, (region, status, answer)
+        for path in ("/v2/systemsharedmemory/status", "/v2/cudasharedmemory/status"):
+            assert http_call(url, path)[0] == 403
+        body = json.dumps({"key": f"/{probe.name}", "offset": 0, "byte_size": 64}).encode()
+        assert http_call(url, "/v2/systemsharedmemory/region/probe/register", body, headers={CONTROL_HEADER: key})[0] == 200
+        status, answer = http_call(url, "/v2/systemsharedmemory/status", headers={CONTROL_HEADER: key})
+        assert status == 200 and "probe" in answer
+
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_system_shared_memory_status()
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.unregister_system_shared_memory("probe")
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_cuda_shared_memory_status()
+            metadata = {f"triton-grpc-protocol-{CONTROL_HEADER}": key}   # Triton's prefix for restricted protocols
+            assert "probe" in str(client.get_system_shared_memory_status(headers=metadata))
+            client.unregister_system_shared_memory("probe", headers=metadata)
+        finally:
+            client.close()
+        assert route_via_triton(url, ["inference itself stays open"])[0]["candidate"] in LABELS
+    finally:
+        probe.close()
+        probe.unlink()
+
+
 # --- benchmark ------------------------------------------------------------------------------------------
 @pytest.mark.triton
 @pytest.mark.slow
@@ -539,11 +647,101 @@ def test_launcher_is_safe_by_default(triton_repo):
     assert not any(c.startswith("--model-control-mode") for c in cmd)
     key = server.control_key
     assert len(key) >= 32 and key != TritonServer(triton_repo).control_key
-    assert f"--http-restricted-api=model-repository,logging,trace:zooter-control-key={key}" in cmd
-    assert f"--grpc-restricted-protocol=model-repository,logging,trace:zooter-control-key={key}" in cmd
+    assert f"--http-restricted-api=model-repository,logging,trace,shared-memory:zooter-control-key={key}" in cmd
+    assert f"--grpc-restricted-protocol=model-repository,logging,trace,shared-memory:zooter-control-key={key}" in cmd
     opened = TritonServer(triton_repo, host="0.0.0.0", model_control=True)
     assert "--http-address=0.0.0.0" in opened.command(TritonInstall(binary=Path("tritonserver")), None)
     assert opened.http_url.startswith("127.0.0.1:")   # this machine's clients still use loopback
+
+
+def fake_leftovers(tmp_root: Path, shm_root: Path, tag: str) -> dict[str, Path]:
+    """What crashed servers leave, and what live ones hold, with the owners they name: {what: path}.
+    All but "fresh" are dated an hour back (the sweep leaves anything younger than a minute alone)."""
+    import os
+
+    from zooter.serving.triton_server import _identity
+
+    gone = subprocess.Popen(["sleep", "60"])          # a process that existed, then ended: its PID and start time
+    dead_owner = _identity(gone.pid)
+    gone.kill()
+    gone.wait()
+    paths = {"dead": tmp_root / f"zooter-triton-{tag}dead", "live": tmp_root / f"zooter-triton-{tag}live",
+             "staging": tmp_root / f".zooter-triton-{tag}new",     # its launcher died while setting it up
+             "unmarked_dead": tmp_root / f"zooter-triton-{tag}old", "fresh": tmp_root / f"zooter-triton-{tag}fresh",
+             "dead_region": shm_root / f"triton_python_backend_shm_region_{tag}dead",
+             "live_region": shm_root / f"triton_python_backend_shm_region_{tag}live"}
+    for name in ("dead", "live", "staging", "unmarked_dead", "fresh"):
+        (paths[name] / "backends").mkdir(parents=True)
+        (paths[name] / "tritonserver.log").write_text("...")
+    for name, owner in (("dead", dead_owner), ("fresh", dead_owner), ("live", _identity(os.getpid()))):
+        (paths[name] / "owner.json").write_text(json.dumps({"launcher": owner, "server": dead_owner}))
+    (paths["staging"] / "owner.json").write_text(json.dumps({"launcher": dead_owner, "server": None}))
+    for name in ("dead_region", "live_region"):
+        paths[name].write_bytes(b"\0" * 4096)
+    for name, path in paths.items():
+        if name != "fresh":
+            os.utime(path, (time.time() - 3600, time.time() - 3600))
+    return paths
+
+
+def test_sweep_removes_what_dead_servers_left_and_nothing_of_a_live_one(tmp_path):
+    import mmap
+    import os
+
+    from zooter.serving.triton_server import sweep_leftovers
+
+    tmp_root, shm_root = tmp_path / "tmp", tmp_path / "shm"
+    shm_root.mkdir()
+    paths = fake_leftovers(tmp_root, shm_root, "t-")
+    used = tmp_root / "zooter-triton-t-inuse"          # no owner file (an older launcher's), but a process works in it
+    used.mkdir()
+    os.utime(used, (time.time() - 3600, time.time() - 3600))
+    holder = subprocess.Popen(["sleep", "60"], cwd=used)
+    try:
+        with open(paths["live_region"], "r+b") as fh, mmap.mmap(fh.fileno(), 4096):   # mapped: a live server's
+            removed = set(sweep_leftovers(tmp_root, shm_root))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert removed == {paths["dead"], paths["staging"], paths["unmarked_dead"], paths["dead_region"]}
+    assert all(not p.exists() for p in removed)
+    assert paths["live"].is_dir() and paths["fresh"].is_dir() and used.is_dir() and paths["live_region"].is_file()
+
+
+@pytest.mark.triton
+def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
+    """A server that overruns its exit timeout ("failed to stop server: Internal - Exit timeout expired",
+    exit code 1) or ignores SIGTERM is no error: stop() waits, kills the process group, removes the work
+    folder and the python backend's /dev/shm regions."""
+    import os
+
+    from zooter.serving.triton_server import TritonServer, _group_running
+
+    repo = tmp_path / "repo"
+    (repo / "stuck" / "1").mkdir(parents=True)
+    (repo / "stuck" / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 0\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
+    (repo / "stuck" / "1" / "model.py").write_text(
+        "import time\n\nclass TritonPythonModel:\n    def execute(self, requests):\n        return []\n\n"
+        "    def finalize(self):\n        time.sleep(3600)       # a stub that never finishes unloading\n")
+    for stopped_by in ("exit timeout", "kill"):
+        server = TritonServer(repo, exit_timeout=1, log_file=tmp_path / f"{stopped_by}.log")
+        server.start(timeout=300)
+        pid, workdir = server.process.pid, server._workdir
+        regions = set(server._regions)
+        assert regions, "the python backend maps its regions in /dev/shm"
+        if stopped_by == "kill":
+            os.kill(pid, signal.SIGSTOP)                # deaf to SIGTERM: only a kill ends it
+            code = server.stop(grace=2)
+            assert code == -signal.SIGKILL
+        else:
+            code = server.stop(grace=120)
+            assert code == 1 and "failed to stop server: Internal - Exit timeout expired" in server.log_tail(), \
+                server.log_tail()                       # Triton's own words, as in the busy `make test`
+        server.close()
+        assert not _group_running(pid)                 # no stub of it is left either (zombies aside: they are dead)
+        assert not workdir.exists() and not any(Path(r).exists() for r in regions)
 
 
 def test_zooter_serve_binds_loopback_and_guards_model_control(triton_bundle, tmp_path, listeners):
@@ -606,3 +804,53 @@ def test_zooter_serve_binds_loopback_and_guards_model_control(triton_bundle, tmp
         _kill_orphan_server(repo)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/live", timeout=2)
+
+
+@pytest.mark.triton
+def test_zooter_serve_sweeps_what_dead_servers_left_and_leaves_nothing_itself(triton_bundle, tmp_path):
+    """A crashed tritonserver left its work folder in /tmp and its python-backend regions in /dev/shm; the next
+    `zooter serve` removes them (owner gone), keeps a live server's, and takes its own along when it stops."""
+    import mmap
+    import os
+    import uuid
+
+    from zooter.export.triton_repo import build_repository
+    from zooter.serving.triton_server import SHM_ROOT, free_port
+
+    repo = build_repository(triton_bundle, tmp_path / "repo", candidates()).path   # routing only: starts fast
+    tmp_root = tmp_path / "tmp"
+    tmp_root.mkdir()
+    paths = fake_leftovers(tmp_root, SHM_ROOT, f"zootertest-{uuid.uuid4().hex[:8]}-")
+    ports = [free_port() for _ in range(3)]
+    live_region = open(paths["live_region"], "r+b")
+    mapped = mmap.mmap(live_region.fileno(), 4096)
+    proc = subprocess.Popen([sys.executable, "-m", "zooter.cli", "serve", str(repo), "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                             "--control-key-file", str(tmp_path / "control.key")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_root)})
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready:"):
+                break
+        out = "".join(lines)
+        assert "ready:" in out, out
+        for name in ("dead", "staging", "unmarked_dead", "dead_region"):
+            assert f"removed {paths[name]}: left by a Triton server that is gone" in out, out
+            assert not paths[name].exists()
+        assert paths["live"].is_dir() and paths["fresh"].is_dir() and paths["live_region"].is_file()
+        own = [p for p in tmp_root.glob("zooter-triton-*") if p not in paths.values()]
+        assert len(own) == 1 and json.loads((own[0] / "owner.json").read_text())["server"][0] > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+        assert not own[0].exists(), "zooter serve removes its own work folder when it stops"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_orphan_server(repo)
+        mapped.close()
+        live_region.close()
+        for path in (paths["live_region"], paths["dead_region"]):
+            path.unlink(missing_ok=True)

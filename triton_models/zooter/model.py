@@ -1,14 +1,23 @@
 """Triton python model `zooter` (BLS, decoupled): route a query, then stream the chosen candidate's answer.
 
 For each request:
-  0. check the client's input (text_input present, one UTF-8 query, within the byte limit;
-     max_tokens within 1..limit): a bad request is answered at once with INVALID_ARG (HTTP 400) and
-     counted as a failure in Triton's metrics, without touching any candidate;
-  1. call `zooter_route` for the decision: the candidates best first (`ranking`), by the bundle's
+  0. check the client's input (text_input present, one UTF-8 prompt, within max_prompt_bytes;
+     max_tokens within 1..limit; `messages` a JSON conversation; `route_on` a known mode): a bad
+     request is answered at once with INVALID_ARG (HTTP 400) and counted as a failure in Triton's
+     metrics, without touching any candidate;
+  1. pick the text to route on with zooter.runtime.conversation.route_text, the one policy the gateway
+     uses too: from `messages` when the client sent the conversation (the gateway does), else from
+     text_input as one user turn; by `route_on` (the request's, else the repository's, from
+     `zooter triton build --route-on`); cut to fit zooter_route's byte limit;
+  2. call `zooter_route` on it for the decision: the candidates best first (`ranking`), by the bundle's
      one decision rule (zooter.runtime.decision), and the choice's `confidence`;
-  2. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
-     inputs the client sent, and stream its `text_output` back with `candidate` set;
-  3. if that candidate is not ready, or answers with an error before its first chunk, go on to the
+  3. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
+     inputs the client sent (text_input: the whole prompt), and stream its `text_output` back with
+     `candidate` set; the final response says how the answer ended: `finish_reason` ("length" when
+     max_tokens cut it, else "stop": the candidate's own finish_reason where it gives one, else
+     inferred from its completion_tokens, else "stop") and `prompt_tokens`, `completion_tokens` when
+     the candidate counted them (absent when it did not: never estimated here);
+  4. if that candidate is not ready, or answers with an error before its first chunk, go on to the
      next one and say so in `note`. A request fails (UNAVAILABLE) when no candidate can answer, or
      when the answering candidate fails after it has sent text: the stream then ends with an error,
      never with another candidate's text glued on and never silently cut.
@@ -31,13 +40,19 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from zooter.runtime.conversation import (DEFAULT_ROUTE_ON, ROUTE_TEXT_BYTES, check_route_on, finish_reason, route_text,
+                                         turns_from_json)
+
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Every client error starts so: gRPC streams carry an error's message but not its code.
 BAD_INPUT = "zooter: bad input: "
 OUTCOMES = ("ok", "fallback", "bad_input", "route_error", "no_candidate", "failed_mid_answer", "cancelled")
 # The client's routing inputs -> zooter_route's knobs; they are ours, never forwarded to a candidate.
 KNOBS = {"route_lambda": "lambda", "route_tolerance": "tolerance", "route_candidates": "candidates"}
-ROUTING_INPUTS = ("answer_with", *KNOBS)
+ROUTING_INPUTS = ("answer_with", "messages", "route_on", *KNOBS)
+# What a candidate may say about its answer's end (TensorRT-LLM's LLM-API model: finish_reason; Zooter's
+# stand-ins: all three); the final response passes it on.
+END_OUTPUTS = ("finish_reason", "prompt_tokens", "completion_tokens")
 REQUEST_THREAD = "zooter"       # the name of every request thread (finalize waits for them)
 
 
@@ -66,6 +81,10 @@ class TritonPythonModel:
         self.default_max_tokens = int(params.get("default_max_tokens") or 128)
         self.max_tokens_limit = int(params.get("max_tokens_limit") or 4096)
         self.max_text_bytes = int(params.get("max_text_bytes") or 65536)
+        self.max_prompt_bytes = int(params.get("max_prompt_bytes") or 1 << 20)
+        self.route_on = check_route_on(params.get("route_on") or DEFAULT_ROUTE_ON, "parameter route_on")
+        # The routed text is cut to what zooter_route takes (the cut keeps the head, as the tokenizer does).
+        self.route_bytes = min(ROUTE_TEXT_BYTES, self.max_text_bytes)
         self.knobs_supported = routing.get("router_backend", "python") == "python"
         self.input_names = [i["name"] for i in config["input"] if i["name"] not in ROUTING_INPUTS]
         # Threads wait on other models most of the time; 64 bounds the open streams per instance.
@@ -132,8 +151,12 @@ class TritonPythonModel:
         raw = raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "replace")
         if not raw.strip():
             return "empty text_input: give the query to answer"
-        if len(raw) > self.max_text_bytes:
-            return f"text_input of {len(raw)} bytes is over the {self.max_text_bytes}-byte limit"
+        if len(raw) > self.max_prompt_bytes:
+            return f"text_input of {len(raw)} bytes is over the {self.max_prompt_bytes}-byte limit"
+        try:
+            self._route_text(request)
+        except ValueError as err:          # a bad `messages` or `route_on`, or nothing to route on
+            return str(err)
         max_tokens = pb_utils.get_input_tensor_by_name(request, "max_tokens")
         if max_tokens is not None:
             values = max_tokens.as_numpy().reshape(-1)
@@ -151,6 +174,19 @@ class TritonPythonModel:
             return (f"{knobs}: per-request routing knobs need the python router backend (zooter triton build "
                     "--router-backend python); this repository routes with an ensemble")
         return None
+
+    def _route_text(self, request) -> str:
+        """The text to route on (runtime.conversation's policy); ValueError names what is wrong."""
+        mode = self.route_on
+        tensor = pb_utils.get_input_tensor_by_name(request, "route_on")
+        if tensor is not None:
+            mode = check_route_on(_text(tensor.as_numpy().reshape(-1)[0]), "route_on")
+        tensor = pb_utils.get_input_tensor_by_name(request, "messages")
+        if tensor is not None:
+            turns = turns_from_json(_text(tensor.as_numpy().reshape(-1)[0]))
+        else:
+            turns = [("user", _text(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]))]
+        return route_text(turns, mode, self.route_bytes)
 
     def _answer_when_free(self, request):
         with self.slots:
@@ -173,8 +209,8 @@ class TritonPythonModel:
         named = pb_utils.get_input_tensor_by_name(request, "answer_with")
         if named is not None:
             return [_text(named.as_numpy().reshape(-1)[0])], None
-        query = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[:1].astype(object)
-        inputs = [pb_utils.Tensor("text", query.reshape(1, 1))]
+        query = np.array([[self._route_text(request).encode("utf-8")]], dtype=object)
+        inputs = [pb_utils.Tensor("text", query)]
         for name, knob in KNOBS.items():
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
@@ -198,6 +234,9 @@ class TritonPythonModel:
             return answered.outcome
 
         forwarded = self._candidate_inputs(request)
+        max_tokens = int(next(t.as_numpy().reshape(-1)[0] for t in forwarded if t.name() == "max_tokens"))
+        stream = pb_utils.get_input_tensor_by_name(request, "stream")
+        streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
         skipped = []
         for label in order:
             model = self.serving.get(label, {}).get("model")
@@ -208,13 +247,19 @@ class TritonPythonModel:
                 skipped.append(f"{label}: model {model} is not ready")
                 continue
             note = "" if not skipped else f"fallback to {label}, the next candidate in the ranking; " + "; ".join(skipped)
-            error, started = self._stream_from(label, model, forwarded, note, confidence, sender)
+            # Not streamed: the answer is sent whole, with how it ended, as one response (Triton's HTTP
+            # /generate takes exactly one).
+            whole = None if streaming else []
+            error, started, end = self._stream_from(label, model, forwarded, note, confidence, sender, whole)
             if error is not None and started:
                 sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {label} failed mid-answer: {error}",
                                                                E.UNAVAILABLE)), flags=FINAL)
                 return "failed_mid_answer"
             if error is None:
-                sender.send(flags=FINAL)
+                if sender.is_cancelled():      # nobody to tell how it ended; the final flag still closes it
+                    sender.send(flags=FINAL)
+                else:
+                    sender.send(self._ending(label, note, end, max_tokens, whole, confidence), flags=FINAL)
                 if label != order[0]:
                     self._fallback(order[0], label)
                 return "ok" if label == order[0] else "fallback"
@@ -225,6 +270,18 @@ class TritonPythonModel:
         sender.send(pb_utils.InferenceResponse(error=E("zooter: no candidate could answer: " + "; ".join(skipped),
                                                        E.UNAVAILABLE)), flags=FINAL)
         return "no_candidate"
+
+    @staticmethod
+    def _ending(label, note, end, max_tokens, whole=None, confidence=None):
+        """The final response: how the answer ended (finish_reason; the token counts the candidate gave,
+        absent when it gave none), with the whole answer when it was not streamed, else no text."""
+        finish = finish_reason(end.get("finish_reason"), end.get("completion_tokens"), max_tokens) or "stop"
+        tensors = [_str_tensor("text_output", "".join(whole or ())), _str_tensor("candidate", label),
+                   _str_tensor("note", note), _str_tensor("finish_reason", finish)]
+        tensors += [pb_utils.Tensor(name, np.array([[end[name]]], dtype=np.int32)) for name in END_OUTPUTS[1:] if name in end]
+        if whole is not None and confidence is not None:
+            tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
+        return pb_utils.InferenceResponse(tensors)
 
     @staticmethod
     def _ready(model):
@@ -243,9 +300,10 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("max_tokens", np.array([[self.default_max_tokens]], dtype=np.int32)))
         return tensors
 
-    def _stream_from(self, label, model, inputs, note, confidence, sender):
-        """Forward the candidate's responses; returns (None on success else the error text, whether
-        any text reached the client).
+    def _stream_from(self, label, model, inputs, note, confidence, sender, whole=None):
+        """Forward the candidate's responses, or gather their text in `whole` (a list) when given; returns
+        (None on success else the error text, whether the candidate gave text, {END_OUTPUTS name: the
+        last value the candidate sent}).
 
         A helper thread reads the candidate's stream: a request that reached a candidate as it was
         being unloaded can wait forever for responses, and this thread must still end the client's
@@ -257,8 +315,8 @@ class TritonPythonModel:
 
         def read():
             try:
-                request = pb_utils.InferenceRequest(model_name=model, requested_output_names=["text_output"],
-                                                    inputs=inputs)
+                # No output named: Triton sends them all, so END_OUTPUTS come along where the candidate has them.
+                request = pb_utils.InferenceRequest(model_name=model, requested_output_names=[], inputs=inputs)
                 for response in request.exec(decoupled=True):
                     received.put(response)
             except pb_utils.TritonModelException as err:
@@ -266,31 +324,39 @@ class TritonPythonModel:
             received.put(None)
 
         threading.Thread(target=read, name="zooter-read", daemon=True).start()
-        sent = False
+        sent, end = False, {}
         while True:
             try:
                 response = received.get(timeout=1.0)
             except queue.Empty:
                 if not self._ready(model):
-                    return f"model {model} was unloaded mid-answer", sent
+                    return f"model {model} was unloaded mid-answer", sent, end
                 continue
             if response is None:
-                return None, sent
+                return None, sent, end
             if isinstance(response, Exception):
-                return f"model {model} failed: {response}", sent
+                return f"model {model} failed: {response}", sent, end
             if response.has_error():
-                return f"model {model} failed: {response.error().message()}", sent
+                return f"model {model} failed: {response.error().message()}", sent, end
+            for name in END_OUTPUTS:
+                tensor = pb_utils.get_output_tensor_by_name(response, name)
+                if tensor is not None and tensor.as_numpy().size:
+                    value = tensor.as_numpy().reshape(-1)[0]
+                    end[name] = _text(value) if name == "finish_reason" else int(value)
             out = pb_utils.get_output_tensor_by_name(response, "text_output")
             if out is None:          # the empty final response that closes a stream
                 continue
             chunk = "".join(_text(v) for v in out.as_numpy().reshape(-1))
-            tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label), _str_tensor("note", note)]
-            if not sent and confidence is not None:     # the decision's confidence rides on the first chunk
-                tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
+            if whole is not None:
+                whole.append(chunk)
+            else:
+                tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label), _str_tensor("note", note)]
+                if not sent and confidence is not None:     # the decision's confidence rides on the first chunk
+                    tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
+                sender.send(pb_utils.InferenceResponse(tensors))
             sent = True
-            sender.send(pb_utils.InferenceResponse(tensors))
             if sender.is_cancelled():
-                return None, sent
+                return None, sent, end
 
     def finalize(self):
         # Unloading waits for our open streams first (each ends with a final flag, see _stream_from), but a

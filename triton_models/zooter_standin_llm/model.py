@@ -2,7 +2,10 @@
 
 TensorRT-LLM ensemble inputs (text_input, max_tokens, stream, temperature, top_p, top_k,
 random_seed, repetition_penalty; the rest are accepted and ignored) -> text_output, streamed token
-by token when `stream` is true, else one response. The first chunk names the stand-in, so nobody
+by token when `stream` is true, else one response; the final response says how the answer ended:
+`finish_reason` ("length" when max_tokens cut it, else "stop", as TensorRT-LLM's LLM-API model
+names it) and the token counts `prompt_tokens`, `completion_tokens` (the chat-templated prompt and
+the generated tokens, the end-of-sequence token not counted). The first chunk names the stand-in, so nobody
 mistakes its answer for the real candidate's. Generations run one at a time (one copy of the
 weights, 2 cores); requests wait their turn in threads. A cancelled request stops generating.
 """
@@ -33,6 +36,13 @@ def _text_tensor(text):
     return pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=object))
 
 
+def _ending(finish, prompt_tokens, completion_tokens):
+    return pb_utils.InferenceResponse([
+        pb_utils.Tensor("finish_reason", np.array([[finish.encode()]], dtype=object)),
+        pb_utils.Tensor("prompt_tokens", np.array([[prompt_tokens]], dtype=np.int32)),
+        pb_utils.Tensor("completion_tokens", np.array([[completion_tokens]], dtype=np.int32))])
+
+
 class _Sender(TextStreamer):
     """Sends each decoded piece of text as one streamed response."""
 
@@ -58,6 +68,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.max_tokens_cap = int(params.get("max_tokens_cap") or 512)
+        self.max_text_bytes = int(params.get("max_text_bytes") or 65536)
         self.model, self.tokenizer = standin_llm.load(params.get("model_dir") or None)
         self.generate_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="standin-llm")
@@ -71,6 +82,9 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         try:
             self._generate(request, sender)
+        except ValueError as err:       # the request's own fault: HTTP 400, gRPC INVALID_ARGUMENT
+            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"zooter_standin_llm: {err}", pb_utils.TritonError.INVALID_ARG)), flags=FINAL)
         except Exception as err:
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                 f"zooter_standin_llm: {type(err).__name__}: {err}")), flags=FINAL)
@@ -79,6 +93,8 @@ class TritonPythonModel:
         texts = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
         if texts.size != 1:
             raise ValueError(f"one prompt per request, got {texts.size}")
+        if isinstance(texts[0], bytes) and len(texts[0]) > self.max_text_bytes:
+            raise ValueError(f"text_input of {len(texts[0])} bytes is over the {self.max_text_bytes}-byte limit")
         prompt = texts[0].decode("utf-8", errors="replace") if isinstance(texts[0], bytes) else str(texts[0])
         if not prompt.strip():
             raise ValueError("empty text_input")
@@ -113,13 +129,16 @@ class TritonPythonModel:
             if sampling["do_sample"]:
                 torch.manual_seed(int(_scalar(request, "random_seed", 0)))
             with torch.inference_mode():
-                self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                     repetition_penalty=repetition_penalty, streamer=streamer,
                                     stopping_criteria=StoppingCriteriaList([_Cancelled(sender)]),
                                     pad_token_id=self.tokenizer.eos_token_id, **sampling)
         if not stream:
             sender.send(pb_utils.InferenceResponse([_text_tensor(banner + "".join(pieces))]))
-        sender.send(flags=FINAL)
+        generated = out[0, ids.shape[1]:].tolist()
+        stopped = bool(generated) and generated[-1] == self.tokenizer.eos_token_id
+        finish = "length" if len(generated) >= max_tokens and not stopped else "stop"
+        sender.send(_ending(finish, int(ids.shape[1]), len(generated) - stopped), flags=FINAL)
 
     def finalize(self):
         self.pool.shutdown(wait=True)

@@ -38,6 +38,10 @@ def register(sub) -> None:
                         "router's choice (default: the bundle's); a request may set its own in its zooter object")
     p.add_argument("--lambda", dest="lam", type=float, default=None, metavar="X",
                    help="with --bundle: the older cost weight of the in-process rule, >= 0 (default: the bundle's)")
+    p.add_argument("--route-on", choices=["last-user", "conversation"], default=None,
+                   help="which text of a chat is routed: the last user message (the default with --bundle) or the "
+                        "whole conversation, cut to the router's max_length tokens keeping its start; with --triton "
+                        "the default is the repository's (zooter triton build --route-on) and this overrides it")
     p.add_argument("--api-keys-file", metavar="FILE",
                    help="clients must send one of these keys (one a line) as a bearer token; default: no keys")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -78,5 +82,5 @@ def cmd_gateway(args) -> int:
                                max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
                                upstream_timeout=args.upstream_timeout, connect_timeout=args.connect_timeout,
                                max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
-                               max_attempts=args.max_attempts)
+                               max_attempts=args.max_attempts, route_on=args.route_on)
     return serve(settings, args.host, args.port, args.log_level)

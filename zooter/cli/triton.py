@@ -42,8 +42,15 @@ def register(sub) -> None:
                    help="older cost knob: argmax p - X * cost / max(cost), X >= 0; default: the bundle's")
     p.add_argument("--max-batch-size", type=int, default=32, help="max_batch_size of the routing models (default 32)")
     p.add_argument("--max-text-bytes", type=int, default=65536,
-                   help="longer queries are refused with an error (default 65536); within it, the router reads "
-                        "the first max_length tokens, as in-process")
+                   help="zooter_route refuses longer texts with an error (default 65536; `zooter` cuts the text it "
+                        "routes on to fit); within it, the router reads the first max_length tokens, as in-process")
+    p.add_argument("--max-prompt-bytes", type=int, default=1 << 20,
+                   help="`zooter` refuses a longer text_input, the prompt the candidate gets (default 1048576, the "
+                        "gateway's --max-body-bytes)")
+    p.add_argument("--route-on", choices=["last-user", "conversation"], default="last-user",
+                   help="which text `zooter` routes on when the client sends the conversation (`messages`, as the "
+                        "gateway does): the last user message (default) or the whole conversation; a request may "
+                        "send its own route_on (docs/triton.md)")
     p.add_argument("--max-tokens", type=int, default=128, help="answer length when a request sends no max_tokens")
     p.set_defaults(func=cmd_triton_build)
 
@@ -63,7 +70,8 @@ def cmd_triton_build(args) -> int:
                              stand_ins=args.stand_ins, lam=args.lam, tolerance=args.tolerance,
                              max_batch_size=args.max_batch_size, max_text_bytes=args.max_text_bytes,
                              router_device=args.router_device, tensorrt=args.tensorrt,
-                             default_max_tokens=args.max_tokens)
+                             default_max_tokens=args.max_tokens, route_on=args.route_on,
+                             max_prompt_bytes=args.max_prompt_bytes)
     print(f"wrote {built.path}: {len(built.models)} models ({', '.join(built.models[:5])}"
           f"{', ...' if len(built.models) > 5 else ''})")
     for label, s in built.serving.items():
@@ -81,9 +89,10 @@ def register_serve(sub) -> None:
                     "nvidia-pytriton wheel (with the python-backend stub for this Python). Waits until the "
                     "server is ready, prints the addresses it listens on, and stops it cleanly on Ctrl-C or "
                     "SIGTERM. Safe by default: every endpoint binds 127.0.0.1 (--host opens them), model control "
-                    "is off (--model-control turns it on), and the repository and logging APIs always need the "
-                    "control key, written to --control-key-file (mode 0600), in the zooter-control-key header. "
-                    "See docs/triton.md, Security.")
+                    "is off (--model-control turns it on), and the repository, logging, trace and shared-memory APIs "
+                    "always need the control key, written to --control-key-file (mode 0600), in the "
+                    "zooter-control-key header. See docs/triton.md, Security. At start it removes what dead "
+                    "servers left (work folders in the temporary folder, python-backend regions in /dev/shm).")
     p.add_argument("repository", help="model repository folder (zooter triton build --out)")
     p.add_argument("--model-repository", action="append", default=[], metavar="DIR",
                    help="another repository to serve alongside, e.g. the TensorRT-LLM ensembles the candidates "
@@ -147,8 +156,12 @@ def cmd_serve(args) -> int:
         if server.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"  listening on {server.host}: reachable from other machines; keep it behind a proxy "
                   f"(docs/triton.md, Security)", flush=True)
-        print(f"  model control: {'on' if server.model_control else 'off'}; repository and logging APIs need the "
-              f"key in {key_file} (header zooter-control-key)", flush=True)
+        print(f"  model control: {'on' if server.model_control else 'off'}; repository, logging, trace and "
+              f"shared-memory APIs need the key in {key_file} (header zooter-control-key)", flush=True)
+        if server.http_stack < 2 * 64 << 20:
+            print(f"  warning: tritonserver's threads have {server.http_stack >> 20} MiB stacks (RLIMIT_STACK): a "
+                  f"form-encoded HTTP body over ~{server.http_stack >> 21} MB crashes it; raise `ulimit -s` "
+                  f"(docs/triton.md, Oversized requests)", flush=True)
         print(f"  zooter ask --triton {server.http_url} --stream \"...\"   (Ctrl-C stops the server)", flush=True)
 
     return serve_forever(server, timeout=args.timeout, on_ready=ready)
