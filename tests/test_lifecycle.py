@@ -124,3 +124,25 @@ def test_refused_input_names_the_problem_and_writes_nothing(pool, tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err, err
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_new_queries_join_the_training_rows_and_removing_the_anchor_moves_it(pool, tmp_path):
+    fresh = synthetic(30, 7)
+    rows = tmp_path / "fresh.jsonl"
+    rows.write_text("".join(json.dumps({"id": r.id, "query": "fresh " + r.query,
+                                        "rewards": {"mathy": r.rewards["mathy"], NEW: r.rewards[NEW]}}) + "\n"
+                            for r in fresh.rows))
+    run2, run3 = tmp_path / "added", tmp_path / "removed"
+    assert main(["candidates", "add", str(pool["run"]), "--name", NEW, "--data", str(rows), "--out", str(run2)]) == 0
+    info = json.loads((run2 / "run.json").read_text())
+    assert info["lifecycle"]["entered"][NEW] == {"how": "added", "rows": 30, "train": 30, "dev": 0, "new_queries": 30}
+    assert info["n_train"] == 150 + 30
+    anchor = info["best_single"]["candidate"]
+    assert main(["candidates", "remove", str(run2), "--name", anchor, "--out", str(run3)]) == 0
+    after = json.loads((run3 / "run.json").read_text())
+    assert anchor not in after["labels"] and after["best_single"]["candidate"] in after["labels"]
+    assert after["decision"]["anchor"] == after["best_single"]["candidate"]
+    assert after["lifecycle"]["events"][-1] == {"op": "remove", "name": anchor, "anchor_was": anchor,
+                                                "anchor_now": after["best_single"]["candidate"]}
+    # the rows added with the removed candidate's run stay: the new queries still train the others
+    assert after["n_train"] == 180

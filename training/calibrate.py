@@ -125,7 +125,11 @@ def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
     choice = rule.decide(rows.probs, s, allowed=scored).choice
     picked = r[np.arange(len(r)), choice]
     best = np.nanmax(r, axis=1)
-    confidence = isotonic(lead(np.where(scored, expected, -np.inf), choice), (picked >= best - 1e-12).astype(float))
+    leads = lead(np.where(scored, expected, -np.inf), choice)
+    # A row with one scored candidate has no lead (inf): it says nothing about confidence.
+    ok = np.isfinite(leads)
+    confidence = (isotonic(leads[ok], (picked >= best - 1e-12)[ok].astype(float)) if ok.any()
+                  else Table((0.0,), (1.0,)))
     return {"anchor": anchor, "margin": margin, "expected_reward": expected_reward.to_json(),
             "confidence": confidence.to_json(),
             "fitted_on": {"rows": int(len(r)), "out_of_fold": rows.oof}}

@@ -292,7 +292,8 @@ def _summary(fitted: Fitted, rows: RunRows, dev_x: np.ndarray, labels: list[str]
     rule = Rule.from_manifest({"labels": labels, "decision": fitted.decision})
     scores = dev_x.astype(np.float64) @ fitted.reward_head[0].T + fitted.reward_head[1]
     scored = ~np.isnan(dev_r)
-    choice = rule.decide(softmax(fitted.dev_logits), scores, allowed=scored).choice if len(dev_r) else np.zeros(0, int)
+    allowed = scored | ~scored.any(axis=1, keepdims=True)    # a row scoring nobody: any choice (it counts NaN)
+    choice = rule.decide(softmax(fitted.dev_logits), scores, allowed=allowed).choice if len(dev_r) else np.zeros(0, int)
     routed = dev_r[np.arange(len(dev_r)), choice]
     per = {n: {"dev_mean_reward": float(np.nanmean(dev_r[:, j])) if scored[:, j].any() else None,
                "dev_scored": int(scored[:, j].sum()), "dev_chosen": float(np.mean(choice == j)) if len(choice) else 0.0}
