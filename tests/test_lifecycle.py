@@ -75,6 +75,11 @@ def test_added_candidate_is_chosen_where_it_is_better_and_listed(pool, capsys):
     assert listed[NEW]["entered"] == "added on 152 rows" and listed["mathy"]["entered"] == "trained"
     assert listed[NEW]["dev_scored"] == entered["dev"] and listed[NEW]["dev_chosen"] > 0.2
 
+    assert main(["candidates", "list", str(run2)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["candidate", "entered"] and len(table) == 4
+    assert any(line.startswith(NEW) and "added on 152 rows" in line for line in table)
+
     # `zooter export` takes the new run like any other; the bundle lists the candidates alike
     bundle = pool["root"] / "added-bundle"
     assert main(["export", str(run2), "--out", str(bundle), "--quantize", "none", "--parity-data",
