@@ -102,10 +102,11 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'candidate':32} {'entered':22} {'dev mean':>9} {'scored':>7} {'chosen':>7}")
+    width = max(len("candidate"), *(len(r["name"]) + 9 * r["anchor"] for r in rows))
+    print(f"{'candidate':{width}} {'entered':22} {'dev mean':>9} {'scored':>7} {'chosen':>7}")
     for r in rows:
         mean = r.get("dev_mean_reward")
-        print(f"{r['name'] + (' (anchor)' if r['anchor'] else ''):32} {r['entered']:22} "
+        print(f"{r['name'] + (' (anchor)' if r['anchor'] else ''):{width}} {r['entered']:22} "
               f"{'-' if mean is None else f'{mean:.4f}':>9} {r.get('dev_scored', '-')!s:>7} "
               f"{'-' if 'dev_chosen' not in r else format(r['dev_chosen'], '.1%'):>7}")
     return 0
