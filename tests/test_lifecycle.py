@@ -151,3 +151,23 @@ def test_new_queries_join_the_training_rows_and_removing_the_anchor_moves_it(poo
                                                 "anchor_now": after["best_single"]["candidate"]}
     # the rows added with the removed candidate's run stay: the new queries still train the others
     assert after["n_train"] == 180
+
+
+def test_a_fine_tuned_run_takes_a_candidate_on_its_own_encoder(pool, tiny_backbone, tmp_path):
+    root = pool["root"]
+    cfg = TrainConfig(data=str(root / "train.jsonl"), dev=str(root / "dev.jsonl"), out=str(tmp_path / "tuned"),
+                      backbone=str(tiny_backbone), epochs=2, lr=3e-3, max_length=32, batch_size=16, threads=1)
+    train(cfg)
+    run2, run3 = tmp_path / "added", tmp_path / "removed"
+    assert main(["candidates", "add", str(tmp_path / "tuned"), "--name", NEW, "--data", str(root / "new.jsonl"),
+                 "--out", str(run2)]) == 0
+    assert json.loads((run2 / "run.json").read_text())["labels"] == OLD + [NEW]
+    assert (run2 / "encoder" / "model.safetensors").read_bytes() == (tmp_path / "tuned" / "encoder" / "model.safetensors").read_bytes()
+    assert main(["candidates", "remove", str(run2), "--name", "poet", "--out", str(run3)]) == 0
+    from safetensors.numpy import load_file
+
+    # a fine-tuned head keeps its rows: removing a candidate drops its row and nothing else
+    before, after = load_file(run2 / "head.safetensors"), load_file(run3 / "head.safetensors")
+    assert np.array_equal(after["weight"], before["weight"][[0, 2]])
+    texts = pool["test"].queries
+    assert set(decisions(run3, texts)) <= {"mathy", NEW}
