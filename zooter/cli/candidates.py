@@ -39,7 +39,7 @@ def register(sub) -> None:
     b = group.add_parser("bench", help="leave-one-candidate-out benchmark of `add` (docs/training.md)",
                          description="For each --names candidate and each fold: a frozen router trained on every "
                          "candidate, and one with the candidate added from its rewards on k random training rows; "
-                         "both route the fold's test rows with the shipped rule. Prints the curve over k with 95%% "
+                         "both route the fold's test rows with the shipped rule. Prints the curve over k with 95% "
                          "bootstrap intervals against the retrain and the best single candidate.")
     b.add_argument("--data", required=True, help="routing data (JSONL) scoring every candidate")
     b.add_argument("--names", required=True, help="comma-separated candidates to leave out and add back")
