@@ -171,3 +171,17 @@ def test_a_fine_tuned_run_takes_a_candidate_on_its_own_encoder(pool, tiny_backbo
     assert np.array_equal(after["weight"], before["weight"][[0, 2]])
     texts = pool["test"].queries
     assert set(decisions(run3, texts)) <= {"mathy", NEW}
+
+
+def test_bench_prints_the_curve_over_k(tiny_backbone, tmp_path, capsys):
+    data = tmp_path / "all.jsonl"
+    synthetic(120, 3).save(data)
+    out = tmp_path / "bench.json"
+    assert main(["candidates", "bench", "--data", str(data), "--names", NEW, "--k", "20,all", "--folds", "2",
+                 "--layers", "1", "--backbone", str(tiny_backbone), "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert set(table["candidates"][NEW]) == {"without", "20", "all"}
+    row = table["candidates"][NEW]["20"]
+    assert row["vs_retrain_ci95"][0] <= row["vs_retrain"] <= row["vs_retrain_ci95"][1]
+    assert f"| {NEW} | 20 |" in capsys.readouterr().out
+    assert main(["candidates", "bench", "--data", str(data), "--names", "nobody", "--backbone", str(tiny_backbone)]) == 2

@@ -141,9 +141,7 @@ def format_table(table: dict) -> str:
     for name, entry in table["candidates"].items():
         for key, row in entry.items():
             ci, cs = row["vs_retrain_ci95"], row["vs_best_single_ci95"]
+            secs = f"{row['add_seconds']:.1f}" if "add_seconds" in row else "-"
             lines.append(f"| {name} | {key} | {row['mean_reward']:.4f} | {row['vs_retrain']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] "
-                         f"| {row['vs_best_single']:+.4f} [{cs[0]:+.4f}, {cs[1]:+.4f}] | "
-                         f"{row['add_seconds']:.1f} |" if "add_seconds" in row else
-                         f"| {name} | {key} | {row['mean_reward']:.4f} | {row['vs_retrain']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}] "
-                         f"| {row['vs_best_single']:+.4f} [{cs[0]:+.4f}, {cs[1]:+.4f}] | - |")
+                         f"| {row['vs_best_single']:+.4f} [{cs[0]:+.4f}, {cs[1]:+.4f}] | {secs} |")
     return "\n".join(lines)
