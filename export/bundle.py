@@ -17,7 +17,7 @@ from zooter.runtime.errors import UserError
 # The training record a bundle carries (run.json keys); everything else in run.json stays in the run.
 PROVENANCE_KEYS = ("data", "data_sha256", "dev_sha256", "backbone", "beta", "tau", "loss", "seed", "frozen",
                    "candidates_file", "best_single", "n_train", "n_dev", "tags", "config", "curves", "train_seconds",
-                   "query_digests")
+                   "query_digests", "lifecycle", "candidate_figures")
 
 
 class Validation:

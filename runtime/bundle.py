@@ -59,6 +59,30 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def router_id(manifest: dict) -> str:
+    """The name every answer gives of the router that chose it: the first 12 hex of the manifest's sha256."""
+    return str(manifest["manifest_sha256"])[:12]
+
+
+def encoder_identity(manifest: dict) -> dict:
+    """What a bundle's encoder is, for swapping routers in service (a router with new candidates keeps it):
+    the tokenizer's checksum, max_length and the backbone it was trained from, cut to its layers."""
+    provenance = manifest.get("provenance") or {}
+    config = provenance.get("config") or {}
+    return {"tokenizer.json": (manifest["files"].get("tokenizer.json") or {}).get("sha256"),
+            "max_length": manifest["max_length"], "backbone": provenance.get("backbone"), "layers": config.get("layers"),
+            "frozen": provenance.get("frozen")}
+
+
+def swap_problem(old: dict, new: dict) -> str | None:
+    """Why a router cannot replace another in service (None when it can): another encoder."""
+    a, b = encoder_identity(old), encoder_identity(new)
+    changed = [k for k in a if a[k] != b[k]]
+    if changed:
+        return f"another encoder ({', '.join(f'{k} {a[k]!r} -> {b[k]!r}' for k in changed)})"
+    return None
+
+
 def finite_number(value, key: str, where: str, minimum: float | None = 0.0) -> float:
     """A finite number (not a bool), at least `minimum`; else a BundleError naming the key."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

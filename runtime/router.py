@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from zooter.runtime import decision as rule
-from zooter.runtime.bundle import BundleError, read_manifest
+from zooter.runtime.bundle import BundleError, read_manifest, router_id
 from zooter.runtime.errors import SettingError
 from zooter.runtime.session import open_session
 from zooter.runtime.tokenize import clean_query, encode, encode_each, load_tokenizer
@@ -85,6 +85,11 @@ class Router:
         tokenizer = load_tokenizer(bundle / "tokenizer.json", manifest["max_length"])
         session = open_session(bundle / name, providers, threads, spin)
         return cls(session, tokenizer, manifest, bundle, lam, tolerance)
+
+    @property
+    def router_id(self) -> str:
+        """The bundle's name in answers and metrics (zooter.runtime.bundle.router_id)."""
+        return router_id(self.manifest)
 
     @property
     def providers(self) -> list[str]:

@@ -8,7 +8,9 @@
 
 `model: "zooter"` routes (per-request options in a `zooter` object: lambda, tolerance, candidates); a
 candidate's name goes straight to it. Headers x-zooter-candidate, x-zooter-confidence, x-zooter-fallback
-show the decision. Back ends and fallback: gateway_backends.py; upstreams: gateway_upstreams.py;
+show the decision, x-zooter-router the router that made it. SIGHUP reloads the bundle and the candidates
+file: requests in flight finish on the router they started with, new ones use the new one, and a bundle
+that does not load (or has another encoder) is refused with one line in the log while the old one serves. Back ends and fallback: gateway_backends.py; upstreams: gateway_upstreams.py;
 request checks: gateway_requests.py; metrics: gateway_metrics.py; the request-read deadline: gateway_http.py;
 /health's upstream check: gateway_health.py. docs/gateway.md has the whole story.
 """
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from zooter.runtime.bundle import swap_problem
 from zooter.runtime.conversation import check_route_on
 from zooter.runtime.errors import UserError
 from zooter.serving.gateway_backends import MID, Answer, BundleBackend, TritonBackend, remaining
@@ -137,13 +140,90 @@ class Gateway:
             self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.upstream_timeout, connect=settings.connect_timeout),
                                           limits=httpx.Limits(max_connections=None, max_keepalive_connections=128))
             self.backend = BundleBackend(settings, self.metrics, self.http, self.redact)
-        self.secrets = self.backend.secrets
+        self.secrets = list(self.backend.secrets)
         self.created = int(time.time())
         self.monitor = HealthMonitor(self.backend.health, settings.health_interval)
+        # A reload swaps self.backend; a request keeps the back end it started with (held until it ends),
+        # and a replaced one closes when its last request is done.
+        self.holds: dict = {}
+        self.retired: set = set()
+        self.reload_lock = None
+        self.tasks: set = set()
+        if router_of(self.backend):
+            self.metrics.router.labels(router_of(self.backend)).set(1)
 
     async def close(self) -> None:
         await self.monitor.close()
         await self.backend.close()
+        for old in list(self.retired):
+            self.retired.discard(old)
+            await old.close()
+
+    # --- swapping routers (SIGHUP) -----------------------------------------------------------------
+    def hold(self, backend) -> None:
+        self.holds[backend] = self.holds.get(backend, 0) + 1
+
+    def release(self, backend) -> None:
+        self.holds[backend] -= 1
+        if self.holds[backend] == 0:
+            del self.holds[backend]
+            if backend in self.retired:
+                self.retired.discard(backend)
+                self._spawn(backend.close())
+
+    def _spawn(self, coroutine) -> None:
+        import asyncio
+
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def reload_soon(self) -> None:
+        """The SIGHUP handler (on the event loop): reload in the background."""
+        self._spawn(self.reload())
+
+    async def reload(self) -> bool:
+        """Load the bundle and candidates file again and serve new requests with them; False when refused
+        (one line in the log; the old router keeps serving)."""
+        import asyncio
+
+        from zooter.serving.gateway_backends import BundleBackend
+
+        if self.settings.triton:
+            log.error("reload refused: this gateway routes through Triton; swap its router with `zooter triton reload`")
+            self.metrics.reloads.labels("refused").inc()
+            return False
+        if self.reload_lock is None:
+            self.reload_lock = asyncio.Lock()
+        async with self.reload_lock:
+            old = self.backend
+            try:
+                new = await asyncio.get_running_loop().run_in_executor(
+                    None, BundleBackend, self.settings, self.metrics, self.http, self.redact)
+            except Exception as err:    # any failure to load: a UserError names the file; others their type
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                log.error("reload refused, router %s keeps serving: %s", router_of(old), self.redact(reason))
+                self.metrics.reloads.labels("refused").inc()
+                return False
+            problem = swap_problem(old.router.manifest, new.router.manifest)
+            if problem:
+                log.error("reload refused, router %s keeps serving: %s has %s", router_of(old), self.settings.bundle, problem)
+                self.metrics.reloads.labels("refused").inc()
+                await new.close()
+                return False
+            await new.start()
+            self.secrets = list(dict.fromkeys(self.secrets + new.secrets))   # old answers may still be streaming
+            self.backend = new
+            self.monitor.check = new.health
+            self.metrics.router.labels(router_of(old)).set(0)
+            self.metrics.router.labels(router_of(new)).set(1)
+            self.metrics.reloads.labels("done").inc()
+            if old in self.holds:
+                self.retired.add(old)
+            else:
+                await old.close()
+            print(f"zooter gateway reloaded: router {router_of(old)} -> {router_of(new)} ({new.describe()})", flush=True)
+            return True
         if self.http is not None:
             await self.http.aclose()
 
@@ -179,16 +259,20 @@ class Gateway:
         deadline = request.scope.get(STARTED, time.perf_counter()) + self.settings.request_timeout
         self.metrics.in_flight.inc()
         streaming = False
+        backend = self.backend        # the router this request started with answers it, whatever a reload does
+        self.hold(backend)
         try:
             self.authorize(request)
             body = await self._read(request, deadline)
             limit = self.settings.max_tokens_limit
             call = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
-            answer = await self.backend.answer(call, deadline)
-            headers = self._headers(answer)
+            answer = await backend.answer(call, deadline)
+            headers = self._headers(answer, router_of(backend))
+            if call.model == "zooter" and router_of(backend):
+                self.metrics.routed.labels(router_of(backend), answer.candidate).inc()
             if answer.rest is not None:
                 streaming = True
-                return StreamingResponse(self._relay(endpoint, answer, deadline), media_type="text/event-stream",
+                return StreamingResponse(self._relay(endpoint, answer, deadline, backend), media_type="text/event-stream",
                                          headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
             self.metrics.upstream.labels(answer.candidate).observe(time.perf_counter() - answer.started)
             self._count_tokens(answer.candidate, answer.completion.get("usage"), 0)
@@ -208,6 +292,7 @@ class Gateway:
         finally:
             if not streaming:
                 self.metrics.in_flight.dec()
+                self.release(backend)
 
     async def _read(self, request, deadline: float) -> dict:
         import anyio
@@ -223,8 +308,10 @@ class Gateway:
         self.metrics.requests.labels("", "", "408").inc()
 
     @staticmethod
-    def _headers(answer: Answer) -> dict:
+    def _headers(answer: Answer, router: str | None) -> dict:
         headers = {"x-zooter-candidate": answer.candidate, "x-zooter-fallback": "true" if answer.fallback else "false"}
+        if router:
+            headers["x-zooter-router"] = router
         if answer.confidence is not None:
             headers["x-zooter-confidence"] = f"{answer.confidence:.4f}"
         return headers
@@ -240,7 +327,7 @@ class Gateway:
         if completion_tokens:
             self.metrics.tokens.labels(candidate, "completion").inc(completion_tokens)
 
-    async def _relay(self, endpoint: str, answer: Answer, deadline: float):
+    async def _relay(self, endpoint: str, answer: Answer, deadline: float, backend):
         """The stream to the client: the chunks up to the first token, then the rest as they come. A failure
         now ends the stream with an error event (and no [DONE]): the client must not take half an answer
         for a whole one."""
@@ -277,6 +364,7 @@ class Gateway:
             self._count_tokens(name, usage, chunks)
             self.metrics.requests.labels(endpoint, name, status).inc()
             self.metrics.in_flight.dec()
+            self.release(backend)
 
     # --- the other endpoints -----------------------------------------------------------------------
     async def models(self, request):
@@ -318,6 +406,12 @@ class Gateway:
             return error_response(err)
         body, content_type = self.metrics.render()
         return Response(body, media_type=content_type)
+
+
+def router_of(backend) -> str | None:
+    """The id of the router a back end routes with (None through Triton, whose `zooter` model routes)."""
+    router = getattr(backend, "router", None)
+    return router.router_id if router is not None else None
 
 
 def error_response(err: ApiError):
@@ -393,6 +487,9 @@ def serve(settings: GatewaySettings, host: str = "127.0.0.1", port: int = 8000, 
     import uvicorn
 
     def ready(gateway: Gateway) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.reload_soon)
         keys = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API keys (anyone who can connect may call)"
         print(f"zooter gateway ready: http://{host}:{sock.getsockname()[1]}/v1  ({gateway.backend.describe()}; {keys})",
               flush=True)

@@ -162,7 +162,7 @@ class BundleBackend:
                 self.pool, partial(self.router.route, text, **kwargs))
         except (ValueError, TypeError) as err:   # a setting the bundle cannot take (SettingError), blank text
             raise invalid(f"cannot route this request: {err}", "zooter") from None
-        self.metrics.routing.observe(time.perf_counter() - start)
+        self.metrics.routing.labels(self.router.router_id).observe(time.perf_counter() - start)
         ranking = [n for n in decision.ranking if not allowed or n in allowed]
         return ranking, decision.confidence
 

@@ -202,7 +202,7 @@ async def _run(client, url: str, bodies: Sequence[bytes], concurrency: int, stre
 
 
 def _routing_seconds(gateway: str) -> tuple[float, float]:
-    """(sum, count) of the gateway's routing histogram."""
+    """(sum, count) of the gateway's routing histogram, over its routers (a reload adds one)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -210,7 +210,7 @@ def _routing_seconds(gateway: str) -> tuple[float, float]:
     for family in text_string_to_metric_families(httpx.get(gateway + "/metrics", timeout=10).text):
         for sample in family.samples:
             if sample.name in ("zooter_gateway_routing_seconds_sum", "zooter_gateway_routing_seconds_count"):
-                values[sample.name] = sample.value
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return values.get("zooter_gateway_routing_seconds_sum", 0.0), values.get("zooter_gateway_routing_seconds_count", 0.0)
 
 

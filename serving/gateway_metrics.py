@@ -29,7 +29,14 @@ class Metrics:
             "candidate took over; mid_stream: the stream ended with an error event) and reason",
             ["candidate", "stage", "reason"], **kw)
         self.routing = Histogram("zooter_gateway_routing_seconds", "Time to route a request in process (thread "
-                                 "hand-off included)", buckets=ROUTING_BUCKETS, **kw)
+                                 "hand-off included), by router (the first 12 hex of its bundle's manifest sha256)",
+                                 ["router"], buckets=ROUTING_BUCKETS, **kw)
+        self.routed = Counter("zooter_gateway_routed", "Requests routed, by router and the candidate it chose",
+                              ["router", "candidate"], **kw)
+        self.router = Gauge("zooter_gateway_router", "1 for the router serving new requests, 0 for one it replaced "
+                            "(SIGHUP)", ["router"], **kw)
+        self.reloads = Counter("zooter_gateway_reloads", "Router reloads (SIGHUP) by result: done or refused",
+                               ["result"], **kw)
         self.ttft = Histogram("zooter_gateway_upstream_ttft_seconds", "From sending a request upstream to its first "
                               "token, by candidate", ["candidate"], buckets=TTFT_BUCKETS, **kw)
         self.upstream = Histogram("zooter_gateway_upstream_seconds", "From sending a request upstream to its last "

@@ -395,7 +395,7 @@ def test_metrics_count_requests_routing_latency_and_tokens(healthy, router):
     chosen = router.route(QUERY).candidate
     names = [("zooter_gateway_requests_total", {"endpoint": "/v1/chat/completions", "candidate": chosen, "status": "200"}),
              ("zooter_gateway_requests_total", {"endpoint": "/v1/chat/completions", "candidate": "", "status": "400"}),
-             ("zooter_gateway_routing_seconds_count", {}),
+             ("zooter_gateway_routing_seconds_count", {"router": router.router_id}),
              ("zooter_gateway_upstream_ttft_seconds_count", {"candidate": chosen}),
              ("zooter_gateway_upstream_seconds_count", {"candidate": chosen}),
              ("zooter_gateway_tokens_total", {"candidate": chosen, "kind": "completion"}),
@@ -409,6 +409,7 @@ def test_metrics_count_requests_routing_latency_and_tokens(healthy, router):
     after = [metric(healthy, name, **labels) for name, labels in names]
     assert [a - b for a, b in zip(after, before)] == [2, 1, 2, 1, 2, 10, len(QUERY.split())]
     assert metric(healthy, "zooter_gateway_in_flight_requests") == 0
+    assert metric(healthy, "zooter_gateway_routed_total", router=router.router_id, candidate=chosen) >= 2
 
 
 # --- reading a request: deadline, disconnects ---------------------------------------------------------------

@@ -106,6 +106,8 @@ class FittingRows:
     scores: np.ndarray         # (n, m) raw expected-reward scores
     rewards: np.ndarray        # (n, m) realised rewards (NaN: not scored)
     oof: bool                  # training rows predicted out of fold are among them
+    margin_rows: np.ndarray | None = None   # rows the guard's margin is chosen on (None: all); an added
+                                            # candidate's gain is measured only where it was scored
 
 
 def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
@@ -116,13 +118,18 @@ def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
     expected = expected_reward(s)
     a = labels.index(anchor)
     span = max(expected_reward.y) - min(expected_reward.y)
-    margin = _margin(rows.probs, expected, r, a, span)
+    m = slice(None) if rows.margin_rows is None else rows.margin_rows
+    margin = _margin(rows.probs[m], expected[m], r[m], a, span)
     # With the margin fitted: how often the guarded choice is a best answer, by its expected-reward lead.
     rule = Rule(tuple(labels), a, margin, expected_reward, Table((0.0,), (1.0,)))
     choice = rule.decide(rows.probs, s, allowed=scored).choice
     picked = r[np.arange(len(r)), choice]
     best = np.nanmax(r, axis=1)
-    confidence = isotonic(lead(np.where(scored, expected, -np.inf), choice), (picked >= best - 1e-12).astype(float))
+    leads = lead(np.where(scored, expected, -np.inf), choice)
+    # A row with one scored candidate has no lead (inf): it says nothing about confidence.
+    ok = np.isfinite(leads)
+    confidence = (isotonic(leads[ok], (picked >= best - 1e-12)[ok].astype(float)) if ok.any()
+                  else Table((0.0,), (1.0,)))
     return {"anchor": anchor, "margin": margin, "expected_reward": expected_reward.to_json(),
             "confidence": confidence.to_json(),
             "fitted_on": {"rows": int(len(r)), "out_of_fold": rows.oof}}

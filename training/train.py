@@ -402,12 +402,17 @@ def _report(bar, cfg: TrainConfig, point: dict) -> None:
               + (f", INT8 agreement {point['dev_int8_agreement']:.2%}" if "dev_int8_agreement" in point else ""))
 
 
-def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=None, oof_probs=None):
+def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=None, oof_probs=None, fit_rewards=None,
+                   margin_columns=()):
     """The expected-reward head and the decision settings fitted on held-out predictions
-    (training/calibrate.py): ((weight, bias), router.json's decision block)."""
+    (training/calibrate.py): ((weight, bias), router.json's decision block). `fit_rewards`: what the
+    reward head regresses on when it is not the training rows' rewards (an added candidate's column
+    with its unlabelled rows estimated, training/lifecycle.py); the decision layer still fits on the
+    realised rewards, and the guard's margin only on the rows that score every `margin_columns` candidate."""
     from zooter.training.calibrate import FittingRows, choose_strength, fit_decision, inner_folds, ridge, scores
 
-    rewards = problem.train.rewards()
+    realised_train = problem.train.rewards()
+    rewards = realised_train if fit_rewards is None else fit_rewards
     folds = inner_folds(problem.train.queries, 5)
     strength = choose_strength(train_x, rewards, folds, train_x_int8)
     head = ridge(train_x, rewards, strength, train_x_int8)
@@ -418,8 +423,11 @@ def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=Non
             rest = np.setdiff1d(np.arange(len(train_x)), held)
             fold_head = ridge(train_x[rest], rewards[rest], strength, None if train_x_int8 is None else train_x_int8[rest])
             oof_scores[held] = scores(fold_head, train_x[held])
-        probs.append(oof_probs), raw.append(oof_scores), realised.append(rewards)
-    rows = FittingRows(np.vstack(probs), np.vstack(raw), np.vstack(realised), oof=oof_probs is not None)
+        probs.append(oof_probs), raw.append(oof_scores), realised.append(realised_train)
+    realised = np.vstack(realised)
+    complete = ~np.isnan(realised[:, list(margin_columns)]).any(axis=1)
+    rows = FittingRows(np.vstack(probs), np.vstack(raw), realised, oof=oof_probs is not None,
+                       margin_rows=complete if len(margin_columns) and complete.sum() >= 2 else None)
     decision = fit_decision(rows, problem.labels, problem.meta["best_single"]["candidate"])
     decision["fitted_on"]["ridge_strength"] = strength
     return head, decision

@@ -8,6 +8,7 @@
     triton.py   zooter triton build, serve, ask
     gateway.py  zooter gateway
     deploy.py   zooter deploy kubernetes
+    candidates.py  zooter candidates add|remove|list
 
 Building the parser imports nothing heavy: a command imports torch, transformers, tritonclient or
 optimum only inside the function that runs it, and a missing optional dependency becomes one line
@@ -31,7 +32,7 @@ EXTRAS = {"torch": "train", "transformers": "train", "optimum": "train", "onnx":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from zooter.cli import collect, data, deploy, export, gateway, route, train, triton
+    from zooter.cli import candidates, collect, data, deploy, export, gateway, route, train, triton
 
     parser = argparse.ArgumentParser(
         prog="zooter",
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zooter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for group in (data, train, collect, export, route, triton, gateway, deploy):
+    for group in (data, train, candidates, collect, export, route, triton, gateway, deploy):
         group.register(sub)
     return parser
 

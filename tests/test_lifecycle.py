@@ -1,0 +1,187 @@
+"""The candidate lifecycle on the tiny encoder: a candidate added from some of its rewards is chosen
+where it is better, add-then-remove gives the original decisions back, refused input changes nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from zooter.cli import main
+from zooter.runtime.decision import Rule
+from zooter.training.dataset import RoutingDataset
+from zooter.training.evaluate import open_router
+from zooter.training.train import TrainConfig, train
+
+from tiny import CANDIDATES, synthetic
+
+NEW = "coder"
+OLD = [c for c in CANDIDATES if c != NEW]
+
+
+def without(data: RoutingDataset, names) -> RoutingDataset:
+    from zooter.training.lifecycle import _columns
+
+    return _columns(data, list(names))
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_backbone, tmp_path_factory):
+    """A frozen run trained on two candidates, the third one's rows, and test rows scoring all three."""
+    root = tmp_path_factory.mktemp("lifecycle")
+    train_rows, dev_rows, test_rows = synthetic(150, 0), synthetic(45, 1), synthetic(45, 2)
+    without(train_rows, OLD).save(root / "train.jsonl")
+    without(dev_rows, OLD).save(root / "dev.jsonl")
+    # The new candidate labelled on two thirds of the training queries (of every topic) and on the dev queries.
+    labelled = [r for i, r in enumerate(train_rows.rows) if i % 7 not in (0, 4)] + dev_rows.rows
+    (root / "new.jsonl").write_text("".join(json.dumps({"id": r.id, "query": r.query, "rewards": {NEW: r.rewards[NEW]}}) + "\n"
+                                            for r in labelled))
+    cfg = TrainConfig(data=str(root / "train.jsonl"), dev=str(root / "dev.jsonl"), out=str(root / "run"),
+                      backbone=str(tiny_backbone), frozen=True, epochs=30, lr=3e-2, max_length=32, batch_size=16,
+                      threads=1, int8_consistency=0, cache=str(root / "cache"))
+    train(cfg)
+    return {"root": root, "run": root / "run", "test": test_rows}
+
+
+def decisions(run, texts) -> np.ndarray:
+    router = open_router(run)
+    probs, scores = router.outputs_of(texts)
+    info = json.loads((run / "run.json").read_text())
+    return np.array(info["labels"])[Rule.from_manifest(info).decide(probs, scores).choice]
+
+
+def test_added_candidate_is_chosen_where_it_is_better_and_listed(pool, capsys):
+    run2 = pool["root"] / "added"
+    assert main(["candidates", "add", str(pool["run"]), "--name", NEW, "--data", str(pool["root"] / "new.jsonl"),
+                 "--out", str(run2)]) == 0
+    info = json.loads((run2 / "run.json").read_text())
+    assert info["labels"] == OLD + [NEW]
+    entered = info["lifecycle"]["entered"][NEW]
+    # (a few synthetic dev queries repeat a training query's text: they are labelled as training rows)
+    assert entered["how"] == "added" and entered["rows"] == entered["train"] + entered["dev"] == 152
+    assert entered["new_queries"] == 0
+    # the encoder is the run's, unchanged
+    assert (run2 / "encoder" / "model.safetensors").read_bytes() == (pool["run"] / "encoder" / "model.safetensors").read_bytes()
+    test = pool["test"]
+    chosen = decisions(run2, test.queries)
+    topic = np.array([r.tags[0].split(":")[1] for r in test.rows])
+    assert np.mean(chosen[topic == NEW] == NEW) >= 0.8
+    assert np.mean(chosen[topic != NEW] == NEW) <= 0.2
+
+    capsys.readouterr()
+    assert main(["candidates", "list", str(run2), "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed[NEW]["entered"] == "added on 152 rows" and listed["mathy"]["entered"] == "trained"
+    assert listed[NEW]["dev_scored"] == entered["dev"] and listed[NEW]["dev_chosen"] > 0.2
+
+    assert main(["candidates", "list", str(run2)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:2] == ["candidate", "entered"] and len(table) == 4
+    assert any(line.startswith(NEW) and "added on 152 rows" in line for line in table)
+
+    # `zooter export` takes the new run like any other; the bundle lists the candidates alike
+    bundle = pool["root"] / "added-bundle"
+    assert main(["export", str(run2), "--out", str(bundle), "--quantize", "none", "--parity-data",
+                 str(pool["root"] / "dev.jsonl")]) == 0
+    from zooter.runtime.router import Router
+
+    router = Router.load(bundle)
+    assert router.labels == OLD + [NEW]
+    assert [router.route(q).candidate for q in test.queries[:12]] == list(chosen[:12])
+    capsys.readouterr()
+    assert main(["candidates", "list", str(bundle), "--json"]) == 0
+    assert {r["name"]: r["entered"] for r in json.loads(capsys.readouterr().out)}[NEW] == "added on 152 rows"
+
+
+def test_add_then_remove_returns_the_original_decisions(pool):
+    run2, run3 = pool["root"] / "added2", pool["root"] / "removed"
+    assert main(["candidates", "add", str(pool["run"]), "--name", NEW, "--data", str(pool["root"] / "new.jsonl"),
+                 "--out", str(run2)]) == 0
+    assert main(["candidates", "remove", str(run2), "--name", NEW, "--out", str(run3)]) == 0
+    texts = pool["test"].queries
+    assert (decisions(run3, texts) == decisions(pool["run"], texts)).all()
+    before, after = (json.loads((r / "run.json").read_text()) for r in (pool["run"], run3))
+    assert after["labels"] == before["labels"] and after["decision"]["margin"] == before["decision"]["margin"]
+    assert after["best_single"]["candidate"] == before["best_single"]["candidate"]
+
+
+@pytest.mark.parametrize("case", ["known name", "never scored", "unknown column", "last two"])
+def test_refused_input_names_the_problem_and_writes_nothing(pool, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "a", "query": "q", "rewards": {"mathy": 0.5, NEW: None}}) + "\n")
+    if case == "known name":
+        argv = ["add", str(pool["run"]), "--name", "mathy", "--data", str(pool["root"] / "new.jsonl")]
+        expect = "--name mathy: already a candidate"
+    elif case == "never scored":
+        argv = ["add", str(pool["run"]), "--name", NEW, "--data", str(rows)]
+        expect = f"no row scores '{NEW}'"
+    elif case == "unknown column":
+        rows.write_text(json.dumps({"id": "a", "query": "q", "rewards": {"zeta": 0.5, NEW: 0.1}}) + "\n")
+        argv = ["add", str(pool["run"]), "--name", NEW, "--data", str(rows)]
+        expect = "['zeta']"
+    else:
+        argv = ["remove", str(pool["run"]), "--name", "mathy"]
+        expect = "needs at least 2 to remain"
+    capsys.readouterr()
+    assert main(["candidates", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err, err
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_new_queries_join_the_training_rows_and_removing_the_anchor_moves_it(pool, tmp_path):
+    fresh = synthetic(30, 7)
+    rows = tmp_path / "fresh.jsonl"
+    rows.write_text("".join(json.dumps({"id": r.id, "query": "fresh " + r.query,
+                                        "rewards": {"mathy": r.rewards["mathy"], NEW: r.rewards[NEW]}}) + "\n"
+                            for r in fresh.rows))
+    run2, run3 = tmp_path / "added", tmp_path / "removed"
+    assert main(["candidates", "add", str(pool["run"]), "--name", NEW, "--data", str(rows), "--out", str(run2)]) == 0
+    info = json.loads((run2 / "run.json").read_text())
+    assert info["lifecycle"]["entered"][NEW] == {"how": "added", "rows": 30, "train": 30, "dev": 0, "new_queries": 30}
+    assert info["n_train"] == 150 + 30
+    anchor = info["best_single"]["candidate"]
+    assert main(["candidates", "remove", str(run2), "--name", anchor, "--out", str(run3)]) == 0
+    after = json.loads((run3 / "run.json").read_text())
+    assert anchor not in after["labels"] and after["best_single"]["candidate"] in after["labels"]
+    assert after["decision"]["anchor"] == after["best_single"]["candidate"]
+    assert after["lifecycle"]["events"][-1] == {"op": "remove", "name": anchor, "anchor_was": anchor,
+                                                "anchor_now": after["best_single"]["candidate"]}
+    # the rows added with the removed candidate's run stay: the new queries still train the others
+    assert after["n_train"] == 180
+
+
+def test_a_fine_tuned_run_takes_a_candidate_on_its_own_encoder(pool, tiny_backbone, tmp_path):
+    root = pool["root"]
+    cfg = TrainConfig(data=str(root / "train.jsonl"), dev=str(root / "dev.jsonl"), out=str(tmp_path / "tuned"),
+                      backbone=str(tiny_backbone), epochs=2, lr=3e-3, max_length=32, batch_size=16, threads=1)
+    train(cfg)
+    run2, run3 = tmp_path / "added", tmp_path / "removed"
+    assert main(["candidates", "add", str(tmp_path / "tuned"), "--name", NEW, "--data", str(root / "new.jsonl"),
+                 "--out", str(run2)]) == 0
+    assert json.loads((run2 / "run.json").read_text())["labels"] == OLD + [NEW]
+    assert (run2 / "encoder" / "model.safetensors").read_bytes() == (tmp_path / "tuned" / "encoder" / "model.safetensors").read_bytes()
+    assert main(["candidates", "remove", str(run2), "--name", "poet", "--out", str(run3)]) == 0
+    from safetensors.numpy import load_file
+
+    # a fine-tuned head keeps its rows: removing a candidate drops its row and nothing else
+    before, after = load_file(run2 / "head.safetensors"), load_file(run3 / "head.safetensors")
+    assert np.array_equal(after["weight"], before["weight"][[0, 2]])
+    texts = pool["test"].queries
+    assert set(decisions(run3, texts)) <= {"mathy", NEW}
+
+
+def test_bench_prints_the_curve_over_k(tiny_backbone, tmp_path, capsys):
+    data = tmp_path / "all.jsonl"
+    synthetic(120, 3).save(data)
+    out = tmp_path / "bench.json"
+    assert main(["candidates", "bench", "--data", str(data), "--names", NEW, "--k", "20,all", "--folds", "2",
+                 "--layers", "1", "--backbone", str(tiny_backbone), "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert set(table["candidates"][NEW]) == {"without", "20", "all"}
+    row = table["candidates"][NEW]["20"]
+    assert row["vs_retrain_ci95"][0] <= row["vs_retrain"] <= row["vs_retrain_ci95"][1]
+    assert f"| {NEW} | 20 |" in capsys.readouterr().out
+    assert main(["candidates", "bench", "--data", str(data), "--names", "nobody", "--backbone", str(tiny_backbone)]) == 2

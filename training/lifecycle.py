@@ -1,0 +1,482 @@
+"""The candidate lifecycle: add a candidate to a trained router, or retire one, on the fixed encoder.
+
+A router's encoder is fixed once trained; what depends on the candidate set is linear or fitted in
+closed form on its pooled embeddings, so a new or retired candidate means refitting those, not
+training again:
+
+    rows          the run's training and dev rows (its --data/--dev, split as training split them),
+                  plus every rows file added since (kept in the run, RUN/added/NAME.jsonl)
+    estimate      an added candidate is labelled on some rows only. Its reward on the others is
+                  estimated from what is known of those rows: the other candidates' rewards on the
+                  same query (a least-squares map from the rows where both are known: the new model
+                  resembles some of the old ones) plus a ridge on the embeddings for the rest
+                  (calibrate.ridge, strength by out-of-fold error on the labelled rows)
+    distilled     the head refitted on the fixed embeddings from the targets of the completed
+                  reward matrix (train.fit_head, the run's tau, beta and seed)
+    reward head   ridge on the completed matrix; the decision layer (train.decision_layer) on the
+                  realised rewards only, so the guard's margin is measured on real outcomes
+    anchor        the best single candidate by a paired estimate (a partly labelled candidate is
+                  compared with a fully labelled one on the rows both have)
+
+A frozen run's distilled head is refitted from scratch, so removing a candidate gives the run trained
+without it, and add-then-remove gives the original run back. A fine-tuned run's head is refitted on its
+fine-tuned embeddings when a candidate is added; a removal drops the candidate's rows of both heads.
+run.json's `lifecycle` records how each candidate entered and every add/remove.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zooter.runtime.errors import UserError
+from zooter.training.dataset import RoutingDataset, Row
+
+ADDED = "added"   # the run's folder of added rows files
+
+
+# --- the run's rows -----------------------------------------------------------------------------------
+@dataclass
+class RunRows:
+    train: RoutingDataset
+    dev: RoutingDataset
+
+
+def base_rows(run: Path, info: dict) -> RunRows:
+    """The training and dev rows the run was trained on, checked against the hashes it recorded."""
+    from zooter.training.train import split_dev
+
+    config = info.get("config") or {}
+    data = config.get("data") or info.get("data")
+    if not data or not Path(data).is_file():
+        raise UserError(f"{run}: its training data {data!r} is not there (run.json config.data); the lifecycle "
+                        f"refits on the run's own rows")
+    original = [n for n in info.get("lifecycle", {}).get("trained", info["labels"])]
+    full = RoutingDataset.load(data)
+    train, dev = split_dev(full, config.get("dev"))
+    if dev.candidates != full.candidates:
+        dev = RoutingDataset(dev.rows, full.candidates, dev.path)
+    if info.get("data_sha256") and train.sha256() != info["data_sha256"]:
+        raise UserError(f"{data}: not the rows {run} was trained on (its hash differs from run.json data_sha256)")
+    if info.get("dev_sha256") and dev.sha256() != info["dev_sha256"]:
+        raise UserError(f"{config.get('dev') or data}: not the dev rows {run} was trained on (dev_sha256 differs)")
+    missing = [n for n in original if n not in train.candidates]
+    if missing:
+        raise UserError(f"{data}: no rewards column for {missing}, which {run} was trained on")
+    return RunRows(_columns(train, original), _columns(dev, original))
+
+
+def _columns(data: RoutingDataset, names: list[str]) -> RoutingDataset:
+    rows = [Row(r.id, r.query, {n: r.rewards.get(n) for n in names}, list(r.tags), r.responses, r.source)
+            for r in data.rows]
+    return RoutingDataset(rows, names, data.path)
+
+
+def run_rows(run: Path, info: dict) -> RunRows:
+    """The run's rows as they stand: the trained rows, then each add and remove in order."""
+    rows = base_rows(run, info)
+    for event in info.get("lifecycle", {}).get("events", []):
+        if event["op"] == "add":
+            labels = list(rows.train.candidates) + [event["name"]]
+            rows, _ = merge(rows, RoutingDataset.load(run / event["rows_file"], labels), event["name"], labels)
+        else:
+            keep = [n for n in rows.train.candidates if n != event["name"]]
+            rows = RunRows(_columns(rows.train, keep), _columns(rows.dev, keep))
+    return rows
+
+
+def merge(rows: RunRows, added: RoutingDataset, name: str, labels: list[str]) -> tuple[RunRows, dict]:
+    """The run's rows with `name`'s rewards from `added`: a query the run knows (train or dev, by its
+    text) gets the new column; a new query joins the training rows with its rewards. Returns the rows
+    and what was used: {"train": n, "dev": n, "new_queries": n}."""
+    where = {}
+    for part in ("train", "dev"):
+        for i, row in enumerate(getattr(rows, part).rows):
+            where.setdefault(row.query, (part, i))
+    parts = {p: [Row(r.id, r.query, {**{n: r.rewards.get(n) for n in labels if n != name}, name: None},
+                     list(r.tags), r.responses, r.source) for r in getattr(rows, p).rows] for p in ("train", "dev")}
+    used = {"train": 0, "dev": 0, "new_queries": 0}
+    ids = {r.id for r in parts["train"]} | {r.id for r in parts["dev"]}
+    for row in added.rows:
+        value = row.rewards.get(name)
+        if value is None:
+            continue
+        if row.query in where:
+            part, i = where[row.query]
+            parts[part][i].rewards[name] = value
+            used[part] += 1
+            continue
+        others = {n: row.rewards.get(n) for n in labels if n != name}
+        if all(v is None for v in others.values()):
+            raise UserError(f"{added.path}: row {row.id!r} is a query the run has not seen and scores only {name}; "
+                            f"a new query needs a reward for at least one of the run's candidates too")
+        row_id = row.id if row.id not in ids else f"{name}:{row.id}"
+        ids.add(row_id)
+        parts["train"].append(Row(row_id, row.query, {**others, name: value}, list(row.tags), None, row.source))
+        used["train"] += 1
+        used["new_queries"] += 1
+    return RunRows(RoutingDataset(parts["train"], labels, rows.train.path),
+                   RoutingDataset(parts["dev"], labels, rows.dev.path)), used
+
+
+# --- fitting on fixed embeddings ----------------------------------------------------------------------
+def estimate_column(x: np.ndarray, rewards: np.ndarray, j: int) -> np.ndarray:
+    """Column j of `rewards` completed where it is NaN: a least-squares map from the other candidates'
+    rewards on the same row, plus a ridge on the embeddings for what that map leaves (see the module's
+    doc). Rows labelled for j keep their reward."""
+    from zooter.training.calibrate import choose_strength, inner_folds, ridge, scores
+
+    y = rewards[:, j]
+    known = ~np.isnan(y)
+    others = np.delete(rewards, j, axis=1)
+    means = np.nanmean(others, axis=0)
+    others = np.where(np.isnan(others), np.where(np.isnan(means), 0.0, means), others)
+    a = np.column_stack([np.ones(len(others)), others])
+    ak, yk = a[known], y[known]
+    # A light ridge: with 50 labelled rows and 8 other candidates the plain solution overfits.
+    lam = 1.0 * np.eye(a.shape[1])
+    lam[0, 0] = 0.0
+    coef = np.linalg.solve(ak.T @ ak + lam, ak.T @ yk)
+    mapped = a @ coef
+    residual = (y - mapped)[known][:, None]
+    xk = x[known]
+    if len(xk) >= 10:
+        folds = [f for f in inner_folds([str(i) for i in range(len(xk))], 5) if len(f)]
+        strength = choose_strength(xk, residual, folds)
+        mapped = mapped + scores(ridge(xk, residual, strength), x)[:, 0]
+    return np.where(known, y, np.clip(mapped, np.nanmin(rewards), np.nanmax(rewards)))
+
+
+def paired_means(rewards: np.ndarray) -> np.ndarray:
+    """Each candidate's mean reward over all rows, estimated for a partly scored candidate from its gap to
+    the most scored candidate on the rows both have (equal to the plain mean for a fully scored one)."""
+    counts = (~np.isnan(rewards)).sum(0)
+    ref = int(np.argmax(counts))
+    base = np.nanmean(rewards[:, ref])
+    out = np.full(rewards.shape[1], -np.inf)
+    for j in range(rewards.shape[1]):
+        both = ~np.isnan(rewards[:, j]) & ~np.isnan(rewards[:, ref])
+        if both.any():
+            out[j] = base + float(np.mean(rewards[both, j] - rewards[both, ref])) if j != ref else base
+    return out
+
+
+@dataclass
+class Fitted:
+    head: tuple            # (weight, bias) of the distilled head
+    reward_head: tuple     # (weight, bias)
+    decision: dict
+    dev_logits: np.ndarray
+    anchor: dict           # run.json best_single
+
+
+def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, head=None) -> Fitted:
+    """Distilled head (unless `head` is given), reward head and decision layer for `problem`'s labels on
+    fixed embeddings; columns in `estimated` are completed by estimate_column first."""
+    import torch
+
+    from zooter.runtime.decision import softmax
+    from zooter.training.calibrate import inner_folds
+    from zooter.training.labels import training_targets
+    from zooter.training.train import decision_layer, fit_head
+
+    realised = problem.train.rewards()
+    completed = realised.copy()
+    for j in estimated:
+        completed[:, j] = estimate_column(train_x, realised, j)
+    means = paired_means(realised)
+    best = int(np.argmax(means))
+    problem.meta["best_single"] = {"candidate": problem.labels[best], "mean_reward": float(means[best])}
+    train_q, dev_q = (None, None) if int8 is None else int8
+    threads = torch.get_num_threads()
+    if not cfg.threads:
+        torch.set_num_threads(1)   # as train_head: a linear head gains nothing from threads
+    try:
+        targets = torch.tensor(training_targets(completed, [r.tags for r in problem.train.rows], tau=problem.meta["tau"],
+                                                beta=cfg.beta, loss=cfg.loss)[0], dtype=torch.float32)
+        tx = torch.tensor(train_x)
+        tq = None if train_q is None else torch.tensor(train_q)
+        if head is None:
+            module, _ = fit_head(cfg, tx, targets, np.random.default_rng(cfg.seed), tq)
+            head = (module.weight.detach().numpy().astype(np.float64), module.bias.detach().numpy().astype(np.float64))
+        dev_logits = dev_x.astype(np.float64) @ head[0].T + head[1]
+        oof = None
+        if cfg.frozen and cfg.oof_folds:
+            oof = np.zeros(targets.shape)
+            queries = problem.train.queries
+            for k, held in enumerate(inner_folds(queries, cfg.oof_folds)):
+                rest = np.setdiff1d(np.arange(len(queries)), held)
+                fold_head, _ = fit_head(cfg, tx[rest], targets[rest], np.random.default_rng(cfg.seed + 1 + k),
+                                        None if tq is None else tq[rest], seed=cfg.seed + 1 + k)
+                with torch.no_grad():
+                    oof[held] = softmax(fold_head(tx[held]).numpy())
+    finally:
+        torch.set_num_threads(threads)
+    reward_head, decision = decision_layer(problem, train_x, dev_x, softmax(dev_logits), train_q, oof,
+                                           fit_rewards=completed, margin_columns=estimated)
+    return Fitted(head, reward_head, decision, dev_logits, problem.meta["best_single"])
+
+
+# --- the commands -------------------------------------------------------------------------------------
+def _load(run: str | Path):
+    from zooter.training.model import read_run_info
+
+    run = Path(run)
+    info = read_run_info(run)
+    if "decision" not in info or not isinstance(info.get("config"), dict):
+        raise UserError(f"{run}: not a trained run (run.json has no config or decision layer); train it with zooter train")
+    return run, info
+
+
+def _config(info: dict):
+    from zooter.training.train import TrainConfig
+
+    known = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in info["config"].items() if k in known})
+    if not cfg.frozen:   # a fine-tuned run's distilled head is refitted as a frozen head is trained
+        from zooter.training.train import FROZEN
+
+        cfg.epochs, cfg.lr, cfg.int8_consistency = FROZEN["epochs"], FROZEN["lr"], 0.0
+    return cfg
+
+
+def _embedder(run: Path, info: dict, cfg):
+    """(model, tokenizer) whose embed() gives the run's pooled embeddings. A frozen run's encoder is its
+    backbone cut to --layers: loaded from there, it keys the same embedding cache training filled."""
+    from zooter.training.model import RouterModel, keep_first_layers
+
+    if cfg.frozen and cfg.backbone and (Path(cfg.backbone) / "config.json").is_file():
+        model, tokenizer = RouterModel.from_backbone(cfg.backbone, info["labels"])
+        if cfg.layers is not None:
+            keep_first_layers(model.encoder, cfg.layers)
+        return model, tokenizer
+    model, tokenizer, _ = RouterModel.load(run)
+    return model, tokenizer
+
+
+def _embed(model, tokenizer, rows: RunRows, cfg, cache, int8_embedder):
+    from zooter.training.embed import embed_texts
+
+    kw = {"cache": cache, "progress": None}
+    train_x = embed_texts(model, tokenizer, rows.train.queries, cfg.max_length, **kw)
+    dev_x = embed_texts(model, tokenizer, rows.dev.queries, cfg.max_length, **kw)
+    int8 = None
+    if cfg.frozen and cfg.int8_consistency:
+        if int8_embedder is None:
+            raise UserError("this run was trained quantization-aware (--int8-consistency > 0): its heads need the "
+                            "INT8 encoder's embeddings (pass int8_embedder)")
+        both = embed_texts(model, tokenizer, rows.train.queries + rows.dev.queries, cfg.max_length, int8=int8_embedder, **kw)
+        int8 = (both[:len(rows.train)], both[len(rows.train):])
+    return train_x, dev_x, int8
+
+
+def _problem(info: dict, rows: RunRows):
+    from zooter.training.train import Problem
+
+    meta = {k: v for k, v in info.items() if k not in ("labels", "pooling", "decision", "dev", "curves")}
+    return Problem(rows.train, rows.dev, np.zeros((len(rows.train), len(rows.train.candidates))), meta)
+
+
+def _summary(fitted: Fitted, rows: RunRows, dev_x: np.ndarray, labels: list[str]) -> dict:
+    """run.json's `dev` block and each candidate's dev figures (mean reward where scored, share chosen)."""
+    from zooter.runtime.decision import Rule, softmax
+    from zooter.training.train import routed_reward
+
+    dev_r = rows.dev.rewards()
+    rule = Rule.from_manifest({"labels": labels, "decision": fitted.decision})
+    scores = dev_x.astype(np.float64) @ fitted.reward_head[0].T + fitted.reward_head[1]
+    scored = ~np.isnan(dev_r)
+    allowed = scored | ~scored.any(axis=1, keepdims=True)    # a row scoring nobody: any choice (it counts NaN)
+    choice = rule.decide(softmax(fitted.dev_logits), scores, allowed=allowed).choice if len(dev_r) else np.zeros(0, int)
+    routed = dev_r[np.arange(len(dev_r)), choice]
+    per = {n: {"dev_mean_reward": float(np.nanmean(dev_r[:, j])) if scored[:, j].any() else None,
+               "dev_scored": int(scored[:, j].sum()), "dev_chosen": float(np.mean(choice == j)) if len(choice) else 0.0}
+           for j, n in enumerate(labels)}
+    r = np.where(scored, dev_r, -np.inf)
+    dev = {"mean_reward": routed_reward(dev_r, fitted.dev_logits), "epoch": None, "n": len(rows.dev),
+           "routed_reward_rule": float(np.nanmean(routed)) if len(routed) else None,
+           "oracle": float(np.mean(r.max(axis=1))) if len(r) else None,
+           "best_single_from_train": per[fitted.anchor["candidate"]]["dev_mean_reward"]}
+    return {"dev": dev, "candidates": per}
+
+
+def _write(run: Path, out: str | Path, force: bool, labels: list[str], fitted: Fitted, meta: dict,
+           copy_rows: dict[str, Path]) -> dict:
+    """RUN2: the run's encoder copied unchanged, the new heads and run.json, the added rows files."""
+    import torch
+
+    from zooter.training.model import RouterModel
+    from zooter.training.train import RunFolder
+
+    folder = RunFolder(out, force=force)
+    if Path(out).resolve() == run.resolve():
+        raise UserError(f"--out {out}: is the run itself; write the new router to another folder")
+    folder.start()
+    try:
+        shutil.copytree(run / "encoder", folder.work / "encoder")
+        for name in ("config.json", "curves.json"):
+            if (run / name).is_file():
+                shutil.copy2(run / name, folder.work / name)
+        if (run / ADDED).is_dir():
+            shutil.copytree(run / ADDED, folder.work / ADDED)
+        for target, source in copy_rows.items():
+            (folder.work / target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, folder.work / target)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(run / "encoder")
+        model = RouterModel(_stub_encoder(config), labels)
+        with torch.no_grad():
+            model.head.weight.copy_(torch.as_tensor(fitted.head[0], dtype=torch.float32))
+            model.head.bias.copy_(torch.as_tensor(fitted.head[1], dtype=torch.float32))
+        model.set_reward_head(*fitted.reward_head)
+        model.save_head(folder.work, meta)
+    except BaseException:
+        shutil.rmtree(folder.work, ignore_errors=True)
+        raise
+    return folder.finish(keep_state=False)
+
+
+def _stub_encoder(config):
+    import torch
+
+    class Stub(torch.nn.Module):
+        """Stands for the encoder when only the heads are written (the encoder folder is copied)."""
+
+        def __init__(self):
+            super().__init__()
+            self.config = config
+
+    return Stub()
+
+
+def _entered(info: dict) -> dict:
+    life = info.get("lifecycle") or {}
+    return dict(life.get("entered") or {n: {"how": "trained"} for n in info["labels"]})
+
+
+def _lifecycle(info: dict, entered: dict, event: dict) -> dict:
+    life = info.get("lifecycle") or {}
+    return {"trained": life.get("trained", list(info["labels"])), "entered": entered,
+            "events": list(life.get("events", [])) + [event]}
+
+
+def _costs_file(candidates: str | None, labels: list[str], info: dict) -> str | None:
+    """--candidates (else the run's): its file must price every label when it prices any."""
+    path = candidates or info.get("candidates_file")
+    if candidates:
+        from zooter.serving.candidates import costs_for, load_candidates
+
+        listed = load_candidates(candidates)
+        names = {c.name for c in listed}
+        missing = [n for n in labels if n not in names]
+        if missing:
+            raise UserError(f"{candidates}: no entry for {missing}; list every candidate the router routes to")
+        costs_for(listed, labels)
+    return str(path) if path else None
+
+
+def add_candidate(run: str | Path, name: str, rows_path: str | Path, out: str | Path, candidates: str | None = None,
+                  cache: str | None = None, force: bool = False, int8_embedder=None) -> dict:
+    """`zooter candidates add`: returns the new run's run.json."""
+    started = time.time()
+    run, info = _load(run)
+    labels = list(info["labels"])
+    if name in labels:
+        raise UserError(f"--name {name}: already a candidate of {run} ({', '.join(labels)}); remove it first to replace it")
+    new_labels = labels + [name]
+    added = RoutingDataset.load(rows_path, new_labels)   # a column that is neither names its line
+    if not any(r.rewards.get(name) is not None for r in added.rows):
+        raise UserError(f"{rows_path}: no row scores {name!r}")
+    costs = _costs_file(candidates, new_labels, info)
+    cfg = _config(info)
+    rows, used = merge(run_rows(run, info), added, name, new_labels)
+    if used["train"] == 0:
+        raise UserError(f"{rows_path}: {name!r} is scored only on the run's dev rows; the heads need training rows")
+    model, tokenizer = _embedder(run, info, cfg)
+    train_x, dev_x, int8 = _embed(model, tokenizer, rows, cfg, cache or cfg.cache, int8_embedder)
+    problem = _problem(info, rows)
+    fit_started = time.time()
+    estimated = [new_labels.index(n) for n, e in _entered(info).items() if e["how"] == "added" and n in new_labels]
+    fitted = fit_router(cfg, problem, train_x, dev_x, estimated + [len(labels)], int8)
+    summary = _summary(fitted, rows, dev_x, new_labels)
+    entered = _entered(info)
+    entered[name] = {"how": "added", "rows": used["train"] + used["dev"], **used}
+    digest = hashlib.sha256(Path(rows_path).read_bytes()).hexdigest()
+    rows_file = f"{ADDED}/{name.replace('/', '_')}-{digest[:8]}.jsonl"
+    event = {"op": "add", "name": name, "rows_file": rows_file, "rows_sha256": digest, "source": str(rows_path), **used,
+             "seconds": round(time.time() - fit_started, 1)}
+    meta = dict(problem.meta, candidates_file=costs, decision=fitted.decision, dev=summary["dev"],
+                candidate_figures=summary["candidates"], lifecycle=_lifecycle(info, entered, event),
+                n_train=len(rows.train), n_dev=len(rows.dev), max_length=info["max_length"])
+    result = _write(run, out, force, new_labels, fitted, meta, {rows_file: Path(rows_path)})
+    result["add_seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def remove_candidate(run: str | Path, name: str, out: str | Path, candidates: str | None = None,
+                     cache: str | None = None, force: bool = False, int8_embedder=None) -> dict:
+    """`zooter candidates remove`: returns the new run's run.json."""
+    run, info = _load(run)
+    labels = list(info["labels"])
+    if name not in labels:
+        raise UserError(f"--name {name}: not a candidate of {run} ({', '.join(labels)})")
+    if len(labels) <= 2:
+        raise UserError(f"--name {name}: {run} routes between {len(labels)} candidates; a router needs at least 2 to remain")
+    keep = [n for n in labels if n != name]
+    costs = _costs_file(candidates, keep, info) if candidates else info.get("candidates_file")
+    cfg = _config(info)
+    rows = run_rows(run, info)
+    rows = RunRows(_columns(rows.train, keep), _columns(rows.dev, keep))
+    model, tokenizer = _embedder(run, info, cfg)
+    train_x, dev_x, int8 = _embed(model, tokenizer, rows, cfg, cache or cfg.cache, int8_embedder)
+    head = None
+    if not cfg.frozen:   # a fine-tuned head belongs with its encoder: drop the candidate's row only
+        from zooter.training.model import RouterModel
+
+        full, _, _ = RouterModel.load(run)
+        idx = [labels.index(n) for n in keep]
+        head = (full.head.weight.detach().numpy()[idx].astype(np.float64), full.head.bias.detach().numpy()[idx].astype(np.float64))
+    entered = {n: e for n, e in _entered(info).items() if n in keep}
+    estimated = [keep.index(n) for n, e in entered.items() if e["how"] == "added"]
+    problem = _problem(info, rows)
+    fitted = fit_router(cfg, problem, train_x, dev_x, estimated, int8, head=head)
+    summary = _summary(fitted, rows, dev_x, keep)
+    event = {"op": "remove", "name": name, "anchor_was": info.get("best_single", {}).get("candidate"),
+             "anchor_now": fitted.anchor["candidate"]}
+    meta = dict(problem.meta, candidates_file=costs, decision=fitted.decision, dev=summary["dev"],
+                candidate_figures=summary["candidates"], lifecycle=_lifecycle(info, entered, event),
+                n_train=len(rows.train), n_dev=len(rows.dev), max_length=info["max_length"])
+    return _write(run, out, force, keep, fitted, meta, {})
+
+
+def describe(path: str | Path) -> list[dict]:
+    """`zooter candidates list`: each candidate of a run or bundle, how it entered, its dev figures."""
+    from zooter.training.model import read_run_info
+
+    path = Path(path)
+    if (path / "run.json").is_file():
+        info = read_run_info(path)
+        labels = info["labels"]
+    elif (path / "router.json").is_file():
+        from zooter.runtime.bundle import read_manifest
+
+        manifest = read_manifest(path, verify=False)
+        labels, info = manifest["labels"], manifest.get("provenance", {})
+    else:
+        raise UserError(f"{path}: neither a run (run.json) nor a bundle (router.json)")
+    entered = _entered({**info, "labels": labels})
+    figures = info.get("candidate_figures") or {}
+    anchor = (info.get("best_single") or {}).get("candidate")
+    out = []
+    for n in labels:
+        e = entered.get(n, {"how": "trained"})
+        how = "trained" if e["how"] == "trained" else f"added on {e['rows']} rows"
+        out.append({"name": n, "entered": how, "anchor": n == anchor, **figures.get(n, {})})
+    return out
