@@ -287,15 +287,16 @@ def error_message(raw: bytes | str, limit: int = 500) -> str:
 
 def triton_kind(status: str, message: str) -> str:
     """A Triton error (its gRPC/HTTP status text and message): "bad_request" (INVALID_ARG, HTTP 400: the
-    request is wrong), "refused" (cannot connect), "timeout", "unloaded" (the model is not there: asking
-    again will not help) or "model_error"."""
+    request is wrong), "refused" (cannot connect), "timeout", "missing" (the server does not know the
+    model: asking again will not help), "unloaded" (the model is not ready now) or "model_error"."""
     if "INVALID_ARG" in status or status == "400":
         return "bad_request"
     if "UNAVAILABLE" in status:
         return "refused"
     if "DEADLINE_EXCEEDED" in status:
         return "timeout"
-    if "NOT_FOUND" in status or status == "404" or \
-            any(s in message for s in ("unknown model", "not found", "not ready", "unavailable")):
+    if "NOT_FOUND" in status or status == "404":
+        return "missing"
+    if any(s in message for s in ("unknown model", "not found", "not ready", "unavailable")):
         return "unloaded"
     return "model_error"
