@@ -86,6 +86,13 @@ class Ask:
     stop: Sequence[str] = ()
 
 
+def config_inputs(io: str) -> str:
+    """The input block of a config.pbtxt declaring `io` (every input optional but text_input)."""
+    types = {"BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL", "INT32": "TYPE_INT32", "UINT64": "TYPE_UINT64", "FP32": "TYPE_FP32"}
+    return ",\n".join(f'  {{ name: "{n}" data_type: {types[dt]} dims: [ {", ".join(map(str, dims))} ]'
+                       f'{"" if n == "text_input" else " optional: true"} }}' for n, (dt, dims) in DECLARED[io].items())
+
+
 def text(values) -> str:
     """A BYTES tensor's strings joined, decoded as UTF-8 (one home for what five helpers did)."""
     if values is None:
@@ -147,10 +154,12 @@ class TritonModel:
         return cls(name, io, inputs, ["text_output", *(n for n in END_OUTPUTS if n in outputs)], decoupled)
 
     @classmethod
-    def declared(cls, name: str, io: str, batched: bool = True):
-        """As the I/O declares it, for a caller that cannot read metadata (the BLS model)."""
+    def declared(cls, name: str, io: str, batched: bool = True, only: Sequence[str] | None = None):
+        """As the I/O declares it (`only` these inputs, when given), for a caller that cannot read metadata
+        (a model in Triton calling another)."""
         lead = [1] if batched else []
-        inputs = {n: (dt, lead + [1 if d < 0 else d for d in dims]) for n, (dt, dims) in DECLARED[io].items()}
+        inputs = {n: (dt, lead + [1 if d < 0 else d for d in dims]) for n, (dt, dims) in DECLARED[io].items()
+                  if only is None or n in only}
         return cls(name, io, inputs, ["text_output", *END_OUTPUTS], True)
 
     def specs(self, ask: Ask) -> list[tuple[str, str, list[int], np.ndarray]]:
@@ -203,7 +212,7 @@ class Reading:
         for name in END_OUTPUTS:
             value = outputs.get(name)
             value = value if isinstance(value, str) else text(value)
-            if value:
+            if value and value != "None":       # the LLM-API model says "None" before the answer ends
                 self.values[name] = value
         piece = outputs.get("text_output")
         piece = piece if isinstance(piece, str) else text(piece)
@@ -214,7 +223,7 @@ class Reading:
         self.so_far += piece
         return piece
 
-    def _count(self, name: str) -> int | None:
+    def count(self, name: str) -> int | None:
         try:
             return int(self.values[name])
         except (KeyError, ValueError):
@@ -224,16 +233,16 @@ class Reading:
     def finish(self) -> str:
         """"length" when max_tokens cut the answer: the model's finish_reason, else inferred from its
         completion_tokens, else "stop" (nothing tells)."""
-        return finish_reason(self.values.get("finish_reason"), self._count("completion_tokens"), self.max_tokens) or "stop"
+        return finish_reason(self.values.get("finish_reason"), self.count("completion_tokens"), self.max_tokens) or "stop"
 
     @property
     def completion_tokens(self) -> int | None:
-        return self._count("completion_tokens")
+        return self.count("completion_tokens")
 
     @property
     def usage(self) -> dict | None:
         """OpenAI usage when the model counted both sides (never estimated)."""
-        prompt, answer = self._count("prompt_tokens"), self._count("completion_tokens")
+        prompt, answer = self.count("prompt_tokens"), self.count("completion_tokens")
         if prompt is None or answer is None:
             return None
         return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
