@@ -341,7 +341,12 @@ class TritonModelUpstream:
         if self.described is None:
             self.described = await self._describe(client)
         model = self.described
-        ask = Ask(call.prompt, call.max_tokens or self.max_tokens, stream, **call.sampling)
+        # OpenAI's stop (a string or a list of them) and seed map onto the model's inputs; a seed Triton's
+        # UINT64 cannot hold is left to the model's default.
+        stop, seed = call.body.get("stop"), call.body.get("seed")
+        stop = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else []
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else None
+        ask = Ask(call.prompt, call.max_tokens or self.max_tokens, stream, **call.sampling, seed=seed, stop=stop)
         reading = model.reading(ask)
         ended.append(reading)
         inputs = [_tensor(name, datatype, shape, value) for name, datatype, shape, value in model.specs(ask)]
