@@ -204,6 +204,10 @@ def grpc_address(url: str, where: str) -> str:
     return url
 
 
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+             ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
 class GrpcClients:
     """One tritonclient.grpc.aio client per Triton address, made on first use inside the event loop
     (gRPC's asyncio channels belong to the loop that creates them) and shared by every request."""
@@ -215,7 +219,9 @@ class GrpcClients:
         if address not in self.clients:
             import tritonclient.grpc.aio as grpcclient
 
-            self.clients[address] = grpcclient.InferenceServerClient(address)
+            # gRPC backs off reconnecting to a server that went away (up to 120 s by default), failing every
+            # call meanwhile: capped at 2 s, traffic returns to a restarted candidate server within seconds.
+            self.clients[address] = grpcclient.InferenceServerClient(address, channel_args=RECONNECT)
         return self.clients[address]
 
     async def close(self) -> None:
