@@ -194,14 +194,14 @@ class OpenAIUpstream:
 
 # --- Triton ---------------------------------------------------------------------------------------------
 def grpc_address(url: str, where: str) -> str:
-    """host:port of a Triton gRPC endpoint, from "grpc://host:port" or "host:port"."""
-    url = url.strip().rstrip("/")
-    if url.startswith("grpc://"):
-        return url[len("grpc://"):]
-    if "://" in url:
+    """host:port of a Triton gRPC endpoint, from "grpc://host:port" or "host:port" (triton_client.parse_url's
+    forms, less http)."""
+    from zooter.serving.triton_client import parse_url
+
+    if "://" in url and not url.strip().startswith("grpc://"):
         raise UserError(f"{where}: {url}: the gateway talks to Triton over gRPC: give grpc://host:port "
                         "(Triton's gRPC port, 8001 by default)")
-    return url
+    return parse_url(url)[1]
 
 
 RECONNECT = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
