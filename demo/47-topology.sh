@@ -15,7 +15,8 @@ test -d "$OUT/bundle" || { echo "no $OUT/bundle: run demo/30-export.sh first" >&
 
 for io in llmapi ensemble; do
     zooter triton build "$OUT/bundle" --candidates "$OUT/candidates.yaml" --out "$DIR/repo-$io" \
-        --stand-ins --stand-in-io "$io" --max-tokens 16 | head -1
+        --stand-ins --stand-in-io "$io" --max-tokens 16 > "$DIR/build-$io.log"
+    head -1 "$DIR/build-$io.log"
 done
 
 python - "$OUT/bundle" "$OUT/candidates.yaml" "$DIR" "$ZOOTER_DATA/mt_bench/question.jsonl" <<'PY'

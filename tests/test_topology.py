@@ -176,3 +176,43 @@ def test_candidates_across_servers_survive_a_killed_server(bundles, tmp_path):
             server.close()
         if stub is not None:
             stub.stop()
+
+
+def test_the_zooter_model_calls_llmapi_candidates_in_its_own_server(bundles, tmp_path):
+    """The second shape: the `zooter` model in front of candidates in the same server, here stand-ins with the
+    LLM-API I/O (whole text so far when streaming, finish_reason on request, no token counts): the answer
+    reaches the client as deltas, whole when not streamed, with how it ended."""
+    import urllib.request
+
+    from zooter.export.triton_repo import build_repository
+    from zooter.serving.triton_server import TritonServer
+
+    built = build_repository(bundles["fp32"], tmp_path / "repo", None, stand_ins=True, stand_in_io="llmapi",
+                             default_max_tokens=4)
+    routing = json.loads((tmp_path / "repo" / "zooter" / "1" / "routing.json").read_text())
+    assert {c["io"] for c in routing["candidates"].values()} == {"llmapi"}
+    label = built.labels[0]
+    banner = f"[stand-in SmolLM2-135M-Instruct for {label}] "
+
+    def post(server, endpoint, body):
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/zooter/{endpoint}",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=LIMIT) as response:
+            raw = response.read().decode()
+        if endpoint == "generate":
+            return [json.loads(raw)]
+        return [json.loads(line[5:]) for line in raw.splitlines() if line.startswith("data:")]
+
+    server = TritonServer(tmp_path / "repo", log_file=tmp_path / "triton.log")
+    server.start(timeout=LIMIT)
+    try:
+        body = {"text_input": "Name a primary colour.", "max_tokens": 3, "answer_with": label}
+        [whole] = post(server, "generate", dict(body, stream=False))
+        assert whole["candidate"] == label and whole["text_output"].startswith(banner)
+        assert whole["finish_reason"] == "length" and "completion_tokens" not in whole    # the LLM-API gives no counts
+        pieces = post(server, "generate_stream", dict(body, stream=True))
+        text = "".join(p["text_output"] for p in pieces)
+        assert text == whole["text_output"], "streamed deltas join to the whole answer, nothing repeated"
+        assert len([p for p in pieces if p["text_output"]]) >= 2 and pieces[-1]["finish_reason"] == "length"
+    finally:
+        server.close()
