@@ -181,14 +181,14 @@ class TritonModel:
                     raise IOMismatch(f"model {self.name!r} has no {name} input")
                 continue
             datatype, shape = self.inputs[name]
-            out.append((name, datatype, *_filled(datatype, shape, value)))
+            out.append((name, datatype, *filled(datatype, shape, value)))
         return out
 
     def reading(self, ask: Ask) -> "Reading":
         return Reading(self.io, ask.max_tokens, ask.stream)
 
 
-def _filled(datatype: str, shape: list[int], value) -> tuple[list[int], np.ndarray]:
+def filled(datatype: str, shape: list[int], value) -> tuple[list[int], np.ndarray]:
     """(shape, array): a scalar fills the shape; a list takes the last dimension (stop words)."""
     dtype = NUMPY[datatype]
     if isinstance(value, list):

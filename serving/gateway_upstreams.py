@@ -276,16 +276,15 @@ async def _responses(client, request: dict, outputs: tuple[str, ...]) -> AsyncIt
 
 
 def _tensor(name: str, datatype: str, shape: list[int], value):
-    """A gRPC input of `shape` holding `value` (numpy, as runtime.candidate_io's specs give it; a scalar fills
-    the shape, a list is the values in order)."""
+    """A gRPC input: `value` as runtime.candidate_io's specs give it (numpy), or a scalar filling `shape`, or a
+    list of values in order."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from zooter.runtime.candidate_io import NUMPY
+    from zooter.runtime.candidate_io import filled
 
     if not isinstance(value, np.ndarray):
-        dtype = NUMPY[datatype]
-        value = np.array(value, dtype=dtype).reshape(shape) if isinstance(value, list) else np.full(shape, value, dtype=dtype)
+        shape, value = filled(datatype, shape, value)
     tensor = grpcclient.InferInput(name, list(value.shape), datatype)
     tensor.set_data_from_numpy(value)
     return tensor
