@@ -135,6 +135,27 @@ def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
     return None
 
 
+def _detect_io(label: str, serve: dict) -> str | None:
+    """The I/O of a candidate's model read from its server's metadata; None when the server cannot be asked.
+    A model with none of the known I/Os is a UserError naming it and its inputs."""
+    try:
+        from tritonclient.utils import InferenceServerException
+    except ImportError:           # without the triton extra nothing can be asked: serve.io (default ensemble) holds
+        return None
+    from zooter.runtime.candidate_io import IOMismatch
+    from zooter.serving.clients import Sampling, TritonClient
+
+    client = TritonClient(serve, Sampling(timeout_s=5.0))
+    try:
+        return client.describe().io
+    except IOMismatch as err:
+        raise UserError(f"candidate {label!r} at {serve['triton_url']}: {err}") from None
+    except (InferenceServerException, OSError):
+        return None
+    finally:
+        client.close()
+
+
 def _serving(candidates, labels, stand_ins: bool, stand_in_io: str = ENSEMBLE) -> dict:
     """label -> {"model": the Triton model that answers, or None; "io": its I/O; "why"}."""
     by_name = {c.name: c for c in candidates} if candidates is not None else {}
@@ -142,11 +163,18 @@ def _serving(candidates, labels, stand_ins: bool, stand_in_io: str = ENSEMBLE) -
     for label in labels:
         serve = by_name[label].serve if label in by_name else {}
         if serve.get("triton_model"):
-            # The `zooter` model cannot read another model's metadata: an LLM-API candidate says so (serve.io).
+            # The `zooter` model cannot read another model's metadata: the build reads it when the candidate's
+            # server is up (serve.triton_url), else an LLM-API candidate says so (serve.io).
             io = str(serve.get("io") or ENSEMBLE)
             if io not in TRITON_IOS:
                 raise UserError(f"candidate {label!r}: serve.io {io!r} is not a Triton I/O; give one of {', '.join(TRITON_IOS)}")
-            serving[label] = {"model": str(serve["triton_model"]), "io": io, "why": "candidates file: serve.triton_model"}
+            why = "candidates file: serve.triton_model"
+            if serve.get("triton_url"):
+                detected = _detect_io(label, serve)
+                io = detected or io
+                why += f", {io} I/O" + (" read from its metadata" if detected else
+                                        f" (its server at {serve['triton_url']} was not reachable to check)")
+            serving[label] = {"model": str(serve["triton_model"]), "io": io, "why": why}
             if serve.get("triton_url"):
                 serving[label]["why"] += f" (expected in this server; triton_url {serve['triton_url']} is for direct clients)"
         elif stand_ins:

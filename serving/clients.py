@@ -162,15 +162,21 @@ class TritonClient:
             except Exception:  # a broken connection may fail to close; it is dropped either way
                 pass
 
+    def close(self) -> None:
+        """Close this thread's connection."""
+        self._forget()
+
     def describe(self, client=None):
-        """The model as runtime.candidate_io sees it (read once); IOMismatch when it has no known I/O."""
+        """The model as runtime.candidate_io sees it (read once); IOMismatch when it has no known I/O, a
+        tritonclient InferenceServerException or OSError when the server cannot tell."""
         from zooter.runtime.candidate_io import TritonModel
 
         if self.described is None:
             client = client or self._connect()
             if self.protocol == "grpc":
-                meta = client.get_model_metadata(self.model, as_json=True)
-                config = client.get_model_config(self.model, as_json=True)["config"]
+                timeout = {"client_timeout": self.sampling.timeout_s}
+                meta = client.get_model_metadata(self.model, as_json=True, **timeout)
+                config = client.get_model_config(self.model, as_json=True, **timeout)["config"]
             else:
                 meta = client.get_model_metadata(self.model)
                 config = client.get_model_config(self.model)

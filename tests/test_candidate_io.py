@@ -277,3 +277,37 @@ def test_a_model_with_no_known_io_is_refused_naming_its_inputs(triton):
     assert not err.value.retryable
     # A server that cannot be reached at start is no reason to refuse: /health names it.
     TritonModelUpstream("cand", {"triton_model": "x", "triton_url": "127.0.0.1:9"}, GrpcClients(), 16)
+
+
+@pytest.mark.triton
+def test_triton_build_reads_a_candidates_io_and_refuses_one_with_none(triton, bundles, tmp_path):
+    from zooter.export.triton_repo import build_repository
+    from zooter.runtime.router import Router
+    from zooter.serving.candidates import parse_candidates
+
+    labels = Router.load(bundles["fp32"]).labels
+
+    def build(model, **serve):
+        entries = [{"name": labels[0], "serve": {"triton_model": model, "triton_url": triton.grpc_url, **serve}},
+                   *({"name": n} for n in labels[1:])]
+        return build_repository(bundles["fp32"], tmp_path / model, parse_candidates(entries))
+
+    assert build("echo_llmapi").serving[labels[0]]["io"] == "llmapi"       # read from the model's metadata
+    assert build("echo_ensemble").serving[labels[0]]["io"] == "ensemble"
+    with pytest.raises(UserError, match=rf"candidate '{labels[0]}' .*model 'classifier' has none of the known I/Os"
+                                        r".*inputs: \['image'\]"):
+        build("classifier")
+
+
+@pytest.mark.triton
+def test_the_gateway_refuses_to_start_on_a_model_with_no_known_io(triton, bundles, tmp_path, capsys):
+    from zooter.cli import main
+    from zooter.runtime.router import Router
+
+    labels = Router.load(bundles["fp32"]).labels
+    entries = [{"name": labels[0], "serve": {"triton_model": "classifier", "triton_url": f"grpc://{triton.grpc_url}"}},
+               *({"name": n, "serve": {"openai_base_url": "http://127.0.0.1:9/v1"}} for n in labels[1:])]
+    (tmp_path / "c.yaml").write_text(json.dumps(entries))
+    assert main(["gateway", "--bundle", str(bundles["fp32"]), "--candidates", str(tmp_path / "c.yaml"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model 'classifier' has none of the known I/Os" in err and "['image']" in err
