@@ -100,16 +100,6 @@ def text(values) -> str:
     return "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in np.asarray(values).reshape(-1))
 
 
-def io_of(serve: dict) -> str:
-    """The I/O a `serve` entry names (`io`), else what its keys imply (None: read the model's metadata)."""
-    named = serve.get("io")
-    if named:
-        return str(named)
-    if serve.get("openai_base_url"):
-        return OPENAI
-    return None
-
-
 def detect(model: str, inputs: dict, outputs: Sequence[str], named: str | None = None) -> str:
     """The Triton I/O of `model` from its metadata (`inputs`: name -> anything; `outputs`: names), or the
     `named` one (serve.io) checked against it. IOMismatch names the model and the inputs it has."""
