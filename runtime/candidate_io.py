@@ -56,6 +56,9 @@ DECLARED = {
                "temperature": ("FP32", [1]), "top_p": ("FP32", [1]), "top_k": ("INT32", [1]),
                "random_seed": ("UINT64", [1]), "stop_words": ("BYTES", [-1]), "exclude_input_in_output": ("BOOL", [1])},
 }
+# Whether the I/O's model batches (max_batch_size > 0: every input has a leading batch dimension): the LLM-API
+# model's model.yaml sets max_batch_size 0 (its text_input must be 1-D), the ensemble batches.
+BATCHED = {LLMAPI: False, ENSEMBLE: True}
 # What a Triton model may say about its answer's end, besides text_output: the LLM-API model gives
 # finish_reason; Zooter's stand-ins and `zooter` model also give the token counts.
 END_OUTPUTS = ("finish_reason", "prompt_tokens", "completion_tokens")
@@ -144,10 +147,10 @@ class TritonModel:
         return cls(name, io, inputs, ["text_output", *(n for n in END_OUTPUTS if n in outputs)], decoupled)
 
     @classmethod
-    def declared(cls, name: str, io: str, batched: bool = True, only: Sequence[str] | None = None):
-        """As the I/O declares it (`only` these inputs, when given), for a caller that cannot read metadata
-        (a model in Triton calling another)."""
-        lead = [1] if batched else []
+    def declared(cls, name: str, io: str, batched: bool | None = None, only: Sequence[str] | None = None):
+        """As the I/O declares it (`only` these inputs, when given; batched as BATCHED says unless told), for a
+        caller that cannot read metadata (a model in Triton calling another)."""
+        lead = [1] if (BATCHED[io] if batched is None else batched) else []
         inputs = {n: (dt, lead + [1 if d < 0 else d for d in dims]) for n, (dt, dims) in DECLARED[io].items()
                   if only is None or n in only}
         return cls(name, io, inputs, ["text_output", *END_OUTPUTS], True)
@@ -157,7 +160,7 @@ class TritonModel:
         without temperature gets none), text_input and max_tokens always."""
         names = INPUT_NAMES[self.io]
         wanted = [(names["prompt"], ask.prompt.encode("utf-8")), (names["max_tokens"], int(ask.max_tokens)),
-                  (names["stream"], bool(ask.stream))]
+                  (names["stream"], self.streams(ask))]
         for knob in ("temperature", "top_p", "top_k", "seed"):
             if getattr(ask, knob) is not None:
                 wanted.append((names[knob], getattr(ask, knob)))
@@ -174,8 +177,13 @@ class TritonModel:
             out.append((name, datatype, *filled(datatype, shape, value)))
         return out
 
+    def streams(self, ask: Ask) -> bool:
+        """Whether the model is asked to stream: only a decoupled model can (the LLM-API model refuses
+        streaming otherwise); a caller that streams gets the whole answer as one piece."""
+        return bool(ask.stream) and self.decoupled
+
     def reading(self, ask: Ask) -> "Reading":
-        return Reading(self.io, ask.max_tokens, ask.stream)
+        return Reading(self.io, ask.max_tokens, self.streams(ask))
 
 
 def filled(datatype: str, shape: list[int], value) -> tuple[list[int], np.ndarray]:

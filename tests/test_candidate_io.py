@@ -17,15 +17,17 @@ from zooter.runtime.candidate_io import (ENSEMBLE, LLMAPI, Ask, IOMismatch, Read
 from zooter.runtime.errors import UserError
 
 # --- the core, without a server -------------------------------------------------------------------------
-LLMAPI_META = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1, -1]},
-                          {"name": "streaming", "datatype": "BOOL", "shape": [-1, 1]},
-                          {"name": "sampling_param_max_tokens", "datatype": "INT32", "shape": [-1, 1]},
-                          {"name": "sampling_param_temperature", "datatype": "FP32", "shape": [-1, 1]},
-                          {"name": "sampling_param_top_p", "datatype": "FP32", "shape": [-1, 1]},
-                          {"name": "sampling_param_seed", "datatype": "UINT64", "shape": [-1, 1]},
-                          {"name": "sampling_param_stop", "datatype": "BYTES", "shape": [-1, -1]},
-                          {"name": "return_finish_reason", "datatype": "BOOL", "shape": [-1, 1]}],
+# As the LLM-API model declares them: max_batch_size 0 (model.yaml), so no batch dimension.
+LLMAPI_META = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1]},
+                          {"name": "streaming", "datatype": "BOOL", "shape": [1]},
+                          {"name": "sampling_param_max_tokens", "datatype": "INT32", "shape": [1]},
+                          {"name": "sampling_param_temperature", "datatype": "FP32", "shape": [1]},
+                          {"name": "sampling_param_top_p", "datatype": "FP32", "shape": [1]},
+                          {"name": "sampling_param_seed", "datatype": "UINT64", "shape": [1]},
+                          {"name": "sampling_param_stop", "datatype": "BYTES", "shape": [-1]},
+                          {"name": "return_finish_reason", "datatype": "BOOL", "shape": [1]}],
                "outputs": [{"name": "text_output"}, {"name": "finish_reason"}, {"name": "stop_reason"}]}
+DECOUPLED = {"model_transaction_policy": {"decoupled": True}}
 ENSEMBLE_META = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1, -1]},
                             {"name": "max_tokens", "datatype": "INT32", "shape": [-1, -1]},
                             {"name": "stream", "datatype": "BOOL", "shape": [-1, 1]},
@@ -50,14 +52,21 @@ def test_the_io_is_detected_from_metadata_or_named_when_both_fit():
 
 def test_a_request_maps_onto_each_io():
     ask = Ask("hello", 7, stream=True, temperature=0.5, top_p=0.9, seed=3, stop=["\n", "END"])
-    specs = {name: (dt, shape, value) for name, dt, shape, value in TritonModel.from_metadata("m", LLMAPI_META).specs(ask)}
-    assert specs["text_input"][:2] == ("BYTES", [1, 1]) and specs["text_input"][2][0, 0] == b"hello"
-    assert specs["sampling_param_max_tokens"][0] == "INT32" and int(specs["sampling_param_max_tokens"][2][0, 0]) == 7
-    assert bool(specs["streaming"][2][0, 0]) and specs["return_finish_reason"][2][0, 0]
+    model = TritonModel.from_metadata("m", LLMAPI_META, DECOUPLED)
+    specs = {name: (dt, shape, value) for name, dt, shape, value in model.specs(ask)}
+    assert specs["text_input"][:2] == ("BYTES", [1]) and specs["text_input"][2][0] == b"hello"    # 1-D, unbatched
+    assert specs["sampling_param_max_tokens"][0] == "INT32" and int(specs["sampling_param_max_tokens"][2][0]) == 7
+    assert bool(specs["streaming"][2][0]) and specs["return_finish_reason"][2][0]
     assert specs["sampling_param_temperature"][2].dtype == np.float32 and specs["sampling_param_seed"][2].dtype == np.uint64
-    assert specs["sampling_param_stop"][1] == [1, 2] and list(specs["sampling_param_stop"][2][0]) == [b"\n", b"END"]
+    assert specs["sampling_param_stop"][1] == [2] and list(specs["sampling_param_stop"][2]) == [b"\n", b"END"]
     assert "sampling_param_top_k" not in specs      # not asked for
-    specs = {name: value for name, _, _, value in TritonModel.from_metadata("m", ENSEMBLE_META).specs(ask)}
+    # The LLM-API model refuses streaming unless decoupled (its model.yaml's default): asked whole instead.
+    plain = TritonModel.from_metadata("m", LLMAPI_META)
+    assert not any(bool(v.reshape(-1)[0]) for n, _, _, v in plain.specs(ask) if n == "streaming")
+    assert plain.reading(ask).stream is False and model.reading(ask).stream is True
+    assert TritonModel.declared("m", LLMAPI).inputs["text_input"] == ("BYTES", [1])
+    assert TritonModel.declared("m", ENSEMBLE).inputs["text_input"] == ("BYTES", [1, 1])
+    specs = {name: value for name, _, _, value in TritonModel.from_metadata("m", ENSEMBLE_META, DECOUPLED).specs(ask)}
     # Only what the model declares: this ensemble takes no top_p, seed or stop words.
     assert set(specs) == {"text_input", "max_tokens", "stream", "temperature", "exclude_input_in_output"}
     assert int(specs["max_tokens"][0, 0]) == 7 and bool(specs["exclude_input_in_output"][0, 0])
@@ -133,8 +142,10 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.llmapi = "streaming" in {i["name"] for i in config["input"]}
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
 
     def execute(self, requests):
+        plain = []
         for request in requests:
             names = LLMAPI if self.llmapi else ENSEMBLE
             prompt = value(request, "text_input")
@@ -147,7 +158,9 @@ class TritonPythonModel:
             cut = len(words) > limit
             words = words[:limit]
             finish = "length" if cut else "stop"
-            sender = request.get_response_sender()
+            sender = request.get_response_sender() if self.decoupled else None
+            if sender is None:
+                assert not stream, "a model that is not decoupled cannot stream"
             with_finish = bool(value(request, "return_finish_reason"))
             def response(text, end):
                 tensors = [pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=object))]
@@ -155,6 +168,9 @@ class TritonPythonModel:
                     tensors.append(pb_utils.Tensor("finish_reason", np.array([[end.encode()]], dtype=object)))
                 return pb_utils.InferenceResponse(tensors)
             if self.llmapi:
+                if sender is None:
+                    plain.append(response(" ".join(words), finish))
+                    continue
                 if stream:
                     for i in range(1, len(words)):
                         sender.send(response(" ".join(words[:i]), "None"))
@@ -166,14 +182,14 @@ class TritonPythonModel:
             counts = [pb_utils.Tensor("prompt_tokens", np.array([[len(prompt.split())]], dtype=np.int32)),
                       pb_utils.Tensor("completion_tokens", np.array([[len(words)]], dtype=np.int32))]
             sender.send(pb_utils.InferenceResponse(counts), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
+        return plain if not self.decoupled else None
 '''
 
 CONFIG = '''
 name: "{name}"
 backend: "python"
-max_batch_size: 8
-model_transaction_policy {{ decoupled: true }}
+max_batch_size: {batch}
+model_transaction_policy {{ decoupled: {decoupled} }}
 input [
 {inputs}
 ]
@@ -198,19 +214,22 @@ def triton(tmp_path_factory):
     from zooter.serving.triton_server import TritonServer
 
     repo = tmp_path_factory.mktemp("io_repo")
-    models = {"echo_llmapi": (config_inputs(LLMAPI), OUTPUTS[LLMAPI]),
-              "echo_ensemble": (config_inputs(ENSEMBLE), OUTPUTS[ENSEMBLE]),
-              "classifier": (NONE_INPUTS, OUTPUTS[ENSEMBLE])}
-    for name, (inputs, outputs) in models.items():
+    # The LLM-API model as its model.yaml sets it (no batching), decoupled to stream and not (its default).
+    models = {"echo_llmapi": (config_inputs(LLMAPI), OUTPUTS[LLMAPI], 0, "true"),
+              "echo_llmapi_plain": (config_inputs(LLMAPI), OUTPUTS[LLMAPI], 0, "false"),
+              "echo_ensemble": (config_inputs(ENSEMBLE), OUTPUTS[ENSEMBLE], 8, "true"),
+              "classifier": (NONE_INPUTS, OUTPUTS[ENSEMBLE], 8, "true")}
+    for name, (inputs, outputs, batch, decoupled) in models.items():
         (repo / name / "1").mkdir(parents=True)
         (repo / name / "1" / "model.py").write_text(ECHO)
-        (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name, inputs=inputs, outputs=outputs))
+        (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name, inputs=inputs, outputs=outputs, batch=batch,
+                                                                decoupled=decoupled))
     with TritonServer(repo) as server:
         yield server
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("model", ["echo_llmapi", "echo_ensemble"])
+@pytest.mark.parametrize("model", ["echo_llmapi", "echo_llmapi_plain", "echo_ensemble"])
 def test_generate_speaks_both_triton_ios(triton, model):
     from zooter.serving.clients import Sampling, TritonClient
 
@@ -227,7 +246,7 @@ def test_generate_speaks_both_triton_ios(triton, model):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("model", ["echo_llmapi", "echo_ensemble"])
+@pytest.mark.parametrize("model", ["echo_llmapi", "echo_llmapi_plain", "echo_ensemble"])
 def test_the_gateway_speaks_both_triton_ios(triton, model):
     from zooter.serving.gateway_requests import parse_chat
     from zooter.serving.gateway_upstreams import GrpcClients, TritonModelUpstream
@@ -253,7 +272,9 @@ def test_the_gateway_speaks_both_triton_ios(triton, model):
 
     chunks, answer, knobs = asyncio.run(run())
     deltas = [c["choices"][0]["delta"].get("content") for c in chunks]
-    assert deltas == ["four", " three", " two", ""] and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # A model that is not decoupled cannot stream: its whole answer is one chunk.
+    expected = ["four three two", ""] if model == "echo_llmapi_plain" else ["four", " three", " two", ""]
+    assert deltas == expected and chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert answer["choices"][0]["message"]["content"] == "four three two"
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer.get("usage") == ({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
