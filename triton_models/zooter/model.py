@@ -12,7 +12,9 @@ For each request:
   2. call `zooter_route` on it for the decision: the candidates best first (`ranking`), by the bundle's
      one decision rule (zooter.runtime.decision), and the choice's `confidence`;
   3. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
-     inputs the client sent (text_input: the whole prompt), and stream its `text_output` back with
+     inputs the client sent (text_input: the whole prompt), or, for a candidate with the LLM-API
+     model's I/O (routing.json `io`, from serve.io or --stand-in-io), the request mapped onto it by
+     zooter.runtime.candidate_io, and stream its `text_output` back (as deltas) with
      `candidate` set; the final response says how the answer ended: `finish_reason` ("length" when
      max_tokens cut it, else "stop": the candidate's own finish_reason where it gives one, else
      inferred from its completion_tokens, else "stop") and `prompt_tokens`, `completion_tokens` when
