@@ -106,7 +106,8 @@ def check_serve(serve: dict, where: str) -> None:
     url = serve.get("openai_base_url")
     if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))
                             or not url.split("://", 1)[1].strip("/")):
-        raise CandidatesError(f"{where}: openai_base_url must be http(s)://host[:port]/path, got {url!r}")
+        raise CandidatesError(f"{where}: openai_base_url must start with http:// or https:// and name a host "
+                              f"(http://host:port/v1), got {url!r}")
     url = serve.get("triton_url")
     if url is not None:
         address = str(url).split("://", 1)[-1].rstrip("/")

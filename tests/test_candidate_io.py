@@ -101,7 +101,7 @@ def test_statuses_and_error_bodies_are_classified_in_one_place():
 
 @pytest.mark.parametrize("serve, words", [
     ({"triton_model": "m", "triton_urll": "h:1"}, r"unknown key\(s\) \['triton_urll'\]"),
-    ({"openai_base_url": "localhost:8000/v1"}, "openai_base_url must be http"),
+    ({"openai_base_url": "localhost:8000/v1"}, "openai_base_url must start with http:// or https://"),
     ({"triton_model": "m", "triton_url": "host"}, "triton_url must be host:port"),
     ({"triton_model": "m", "io": "vllm"}, "io must be one of llmapi, ensemble, openai"),
     ({"triton_model": "m", "io": "openai"}, "io openai goes with openai_base_url"),
