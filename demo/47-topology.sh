@@ -126,9 +126,11 @@ try:
     servers["llmapi"] = triton("llmapi", llmapi, **ports).start(timeout=600)
     ready = time.monotonic()
     for i in range(60):
+        sent = time.monotonic()
         who, fallback, text = ask(asked_of_llmapi[i % len(asked_of_llmapi)], i)
         if who == llmapi:
-            print(f"  traffic is back on {llmapi} {time.monotonic() - ready:.1f} s after it was ready: {text[:60]!r}")
+            print(f"  traffic is back on {llmapi}: a request sent {sent - ready:.1f} s after it was ready was answered "
+                  f"by it ({time.monotonic() - sent:.1f} s to answer): {text[:60]!r}")
             break
     else:
         sys.exit(f"traffic did not return to {llmapi}")
