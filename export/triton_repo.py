@@ -10,7 +10,8 @@ Fills the templates in triton_models/ (config.pbtxt with ${...} fields, model.py
         zooter_decide     python: logits, rewards -> the decision (zooter.runtime.decision.Rule)
     zooter            python BLS, decoupled: route (on the text --route-on picks, zooter.runtime.conversation),
                       then stream the chosen candidate's answer, with fallback
-    standin_<name>    (--stand-ins) a candidate with TensorRT-LLM I/O answered by zooter_standin_llm
+    standin_<name>    (--stand-ins) a candidate answered by zooter_standin_llm, with the TensorRT-LLM
+                      ensemble I/O or (--stand-in-io llmapi) the LLM-API model's
     zooter_standin_llm  SmolLM2-135M-Instruct shared by all stand-ins
 
 Labels and the decision rule come from the bundle's router.json, so the label order can never
@@ -27,6 +28,7 @@ from pathlib import Path
 from string import Template
 from typing import Sequence
 
+from zooter.runtime.candidate_io import ENSEMBLE, LLMAPI, TRITON_IOS, config_inputs
 from zooter.runtime.errors import UserError
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_models"
@@ -133,17 +135,51 @@ def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
     return None
 
 
-def _serving(candidates, labels, stand_ins: bool) -> dict:
+def _detect_io(label: str, serve: dict) -> str | None:
+    """The I/O of a candidate's model read from its server's metadata; None when the server cannot be asked.
+    A model with none of the known I/Os is a UserError naming it and its inputs."""
+    try:
+        from tritonclient.utils import InferenceServerException
+    except ImportError:           # without the triton extra nothing can be asked: serve.io (default ensemble) holds
+        return None
+    from zooter.runtime.candidate_io import IOMismatch
+    from zooter.serving.clients import Sampling, TritonClient
+
+    client = TritonClient(serve, Sampling(timeout_s=5.0))
+    try:
+        return client.describe().io
+    except IOMismatch as err:
+        raise UserError(f"candidate {label!r} at {serve['triton_url']}: {err}") from None
+    except (InferenceServerException, OSError):
+        return None
+    finally:
+        client.close()
+
+
+def _serving(candidates, labels, stand_ins: bool, stand_in_io: str = ENSEMBLE) -> dict:
+    """label -> {"model": the Triton model that answers, or None; "io": its I/O; "why"}."""
     by_name = {c.name: c for c in candidates} if candidates is not None else {}
     serving = {}
     for label in labels:
         serve = by_name[label].serve if label in by_name else {}
         if serve.get("triton_model"):
-            serving[label] = {"model": str(serve["triton_model"]), "why": "candidates file: serve.triton_model"}
+            # The `zooter` model cannot read another model's metadata: the build reads it when the candidate's
+            # server is up (serve.triton_url), else an LLM-API candidate says so (serve.io).
+            io = str(serve.get("io") or ENSEMBLE)
+            if io not in TRITON_IOS:
+                raise UserError(f"candidate {label!r}: serve.io {io!r} is not a Triton I/O; give one of {', '.join(TRITON_IOS)}")
+            why = "candidates file: serve.triton_model"
+            if serve.get("triton_url"):
+                detected = _detect_io(label, serve)
+                io = detected or io
+                why += f", {io} I/O" + (" read from its metadata" if detected else
+                                        f" (its server at {serve['triton_url']} was not reachable to check)")
+            serving[label] = {"model": str(serve["triton_model"]), "io": io, "why": why}
             if serve.get("triton_url"):
                 serving[label]["why"] += f" (expected in this server; triton_url {serve['triton_url']} is for direct clients)"
         elif stand_ins:
-            serving[label] = {"model": model_name_for(label), "stand_in": True, "why": "stand-in (no serve entry)"}
+            serving[label] = {"model": model_name_for(label), "io": stand_in_io, "stand_in": True,
+                              "why": f"stand-in with {stand_in_io} I/O (no serve entry)"}
         elif serve.get("openai_base_url"):
             serving[label] = {"model": None, "why": f"served over an OpenAI-compatible API ({serve['openai_base_url']}), not inside Triton"}
         else:
@@ -157,10 +193,12 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
                      router_device: str = "cpu", tensorrt: bool = False, default_max_tokens: int = 128,
                      max_tokens_limit: int = 4096, standin_model_dir: str | Path | None = None,
                      route_instances: int = 2, intra_op_threads: int = 2, route_on: str = "last-user",
-                     max_prompt_bytes: int = 1 << 20) -> BuiltRepository:
+                     max_prompt_bytes: int = 1 << 20, stand_in_io: str = ENSEMBLE) -> BuiltRepository:
     """Write a model repository to `out`; returns what went where. `candidates`: a list of Candidate."""
     bundle, info = read_bundle(bundle)
     labels = list(info["labels"])
+    if stand_in_io not in TRITON_IOS:
+        raise UserError(f"--stand-in-io must be one of {', '.join(TRITON_IOS)}, not {stand_in_io!r}")
     if router_backend not in ("python", "onnxruntime"):
         raise UserError(f"--router-backend must be python or onnxruntime, not {router_backend!r}")
     if tensorrt and (router_backend != "onnxruntime" or router_device != "gpu"):
@@ -195,7 +233,7 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
     costs = _unit_costs(candidates, labels, info)
     if (lam or tolerance) and costs is None:
         raise UserError(f"--{'lambda' if lam else 'tolerance'} needs a cost for every candidate (in the candidates file or the bundle)")
-    serving = _serving(candidates, labels, stand_ins)
+    serving = _serving(candidates, labels, stand_ins, stand_in_io)
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -263,8 +301,10 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
                      {"model.py": TEMPLATES / "zooter_standin_llm" / "model.py"})
         built.models.append("zooter_standin_llm")
         for label, model in built.stand_ins.items():
-            _write_model(out, model, _fill(TEMPLATES / "zooter_standin" / "config.pbtxt",
-                                           dict(common, model_name=model, candidate=label)),
+            config = "config.llmapi.pbtxt" if stand_in_io == LLMAPI else "config.pbtxt"
+            _write_model(out, model, _fill(TEMPLATES / "zooter_standin" / config,
+                                           dict(common, model_name=model, candidate=label,
+                                                llmapi_inputs=config_inputs(LLMAPI))),
                          {"model.py": TEMPLATES / "zooter_standin" / "model.py"})
             built.models.append(model)
     validate_repository(out)

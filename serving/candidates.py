@@ -6,8 +6,10 @@
     - name: gpt-4o
       serve: {openai_base_url: http://localhost:8000/v1, model: gpt-4o}   # OpenAI-compatible
 
-`serve` keys: triton_model (+ optional triton_url, protocol) or openai_base_url (+ optional model,
-api_key_env). A candidate with no serve entry can be routed to and evaluated, not called.
+`serve` keys: triton_model (+ optional triton_url, protocol, io: llmapi | ensemble, which the model's
+metadata tells unless both fit) or openai_base_url (+ optional model, api_key_env; io: openai);
+max_concurrency for either. An unknown key, a URL of the wrong form or an unknown io is an error when
+the file is read. A candidate with no serve entry can be routed to and evaluated, not called.
 """
 
 from __future__ import annotations
@@ -84,8 +86,40 @@ def parse_candidates(items, source: str = "<candidates>") -> list[Candidate]:
         serve = item.get("serve") or {}
         if not isinstance(serve, dict):
             raise CandidatesError(f"{where} ({name}): 'serve' must be a mapping")
+        check_serve(serve, f"{where} ({name}) serve")
         out.append(Candidate(name, cost, dict(serve)))
     return out
+
+
+SERVE_KEYS = {"triton_model", "triton_url", "protocol", "io", "openai_base_url", "model", "api_key_env", "max_concurrency"}
+
+
+def check_serve(serve: dict, where: str) -> None:
+    """A `serve` entry's form: known keys, one way to reach the candidate, URLs and io that can work."""
+    from zooter.runtime.candidate_io import IOS, OPENAI
+
+    unknown = sorted(set(map(str, serve)) - SERVE_KEYS)
+    if unknown:
+        raise CandidatesError(f"{where}: unknown key(s) {unknown}; known: {sorted(SERVE_KEYS)}")
+    if serve.get("triton_model") and serve.get("openai_base_url"):
+        raise CandidatesError(f"{where}: give triton_model or openai_base_url, not both")
+    url = serve.get("openai_base_url")
+    if url is not None and (not isinstance(url, str) or not url.startswith(("http://", "https://"))
+                            or not url.split("://", 1)[1].strip("/")):
+        raise CandidatesError(f"{where}: openai_base_url must start with http:// or https:// and name a host "
+                              f"(http://host:port/v1), got {url!r}")
+    url = serve.get("triton_url")
+    if url is not None:
+        address = str(url).split("://", 1)[-1].rstrip("/")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or "/" in address or not 0 < int(port) < 65536:
+            raise CandidatesError(f"{where}: triton_url must be host:port (or grpc://host:port, http://host:port), got {url!r}")
+    io = serve.get("io")
+    if io is not None:
+        if io not in IOS:
+            raise CandidatesError(f"{where}: io must be one of {', '.join(IOS)}, got {io!r}")
+        if (io == OPENAI) != bool(serve.get("openai_base_url")):
+            raise CandidatesError(f"{where}: io {io} goes with {'openai_base_url' if io == OPENAI else 'triton_model'}")
 
 
 def load_candidates(path: str | Path) -> list[Candidate]:

@@ -4,9 +4,10 @@ Two ways to reach a candidate:
 
     serve: {openai_base_url: http://host:8000/v1, model: NAME, api_key_env: VAR}
         POST {base}/chat/completions over plain HTTP (urllib); the key, if any, is read from $VAR.
-    serve: {triton_model: NAME, triton_url: host:8001, protocol: grpc|http}
-        the TensorRT-LLM ensemble I/O through tritonclient: text_input (BYTES), max_tokens (INT32),
-        stream (BOOL), optional temperature/top_p (FP32) -> text_output (BYTES).
+    serve: {triton_model: NAME, triton_url: host:8001, protocol: grpc|http, io: llmapi|ensemble}
+        TensorRT-LLM's LLM-API model or the older ensemble/BLS I/O through tritonclient; the I/O is read
+        from the model's metadata (serve.io when both fit), and runtime.candidate_io maps the request
+        onto it and reads the answer (text, finish_reason, token counts).
 
 Every client answers `complete(prompt) -> Answer` and raises CallError on failure; CallError.retryable
 says whether trying again can help (timeouts, refused connections, 429 and 5xx do; a 400 or an unknown
@@ -23,6 +24,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
+from zooter.runtime.candidate_io import error_message, status_kind
 from zooter.runtime.errors import UserError
 
 
@@ -48,6 +50,8 @@ class Sampling:
     temperature: float | None = None  # None: leave it to the server's default
     top_p: float | None = None
     timeout_s: float = 120.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
 
 
 def client_for(name: str, serve: dict, sampling: Sampling):
@@ -86,15 +90,18 @@ class OpenAIClient:
             body["temperature"] = self.sampling.temperature
         if self.sampling.top_p is not None:
             body["top_p"] = self.sampling.top_p
+        if self.sampling.seed is not None:
+            body["seed"] = self.sampling.seed
+        if self.sampling.stop:
+            body["stop"] = list(self.sampling.stop)
         request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=self.headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.sampling.timeout_s) as response:
                 payload = json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", "replace")[:300].strip()
+            detail = error_message(err.read(), 300)
             # 408/409/425/429 and 5xx are the server's momentary trouble; other 4xx are our request's fault.
-            retryable = err.code in (408, 409, 425, 429) or err.code >= 500
-            raise CallError(f"HTTP {err.code} from {self.url}: {detail}", retryable,
+            raise CallError(f"HTTP {err.code} from {self.url}: {detail}", status_kind(err.code) == "retry",
                             _seconds(err.headers.get("Retry-After") if err.headers else None)) from None
         except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", err)
@@ -111,10 +118,11 @@ class OpenAIClient:
 
 
 class TritonClient:
-    """A Triton model with the TensorRT-LLM ensemble I/O.
+    """A candidate's Triton model, over tritonclient (sync): the LLM-API or the ensemble I/O.
 
-    The model's metadata and config are read once: only the optional inputs the model declares are
-    sent, shapes follow its dims and batching, and a decoupled model is called over a gRPC stream.
+    The model's metadata and config are read once (runtime.candidate_io detects the I/O, or checks the
+    one serve.io names): only the optional inputs the model declares are sent, shapes follow its dims
+    and batching, and a decoupled model is called over a gRPC stream.
     """
 
     def __init__(self, serve: dict, sampling: Sampling):
@@ -123,9 +131,9 @@ class TritonClient:
         if self.protocol not in ("grpc", "http"):
             raise UserError(f"triton model {self.model!r}: protocol must be grpc or http, got {self.protocol!r}")
         self.url = str(serve.get("triton_url") or ("localhost:8001" if self.protocol == "grpc" else "localhost:8000"))
+        self.io = serve.get("io")
         self.sampling = sampling
-        self._inputs: dict[str, dict] | None = None  # name -> {"datatype", "shape"}
-        self._decoupled = False
+        self.described = None          # runtime.candidate_io.TritonModel, once read
         self._local = threading.local()
         self._lock = threading.Lock()
 
@@ -154,95 +162,73 @@ class TritonClient:
             except Exception:  # a broken connection may fail to close; it is dropped either way
                 pass
 
-    def _describe(self, client) -> None:
-        if self.protocol == "grpc":
-            meta = client.get_model_metadata(self.model, as_json=True)
-            config = client.get_model_config(self.model, as_json=True)["config"]
-        else:
-            meta = client.get_model_metadata(self.model)
-            config = client.get_model_config(self.model)
-        self._inputs = {i["name"]: {"datatype": i["datatype"], "shape": [int(d) for d in i["shape"]]} for i in meta["inputs"]}
-        self._decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled", False))
-        if "text_input" not in self._inputs or "text_output" not in {o["name"] for o in meta["outputs"]}:
-            raise CallError(f"triton model {self.model!r} at {self.url} lacks the ensemble I/O (text_input -> text_output)", False)
+    def close(self) -> None:
+        """Close this thread's connection."""
+        self._forget()
 
-    def _shape(self, name: str) -> list[int]:
-        # Metadata shapes include the batch dimension (-1) when the model batches; every other -1 is 1 here.
-        return [1 if d < 0 else d for d in self._inputs[name]["shape"]]
+    def describe(self, client=None):
+        """The model as runtime.candidate_io sees it (read once); IOMismatch when it has no known I/O, a
+        tritonclient InferenceServerException or OSError when the server cannot tell."""
+        from zooter.runtime.candidate_io import TritonModel
 
-    def _request(self):
-        import numpy as np
-
-        module = self._module()
-        wanted = [("max_tokens", np.int32, self.sampling.max_tokens), ("stream", bool, False)]
-        if self.sampling.temperature is not None:
-            wanted.append(("temperature", np.float32, self.sampling.temperature))
-        if self.sampling.top_p is not None:
-            wanted.append(("top_p", np.float32, self.sampling.top_p))
-        # Without this the TensorRT-LLM ensemble returns the prompt followed by the answer.
-        wanted.append(("exclude_input_in_output", bool, True))
-        inputs = []
-        for name, dtype, value in wanted:
-            if name not in self._inputs:
-                if name == "max_tokens":
-                    raise CallError(f"triton model {self.model!r} has no max_tokens input", False)
-                continue
-            shape = self._shape(name)
-            tensor = module.InferInput(name, shape, self._inputs[name]["datatype"])
-            tensor.set_data_from_numpy(np.full(shape, value, dtype=dtype))
-            inputs.append(tensor)
-        return inputs
+        if self.described is None:
+            client = client or self._connect()
+            if self.protocol == "grpc":
+                timeout = {"client_timeout": self.sampling.timeout_s}
+                meta = client.get_model_metadata(self.model, as_json=True, **timeout)
+                config = client.get_model_config(self.model, as_json=True, **timeout)["config"]
+            else:
+                meta = client.get_model_metadata(self.model)
+                config = client.get_model_config(self.model)
+            self.described = TritonModel.from_metadata(self.model, meta, config, self.io)
+        return self.described
 
     def complete(self, prompt: str) -> Answer:
-        import numpy as np
         from tritonclient.utils import InferenceServerException
 
+        from zooter.runtime.candidate_io import Ask, IOMismatch, triton_kind
+
         module = self._module()
+        s = self.sampling
+        ask = Ask(prompt, s.max_tokens, False, s.temperature, s.top_p, seed=s.seed, stop=s.stop)
         try:
             client = self._connect()
             with self._lock:
-                if self._inputs is None:
-                    self._describe(client)
-            shape = self._shape("text_input")
-            text = module.InferInput("text_input", shape, "BYTES")
-            text.set_data_from_numpy(np.full(shape, prompt.encode("utf-8"), dtype=object))
-            inputs = [text] + self._request()
-            outputs = [module.InferRequestedOutput("text_output")]
-            if self._decoupled:
-                return Answer(self._stream_infer(client, inputs, outputs))
-            kwargs = {"client_timeout": self.sampling.timeout_s} if self.protocol == "grpc" else {}
-            result = client.infer(self.model, inputs, outputs=outputs, **kwargs)
+                model = self.describe(client)
+            inputs = []
+            for name, datatype, shape, value in model.specs(ask):
+                tensor = module.InferInput(name, shape, datatype)
+                tensor.set_data_from_numpy(value)
+                inputs.append(tensor)
+            outputs = [module.InferRequestedOutput(name) for name in model.outputs]
+            reading = model.reading(ask)
+            if model.decoupled:
+                self._stream_infer(client, inputs, outputs, model.outputs, reading)
+            else:
+                kwargs = {"client_timeout": s.timeout_s} if self.protocol == "grpc" else {}
+                result = client.infer(self.model, inputs, outputs=outputs, **kwargs)
+                reading.add({name: result.as_numpy(name) for name in model.outputs})
+        except IOMismatch as err:
+            raise CallError(f"triton at {self.url}: {err}", False) from None
         except InferenceServerException as err:
             self._forget()
-            status = str(err.status() or "")
             # A missing model or a malformed request cannot get better by asking again.
-            retryable = not any(s in status for s in ("NOT_FOUND", "INVALID_ARG", "400", "404"))
-            raise CallError(f"triton {self.model!r} at {self.url}: {err.message() or err}", retryable) from None
+            kind = triton_kind(str(err.status() or ""), err.message() or str(err))
+            raise CallError(f"triton {self.model!r} at {self.url}: {err.message() or err}",
+                            kind not in ("bad_request", "missing")) from None
         except (ConnectionError, OSError) as err:
             self._forget()
             raise CallError(f"cannot reach triton at {self.url}: {err}", True) from None
-        values = result.as_numpy("text_output")
-        if values is None:
-            raise CallError(f"triton {self.model!r} returned no text_output", False)
-        return Answer(_text(values))
+        return Answer(reading.so_far, reading.finish, reading.completion_tokens)
 
-    def _stream_infer(self, client, inputs, outputs) -> str:
-        """A decoupled model over gRPC. Responses are joined in order: with stream=False the answer comes
-        whole in one response; a model that streams anyway sends deltas, which join to the same answer."""
+    def _stream_infer(self, client, inputs, outputs, names, reading) -> None:
+        """A decoupled model over gRPC: its responses, in order, into `reading`."""
         from zooter.serving.triton_client import TritonRequestError, stream
 
         if self.protocol != "grpc":
             raise CallError(f"triton model {self.model!r} is decoupled: set protocol: grpc in its serve entry", False)
-        parts = []
         try:
             for result in stream(client, self.model, inputs, outputs, timeout=self.sampling.timeout_s):
-                values = result.as_numpy("text_output")
-                if values is not None:
-                    parts.append(_text(values))
+                reading.add({name: result.as_numpy(name) for name in names})
         except TritonRequestError as err:
             raise CallError(f"triton {self.model!r} at {self.url}: {err}", not err.client_error) from None
-        return "".join(parts)
-
-
-def _text(values) -> str:
-    return "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1))

@@ -3,8 +3,8 @@
 
     OpenAIUpstream       serve.openai_base_url (vLLM, trtllm-serve, ...): the client's body, model renamed,
                          over httpx; chunks pass through with `model` set to the candidate's name
-    TritonModelUpstream  serve.triton_model: text_input, max_tokens, stream, temperature, top_p -> text_output
-                         over a gRPC stream (tritonclient.grpc.aio); chunks are built here
+    TritonModelUpstream  serve.triton_model: TensorRT-LLM's LLM-API model or the ensemble/BLS I/O, mapped by
+                         runtime.candidate_io, over a gRPC stream (tritonclient.grpc.aio); chunks are built here
     TritonZooter         the `zooter` BLS model (routing and fallback inside Triton): the same I/O plus the
                          `candidate` and `note` outputs
 
@@ -20,11 +20,11 @@ import secrets
 import time
 from typing import AsyncIterator
 
-from zooter.runtime.conversation import finish_reason, turns_to_json
+from zooter.runtime.candidate_io import (END_OUTPUTS, ENSEMBLE, Ask, IOMismatch, Reading, TritonModel, error_message, status_kind,
+                                         text, triton_kind)
+from zooter.runtime.conversation import turns_to_json
 from zooter.runtime.errors import UserError
 
-# Upstream statuses that mean "this request is wrong": asking another candidate cannot help.
-CLIENT_ERRORS = (400, 413, 422)
 ERROR_BODY_BYTES = 4096
 
 
@@ -64,39 +64,11 @@ def completion(kind: str, model: str, text: str, finish: str = "stop", usage: di
     return answer
 
 
-# What a Triton model may say about its answer's end, besides text_output: TensorRT-LLM's LLM-API model
-# gives `finish_reason`; Zooter's stand-ins and `zooter` model also give the token counts.
-END_OUTPUTS = ("finish_reason", "prompt_tokens", "completion_tokens")
-
-
-class Ending:
-    """How a Triton answer ended, from the END_OUTPUTS its responses carried (each named output: the last
-    value sent). `finish` is the model's finish_reason, else inferred from completion_tokens and max_tokens,
-    else "stop" (nothing tells: docs/gateway.md); `usage` is given only when the model counted both."""
+class Ending(Reading):
+    """How an answer in ensemble-shaped pieces ended (the `zooter` model's: deltas, finish_reason, counts)."""
 
     def __init__(self, max_tokens: int | None):
-        self.max_tokens = max_tokens
-        self.values: dict[str, str] = {}
-
-    def add(self, piece: dict) -> None:
-        self.values.update({name: piece[name] for name in END_OUTPUTS if piece.get(name)})
-
-    def _count(self, name: str) -> int | None:
-        try:
-            return int(self.values[name])
-        except (KeyError, ValueError):
-            return None
-
-    @property
-    def finish(self) -> str:
-        return finish_reason(self.values.get("finish_reason"), self._count("completion_tokens"), self.max_tokens) or "stop"
-
-    @property
-    def usage(self) -> dict | None:
-        prompt, answer = self._count("prompt_tokens"), self._count("completion_tokens")
-        if prompt is None or answer is None:
-            return None
-        return {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer}
+        super().__init__(ENSEMBLE, max_tokens)
 
 
 def is_token(data: dict) -> bool:
@@ -127,21 +99,9 @@ def _transport_error(err) -> UpstreamError:
     return UpstreamError("broken", "the connection broke", f"{type(err).__name__}: {err}")
 
 
-def _error_message(raw: bytes) -> str:
-    text = raw[:ERROR_BODY_BYTES].decode("utf-8", "replace")
-    try:
-        error = json.loads(text).get("error")
-        message = error.get("message") if isinstance(error, dict) else error
-        if isinstance(message, str) and message:
-            return message[:500]
-    except (ValueError, AttributeError):
-        pass
-    return text.strip()[:500]
-
-
 def _status_error(status: int, raw: bytes) -> UpstreamError:
-    message = _error_message(raw)
-    if status in CLIENT_ERRORS:
+    message = error_message(raw)
+    if status_kind(status) == "client":
         return UpstreamError("http_4xx", f"the candidate refused the request: {message}", message, client_status=status)
     # 401/403/404 (this candidate's key or model name is wrong), 408, 429, 5xx: the next candidate may answer.
     return UpstreamError("http_5xx" if status >= 500 else "http_4xx", f"HTTP {status}", f"HTTP {status}: {message}")
@@ -210,7 +170,7 @@ class OpenAIUpstream:
                 if not isinstance(parsed, dict):
                     raise UpstreamError("bad_response", "sent an event that is not an object", data[:300])
                 if parsed.get("error"):
-                    raise UpstreamError("stream_error", "reported an error", _error_message(data.encode()))
+                    raise UpstreamError("stream_error", "reported an error", error_message(data))
                 parsed["model"] = self.name
                 finished = finished or any(isinstance(c, dict) and c.get("finish_reason")
                                            for c in parsed.get("choices") or ())
@@ -234,14 +194,18 @@ class OpenAIUpstream:
 
 # --- Triton ---------------------------------------------------------------------------------------------
 def grpc_address(url: str, where: str) -> str:
-    """host:port of a Triton gRPC endpoint, from "grpc://host:port" or "host:port"."""
-    url = url.strip().rstrip("/")
-    if url.startswith("grpc://"):
-        return url[len("grpc://"):]
-    if "://" in url:
+    """host:port of a Triton gRPC endpoint, from "grpc://host:port" or "host:port" (triton_client.parse_url's
+    forms, less http)."""
+    from zooter.serving.triton_client import parse_url
+
+    if "://" in url and not url.strip().startswith("grpc://"):
         raise UserError(f"{where}: {url}: the gateway talks to Triton over gRPC: give grpc://host:port "
                         "(Triton's gRPC port, 8001 by default)")
-    return url
+    return parse_url(url)[1]
+
+
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+             ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class GrpcClients:
@@ -255,7 +219,9 @@ class GrpcClients:
         if address not in self.clients:
             import tritonclient.grpc.aio as grpcclient
 
-            self.clients[address] = grpcclient.InferenceServerClient(address)
+            # gRPC backs off reconnecting to a server that went away (up to 120 s by default), failing every
+            # call meanwhile: capped at 2 s, traffic returns to a restarted candidate server within seconds.
+            self.clients[address] = grpcclient.InferenceServerClient(address, channel_args=RECONNECT)
         return self.clients[address]
 
     async def close(self) -> None:
@@ -272,25 +238,20 @@ def _triton_error(err) -> UpstreamError:
         status, message = str(err.code()), err.details() or ""
     else:
         status, message = str(err.status() or ""), err.message() or str(err)
-    if "INVALID_ARG" in status:
+    kind = triton_kind(status, message)
+    if kind == "bad_request":
         return UpstreamError("bad_request", f"Triton refused the request: {message[:300]}", message, client_status=400)
-    if "UNAVAILABLE" in status:
+    if kind == "refused":
         return UpstreamError("refused", "cannot connect to Triton", message)
-    if "DEADLINE_EXCEEDED" in status:
+    if kind == "timeout":
         return UpstreamError("timeout", "timed out", message)
-    if any(s in message for s in ("unknown model", "not found", "not ready", "unavailable")):
+    if kind in ("missing", "unloaded"):
         return UpstreamError("unloaded", "the model is not loaded", message)
     return UpstreamError("model_error", f"the model failed: {message[:300]}", message)
 
 
 async def _one(request: dict):
     yield request
-
-
-def _text(values) -> str:
-    if values is None:
-        return ""
-    return "".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1))
 
 
 async def _responses(client, request: dict, outputs: tuple[str, ...]) -> AsyncIterator[tuple]:
@@ -307,7 +268,7 @@ async def _responses(client, request: dict, outputs: tuple[str, ...]) -> AsyncIt
         async for result, error in responses:
             if error is not None:
                 raise _triton_error(error)
-            yield tuple(_text(result.as_numpy(name)) for name in outputs)
+            yield tuple(text(result.as_numpy(name)) for name in outputs)
     except (InferenceServerException, grpc.RpcError) as err:
         raise _triton_error(err) from None
     finally:
@@ -315,20 +276,24 @@ async def _responses(client, request: dict, outputs: tuple[str, ...]) -> AsyncIt
 
 
 def _tensor(name: str, datatype: str, shape: list[int], value):
-    """A gRPC input of `shape`: filled with `value`, or holding it in order when it is a list."""
+    """A gRPC input: `value` as runtime.candidate_io's specs give it (numpy), or a scalar filling `shape`, or a
+    list of values in order."""
     import numpy as np
     import tritonclient.grpc as grpcclient
 
-    dtype = {"BYTES": object, "BOOL": bool, "INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64,
-             "FP32": np.float32, "FP64": np.float64}[datatype]
-    tensor = grpcclient.InferInput(name, shape, datatype)
-    data = np.array(value, dtype=dtype).reshape(shape) if isinstance(value, list) else np.full(shape, value, dtype=dtype)
-    tensor.set_data_from_numpy(data)
+    from zooter.runtime.candidate_io import filled
+
+    if not isinstance(value, np.ndarray):
+        shape, value = filled(datatype, shape, value)
+    tensor = grpcclient.InferInput(name, list(value.shape), datatype)
+    tensor.set_data_from_numpy(value)
     return tensor
 
 
 class TritonModelUpstream:
-    """A candidate's Triton model with TensorRT-LLM ensemble I/O (serve.triton_model, serve.triton_url)."""
+    """A candidate's Triton model (serve.triton_model, serve.triton_url): TensorRT-LLM's LLM-API model or the
+    ensemble/BLS I/O, detected from its metadata (serve.io names it when both fit); runtime.candidate_io
+    maps the request onto it and reads the answer."""
 
     def __init__(self, name: str, serve: dict, clients: GrpcClients, max_tokens: int):
         protocol = str(serve.get("protocol") or "grpc").lower()
@@ -337,62 +302,83 @@ class TritonModelUpstream:
                             "and triton_url to the gRPC address")
         self.name, self.model, self.clients, self.max_tokens = name, str(serve["triton_model"]), clients, max_tokens
         self.address = grpc_address(str(serve.get("triton_url") or "localhost:8001"), f"candidate {name!r}")
-        self._inputs: dict | None = None      # name -> (datatype, shape), read once from the model's metadata
-        self._outputs: list[str] = ["text_output"]   # text_output and the END_OUTPUTS the model has
+        self.io = serve.get("io")
+        self.described: TritonModel | None = None      # read once from the model's metadata and config
+        self.check_io()
 
-    async def _describe(self, client) -> dict:
+    def check_io(self, timeout: float = 5.0) -> str | None:
+        """At start, before serving: a model with none of the known I/Os is a UserError naming it and its
+        inputs; a server that cannot be reached now is not (None: /health names it, requests go elsewhere)."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(self.address)
+        try:
+            meta = client.get_model_metadata(self.model, as_json=True, client_timeout=timeout)
+            config = client.get_model_config(self.model, as_json=True, client_timeout=timeout)["config"]
+        except InferenceServerException:
+            return None
+        finally:
+            client.close()
+        try:
+            return TritonModel.from_metadata(self.model, meta, config, self.io).io
+        except IOMismatch as err:
+            raise UserError(f"candidate {self.name!r} at {self.address}: {err}") from None
+
+    async def _describe(self, client) -> TritonModel:
         from tritonclient.utils import InferenceServerException
 
         try:
             meta = await client.get_model_metadata(self.model, as_json=True)
+            config = (await client.get_model_config(self.model, as_json=True))["config"]
         except InferenceServerException as err:
             raise _triton_error(err) from None
-        # Metadata shapes include the batch dimension (-1) when the model batches; every -1 is 1 here.
-        inputs = {i["name"]: (i["datatype"], [1 if int(d) < 0 else int(d) for d in i["shape"]]) for i in meta["inputs"]}
-        if "text_input" not in inputs or "max_tokens" not in inputs or \
-                "text_output" not in {o["name"] for o in meta["outputs"]}:
-            raise UpstreamError("bad_response", "the model lacks TensorRT-LLM I/O (text_input, max_tokens -> text_output)")
-        outputs = {o["name"] for o in meta["outputs"]}
-        self._outputs = ["text_output", *(name for name in END_OUTPUTS if name in outputs)]
-        return inputs
+        try:
+            return TritonModel.from_metadata(self.model, meta, config, self.io)
+        except IOMismatch as err:
+            raise UpstreamError("bad_response", "the model has none of the known I/Os", str(err)) from None
 
-    async def texts(self, call, stream: bool, ending: Ending) -> AsyncIterator[str]:
-        """The answer's pieces of text; what the model says about its end goes to `ending`."""
-        client = self.clients.get(self.address)
-        if self._inputs is None:
-            self._inputs = await self._describe(client)
-        wanted = {"text_input": call.prompt.encode("utf-8"), "max_tokens": ending.max_tokens,
-                  "stream": stream, **call.sampling,
-                  # Without it a TensorRT-LLM ensemble answers with the prompt followed by the answer.
-                  "exclude_input_in_output": True}
-        inputs = [_tensor(name, *self._inputs[name], value) for name, value in wanted.items() if name in self._inputs]
+    async def texts(self, call, stream: bool, ended: list) -> AsyncIterator[str]:
+        """The answer's pieces of text; the Reading that learns how it ended is appended to `ended`."""
         import tritonclient.grpc as grpcclient
 
-        outputs = tuple(self._outputs)
+        client = self.clients.get(self.address)
+        if self.described is None:
+            self.described = await self._describe(client)
+        model = self.described
+        # OpenAI's stop (a string or a list of them) and seed map onto the model's inputs; a seed Triton's
+        # UINT64 cannot hold is left to the model's default.
+        stop, seed = call.body.get("stop"), call.body.get("seed")
+        stop = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)] if isinstance(stop, list) else []
+        seed = seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else None
+        ask = Ask(call.prompt, call.max_tokens or self.max_tokens, stream, **call.sampling, seed=seed, stop=stop)
+        reading = model.reading(ask)
+        ended.append(reading)
+        inputs = [_tensor(name, datatype, shape, value) for name, datatype, shape, value in model.specs(ask)]
+        outputs = tuple(model.outputs)
         request = {"model_name": self.model, "inputs": inputs,
                    "outputs": [grpcclient.InferRequestedOutput(name) for name in outputs]}
         try:
             async for values in _responses(client, request, outputs):
-                piece = dict(zip(outputs, values))
-                ending.add(piece)
-                if piece["text_output"]:
-                    yield piece["text_output"]
+                delta = reading.add(dict(zip(outputs, values)))
+                if delta:
+                    yield delta
         except UpstreamError:
-            self._inputs = None           # a model loaded again may have another config
+            self.described = None           # a model loaded again may have another config
             raise
 
     async def stream(self, call) -> AsyncIterator[dict]:
         id, created = new_id(call.kind), int(time.time())
-        first, ending = True, Ending(call.max_tokens or self.max_tokens)
-        async for text in self.texts(call, True, ending):
-            yield chunk(call.kind, id, created, self.name, text, first=first)
+        first, ended = True, []
+        async for piece in self.texts(call, True, ended):
+            yield chunk(call.kind, id, created, self.name, piece, first=first)
             first = False
-        yield chunk(call.kind, id, created, self.name, "", finish=ending.finish, first=first)
+        yield chunk(call.kind, id, created, self.name, "", finish=ended[0].finish, first=first)
 
     async def complete(self, call, timeout) -> dict:
-        ending = Ending(call.max_tokens or self.max_tokens)
-        text = "".join([t async for t in self.texts(call, False, ending)])
-        return completion(call.kind, self.name, text, ending.finish, ending.usage)
+        ended = []
+        answer = "".join([t async for t in self.texts(call, False, ended)])
+        return completion(call.kind, self.name, answer, ended[0].finish, ended[0].usage)
 
     async def probe(self) -> str:
         from tritonclient.utils import InferenceServerException

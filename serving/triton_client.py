@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from zooter.runtime.candidate_io import error_message, filled
+from zooter.runtime.candidate_io import text as text_of
 from zooter.runtime.errors import UserError
 
 ROUTE_MODEL = "zooter_route"
@@ -136,7 +138,7 @@ def control(url: str, model: str, action: str, key: str | None = None, timeout: 
         urllib.request.urlopen(request, timeout=timeout).read()
     except urllib.error.HTTPError as err:
         with err:               # closed now: an open connection holds Triton's stop until its exit timeout
-            detail = f"{action} {model}: HTTP {err.code}: {_error_text(err.read())}"
+            detail = f"{action} {model}: HTTP {err.code}: {error_message(err.read(), 4000)}"
         raise TritonRequestError(detail) from None
     except urllib.error.URLError as err:
         raise unreachable(url, err.reason) from None
@@ -276,7 +278,7 @@ def _ask_http(address, text, stream, max_tokens, sampling) -> Iterator[Chunk]:
         response = urllib.request.urlopen(request, timeout=600)
     except urllib.error.HTTPError as err:
         with err:               # closed now: an open connection holds Triton's stop until its exit timeout
-            detail = _error_text(err.read())
+            detail = error_message(err.read(), 4000)
         raise TritonRequestError(detail) from None
     except urllib.error.URLError as err:
         raise unreachable(address, err.reason) from None
@@ -292,13 +294,6 @@ def _ask_http(address, text, stream, max_tokens, sampling) -> Iterator[Chunk]:
                     yield chunk
 
 
-def _error_text(raw: bytes) -> str:
-    try:
-        return json.loads(raw)["error"]
-    except (ValueError, KeyError, TypeError):
-        return raw.decode(errors="replace")
-
-
 def _chunk(obj: dict) -> Chunk:
     if "error" in obj:
         raise TritonRequestError(obj["error"])
@@ -308,31 +303,28 @@ def _chunk(obj: dict) -> Chunk:
     return Chunk(text=text, candidate=obj.get("candidate", ""), note=obj.get("note", ""))
 
 
-_TYPES = {"temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32), "top_k": ("INT32", np.int32),
-          "random_seed": ("UINT64", np.uint64), "repetition_penalty": ("FP32", np.float32),
-          "length_penalty": ("FP32", np.float32), "min_length": ("INT32", np.int32),
-          "presence_penalty": ("FP32", np.float32), "frequency_penalty": ("FP32", np.float32)}
+_TYPES = {"temperature": "FP32", "top_p": "FP32", "top_k": "INT32", "random_seed": "UINT64",
+          "repetition_penalty": "FP32", "length_penalty": "FP32", "min_length": "INT32", "presence_penalty": "FP32",
+          "frequency_penalty": "FP32"}
 
 
 def _ask_grpc(url, text, stream_answer, max_tokens, sampling) -> Iterator[Chunk]:
     client, module = connect(url)
 
-    def tensor(name, value, dtype, np_dtype):
-        t = module.InferInput(name, [1, 1], dtype)
-        t.set_data_from_numpy(np.array([[value]], dtype=np_dtype))
+    def tensor(name, value, datatype):
+        t = module.InferInput(name, [1, 1], datatype)
+        t.set_data_from_numpy(filled(datatype, [1, 1], value)[1])
         return t
 
-    inputs = [tensor("text_input", text.encode("utf-8"), "BYTES", object),
-              tensor("max_tokens", int(max_tokens), "INT32", np.int32),
-              tensor("stream", bool(stream_answer), "BOOL", bool)]
+    inputs = [tensor("text_input", text.encode("utf-8"), "BYTES"), tensor("max_tokens", int(max_tokens), "INT32"),
+              tensor("stream", bool(stream_answer), "BOOL")]
     for name, value in sampling.items():
         if name not in _TYPES:
             raise UserError(f"unknown sampling input {name!r}; known: {sorted(_TYPES)}")
-        inputs.append(tensor(name, value, *_TYPES[name]))
+        inputs.append(tensor(name, value, _TYPES[name]))
 
     def first(result, name):
-        arr = result.as_numpy(name)
-        return "" if arr is None else "".join(v.decode("utf-8", "replace") for v in arr.reshape(-1))
+        return text_of(result.as_numpy(name))
 
     try:
         for result in stream(client, ANSWER_MODEL, inputs):

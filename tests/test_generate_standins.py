@@ -1,5 +1,6 @@
 """zooter generate against the project's Triton stand-in candidates (SmolLM2-135M-Instruct behind the
-TensorRT-LLM ensemble I/O, decoupled), built by export.triton_repo and served by a real tritonserver.
+TensorRT-LLM ensemble I/O, and behind the LLM-API model's I/O: both, decoupled), built by export.triton_repo
+and served by a real tritonserver.
 
 Only the stand-ins and their shared LLM are loaded (explicit model control), so the bundle the builder
 reads needs no real router: its router.json names labels and a placeholder model file that is never loaded.
@@ -22,8 +23,8 @@ pytestmark = [pytest.mark.triton, pytest.mark.slow]
 LABELS = ["gemma-2-9b-it", "qwen2.5-7b-instruct"]
 
 
-@pytest.fixture(scope="module")
-def standins(tmp_path_factory, tiny_backbone):
+@pytest.fixture(scope="module", params=["ensemble", "llmapi"])
+def standins(request, tmp_path_factory, tiny_backbone):
     from zooter.runtime.bundle import write_bundle
     from zooter.export.triton_repo import build_repository
     from zooter.serving.triton_server import TritonServer
@@ -35,7 +36,7 @@ def standins(tmp_path_factory, tiny_backbone):
     write_bundle(bundle, {"router.onnx": placeholder, "tokenizer.json": tiny_backbone / "tokenizer.json"},
                  {"labels": LABELS, "max_length": 64, "model_file": "router.onnx", "inputs": ["input_ids", "attention_mask"],
                   "output": "logits", "reward_output": "rewards", "decision": plain_decision(LABELS)})
-    built = build_repository(bundle, root / "repo", None, stand_ins=True)
+    built = build_repository(bundle, root / "repo", None, stand_ins=True, stand_in_io=request.param)
     assert set(built.stand_ins) == set(LABELS)
     with TritonServer(root / "repo", model_control=True,
                       load_models=["zooter_standin_llm", *built.stand_ins.values()]) as server:

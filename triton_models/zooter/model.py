@@ -12,7 +12,9 @@ For each request:
   2. call `zooter_route` on it for the decision: the candidates best first (`ranking`), by the bundle's
      one decision rule (zooter.runtime.decision), and the choice's `confidence`;
   3. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
-     inputs the client sent (text_input: the whole prompt), and stream its `text_output` back with
+     inputs the client sent (text_input: the whole prompt), or, for a candidate with the LLM-API
+     model's I/O (routing.json `io`, from serve.io or --stand-in-io), the request mapped onto it by
+     zooter.runtime.candidate_io, and stream its `text_output` back (as deltas) with
      `candidate` set; the final response says how the answer ended: `finish_reason` ("length" when
      max_tokens cut it, else "stop": the candidate's own finish_reason where it gives one, else
      inferred from its completion_tokens, else "stop") and `prompt_tokens`, `completion_tokens` when
@@ -40,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zooter.runtime.conversation import (DEFAULT_ROUTE_ON, ROUTE_TEXT_BYTES, check_route_on, finish_reason, route_text,
-                                         turns_from_json)
+from zooter.runtime.candidate_io import END_OUTPUTS, ENSEMBLE, Reading, TritonModel, ask_from_inputs, text
+from zooter.runtime.conversation import DEFAULT_ROUTE_ON, ROUTE_TEXT_BYTES, check_route_on, route_text, turns_from_json
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Every client error starts so: gRPC streams carry an error's message but not its code.
@@ -50,9 +52,6 @@ OUTCOMES = ("ok", "fallback", "bad_input", "route_error", "no_candidate", "faile
 # The client's routing inputs -> zooter_route's knobs; they are ours, never forwarded to a candidate.
 KNOBS = {"route_lambda": "lambda", "route_tolerance": "tolerance", "route_candidates": "candidates"}
 ROUTING_INPUTS = ("answer_with", "messages", "route_on", *KNOBS)
-# What a candidate may say about its answer's end (TensorRT-LLM's LLM-API model: finish_reason; Zooter's
-# stand-ins: all three); the final response passes it on.
-END_OUTPUTS = ("finish_reason", "prompt_tokens", "completion_tokens")
 REQUEST_THREAD = "zooter"       # the name of every request thread (finalize waits for them)
 
 
@@ -65,11 +64,16 @@ class _Answered(Exception):
 
 
 def _text(value) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    return text([value])
 
 
 def _str_tensor(name, text):
     return pb_utils.Tensor(name, np.array([[text.encode("utf-8")]], dtype=object))
+
+
+def _numpy(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
@@ -237,6 +241,8 @@ class TritonPythonModel:
         max_tokens = int(next(t.as_numpy().reshape(-1)[0] for t in forwarded if t.name() == "max_tokens"))
         stream = pb_utils.get_input_tensor_by_name(request, "stream")
         streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
+        # What the client asked, for a candidate with another I/O than ours (runtime.candidate_io maps it).
+        ask = ask_from_inputs(ENSEMBLE, lambda name: _numpy(request, name), max_tokens)
         skipped = []
         for label in order:
             model = self.serving.get(label, {}).get("model")
@@ -250,7 +256,13 @@ class TritonPythonModel:
             # Not streamed: the answer is sent whole, with how it ended, as one response (Triton's HTTP
             # /generate takes exactly one).
             whole = None if streaming else []
-            error, started, end = self._stream_from(label, model, forwarded, note, confidence, sender, whole)
+            io = self.serving[label].get("io") or ENSEMBLE
+            # Our inputs are the ensemble I/O: an ensemble candidate gets them all as sent (bad_words and
+            # the other knobs included); another I/O gets the request mapped onto its inputs.
+            inputs = forwarded if io == ENSEMBLE else \
+                [pb_utils.Tensor(name, value) for name, _, _, value in TritonModel.declared(model, io).specs(ask)]
+            reading = Reading(io, max_tokens, streaming)
+            error, started = self._stream_from(label, model, inputs, note, confidence, sender, reading, whole)
             if error is not None and started:
                 sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {label} failed mid-answer: {error}",
                                                                E.UNAVAILABLE)), flags=FINAL)
@@ -259,7 +271,7 @@ class TritonPythonModel:
                 if sender.is_cancelled():      # nobody to tell how it ended; the final flag still closes it
                     sender.send(flags=FINAL)
                 else:
-                    sender.send(self._ending(label, note, end, max_tokens, whole, confidence), flags=FINAL)
+                    sender.send(self._ending(label, note, reading, whole, confidence), flags=FINAL)
                 if label != order[0]:
                     self._fallback(order[0], label)
                 return "ok" if label == order[0] else "fallback"
@@ -272,13 +284,13 @@ class TritonPythonModel:
         return "no_candidate"
 
     @staticmethod
-    def _ending(label, note, end, max_tokens, whole=None, confidence=None):
+    def _ending(label, note, reading, whole=None, confidence=None):
         """The final response: how the answer ended (finish_reason; the token counts the candidate gave,
         absent when it gave none), with the whole answer when it was not streamed, else no text."""
-        finish = finish_reason(end.get("finish_reason"), end.get("completion_tokens"), max_tokens) or "stop"
         tensors = [_str_tensor("text_output", "".join(whole or ())), _str_tensor("candidate", label),
-                   _str_tensor("note", note), _str_tensor("finish_reason", finish)]
-        tensors += [pb_utils.Tensor(name, np.array([[end[name]]], dtype=np.int32)) for name in END_OUTPUTS[1:] if name in end]
+                   _str_tensor("note", note), _str_tensor("finish_reason", reading.finish)]
+        counts = {name: reading.count(name) for name in END_OUTPUTS[1:]}
+        tensors += [pb_utils.Tensor(name, np.array([[n]], dtype=np.int32)) for name, n in counts.items() if n is not None]
         if whole is not None and confidence is not None:
             tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
         return pb_utils.InferenceResponse(tensors)
@@ -291,6 +303,7 @@ class TritonPythonModel:
             return False
 
     def _candidate_inputs(self, request):
+        """The client's inputs for an ensemble candidate (our own I/O), max_tokens always."""
         tensors = []
         for name in self.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
@@ -300,10 +313,10 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("max_tokens", np.array([[self.default_max_tokens]], dtype=np.int32)))
         return tensors
 
-    def _stream_from(self, label, model, inputs, note, confidence, sender, whole=None):
+    def _stream_from(self, label, model, inputs, note, confidence, sender, reading, whole=None):
         """Forward the candidate's responses, or gather their text in `whole` (a list) when given; returns
-        (None on success else the error text, whether the candidate gave text, {END_OUTPUTS name: the
-        last value the candidate sent}).
+        (None on success else the error text, whether the candidate gave text). `reading` (its I/O's
+        runtime.candidate_io.Reading) turns each response into new text and learns how the answer ended.
 
         A helper thread reads the candidate's stream: a request that reached a candidate as it was
         being unloaded can wait forever for responses, and this thread must still end the client's
@@ -324,29 +337,25 @@ class TritonPythonModel:
             received.put(None)
 
         threading.Thread(target=read, name="zooter-read", daemon=True).start()
-        sent, end = False, {}
+        sent = False
         while True:
             try:
                 response = received.get(timeout=1.0)
             except queue.Empty:
                 if not self._ready(model):
-                    return f"model {model} was unloaded mid-answer", sent, end
+                    return f"model {model} was unloaded mid-answer", sent
                 continue
             if response is None:
-                return None, sent, end
+                return None, sent
             if isinstance(response, Exception):
-                return f"model {model} failed: {response}", sent, end
+                return f"model {model} failed: {response}", sent
             if response.has_error():
-                return f"model {model} failed: {response.error().message()}", sent, end
-            for name in END_OUTPUTS:
-                tensor = pb_utils.get_output_tensor_by_name(response, name)
-                if tensor is not None and tensor.as_numpy().size:
-                    value = tensor.as_numpy().reshape(-1)[0]
-                    end[name] = _text(value) if name == "finish_reason" else int(value)
-            out = pb_utils.get_output_tensor_by_name(response, "text_output")
-            if out is None:          # the empty final response that closes a stream
+                return f"model {model} failed: {response.error().message()}", sent
+            outputs = {name: tensor.as_numpy() for name in ("text_output", *END_OUTPUTS)
+                       if (tensor := pb_utils.get_output_tensor_by_name(response, name)) is not None}
+            chunk = reading.add(outputs)
+            if "text_output" not in outputs:          # the empty final response that closes a stream
                 continue
-            chunk = "".join(_text(v) for v in out.as_numpy().reshape(-1))
             if whole is not None:
                 whole.append(chunk)
             else:
@@ -356,7 +365,7 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(tensors))
             sent = True
             if sender.is_cancelled():
-                return None, sent, end
+                return None, sent
 
     def finalize(self):
         # Unloading waits for our open streams first (each ends with a final flag, see _stream_from), but a

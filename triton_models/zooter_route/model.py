@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from zooter.runtime.candidate_io import text
 from zooter.runtime.router import Router
 from zooter.runtime.tokenize import EmptyQueryError, clean_query
 
 
 def _text(value) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    return text([value])
 
 
 def decision_tensors(decisions, labels, allowed=None):

@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--stand-ins", action="store_true",
                    help="give every candidate without serve.triton_model a CPU stand-in (SmolLM2-135M-Instruct) "
                         "with TensorRT-LLM I/O")
+    p.add_argument("--stand-in-io", choices=["ensemble", "llmapi"], default="ensemble",
+                   help="the stand-ins' I/O: the older ensemble/BLS one (default) or that of TensorRT-LLM's LLM-API "
+                        "Triton model (text_input, streaming, sampling_param_* -> text_output, finish_reason)")
     p.add_argument("--tolerance", type=float, default=None, metavar="X",
                    help="cost knob in reward units: the cheapest candidate expected within X of the router's choice; "
                         "default: the bundle's, as the in-process Router")
@@ -71,7 +74,7 @@ def cmd_triton_build(args) -> int:
                              max_batch_size=args.max_batch_size, max_text_bytes=args.max_text_bytes,
                              router_device=args.router_device, tensorrt=args.tensorrt,
                              default_max_tokens=args.max_tokens, route_on=args.route_on,
-                             max_prompt_bytes=args.max_prompt_bytes)
+                             max_prompt_bytes=args.max_prompt_bytes, stand_in_io=args.stand_in_io)
     print(f"wrote {built.path}: {len(built.models)} models ({', '.join(built.models[:5])}"
           f"{', ...' if len(built.models) > 5 else ''})")
     for label, s in built.serving.items():
