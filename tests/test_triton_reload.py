@@ -23,9 +23,19 @@ def rid(bundle) -> str:
 
 @pytest.fixture()
 def repo(bundles, tmp_path):
-    from zooter.export.triton_repo import build_repository
+    """The int8 router's repository; every candidate is served by `fake_llm` (TensorRT-LLM I/O), in an extra repository."""
+    from test_triton import FAKE_TRTLLM
+    from tiny import LABELS
+    from zooter.export.triton_repo import LLM_INPUTS, _io_block, build_repository
+    from zooter.serving.candidates import parse_candidates
 
-    return build_repository(bundles["int8"], tmp_path / "repo").path
+    fake = tmp_path / "fake" / "fake_llm"
+    (fake / "1").mkdir(parents=True)
+    (fake / "config.pbtxt").write_text(f'backend: "python"\nmax_batch_size: 8\ninput [\n{_io_block(LLM_INPUTS)}\n]\n'
+                                       'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]\n')
+    (fake / "1" / "model.py").write_text(FAKE_TRTLLM)
+    candidates = parse_candidates([{"name": n, "serve": {"triton_model": "fake_llm"}} for n in LABELS])
+    return build_repository(bundles["int8"], tmp_path / "repo", candidates).path
 
 
 def route(http: httpx.Client, url: str, text: str) -> httpx.Response:
@@ -38,6 +48,13 @@ def answered_by(response: httpx.Response) -> str:
     return next(o["data"][0] for o in response.json()["outputs"] if o["name"] == "router")
 
 
+def asked(url: str) -> str:
+    """The router the `zooter` model names in its answer (not streamed)."""
+    r = httpx.post(f"http://{url}/v2/models/zooter/generate", timeout=300, json={"text_input": "what is 2 + 2?", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    return r.json()["router"]
+
+
 @pytest.mark.slow
 @pytest.mark.triton
 def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, tmp_path, capsys):
@@ -45,12 +62,13 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
 
     old, new = rid(bundles["int8"]), rid(bundles["fp32"])
     assert old != new
-    server = TritonServer(repo, model_control=True, http_port=0, grpc_port=0, metrics_port=0,
+    server = TritonServer(repo, extra_repositories=[tmp_path / "fake"], model_control=True, http_port=0, grpc_port=0, metrics_port=0,
                           log_file=tmp_path / "server.log")
     key_file = tmp_path / "control.key"
     key_file.write_text(server.control_key + "\n")
     server.start(timeout=300)
     try:
+        assert asked(server.http_url) == old
         results, lock, codes = [], threading.Lock(), []
         sent_at, reloaded_at = [0.0], [float("inf")]
         reloaded = threading.Event()
@@ -85,6 +103,7 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
         assert all(router == old for started, _, router in results if started < sent_at[0])
         assert all(router == new for started, _, router in results if started > reloaded_at[0])
         assert any(router == new for _, _, router in results)
+        assert asked(server.http_url) == new
         metrics = httpx.get(server.metrics_url, timeout=30).text
         assert f'zooter_route_decisions_total{{router="{new}"}}' in metrics
         assert sorted(p.name for p in (repo / "zooter_route").iterdir()) == ["1", "2", "config.pbtxt"]
