@@ -207,20 +207,22 @@ class TritonPythonModel:
             self._count("route_error")
 
     def _route(self, request, sender):
-        """(the candidates to try, best first; the router's confidence). A named candidate (`answer_with`) is
-        the only one, without a confidence. Raises _Answered after passing on zooter_route's error."""
+        """(the candidates to try, best first; the router's confidence; its id, None from the onnxruntime
+        ensemble). A named candidate (`answer_with`) is the only one, without a confidence or a router.
+        Raises _Answered after passing on zooter_route's error."""
         E = pb_utils.TritonError
         named = pb_utils.get_input_tensor_by_name(request, "answer_with")
         if named is not None:
-            return [_text(named.as_numpy().reshape(-1)[0])], None
+            return [_text(named.as_numpy().reshape(-1)[0])], None, None
         query = np.array([[self._route_text(request).encode("utf-8")]], dtype=object)
         inputs = [pb_utils.Tensor("text", query)]
         for name, knob in KNOBS.items():
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 inputs.append(pb_utils.Tensor(knob, tensor.as_numpy().reshape(1, -1)))
-        routed = pb_utils.InferenceRequest(model_name="zooter_route", requested_output_names=["ranking", "confidence"],
-                                           inputs=inputs).exec()
+        # `router` names the router that chose (the python zooter_route; a reload changes it, zooter triton reload).
+        names = ["ranking", "confidence", *(["router"] if self.knobs_supported else [])]
+        routed = pb_utils.InferenceRequest(model_name="zooter_route", requested_output_names=names, inputs=inputs).exec()
         if routed.has_error():
             error = routed.error()
             code = error.code() if error.code() == E.INVALID_ARG else E.UNAVAILABLE
@@ -228,12 +230,14 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(error=E(f"{prefix}{error.message()}", code)), flags=FINAL)
             raise _Answered("bad_input" if code == E.INVALID_ARG else "route_error")
         order = [x for x in map(_text, pb_utils.get_output_tensor_by_name(routed, "ranking").as_numpy().reshape(-1)) if x]
-        return order, float(pb_utils.get_output_tensor_by_name(routed, "confidence").as_numpy().reshape(-1)[0])
+        router = pb_utils.get_output_tensor_by_name(routed, "router")
+        return (order, float(pb_utils.get_output_tensor_by_name(routed, "confidence").as_numpy().reshape(-1)[0]),
+                None if router is None else _text(router.as_numpy().reshape(-1)[0]))
 
     def _route_and_forward(self, request, sender) -> str:
         E = pb_utils.TritonError
         try:
-            order, confidence = self._route(request, sender)
+            order, confidence, router = self._route(request, sender)
         except _Answered as answered:
             return answered.outcome
 
@@ -262,7 +266,7 @@ class TritonPythonModel:
             inputs = forwarded if io == ENSEMBLE else \
                 [pb_utils.Tensor(name, value) for name, _, _, value in TritonModel.declared(model, io).specs(ask)]
             reading = Reading(io, max_tokens, streaming)
-            error, started = self._stream_from(label, model, inputs, note, confidence, sender, reading, whole)
+            error, started = self._stream_from(label, model, inputs, note, confidence, sender, reading, whole, router)
             if error is not None and started:
                 sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {label} failed mid-answer: {error}",
                                                                E.UNAVAILABLE)), flags=FINAL)
@@ -271,7 +275,7 @@ class TritonPythonModel:
                 if sender.is_cancelled():      # nobody to tell how it ended; the final flag still closes it
                     sender.send(flags=FINAL)
                 else:
-                    sender.send(self._ending(label, note, reading, whole, confidence), flags=FINAL)
+                    sender.send(self._ending(label, note, reading, whole, confidence, router), flags=FINAL)
                 if label != order[0]:
                     self._fallback(order[0], label)
                 return "ok" if label == order[0] else "fallback"
@@ -284,7 +288,7 @@ class TritonPythonModel:
         return "no_candidate"
 
     @staticmethod
-    def _ending(label, note, reading, whole=None, confidence=None):
+    def _ending(label, note, reading, whole=None, confidence=None, router=None):
         """The final response: how the answer ended (finish_reason; the token counts the candidate gave,
         absent when it gave none), with the whole answer when it was not streamed, else no text."""
         tensors = [_str_tensor("text_output", "".join(whole or ())), _str_tensor("candidate", label),
@@ -293,6 +297,8 @@ class TritonPythonModel:
         tensors += [pb_utils.Tensor(name, np.array([[n]], dtype=np.int32)) for name, n in counts.items() if n is not None]
         if whole is not None and confidence is not None:
             tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
+        if whole is not None and router:
+            tensors.append(_str_tensor("router", router))
         return pb_utils.InferenceResponse(tensors)
 
     @staticmethod
@@ -313,7 +319,7 @@ class TritonPythonModel:
             tensors.append(pb_utils.Tensor("max_tokens", np.array([[self.default_max_tokens]], dtype=np.int32)))
         return tensors
 
-    def _stream_from(self, label, model, inputs, note, confidence, sender, reading, whole=None):
+    def _stream_from(self, label, model, inputs, note, confidence, sender, reading, whole=None, router=None):
         """Forward the candidate's responses, or gather their text in `whole` (a list) when given; returns
         (None on success else the error text, whether the candidate gave text). `reading` (its I/O's
         runtime.candidate_io.Reading) turns each response into new text and learns how the answer ended.
@@ -362,6 +368,8 @@ class TritonPythonModel:
                 tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label), _str_tensor("note", note)]
                 if not sent and confidence is not None:     # the decision's confidence rides on the first chunk
                     tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
+                if not sent and router:
+                    tensors.append(_str_tensor("router", router))
                 sender.send(pb_utils.InferenceResponse(tensors))
             sent = True
             if sender.is_cancelled():

@@ -15,6 +15,7 @@ inputs are Router.route's per-request knobs. Bad input fails only its request, w
 """
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,25 @@ class TritonPythonModel:
         self.busy_router = self.router if threads == 1 else Router.load(
             folder, providers=["CPUExecutionProvider"], threads=1, lam=decision["lambda"], tolerance=decision["tolerance"])
         self.max_text_bytes = int(params["max_text_bytes"])
+        # Every answer names the router that chose it (a reload serves a new bundle as a new version of this
+        # model, `zooter triton reload`), and so do the decision counts, one series a router.
+        self.router_id = self.router.router_id
+        self.decisions_family = pb_utils.MetricFamily(
+            name="zooter_route_decisions_total", kind=pb_utils.MetricFamily.COUNTER,
+            description="queries routed by zooter_route, by the router (bundle manifest id) that chose")
+        self.decisions = self.decisions_family.Metric(labels={"router": self.router_id})
+        # A python-backend metric update is one shared-memory message; two threads at once corrupt it.
+        self.metrics_lock = threading.Lock()
+
+    def _count(self, n):
+        with self.metrics_lock:
+            if self.decisions is not None:              # gone once finalize ran
+                self.decisions.increment(n)
+
+    def finalize(self):
+        # Metric families must go while the server still listens (the stub's exit would crash them, Triton 2.51).
+        with self.metrics_lock:
+            self.decisions = self.decisions_family = None
 
     def _problem(self, rows):
         for i, raw in enumerate(rows):
@@ -105,6 +125,9 @@ class TritonPythonModel:
             if problem:
                 responses.append(pb_utils.InferenceResponse(error=E(f"zooter_route: {problem}", E.INVALID_ARG)))
                 continue
+            router_ids = np.array([[self.router_id.encode()]] * len(decisions), dtype=object)
             responses.append(pb_utils.InferenceResponse(
-                decision_tensors(decisions, router.labels, knobs.get("candidates"))))
+                decision_tensors(decisions, router.labels, knobs.get("candidates"))
+                + [pb_utils.Tensor("router", router_ids)]))
+            self._count(len(decisions))
         return responses

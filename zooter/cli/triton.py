@@ -57,6 +57,19 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="answer length when a request sends no max_tokens")
     p.set_defaults(func=cmd_triton_build)
 
+    r = tsub.add_parser(
+        "reload", help="swap the router of a running server without dropping requests",
+        description="Write a new bundle as the next version of zooter_route in REPO and have the running server "
+                    "load it through the repository API (`zooter serve --model-control`; needs the control key): "
+                    "requests in flight finish on the old router, new ones go to the new one. The bundle must keep "
+                    "the encoder and the labels; anything else is refused and the running router keeps serving.")
+    r.add_argument("repository", help="the repository the server runs (zooter triton build --out, --router-backend python)")
+    r.add_argument("--bundle", required=True, help="the new bundle folder")
+    r.add_argument("--triton", default="127.0.0.1:8000", metavar="URL", help="the server's HTTP address (default 127.0.0.1:8000)")
+    r.add_argument("--control-key-file", metavar="FILE",
+                   help="the file `zooter serve --control-key-file` wrote; $ZOOTER_CONTROL_KEY gives the key instead")
+    r.set_defaults(func=cmd_triton_reload)
+
     register_serve(sub)
 
 
@@ -82,6 +95,23 @@ def cmd_triton_build(args) -> int:
     if built.unreachable:
         print(f"note: {len(built.unreachable)} candidate(s) cannot be called inside Triton; "
               "`zooter` falls back past them")
+    return 0
+
+
+def cmd_triton_reload(args) -> int:
+    import os
+    from pathlib import Path
+
+    from zooter.export.triton_reload import reload_router
+
+    key = os.environ.get("ZOOTER_CONTROL_KEY") or None
+    if args.control_key_file:
+        try:
+            key = Path(args.control_key_file).read_text().strip()
+        except OSError as err:
+            raise UserError(f"--control-key-file {args.control_key_file}: {err.strerror}") from None
+    done = reload_router(args.repository, args.bundle, args.triton, key)
+    print(f"reloaded: router {done.old} -> {done.new} (zooter_route version {done.version})")
     return 0
 
 

@@ -1,0 +1,145 @@
+"""Swapping the router of a running tritonserver: `zooter triton reload` writes the new bundle as the next
+version of zooter_route and loads it through the repository API; no request is lost, every answer names
+the router that chose it, and a bundle that does not fit is refused with the running router untouched."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from zooter.cli import main
+from zooter.runtime.bundle import read_manifest, router_id
+
+CLIENTS, REQUESTS = 32, 500
+
+
+def rid(bundle) -> str:
+    return router_id(read_manifest(bundle))
+
+
+@pytest.fixture()
+def repo(bundles, tmp_path):
+    """The int8 router's repository; every candidate is served by `fake_llm` (TensorRT-LLM I/O), in an extra repository."""
+    from test_triton import FAKE_TRTLLM
+    from tiny import LABELS
+    from zooter.export.triton_repo import LLM_INPUTS, _io_block, build_repository
+    from zooter.serving.candidates import parse_candidates
+
+    fake = tmp_path / "fake" / "fake_llm"
+    (fake / "1").mkdir(parents=True)
+    (fake / "config.pbtxt").write_text(f'backend: "python"\nmax_batch_size: 8\ninput [\n{_io_block(LLM_INPUTS)}\n]\n'
+                                       'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]\n')
+    (fake / "1" / "model.py").write_text(FAKE_TRTLLM)
+    candidates = parse_candidates([{"name": n, "serve": {"triton_model": "fake_llm"}} for n in LABELS])
+    return build_repository(bundles["int8"], tmp_path / "repo", candidates).path
+
+
+def route(http: httpx.Client, url: str, text: str) -> httpx.Response:
+    return http.post(f"http://{url}/v2/models/zooter_route/infer", timeout=300,
+                     json={"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}],
+                           "outputs": [{"name": "candidate"}, {"name": "router"}]})
+
+
+def answered_by(response: httpx.Response) -> str:
+    return next(o["data"][0] for o in response.json()["outputs"] if o["name"] == "router")
+
+
+def asked(url: str) -> str:
+    """The router the `zooter` model names in its answer (not streamed)."""
+    r = httpx.post(f"http://{url}/v2/models/zooter/generate", timeout=300, json={"text_input": "what is 2 + 2?", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    return r.json()["router"]
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, tmp_path, capsys):
+    from zooter.serving.triton_server import TritonServer
+
+    old, new = rid(bundles["int8"]), rid(bundles["fp32"])
+    assert old != new
+    server = TritonServer(repo, extra_repositories=[tmp_path / "fake"], model_control=True, http_port=0, grpc_port=0, metrics_port=0,
+                          log_file=tmp_path / "server.log")
+    key_file = tmp_path / "control.key"
+    key_file.write_text(server.control_key + "\n")
+    server.start(timeout=300)
+    try:
+        assert asked(server.http_url) == old
+        results, lock, codes = [], threading.Lock(), []
+        sent_at, reloaded_at = [0.0], [float("inf")]
+        reloaded = threading.Event()
+
+        def reload():
+            sent_at[0] = time.monotonic()
+            codes.append(main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]),
+                               "--triton", server.http_url, "--control-key-file", str(key_file)]))
+            reloaded_at[0] = time.monotonic()
+            reloaded.set()
+
+        reloader = threading.Thread(target=reload)
+
+        def one(i: int, http: httpx.Client):
+            if i == REQUESTS // 2:
+                reloader.start()
+            if i >= REQUESTS * 4 // 5:      # the last fifth after the swap, so both routers answer however slow the load
+                assert reloaded.wait(300)
+            elif i > REQUESTS // 2:         # the middle spread over a few seconds, so requests are in flight as it swaps
+                reloaded.wait(0.03 * (i - REQUESTS // 2))
+            started = time.monotonic()
+            r = route(http, server.http_url, f"question {i}: what is {i} + {i}?")
+            with lock:
+                results.append((started, r.status_code, answered_by(r) if r.status_code == 200 else r.text))
+
+        with httpx.Client(limits=httpx.Limits(max_connections=CLIENTS)) as http, ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(lambda i: one(i, http), range(REQUESTS)))
+        reloader.join(300)
+        assert codes == [0]
+        assert f"router {old} -> {new} (zooter_route version 2)" in capsys.readouterr().out
+
+        # The figures docs/triton.md quotes (pytest -s shows them); nothing here is timed.
+        print(f"\nreload under load: {REQUESTS} requests from {CLIENTS} clients, "
+              f"{sum(r[1] != 200 for r in results)} failed, {sum(r[2] == old for r in results)} by router {old}, "
+              f"{sum(r[2] == new for r in results)} by {new}; the reload took {reloaded_at[0] - sent_at[0]:.2f} s, "
+              f"{sum(sent_at[0] <= r[0] <= reloaded_at[0] for r in results)} requests started during it")
+        assert len(results) == REQUESTS and [r for r in results if r[1] != 200] == []
+        assert {router for _, _, router in results} <= {old, new}
+        assert all(router == old for started, _, router in results if started < sent_at[0])
+        assert all(router == new for started, _, router in results if started > reloaded_at[0])
+        assert any(router == new for _, _, router in results)
+        assert asked(server.http_url) == new
+        metrics = httpx.get(server.metrics_url, timeout=30).text
+        assert f'zooter_route_decisions_total{{router="{new}"}}' in metrics
+        assert sorted(p.name for p in (repo / "zooter_route").iterdir()) == ["1", "2", "config.pbtxt"]
+    finally:
+        server.close()
+
+
+def test_a_bundle_that_does_not_fit_is_refused_in_one_line_and_nothing_changes(repo, bundles, monkeypatch, capsys):
+    import zooter.export.triton_reload as reload
+
+    old = read_manifest(bundles["int8"])
+    before = sorted(p.name for p in (repo / "zooter_route").iterdir())
+
+    def refused(fake: dict, *words: str) -> None:
+        monkeypatch.setattr(reload, "read_bundle", lambda b: (bundles["fp32"], fake))
+        # No server at this address: a refused bundle never gets as far as asking it.
+        assert main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]), "--triton", "127.0.0.1:9"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"router {rid(bundles['int8'])} keeps serving" in err, err
+        assert all(w in err for w in words), err
+        assert sorted(p.name for p in (repo / "zooter_route").iterdir()) == before
+
+    refused({**old, "max_length": old["max_length"] // 2}, "another encoder", "max_length")
+    refused({**old, "labels": list(reversed(old["labels"]))}, "another label set", "--candidates")
+    monkeypatch.undo()
+    broken = repo.parent / "broken"
+    broken.mkdir()
+    (broken / "router.json").write_text("{not json")
+    assert main(["triton", "reload", str(repo), "--bundle", str(broken), "--triton", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "router.json" in err, err
+    assert sorted(p.name for p in (repo / "zooter_route").iterdir()) == before
