@@ -267,7 +267,7 @@ class Gateway:
             limit = self.settings.max_tokens_limit
             call = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
             answer = await backend.answer(call, deadline)
-            headers = self._headers(answer, router_of(backend))
+            headers = self._headers(answer, answer.router or router_of(backend))
             if call.model == "zooter" and router_of(backend):
                 self.metrics.routed.labels(router_of(backend), answer.candidate).inc()
             if answer.rest is not None:

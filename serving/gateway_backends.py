@@ -44,6 +44,8 @@ class Answer:
     chunks: list = field(default_factory=list)   # streaming: the chunks up to the first token
     rest: AsyncIterator | None = None  # streaming: the chunks after them
     completion: dict | None = None     # not streaming: the whole answer
+    router: str | None = None          # the id of the router that chose, when the back end reports one (Triton's
+                                       # `zooter` model); the in-process router's id comes from the gateway
 
 
 def remaining(deadline: float) -> float:
@@ -306,7 +308,7 @@ class TritonBackend:
         if fallback:
             self.metrics.fallbacks.labels(candidate).inc()
         confidence = float(first["confidence"]) if first.get("confidence") else None
-        return Answer(candidate, fallback, confidence, started, **result)
+        return Answer(candidate, fallback, confidence, started, router=first.get("router") or None, **result)
 
     @staticmethod
     def _error(err) -> ApiError:

@@ -409,7 +409,7 @@ class TritonZooter:
         client = self.clients.get(self.address)
         config = await client.get_model_config(self.MODEL, client_timeout=5.0)
         self.outputs = tuple(o.name for o in config.config.output
-                             if o.name in ("text_output", "candidate", "note", "confidence", *END_OUTPUTS))
+                             if o.name in ("text_output", "candidate", "note", "confidence", "router", *END_OUTPUTS))
         self.inputs = frozenset(i.name for i in config.config.input)
         route = await client.get_model_config(self.ROUTE, client_timeout=5.0)
         return json.loads(route.config.parameters["labels"].string_value)

@@ -212,6 +212,9 @@ def test_the_same_request_gets_the_same_candidate_through_bundle_and_triton(serv
         assert {r.status_code for r in chosen.values()} == {200}, {b: r.text for b, r in chosen.items()}
         expected = router_int8.route(text).candidate
         assert {b: r.headers["x-zooter-candidate"] for b, r in chosen.items()} == {"bundle": expected, "triton": expected}
+        # Both paths name the router that chose: the gateway's own, and the `zooter` model's router output.
+        assert {b: r.headers.get("x-zooter-router") for b, r in chosen.items()} == \
+            {"bundle": router_int8.router_id, "triton": router_int8.router_id}
 
     # A 72 KB system prompt with "hi": the router reads "hi" on both paths; the candidate gets it all.
     body = {"model": "zooter", "messages": chat("x" * 72_000, "hi"), "max_tokens": 2}
