@@ -153,11 +153,19 @@ class Gateway:
             self.metrics.router.labels(router_of(self.backend)).set(1)
 
     async def close(self) -> None:
+        import asyncio
+
+        # A reload or a retired back end's close still running finishes first: a reload that completed after
+        # this would leave a back end (threads, gRPC channels) nobody closes.
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
         await self.monitor.close()
         await self.backend.close()
         for old in list(self.retired):
             self.retired.discard(old)
             await old.close()
+        if self.http is not None:
+            await self.http.aclose()
 
     # --- swapping routers (SIGHUP) -----------------------------------------------------------------
     def hold(self, backend) -> None:
@@ -224,8 +232,6 @@ class Gateway:
                 await old.close()
             print(f"zooter gateway reloaded: router {router_of(old)} -> {router_of(new)} ({new.describe()})", flush=True)
             return True
-        if self.http is not None:
-            await self.http.aclose()
 
     def redact(self, text: str) -> str:
         """Upstream keys never leave the gateway: not in errors, not in logs (an upstream may echo one)."""
@@ -359,12 +365,14 @@ class Gateway:
             yield _sse(ApiError(502, f"{name} failed mid-answer: {err.message}; the answer is incomplete",
                                 "upstream_error", "stream_interrupted").body())
         finally:
-            await answer.rest.aclose()
-            self.metrics.upstream.labels(name).observe(time.perf_counter() - answer.started)
-            self._count_tokens(name, usage, chunks)
-            self.metrics.requests.labels(endpoint, name, status).inc()
-            self.metrics.in_flight.dec()
-            self.release(backend)
+            try:
+                await answer.rest.aclose()
+                self.metrics.upstream.labels(name).observe(time.perf_counter() - answer.started)
+                self._count_tokens(name, usage, chunks)
+                self.metrics.requests.labels(endpoint, name, status).inc()
+            finally:       # whatever closing the upstream raised, the request ends and lets go of its router
+                self.metrics.in_flight.dec()
+                self.release(backend)
 
     # --- the other endpoints -----------------------------------------------------------------------
     async def models(self, request):
