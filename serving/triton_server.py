@@ -469,7 +469,10 @@ class TritonServer:
             # Keep the log beside nothing else: the private backends copy is not needed any more.
             shutil.rmtree(self._workdir / "backends", ignore_errors=True)
         self._remove_regions()
-        for env in self._envs:          # gone already after a clean exit; only an empty one is removed
+        # The backend removes its folder at a clean exit. After any other end, remove the (empty) ones that
+        # appeared while this server started: another server starting in the same second could own one,
+        # so never after a clean exit, and never a folder with anything in it.
+        for env in self._envs if code != 0 else ():
             try:
                 os.rmdir(env)
             except OSError:
