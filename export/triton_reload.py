@@ -86,9 +86,12 @@ def reload_router(repo: str | Path, bundle: str | Path, url: str, key: str | Non
     target, reloaded = stage(repo, bundle)
     try:
         load_model(url, ROUTE, key)
-    except (TritonRequestError, UserError) as err:
+    except TritonRequestError as err:      # Triton answered that the load failed: it keeps what it had
         shutil.rmtree(target, ignore_errors=True)
         raise UserError(f"Triton did not load router {reloaded.new}: {err}; router {reloaded.old} keeps serving") from None
+    except (UserError, OSError) as err:    # no answer: the load may still happen, so the version stays on disk
+        raise UserError(f"no answer from Triton to the load of router {reloaded.new} ({err}); it may still load "
+                        f"{target}: run the reload again, or remove that folder to keep router {reloaded.old}") from None
     marker = Path(repo) / MARKER
     info = json.loads(marker.read_text())
     marker.write_text(json.dumps({**info, "bundle": str(Path(bundle).resolve())}) + "\n")
