@@ -135,9 +135,10 @@ def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
     return None
 
 
-def _detect_io(label: str, serve: dict) -> str | None:
-    """The I/O of a candidate's model read from its server's metadata; None when the server cannot be asked.
-    A model with none of the known I/Os is a UserError naming it and its inputs."""
+def _detect_io(label: str, serve: dict):
+    """A candidate's model as its server describes it (runtime.candidate_io.TritonModel: its I/O, whether it is
+    decoupled); None when the server cannot be asked. A model with none of the known I/Os is a UserError
+    naming it and its inputs."""
     try:
         from tritonclient.utils import InferenceServerException
     except ImportError:           # without the triton extra nothing can be asked: serve.io (default ensemble) holds
@@ -147,7 +148,7 @@ def _detect_io(label: str, serve: dict) -> str | None:
 
     client = TritonClient(serve, Sampling(timeout_s=5.0))
     try:
-        return client.describe().io
+        return client.describe()
     except IOMismatch as err:
         raise UserError(f"candidate {label!r} at {serve['triton_url']}: {err}") from None
     except (InferenceServerException, OSError):
@@ -170,15 +171,19 @@ def _serving(candidates, labels, stand_ins: bool, stand_in_io: str = ENSEMBLE) -
                 raise UserError(f"candidate {label!r}: serve.io {io!r} is not a Triton I/O; give one of {', '.join(TRITON_IOS)}")
             why = "candidates file: serve.triton_model"
             if serve.get("triton_url"):
-                detected = _detect_io(label, serve)
-                io = detected or io
-                why += f", {io} I/O" + (" read from its metadata" if detected else
+                described = _detect_io(label, serve)
+                io = described.io if described else io
+                why += f", {io} I/O" + (" read from its metadata" if described else
                                         f" (its server at {serve['triton_url']} was not reachable to check)")
             serving[label] = {"model": str(serve["triton_model"]), "io": io, "why": why}
+            if serve.get("triton_url") and described is not None:
+                # The `zooter` model asks a model to stream only when it is decoupled (TensorRT-LLM ships its
+                # LLM-API model not decoupled, and that refuses `streaming`); unread, the model assumes as shipped.
+                serving[label]["decoupled"] = described.decoupled
             if serve.get("triton_url"):
                 serving[label]["why"] += f" (expected in this server; triton_url {serve['triton_url']} is for direct clients)"
         elif stand_ins:
-            serving[label] = {"model": model_name_for(label), "io": stand_in_io, "stand_in": True,
+            serving[label] = {"model": model_name_for(label), "io": stand_in_io, "stand_in": True, "decoupled": True,
                               "why": f"stand-in with {stand_in_io} I/O (no serve entry)"}
         elif serve.get("openai_base_url"):
             serving[label] = {"model": None, "why": f"served over an OpenAI-compatible API ({serve['openai_base_url']}), not inside Triton"}

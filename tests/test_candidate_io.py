@@ -320,6 +320,35 @@ def test_triton_build_reads_a_candidates_io_and_refuses_one_with_none(triton, bu
         build("classifier")
 
 
+@pytest.mark.slow
+@pytest.mark.triton
+def test_the_zooter_model_asks_an_llmapi_model_that_is_not_decoupled_for_whole_answers(triton, bundles, tmp_path):
+    """TensorRT-LLM ships its LLM-API model not decoupled, and such a model refuses `streaming`: the build
+    records that from the model's config, and the `zooter` model asks it for whole answers, which a streaming
+    client then gets as one piece, from the candidate it chose (no fallback)."""
+    import urllib.request
+
+    from zooter.export.triton_repo import build_repository
+    from zooter.runtime.router import Router
+    from zooter.serving.candidates import parse_candidates
+    from zooter.serving.triton_server import TritonServer
+
+    labels = Router.load(bundles["fp32"]).labels
+    entries = [{"name": labels[0], "serve": {"triton_model": "echo_llmapi_plain", "triton_url": triton.grpc_url}},
+               *({"name": n} for n in labels[1:])]
+    built = build_repository(bundles["fp32"], tmp_path / "repo", parse_candidates(entries))
+    assert built.serving[labels[0]]["decoupled"] is False
+    with TritonServer(tmp_path / "repo", extra_repositories=[triton.repository]) as server:
+        body = {"text_input": "one two three four", "max_tokens": 3, "answer_with": labels[0], "stream": True}
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/zooter/generate_stream",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as response:
+            pieces = [json.loads(line[5:]) for line in response.read().decode().splitlines() if line.startswith("data:")]
+    assert all("error" not in p for p in pieces), pieces
+    assert {p["candidate"] for p in pieces} == {labels[0]} and not any(p.get("note") for p in pieces)
+    assert "".join(p["text_output"] for p in pieces) == "four three two" and pieces[-1]["finish_reason"] == "length"
+
+
 @pytest.mark.triton
 def test_the_gateway_refuses_to_start_on_a_model_with_no_known_io(triton, bundles, tmp_path, capsys):
     from zooter.cli import main

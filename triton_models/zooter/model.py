@@ -262,10 +262,14 @@ class TritonPythonModel:
             whole = None if streaming else []
             io = self.serving[label].get("io") or ENSEMBLE
             # Our inputs are the ensemble I/O: an ensemble candidate gets them all as sent (bad_words and
-            # the other knobs included); another I/O gets the request mapped onto its inputs.
+            # the other knobs included); another I/O gets the request mapped onto its inputs, streaming only
+            # where the model is decoupled (as the build read it; unread, an LLM-API model as TensorRT-LLM
+            # ships it: not decoupled, so it answers whole and the client gets that as one piece).
+            described = TritonModel.declared(model, io)
+            described.decoupled = bool(self.serving[label].get("decoupled", io == ENSEMBLE))
             inputs = forwarded if io == ENSEMBLE else \
-                [pb_utils.Tensor(name, value) for name, _, _, value in TritonModel.declared(model, io).specs(ask)]
-            reading = Reading(io, max_tokens, streaming)
+                [pb_utils.Tensor(name, value) for name, _, _, value in described.specs(ask)]
+            reading = Reading(io, max_tokens, streaming and described.decoupled)
             error, started = self._stream_from(label, model, inputs, note, confidence, sender, reading, whole, router)
             if error is not None and started:
                 sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {label} failed mid-answer: {error}",
