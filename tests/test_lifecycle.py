@@ -131,6 +131,18 @@ def test_refused_input_names_the_problem_and_writes_nothing(pool, tmp_path, caps
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
 
 
+def test_out_as_the_run_itself_is_refused_before_any_work(pool, capsys):
+    run = pool["run"]
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir())
+    for argv in (["add", str(run), "--name", NEW, "--data", str(pool["root"] / "new.jsonl")],
+                 ["remove", str(run), "--name", "mathy"]):
+        capsys.readouterr()
+        assert main(["candidates", *argv, "--out", str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is the run itself" in err, err     # not "pass --force"
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in run.iterdir()) == before
+
+
 def test_new_queries_join_the_training_rows_and_removing_the_anchor_moves_it(pool, tmp_path):
     fresh = synthetic(30, 7)
     rows = tmp_path / "fresh.jsonl"

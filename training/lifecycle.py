@@ -27,7 +27,6 @@ run.json's `lifecycle` records how each candidate entered and every add/remove.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -306,6 +305,12 @@ def _summary(fitted: Fitted, rows: RunRows, dev_x: np.ndarray, labels: list[str]
     return {"dev": dev, "candidates": per}
 
 
+def _check_out(run: Path, out: str | Path) -> None:
+    """Before any work: the new run never overwrites the one it is made from."""
+    if Path(out).resolve() == run.resolve():
+        raise UserError(f"--out {out}: is the run itself; write the new router to another folder")
+
+
 def _write(run: Path, out: str | Path, force: bool, labels: list[str], fitted: Fitted, meta: dict,
            copy_rows: dict[str, Path]) -> dict:
     """RUN2: the run's encoder copied unchanged, the new heads and run.json, the added rows files."""
@@ -315,8 +320,6 @@ def _write(run: Path, out: str | Path, force: bool, labels: list[str], fitted: F
     from zooter.training.train import RunFolder
 
     folder = RunFolder(out, force=force)
-    if Path(out).resolve() == run.resolve():
-        raise UserError(f"--out {out}: is the run itself; write the new router to another folder")
     folder.start()
     try:
         shutil.copytree(run / "encoder", folder.work / "encoder")
@@ -387,6 +390,7 @@ def add_candidate(run: str | Path, name: str, rows_path: str | Path, out: str | 
     """`zooter candidates add`: returns the new run's run.json."""
     started = time.time()
     run, info = _load(run)
+    _check_out(run, out)
     labels = list(info["labels"])
     if name in labels:
         raise UserError(f"--name {name}: already a candidate of {run} ({', '.join(labels)}); remove it first to replace it")
@@ -424,6 +428,7 @@ def remove_candidate(run: str | Path, name: str, out: str | Path, candidates: st
                      cache: str | None = None, force: bool = False, int8_embedder=None) -> dict:
     """`zooter candidates remove`: returns the new run's run.json."""
     run, info = _load(run)
+    _check_out(run, out)
     labels = list(info["labels"])
     if name not in labels:
         raise UserError(f"--name {name}: not a candidate of {run} ({', '.join(labels)})")
