@@ -829,8 +829,7 @@ def test_zooter_serve_sweeps_what_dead_servers_left_and_leaves_nothing_itself(tr
     live_region = open(paths["live_region"], "r+b")
     mapped = mmap.mmap(live_region.fileno(), 4096)
     proc = subprocess.Popen([sys.executable, "-m", "zooter.cli", "serve", str(repo), "--http-port", str(ports[0]),
-                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                             "--control-key-file", str(tmp_path / "control.key")],
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],   # the key in a temp folder
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "TMPDIR": str(tmp_root)})
     try:
@@ -850,6 +849,7 @@ def test_zooter_serve_sweeps_what_dead_servers_left_and_leaves_nothing_itself(tr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
         assert not own[0].exists(), "zooter serve removes its own work folder when it stops"
+        assert not list(tmp_root.glob("zooter-serve-*")), "and the folder of the control key it made"
     finally:
         if proc.poll() is None:
             proc.kill()

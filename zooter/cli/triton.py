@@ -164,6 +164,7 @@ def register_serve(sub) -> None:
 
 def cmd_serve(args) -> int:
     import os
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -173,9 +174,11 @@ def cmd_serve(args) -> int:
                           grpc_port=args.grpc_port, metrics_port=args.metrics_port, host=args.host,
                           model_control=args.model_control, control_key=os.environ.get("ZOOTER_CONTROL_KEY") or None,
                           log_file=args.log_file, log_verbose=args.log_verbose)
-    key_file = Path(args.control_key_file) if args.control_key_file else Path(tempfile.mkdtemp(prefix="zooter-serve-")) / "control.key"
-    if key_file.is_dir():
-        raise UserError(f"--control-key-file {key_file}: is a folder")
+    if args.control_key_file and Path(args.control_key_file).is_dir():
+        raise UserError(f"--control-key-file {args.control_key_file}: is a folder")
+    # Without --control-key-file the key goes to a private temporary folder, removed when the server stops.
+    own = None if args.control_key_file else Path(tempfile.mkdtemp(prefix="zooter-serve-"))
+    key_file = Path(args.control_key_file) if args.control_key_file else own / "control.key"
     key_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -197,7 +200,11 @@ def cmd_serve(args) -> int:
                   f"(docs/triton.md, Oversized requests)", flush=True)
         print(f"  zooter ask --triton {server.http_url} --stream \"...\"   (Ctrl-C stops the server)", flush=True)
 
-    return serve_forever(server, timeout=args.timeout, on_ready=ready)
+    try:
+        return serve_forever(server, timeout=args.timeout, on_ready=ready)
+    finally:
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)
 
 
 def cmd_ask(args) -> int:
