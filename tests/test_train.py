@@ -199,3 +199,39 @@ def test_int8_consistency_measures_what_the_export_gate_measures(routing_files, 
     assert parity["n"] == 30 and parity["decision_agreement"] == pytest.approx(recorded)
     with pytest.raises(UserError, match="needs --frozen"):
         fit(config(routing_files, tiny_backbone, tmp_path / "full", int8_consistency=10.0))
+
+
+@pytest.mark.slow
+def test_the_defaults_train_a_two_layer_int8_aware_head_that_passes_export_s_gate(routing_files, tmp_path, capsys):
+    """`zooter train` then `zooter export` with no flags, on the packaged MiniLM: the default is the configuration
+    that passed the INT8 gate on every data set measured (issue 20; docs/training.md), not the full fine-tune."""
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    assert main(["train", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--out", str(run),
+                 "--max-length", "32"]) == 0
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["frozen"] is True and meta["config"]["layers"] == 2 and meta["config"]["int8_consistency"] == 200.0
+    assert json.loads((run / "encoder" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert meta["decision"]["fitted_on"]["out_of_fold"] is True
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(bundle)]) == 0     # the gate, no --allow-drift
+    printed = capsys.readouterr().out
+    assert "int8: clear decisions agree" in printed and (bundle / "model.int8.onnx").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--frozen", "--fine-tune"], "give one of them"),
+    (["--frozen", "--train-layers", "1"], "give one of them"),
+    (["--fine-tune", "--int8-consistency", "10"], "--int8-consistency is for head-only runs"),
+])
+def test_fine_tune_flags_that_contradict_each_other_are_refused(routing_files, tiny_backbone, tmp_path, capsys, flags, message):
+    assert main(["train", "--data", str(routing_files["train"]), "--out", str(tmp_path / "run"),
+                 "--backbone", str(tiny_backbone), *flags]) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_fine_tune_trains_every_layer_of_the_encoder(routing_files, tiny_backbone, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(routing_files["train"]), "--dev", str(routing_files["dev"]), "--out", str(run),
+                 "--backbone", str(tiny_backbone), "--fine-tune", "--epochs", "1", "--max-length", "32"]) == 0
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["frozen"] is False and meta["config"]["layers"] is None and meta["config"]["epochs"] == 1
