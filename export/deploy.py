@@ -32,13 +32,11 @@ from urllib.parse import urlsplit
 from zooter.runtime.bundle import bundle_bytes, read_manifest
 from zooter.runtime.errors import UserError
 from zooter.serving.candidates import Candidate, costs_for, load_candidates
-from zooter.serving.gateway_upstreams import grpc_address
-from zooter.serving.triton_client import CONTROL_HEADER
-from zooter.serving.triton_server import RESTRICTED_APIS
+from zooter.serving.triton_client import CONTROL_HEADER, RESTRICTED_APIS, grpc_address
 
 GATEWAY_PORT = 8000
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
-IN_FLIGHT_METRIC = "zooter_gateway_in_flight_requests"        # serving/gateway_metrics.py
+IN_FLIGHT_METRIC = "zooter_gateway_in_flight_requests"        # servers/gateway/metrics.py
 QUEUE_COMPUTE_METRIC = "triton_queue_compute_ratio"           # exposed by the adapter rule below
 __version__ = _version("zooter")
 UID = 10001                                                    # non-root, above the host's user range

@@ -195,7 +195,7 @@ def test_missing_extras_name_the_extra_to_install(bundles, routing_files, monkey
 
 
 def test_route_through_triton_refused_port_empty_and_long_text(capsys):
-    from zooter.serving.triton_server import free_port
+    from zooter.servers.tritonserver import free_port
 
     port = free_port()   # nothing listens there
     assert main(["route", "--triton", f"127.0.0.1:{port}", "hello"]) == 2
