@@ -188,7 +188,7 @@ def test_missing_extras_name_the_extra_to_install(bundles, routing_files, monkey
     assert "pip install 'zooter[triton]'" in capsys.readouterr().err
     for module in ("torch", "torch.nn", "transformers", "accelerate"):
         monkeypatch.setitem(sys.modules, module, None)
-    for module in [m for m in sys.modules if m.startswith(("zooter.training.model", "zooter.export.int8_encoder"))]:
+    for module in [m for m in sys.modules if m.startswith(("zooter.training.model", "zooter.convert.int8_encoder"))]:
         monkeypatch.delitem(sys.modules, module)   # imported by earlier tests: import them afresh
     assert main(["train", "--data", str(routing_files["train"]), "--out", "/nonexistent/run", "--frozen"]) == 2
     assert "pip install 'zooter[train]'" in capsys.readouterr().err
