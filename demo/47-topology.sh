@@ -29,7 +29,7 @@ from openai import OpenAI
 
 from zooter.export.triton_repo import model_name_for
 from zooter.runtime.router import Router
-from zooter.serving.triton_server import TritonServer
+from zooter.servers.tritonserver import TritonServer
 
 bundle, priced, out, questions = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 prompts = [json.loads(line)["turns"][0] for line in open(questions) if line.strip()]

@@ -29,7 +29,7 @@ import json, os, sys
 from pathlib import Path
 
 from zooter.cli import main
-from zooter.serving.triton_server import TritonServer
+from zooter.servers.tritonserver import TritonServer
 from zooter.serving.candidates import Candidate, load_candidates, save_candidates
 
 out, routing, folder, args = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3]), sys.argv[4:]

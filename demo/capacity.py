@@ -59,7 +59,7 @@ def routing_cpu(bundle: str, texts: list[str], rounds: int) -> float:
 def gateway_cpu(bundle: str, labels: list[str], texts: list[str], requests: int, concurrency: int) -> float:
     import yaml
 
-    from zooter.serving.triton_server import free_port
+    from zooter.servers.tritonserver import free_port
 
     with tempfile.TemporaryDirectory(prefix="zooter-capacity-") as tmp:
         stub = subprocess.Popen([sys.executable, str(HERE.parent / "tests" / "openai_stub_server.py")],

@@ -1,1 +1,1 @@
-"""Export side: ONNX export, graph optimization, quantization, parity gates, the bundle, the Triton repository builder."""
+"""Export side: the bundle (ONNX export and quantization from zooter.convert, parity gates), the Triton repository builder and reload, the Kubernetes writer."""

@@ -34,8 +34,8 @@ def pytorch_baselines(run: str | Path, manifest: dict, threads: int | None = Non
 
 
 def _fp32_from_run(torch_router, manifest: dict, threads: int | None, work: Path) -> Engine:
-    from zooter.export.onnx_export import export_onnx
-    from zooter.export.quantize import optimize
+    from zooter.convert.onnx_export import export_onnx
+    from zooter.convert.quantize import optimize
     from zooter.runtime.router import Router
     from zooter.runtime.session import open_session
 

@@ -98,8 +98,8 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     from tqdm import tqdm
 
     from zooter.export import parity as par
-    from zooter.export.onnx_export import export_onnx
-    from zooter.export.quantize import Int8Recipe, optimize, quantize_int8
+    from zooter.convert.onnx_export import export_onnx
+    from zooter.convert.quantize import Int8Recipe, optimize, quantize_int8
     from zooter.runtime.decision import Rule, check_weight
     from zooter.runtime.router import Router
     from zooter.runtime.session import open_session

@@ -32,13 +32,11 @@ from urllib.parse import urlsplit
 from zooter.runtime.bundle import bundle_bytes, read_manifest
 from zooter.runtime.errors import UserError
 from zooter.serving.candidates import Candidate, costs_for, load_candidates
-from zooter.serving.gateway_upstreams import grpc_address
-from zooter.serving.triton_client import CONTROL_HEADER
-from zooter.serving.triton_server import RESTRICTED_APIS
+from zooter.serving.triton_client import CONTROL_HEADER, RESTRICTED_APIS, grpc_address
 
 GATEWAY_PORT = 8000
 TRITON_HTTP, TRITON_GRPC, TRITON_METRICS = 8000, 8001, 8002
-IN_FLIGHT_METRIC = "zooter_gateway_in_flight_requests"        # serving/gateway_metrics.py
+IN_FLIGHT_METRIC = "zooter_gateway_in_flight_requests"        # servers/gateway/metrics.py
 QUEUE_COMPUTE_METRIC = "triton_queue_compute_ratio"           # exposed by the adapter rule below
 __version__ = _version("zooter")
 UID = 10001                                                    # non-root, above the host's user range
@@ -393,7 +391,7 @@ def adapter_rules(s: DeploySettings) -> dict:
 
 # --- container build files ---------------------------------------------------------------------------
 # The folders pyproject.toml installs (its package-dir); the tests hold the two lists together.
-PACKAGE_FOLDERS = ("zooter", "runtime", "serving", "training", "export", "triton_models")
+PACKAGE_FOLDERS = ("zooter", "runtime", "serving", "convert", "training", "export", "servers", "triton_models")
 SOURCE = "WORKDIR /src\nCOPY pyproject.toml README.md ./\n" + "".join(f"COPY {d} {d}\n" for d in PACKAGE_FOLDERS)
 GATEWAY_DOCKERFILE = """\
 # The gateway image: zooter with the `gateway` extra and the Triton gRPC client, no bundle (that comes from

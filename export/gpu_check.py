@@ -136,7 +136,7 @@ def run_gpu_check(run: str | Path, out: str | Path, queries: list[str] | None = 
 
 def _serve_and_bench(check: GpuCheck, repo: Path, bundle: Path, queries: list[str], command: str) -> None:
     from zooter.serving.triton_bench import bench_triton, format_table
-    from zooter.serving.triton_server import TritonServer, find_tritonserver
+    from zooter.servers.tritonserver import TritonServer, find_tritonserver
 
     install = find_tritonserver()
     backends = install.backends or install.binary.parent.parent / "backends"

@@ -10,7 +10,7 @@
     openai    an OpenAI-compatible server (trtllm-serve, Triton's OpenAI front end, vLLM): chat completions
 
 Transport-free on purpose: the sync tritonclient face (serving/clients.py, `zooter generate`), the async
-gRPC face (serving/gateway_upstreams.py, the gateway) and the `zooter` BLS model in Triton (which builds
+gRPC face (servers/gateway/upstreams.py, the gateway) and the `zooter` BLS model in Triton (which builds
 pb_utils tensors) all build their inputs from `specs()` and read their answers with `Reading`, so a
 sampling knob or an output is mapped in one place. It lives in runtime/ because Triton models may import
 only the runtime (docs/architecture.md); it needs numpy and the standard library only.

@@ -32,7 +32,7 @@ from typing import Sequence
 
 from zooter.runtime.bench import BUILTIN_QUERIES, percentiles
 from zooter.runtime.errors import UserError
-from zooter.serving.triton_server import free_port
+from zooter.servers.tritonserver import free_port
 
 CONCURRENCY = (1, 32)
 

@@ -34,6 +34,11 @@ DECISION_OUTPUTS = ("candidate", "probabilities", "expected_rewards", "confidenc
 BATCH = 32                   # rows per request: the routing models' default max_batch_size
 MAX_TEXT_BYTES = 65536       # the repository's default limit; longer text is refused before sending
 CONTROL_HEADER = "zooter-control-key"   # the header Triton's restricted model-repository/logging APIs require
+# Control APIs, restricted to requests carrying CONTROL_HEADER (the launcher's flags, the manifests of
+# `zooter deploy`): loading models runs their code; logging and trace settings choose files to write;
+# registering a shared-memory region (system or CUDA) lets a client read and write any /dev/shm key
+# the server can open, the python backend's own regions included.
+RESTRICTED_APIS = "model-repository,logging,trace,shared-memory"
 
 
 class TritonRequestError(RuntimeError):
@@ -62,6 +67,15 @@ def parse_url(url: str) -> tuple[str, str]:
     if "://" in url:
         raise UserError(f"{url}: expected host:port, http://host:port or grpc://host:port")
     return "http", url
+
+
+def grpc_address(url: str, where: str) -> str:
+    """host:port of a Triton gRPC endpoint, from "grpc://host:port" or "host:port" (parse_url's forms, less
+    http): the gateway's Triton upstreams and the manifests of `zooter deploy`."""
+    if "://" in url and not url.strip().startswith("grpc://"):
+        raise UserError(f"{where}: {url}: the gateway talks to Triton over gRPC: give grpc://host:port "
+                        "(Triton's gRPC port, 8001 by default)")
+    return parse_url(url)[1]
 
 
 def client_module(protocol: str):

@@ -113,7 +113,7 @@ def pipe_round_trip_us(work_ms: float, n: int) -> float:
 def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, json_out: str | Path | None = None,
                   quiet: bool = False) -> dict:
     """Start a private server with the probes, time them against the in-process spin; print and return the report."""
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     work_ms = float(work_ms)
     if not 0 < work_ms <= MAX_WORK_MS:     # at 0 the busy probe would be the idle one

@@ -14,9 +14,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Folder -> its layer; a folder may import its own layer and the ones below it.
-LAYERS = {"runtime": 0, "serving": 1, "training": 2, "export": 3, "zooter": 4}
-PACKAGE = {"runtime": "zooter.runtime", "serving": "zooter.serving", "training": "zooter.training",
-           "export": "zooter.export", "triton_models": "zooter.triton_models"}
+LAYERS = {"runtime": 0, "serving": 1, "convert": 2, "training": 3, "export": 4, "servers": 5, "bench": 6, "zooter": 7}
+PACKAGE = {"runtime": "zooter.runtime", "serving": "zooter.serving", "convert": "zooter.convert",
+           "training": "zooter.training", "export": "zooter.export", "servers": "zooter.servers",
+           "bench": "zooter.bench", "triton_models": "zooter.triton_models"}
+# Benchmarks still in the folders they are leaving for bench/ (issue 23, item 3): judged as the bench
+# layer they belong to, so they may already time the servers. A file no longer there is simply skipped.
+AWAITING_BENCH = {"runtime/bench.py", "serving/gateway_bench.py", "serving/triton_bench.py", "serving/triton_floor.py",
+                  "export/baselines.py", "export/gpu_check.py"}
 RUNTIME_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers"}
 
 
@@ -55,18 +60,19 @@ def test_runtime_needs_nothing_else_of_ours():
     assert not bad, "runtime/ imports more than numpy, onnxruntime, tokenizers, the standard library and itself:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("folder", ["runtime", "serving", "training", "export", "zooter"])
+@pytest.mark.parametrize("folder", list(LAYERS))
 def test_folders_import_only_their_own_layer_and_below(folder):
     bad = []
     for path, line, module in imports(folder):
         target = layer_of(module)
         if target is None:
             continue
+        where = "bench" if path.relative_to(REPO).as_posix() in AWAITING_BENCH else folder
         if target == "triton_models":
             if folder != "export":   # only the repository builder needs the templates' helpers
                 bad.append(f"{path.relative_to(REPO)}:{line}: {module}")
-        elif LAYERS[target] > LAYERS[folder]:
-            bad.append(f"{path.relative_to(REPO)}:{line}: {module} ({folder} must not import {target})")
+        elif LAYERS[target] > LAYERS[where]:
+            bad.append(f"{path.relative_to(REPO)}:{line}: {module} ({where} must not import {target})")
     assert not bad, "an import points up the layers:\n" + "\n".join(bad)
 
 
@@ -86,6 +92,6 @@ def test_one_inference_session_construction():
 
 
 def test_no_argparse_below_the_cli():
-    bad = [f"{path.relative_to(REPO)}:{line}" for folder in ("runtime", "serving", "training", "export")
+    bad = [f"{path.relative_to(REPO)}:{line}" for folder in LAYERS if folder != "zooter"
            for path, line, module in imports(folder) if module == "argparse"]
     assert not bad, bad

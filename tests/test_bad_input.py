@@ -188,14 +188,14 @@ def test_missing_extras_name_the_extra_to_install(bundles, routing_files, monkey
     assert "pip install 'zooter[triton]'" in capsys.readouterr().err
     for module in ("torch", "torch.nn", "transformers", "accelerate"):
         monkeypatch.setitem(sys.modules, module, None)
-    for module in [m for m in sys.modules if m.startswith(("zooter.training.model", "zooter.export.int8_encoder"))]:
+    for module in [m for m in sys.modules if m.startswith(("zooter.training.model", "zooter.convert.int8_encoder"))]:
         monkeypatch.delitem(sys.modules, module)   # imported by earlier tests: import them afresh
     assert main(["train", "--data", str(routing_files["train"]), "--out", "/nonexistent/run", "--frozen"]) == 2
     assert "pip install 'zooter[train]'" in capsys.readouterr().err
 
 
 def test_route_through_triton_refused_port_empty_and_long_text(capsys):
-    from zooter.serving.triton_server import free_port
+    from zooter.servers.tritonserver import free_port
 
     port = free_port()   # nothing listens there
     assert main(["route", "--triton", f"127.0.0.1:{port}", "hello"]) == 2

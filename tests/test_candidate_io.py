@@ -211,7 +211,7 @@ NONE_INPUTS = '  { name: "image" data_type: TYPE_FP32 dims: [ 3 ] }'
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     repo = tmp_path_factory.mktemp("io_repo")
     # The LLM-API model as its model.yaml sets it (no batching), decoupled to stream and not (its default).
@@ -248,8 +248,8 @@ def test_generate_speaks_both_triton_ios(triton, model):
 @pytest.mark.triton
 @pytest.mark.parametrize("model", ["echo_llmapi", "echo_llmapi_plain", "echo_ensemble"])
 def test_the_gateway_speaks_both_triton_ios(triton, model):
-    from zooter.serving.gateway_requests import parse_chat
-    from zooter.serving.gateway_upstreams import GrpcClients, TritonModelUpstream
+    from zooter.servers.gateway.requests import parse_chat
+    from zooter.servers.gateway.upstreams import GrpcClients, TritonModelUpstream
 
     async def run():
         clients = GrpcClients()
@@ -286,7 +286,7 @@ def test_the_gateway_speaks_both_triton_ios(triton, model):
 @pytest.mark.triton
 def test_a_model_with_no_known_io_is_refused_naming_its_inputs(triton):
     from zooter.serving.clients import CallError, Sampling, TritonClient
-    from zooter.serving.gateway_upstreams import GrpcClients, TritonModelUpstream
+    from zooter.servers.gateway.upstreams import GrpcClients, TritonModelUpstream
 
     with pytest.raises(UserError, match=r"candidate 'cand' .*model 'classifier' has none of the known I/Os.*\['image'\]"):
         TritonModelUpstream("cand", {"triton_model": "classifier", "triton_url": triton.grpc_url}, GrpcClients(), 16)
@@ -331,7 +331,7 @@ def test_the_zooter_model_asks_an_llmapi_model_that_is_not_decoupled_for_whole_a
     from zooter.export.triton_repo import build_repository
     from zooter.runtime.router import Router
     from zooter.serving.candidates import parse_candidates
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     labels = Router.load(bundles["fp32"]).labels
     entries = [{"name": labels[0], "serve": {"triton_model": "echo_llmapi_plain", "triton_url": triton.grpc_url}},

@@ -103,7 +103,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(deployed):
 
 def test_the_gateway_takes_the_cluster_candidates_file(deployed, bundles, monkeypatch):
     """The rewritten file is one the gateway accepts: every candidate callable, Triton ones at the Services."""
-    from zooter.serving.gateway import GatewaySettings, create_app
+    from zooter.servers.gateway import GatewaySettings, create_app
 
     monkeypatch.setenv("DELTA_KEY", "upstream-key")
     app = create_app(GatewaySettings(bundle=bundles["int8"], candidates=deployed / "candidates.yaml"))
@@ -117,9 +117,9 @@ def test_the_gateway_takes_the_cluster_candidates_file(deployed, bundles, monkey
 
 
 def test_gateway_wiring_matches_the_gateway_process(deployed):
+    from zooter.servers.gateway.metrics import Metrics
     from zooter.serving.candidates import load_candidates, parse_candidates
-    from zooter.serving.gateway_metrics import Metrics
-    from zooter.serving.gateway_upstreams import grpc_address
+    from zooter.serving.triton_client import grpc_address
 
     docs = docs_of(deployed)
     deployment = docs[("Deployment", "zooter-gateway")]
@@ -189,8 +189,7 @@ def test_gateway_wiring_matches_the_gateway_process(deployed):
 
 
 def test_triton_wiring_matches_the_launcher(deployed):
-    from zooter.serving.triton_client import CONTROL_HEADER
-    from zooter.serving.triton_server import RESTRICTED_APIS
+    from zooter.serving.triton_client import CONTROL_HEADER, RESTRICTED_APIS
 
     docs = docs_of(deployed)
     for name in ("triton-gpu-a", "triton-gpu-b"):

@@ -29,7 +29,7 @@ def torch_choices(run: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_bundle_layout_and_manifest(bundles):
-    from zooter.export.quantize import Int8Recipe
+    from zooter.convert.quantize import Int8Recipe
     from zooter.runtime.bundle import FORMAT_VERSION, manifest_digest
     from zooter.runtime.files import sha256_file
 

@@ -56,7 +56,7 @@ def write_candidates(path: Path, serve: dict[str, dict]) -> Path:
 
 def start_gateway(**settings) -> ServerThread:
     """The gateway as `zooter gateway` serves it (its guarded HTTP protocol included), in a thread."""
-    from zooter.serving.gateway import GatewaySettings, create_app, gateway_server_options
+    from zooter.servers.gateway import GatewaySettings, create_app, gateway_server_options
 
     app = create_app(GatewaySettings(**settings))
     return ServerThread(app, **gateway_server_options(app))
@@ -598,7 +598,7 @@ def test_the_command_refuses_a_bad_setup_in_one_line(bundles, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_zooter_gateway_serves_on_loopback_and_stops_on_sigterm(bundles, stub, tmp_path, listeners):
-    from zooter.serving.triton_server import free_port
+    from zooter.servers.tritonserver import free_port
 
     candidates = write_candidates(tmp_path / "c.yaml", {label: {"openai_base_url": stub.url + "/v1"} for label in LABELS})
     busy = ServerThread(stub_app([]))
@@ -651,7 +651,7 @@ def triton(bundles, ranking, tmp_path_factory):
     not in the server: the `zooter` model falls back past it."""
     from zooter.export.triton_repo import build_repository
     from zooter.serving.candidates import parse_candidates
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     missing = {"serve": {"triton_model": "not_loaded_here"}}
     candidates = parse_candidates([{"name": n, **(missing if n == ranking[0] else {})} for n in LABELS])

@@ -30,7 +30,7 @@ class Gateway:
     """`zooter gateway` in a subprocess; its output read in a thread, each line with the time it came."""
 
     def __init__(self, bundle, candidates):
-        from zooter.serving.triton_server import free_port
+        from zooter.servers.tritonserver import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

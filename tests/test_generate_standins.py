@@ -27,7 +27,7 @@ LABELS = ["gemma-2-9b-it", "qwen2.5-7b-instruct"]
 def standins(request, tmp_path_factory, tiny_backbone):
     from zooter.runtime.bundle import write_bundle
     from zooter.export.triton_repo import build_repository
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     root = tmp_path_factory.mktemp("standins")
     placeholder = root / "router.onnx"

@@ -70,7 +70,7 @@ instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     repo = tmp_path_factory.mktemp("echo_repo")
     for name, policy in (("echo", ""), ("echo_stream", "model_transaction_policy { decoupled: true }")):

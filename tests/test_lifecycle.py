@@ -185,6 +185,23 @@ def test_a_fine_tuned_run_takes_a_candidate_on_its_own_encoder(pool, tiny_backbo
     assert set(decisions(run3, texts)) <= {"mathy", NEW}
 
 
+def test_a_quantization_aware_run_is_refitted_against_the_int8_encoder_training_builds(pool, tiny_backbone, tmp_path):
+    """Training builds the INT8 encoder itself (zooter.convert), in the lifecycle as in `train`: nobody hands it
+    in, and a run trained quantization-aware has its heads refitted on that encoder's embeddings too."""
+    from zooter.training.lifecycle import add_candidate
+
+    root = pool["root"]
+    cfg = TrainConfig(data=str(root / "train.jsonl"), dev=str(root / "dev.jsonl"), out=str(tmp_path / "qat"),
+                      backbone=str(tiny_backbone), frozen=True, epochs=4, lr=3e-2, max_length=32, batch_size=16,
+                      threads=1, int8_consistency=200.0)
+    assert "int8_agreement" in train(cfg)["dev"]
+    cache = tmp_path / "cache"
+    info = add_candidate(tmp_path / "qat", NEW, root / "new.jsonl", tmp_path / "added", cache=str(cache))
+    assert info["labels"] == OLD + [NEW]
+    # one embedding file for the fp32 encoder, one for the INT8 encoder (its recipe is in the key)
+    assert len(list(cache.glob("embeddings-*.npz"))) == 2
+
+
 def test_bench_prints_the_curve_over_k(tiny_backbone, tmp_path, capsys):
     data = tmp_path / "all.jsonl"
     synthetic(120, 3).save(data)

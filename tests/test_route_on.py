@@ -66,7 +66,7 @@ def test_messages_travel_as_json_and_bad_json_is_named():
 
 def test_finish_reason_from_the_model_else_from_the_counts():
     from zooter.runtime.conversation import finish_reason
-    from zooter.serving.gateway_upstreams import Ending
+    from zooter.servers.gateway.upstreams import Ending
 
     assert finish_reason("length", None, None) == "length" and finish_reason("stop", 99, 5) == "stop"
     assert finish_reason(None, 5, 5) == "length" and finish_reason(None, 4, 5) == "stop"
@@ -79,7 +79,7 @@ def test_finish_reason_from_the_model_else_from_the_counts():
 
 
 def test_a_chat_call_keeps_every_turn_and_the_candidate_gets_the_whole_prompt():
-    from zooter.serving.gateway_requests import parse_chat, parse_completion
+    from zooter.servers.gateway.requests import parse_chat, parse_completion
 
     call = parse_chat({"model": "zooter", "messages": [{"role": "system", "content": SYSTEM},
                                                        {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
@@ -93,7 +93,7 @@ def test_route_on_is_a_build_and_a_gateway_setting(bundles, tmp_path):
     from zooter.export.triton_repo import build_repository, validate_repository
     from zooter.runtime.errors import UserError
     from zooter.serving.candidates import parse_candidates
-    from zooter.serving.gateway import GatewaySettings
+    from zooter.servers.gateway import GatewaySettings
 
     built = build_repository(bundles["int8"], tmp_path / "repo", parse_candidates([{"name": n} for n in LABELS]),
                              route_on="conversation")
@@ -147,7 +147,7 @@ def served(bundles, tmp_path_factory):
     labels answered by fake_llmapi, the others by fake_counted."""
     from zooter.export.triton_repo import LLM_INPUTS, _io_block, build_repository
     from zooter.serving.candidates import parse_candidates
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     folder = tmp_path_factory.mktemp("route_on")
     for name, llmapi in FAKES.items():
@@ -177,11 +177,11 @@ def served(bundles, tmp_path_factory):
     finally:
         for gateway in gateways.values():
             gateway.stop()
-        server.close()         # waits, then kills a slow stop; removes its folder and regions (serving/triton_server.py)
+        server.close()         # waits, then kills a slow stop; removes its folder and regions (servers/tritonserver.py)
 
 
 def start_gateway(**settings) -> ServerThread:
-    from zooter.serving.gateway import GatewaySettings, create_app
+    from zooter.servers.gateway import GatewaySettings, create_app
 
     return ServerThread(create_app(GatewaySettings(**settings)))
 

@@ -77,7 +77,7 @@ def test_candidates_across_servers_survive_a_killed_server(bundles, tmp_path):
     from tiny import TEXTS
     from zooter.export.triton_repo import build_repository, model_name_for
     from zooter.runtime.router import Router
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     bundle = bundles["fp32"]
     router = Router.load(bundle)
@@ -186,7 +186,7 @@ def test_the_zooter_model_calls_llmapi_candidates_in_its_own_server(bundles, tmp
     import urllib.request
 
     from zooter.export.triton_repo import build_repository
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     built = build_repository(bundles["fp32"], tmp_path / "repo", None, stand_ins=True, stand_in_io="llmapi",
                              default_max_tokens=4)

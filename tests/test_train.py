@@ -13,17 +13,11 @@ from safetensors.torch import load_file
 from zooter.cli import main
 from zooter.runtime.errors import UserError
 from zooter.training.dataset import RoutingDataset
-from zooter.export.int8_encoder import Int8Embedder
 from zooter.training.evaluate import open_router
 from zooter.training.model import RouterModel
 from zooter.training.train import TrainConfig, train
 
 from tiny import CANDIDATES
-
-
-def fit(cfg: TrainConfig, **kw) -> dict:
-    """train() as the CLI calls it: with export's INT8 encoder for quantization-aware heads."""
-    return train(cfg, int8_embedder=Int8Embedder(), **kw)
 
 
 def config(routing_files, tiny_backbone, out, **kw) -> TrainConfig:
@@ -36,7 +30,7 @@ def config(routing_files, tiny_backbone, out, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def full_run(routing_files, tiny_backbone, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    return out, fit(config(routing_files, tiny_backbone, out, candidates=str(routing_files["candidates"])))
+    return out, train(config(routing_files, tiny_backbone, out, candidates=str(routing_files["candidates"])))
 
 
 def test_training_lowers_the_loss_and_writes_a_run_that_loads(full_run, routing_files):
@@ -70,14 +64,14 @@ def test_torch_router_on_a_run_matches_the_model(full_run, routing_files):
 def test_same_seed_same_weights_other_seed_other_weights(routing_files, tiny_backbone, tmp_path):
     heads = []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        fit(config(routing_files, tiny_backbone, tmp_path / name, seed=seed, epochs=1))
+        train(config(routing_files, tiny_backbone, tmp_path / name, seed=seed, epochs=1))
         heads.append(load_file(tmp_path / name / "head.safetensors")["weight"])
     assert torch.equal(heads[0], heads[1])
     assert not torch.equal(heads[0], heads[2])
 
 
 def test_frozen_head_learns_the_topics_and_resume_continues_exactly(routing_files, tiny_backbone, tmp_path, monkeypatch):
-    straight = fit(config(routing_files, tiny_backbone, tmp_path / "straight", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache")))
+    straight = train(config(routing_files, tiny_backbone, tmp_path / "straight", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache")))
     assert straight["curves"][-1]["train_loss"] < straight["curves"][0]["train_loss"]
     # The topics are learnable from a frozen random encoder's mean-pooled tokens: beat the best single on dev.
     assert straight["dev"]["mean_reward"] > straight["dev"]["best_single_from_train"]
@@ -97,18 +91,18 @@ def test_frozen_head_learns_the_topics_and_resume_continues_exactly(routing_file
     monkeypatch.setattr(loop, "routed_reward", interrupt_after_three)
     cfg = config(routing_files, tiny_backbone, tmp_path / "resumed", frozen=True, epochs=30, lr=3e-2, cache=str(tmp_path / "cache"))
     with pytest.raises(KeyboardInterrupt):
-        fit(cfg)
+        train(cfg)
     # The interrupted run is in its partial folder, never in RUN itself.
     assert (tmp_path / ".resumed.partial" / "state.pt").exists() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(loop, "routed_reward", real)
-    resumed = fit(cfg, resume=True)
+    resumed = train(cfg, resume=True)
     assert [h["dev_reward"] for h in resumed["curves"]] == [h["dev_reward"] for h in straight["curves"]]
     assert torch.allclose(load_file(tmp_path / "resumed" / "head.safetensors")["weight"],
                           load_file(tmp_path / "straight" / "head.safetensors")["weight"])
 
 
 def test_hard_labels_and_holdout_without_dev(routing_files, tiny_backbone, tmp_path):
-    info = fit(config(routing_files, tiny_backbone, tmp_path / "hard", dev=None, loss="hard", frozen=True, epochs=2))
+    info = train(config(routing_files, tiny_backbone, tmp_path / "hard", dev=None, loss="hard", frozen=True, epochs=2))
     assert info["loss"] == "hard" and info["beta"] == 1.0
     # 10% held out by query hash: the two parts partition the 120 training rows.
     assert info["n_dev"] > 0 and info["n_train"] + info["n_dev"] == 120
@@ -168,7 +162,7 @@ def test_eval_adds_the_rmr_baseline(full_run, routing_files, tmp_path):
 
 
 def test_layers_cuts_the_encoder_and_the_run_keeps_the_cut(routing_files, tiny_backbone, tmp_path):
-    info = fit(config(routing_files, tiny_backbone, tmp_path / "run", frozen=True, epochs=2, layers=1, int8_consistency=0))
+    info = train(config(routing_files, tiny_backbone, tmp_path / "run", frozen=True, epochs=2, layers=1, int8_consistency=0))
     model, _, _ = RouterModel.load(tmp_path / "run")
     assert model.encoder.config.num_hidden_layers == 1 and len(model.encoder.encoder.layer) == 1
     assert info["config"]["layers"] == 1
@@ -182,14 +176,14 @@ def test_layers_cuts_the_encoder_and_the_run_keeps_the_cut(routing_files, tiny_b
     direct = open_router(tmp_path / "run").probabilities(texts)
     assert cached_router.labels == CANDIDATES and cached == pytest.approx(direct, abs=1e-5)
     with pytest.raises(UserError, match="--layers must be between 1 and 2"):
-        fit(config(routing_files, tiny_backbone, tmp_path / "bad", frozen=True, layers=3))
+        train(config(routing_files, tiny_backbone, tmp_path / "bad", frozen=True, layers=3))
 
 
 def test_int8_consistency_measures_what_the_export_gate_measures(routing_files, tiny_backbone, tmp_path):
     """The run keeps the head averaged over the second half of the epochs, and training's INT8
     agreement of that head on dev is export's parity on the same rows: the INT8 encoder built in
     training is the one the bundle ships."""
-    info = fit(config(routing_files, tiny_backbone, tmp_path / "run", frozen=True, epochs=4, int8_consistency=200.0))
+    info = train(config(routing_files, tiny_backbone, tmp_path / "run", frozen=True, epochs=4, int8_consistency=200.0))
     assert all("dev_int8_agreement" in point for point in info["curves"])
     assert info["dev"]["averaged_epochs"] == [3, 4] and info["dev"]["epoch"] is None
     recorded = info["dev"]["int8_agreement"]
@@ -198,7 +192,7 @@ def test_int8_consistency_measures_what_the_export_gate_measures(routing_files, 
     parity = json.loads((tmp_path / "bundle" / "router.json").read_text())["parity"]
     assert parity["n"] == 30 and parity["decision_agreement"] == pytest.approx(recorded)
     with pytest.raises(UserError, match="needs --frozen"):
-        fit(config(routing_files, tiny_backbone, tmp_path / "full", int8_consistency=10.0))
+        train(config(routing_files, tiny_backbone, tmp_path / "full", int8_consistency=10.0))
 
 
 @pytest.mark.slow

@@ -126,7 +126,7 @@ def triton_repo(tmp_path_factory, triton_bundle, real_candidate) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_server(triton_repo, trtllm_repo, tmp_path_factory):
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     log = tmp_path_factory.mktemp("triton_log") / "server.log"
     server = TritonServer(triton_repo, extra_repositories=[trtllm_repo], model_control=True, log_file=log)
@@ -640,7 +640,7 @@ def _kill_orphan_server(repo: Path) -> None:
 @pytest.mark.slow
 def test_launcher_is_safe_by_default(triton_repo):
     """Without options: every endpoint on 127.0.0.1, no model control, control APIs behind a random key."""
-    from zooter.serving.triton_server import TritonInstall, TritonServer
+    from zooter.servers.tritonserver import TritonInstall, TritonServer
 
     server = TritonServer(triton_repo)
     cmd = server.command(TritonInstall(binary=Path("tritonserver")), None)
@@ -661,7 +661,7 @@ def fake_leftovers(tmp_root: Path, shm_root: Path, tag: str) -> dict[str, Path]:
     All but "fresh" are dated an hour back (the sweep leaves anything younger than a minute alone)."""
     import os
 
-    from zooter.serving.triton_server import _identity
+    from zooter.servers.tritonserver import _identity
 
     gone = subprocess.Popen(["sleep", "60"])          # a process that existed, then ended: its PID and start time
     dead_owner = _identity(gone.pid)
@@ -690,7 +690,7 @@ def test_sweep_removes_what_dead_servers_left_and_nothing_of_a_live_one(tmp_path
     import mmap
     import os
 
-    from zooter.serving.triton_server import sweep_leftovers
+    from zooter.servers.tritonserver import sweep_leftovers
 
     tmp_root, shm_root = tmp_path / "tmp", tmp_path / "shm"
     shm_root.mkdir()
@@ -717,7 +717,7 @@ def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
     folder, the python backend's /dev/shm regions and its /tmp/python_env_* folder."""
     import os
 
-    from zooter.serving.triton_server import TritonServer, _group_running
+    from zooter.servers.tritonserver import TritonServer, _group_running
 
     repo = tmp_path / "repo"
     (repo / "stuck" / "1").mkdir(parents=True)
@@ -756,7 +756,7 @@ def test_zooter_serve_binds_loopback_and_guards_model_control(triton_bundle, tmp
 
     from zooter.export.triton_repo import build_repository
     from zooter.serving.triton_client import TritonRequestError, load_model, unload_model
-    from zooter.serving.triton_server import free_port
+    from zooter.servers.tritonserver import free_port
 
     repo = build_repository(triton_bundle, tmp_path / "repo", candidates()).path   # routing only: starts fast
     ports = [free_port() for _ in range(3)]
@@ -819,7 +819,7 @@ def test_zooter_serve_sweeps_what_dead_servers_left_and_leaves_nothing_itself(tr
     import uuid
 
     from zooter.export.triton_repo import build_repository
-    from zooter.serving.triton_server import SHM_ROOT, free_port
+    from zooter.servers.tritonserver import SHM_ROOT, free_port
 
     repo = build_repository(triton_bundle, tmp_path / "repo", candidates()).path   # routing only: starts fast
     tmp_root = tmp_path / "tmp"

@@ -39,7 +39,7 @@ def test_zooter_route_with_dynamic_batching_equals_route_in_process(bundles, tmp
     from zooter.export.triton_repo import build_repository
     from zooter.runtime.router import Router
     from zooter.serving.triton_client import connect, route_rows
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     built = build_repository(bundles["int8"], tmp_path / "repo")
     router = Router.load(bundles["int8"])

@@ -58,7 +58,7 @@ def asked(url: str) -> str:
 @pytest.mark.slow
 @pytest.mark.triton
 def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, tmp_path, capsys):
-    from zooter.serving.triton_server import TritonServer
+    from zooter.servers.tritonserver import TritonServer
 
     old, new = rid(bundles["int8"]), rid(bundles["fp32"])
     assert old != new

@@ -3,11 +3,10 @@
 A frozen router trains only its head, on the pooled encoder embeddings (the head's input). They are
 computed once here; with a cache folder, once per query text across folds, splits and variants.
 
-Quantization-aware training also needs the embeddings of the INT8 encoder that export will ship.
-Building that encoder is export's job (zooter.export.int8_encoder); training receives it as an
-`int8` embedder: a callable (model, tokenizer, texts, max_length, progress) -> array with a `key`
-attribute (its recipe as JSON data) that keys the cache, so a changed recipe never reuses stale
-embeddings.
+Quantization-aware training also needs the embeddings of the INT8 encoder that export will ship:
+zooter.convert.int8_encoder builds it exactly as export does (`Int8Encoder`), and `int8_embeddings`
+runs it over the queries. Its `key` (the recipe as JSON data) keys the cache, so a changed recipe
+never reuses stale embeddings.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -42,6 +42,27 @@ def in_length_order(texts: Sequence[str], tokenizer, max_length: int, batch_size
     return out
 
 
+def int8_embeddings(encoder, model, tokenizer, texts: Sequence[str], max_length: int,
+                    progress: str | None = None) -> np.ndarray:
+    """Pooled embeddings of `texts` from `encoder` (zooter.convert.int8_encoder.Int8Encoder) built for
+    `model`, rows in input order.
+
+    One query per call, as Router.route runs it: dynamic int8 takes its activation scales from the
+    whole batch, padding included, so a query's rounding depends on its batch-mates.
+    """
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="zooter-int8-") as tmp:
+        session = encoder.session(model, Path(tmp))
+        names = {i.name for i in session.get_inputs()}
+
+        def run(enc):
+            feeds = {k: v.numpy().astype(np.int64) for k, v in enc.items() if k in names}
+            return torch.from_numpy(session.run(["logits"], feeds)[0])
+
+        return in_length_order(list(texts), tokenizer, max_length, 1, run, progress=progress)
+
+
 def cache_key(model, max_length: int, int8=None) -> str:
     """What the embeddings depend on: the encoder (its path and depth), max_length, and for INT8 the recipe."""
     key = [str(model.encoder.name_or_path), max_length, model.encoder.config.num_hidden_layers]
@@ -52,8 +73,8 @@ def cache_key(model, max_length: int, int8=None) -> str:
 
 def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 64,
                 cache: str | Path | None = None, progress: str | None = "embedding", int8=None) -> np.ndarray:
-    """The router's pooled encoder embeddings of `texts` (rows in input order); with an `int8`
-    embedder, those of the INT8 encoder it builds.
+    """The router's pooled encoder embeddings of `texts` (rows in input order); with `int8` (an
+    Int8Encoder), those of the INT8 encoder it builds.
 
     With a cache folder, vectors are kept per query text (one .npz per cache_key), so folds, splits
     and variants that share queries embed each query once.
@@ -63,7 +84,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], max_length: int, batch_s
     def compute(some: list[str]) -> np.ndarray:
         model.eval()
         if int8 is not None:
-            return int8(model, tokenizer, some, max_length, progress=progress)
+            return int8_embeddings(int8, model, tokenizer, some, max_length, progress=progress)
         return in_length_order(some, tokenizer, max_length, batch_size, lambda enc: model.embed(**enc), progress=progress)
 
     if not cache:

@@ -259,18 +259,17 @@ def _embedder(run: Path, info: dict, cfg):
     return model, tokenizer
 
 
-def _embed(model, tokenizer, rows: RunRows, cfg, cache, int8_embedder):
+def _embed(model, tokenizer, rows: RunRows, cfg, cache):
     from zooter.training.embed import embed_texts
 
     kw = {"cache": cache, "progress": None}
     train_x = embed_texts(model, tokenizer, rows.train.queries, cfg.max_length, **kw)
     dev_x = embed_texts(model, tokenizer, rows.dev.queries, cfg.max_length, **kw)
     int8 = None
-    if cfg.frozen and cfg.int8_consistency:
-        if int8_embedder is None:
-            raise UserError("this run was trained quantization-aware (--int8-consistency > 0): its heads need the "
-                            "INT8 encoder's embeddings (pass int8_embedder)")
-        both = embed_texts(model, tokenizer, rows.train.queries + rows.dev.queries, cfg.max_length, int8=int8_embedder, **kw)
+    if cfg.frozen and cfg.int8_consistency:   # trained quantization-aware: its heads need the INT8 encoder's embeddings
+        from zooter.convert.int8_encoder import Int8Encoder
+
+        both = embed_texts(model, tokenizer, rows.train.queries + rows.dev.queries, cfg.max_length, int8=Int8Encoder(), **kw)
         int8 = (both[:len(rows.train)], both[len(rows.train):])
     return train_x, dev_x, int8
 
@@ -386,7 +385,7 @@ def _costs_file(candidates: str | None, labels: list[str], info: dict) -> str | 
 
 
 def add_candidate(run: str | Path, name: str, rows_path: str | Path, out: str | Path, candidates: str | None = None,
-                  cache: str | None = None, force: bool = False, int8_embedder=None) -> dict:
+                  cache: str | None = None, force: bool = False) -> dict:
     """`zooter candidates add`: returns the new run's run.json."""
     started = time.time()
     run, info = _load(run)
@@ -404,7 +403,7 @@ def add_candidate(run: str | Path, name: str, rows_path: str | Path, out: str | 
     if used["train"] == 0:
         raise UserError(f"{rows_path}: {name!r} is scored only on the run's dev rows; the heads need training rows")
     model, tokenizer = _embedder(run, info, cfg)
-    train_x, dev_x, int8 = _embed(model, tokenizer, rows, cfg, cache or cfg.cache, int8_embedder)
+    train_x, dev_x, int8 = _embed(model, tokenizer, rows, cfg, cache or cfg.cache)
     problem = _problem(info, rows)
     fit_started = time.time()
     estimated = [new_labels.index(n) for n, e in _entered(info).items() if e["how"] == "added" and n in new_labels]
@@ -425,7 +424,7 @@ def add_candidate(run: str | Path, name: str, rows_path: str | Path, out: str | 
 
 
 def remove_candidate(run: str | Path, name: str, out: str | Path, candidates: str | None = None,
-                     cache: str | None = None, force: bool = False, int8_embedder=None) -> dict:
+                     cache: str | None = None, force: bool = False) -> dict:
     """`zooter candidates remove`: returns the new run's run.json."""
     run, info = _load(run)
     _check_out(run, out)
@@ -440,7 +439,7 @@ def remove_candidate(run: str | Path, name: str, out: str | Path, candidates: st
     rows = run_rows(run, info)
     rows = RunRows(_columns(rows.train, keep), _columns(rows.dev, keep))
     model, tokenizer = _embedder(run, info, cfg)
-    train_x, dev_x, int8 = _embed(model, tokenizer, rows, cfg, cache or cfg.cache, int8_embedder)
+    train_x, dev_x, int8 = _embed(model, tokenizer, rows, cfg, cache or cfg.cache)
     head = None
     if not cfg.frozen:   # a fine-tuned head belongs with its encoder: drop the candidate's row only
         from zooter.training.model import RouterModel

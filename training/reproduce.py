@@ -72,12 +72,10 @@ def _splits(base: TrainConfig, out: Path, test: str | None, folds: int | None) -
 
 
 def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Sequence[float] = (0.1, 0.5, 0.7),
-              folds: int | None = None, candidates: str | None = None, keep_runs: bool = False,
-              int8_embedder=None) -> dict:
+              folds: int | None = None, candidates: str | None = None, keep_runs: bool = False) -> dict:
     """Train and evaluate every variant; writes DIR/table.json and DIR/reports/<variant>[-fold<k>].json.
 
     Run folders (each a full encoder copy) are deleted once evaluated unless keep_runs.
-    `int8_embedder`: for quantization-aware variants (zooter.training.train.train).
     """
     import shutil
 
@@ -102,7 +100,7 @@ def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Seque
             cfg = replace(variant, data=str(paths["train"]), dev=str(paths["dev"]) if paths["dev"] else None, out=str(run))
             if not same_run:
                 print(f"== {name}" + (f", fold {f + 1}/{len(folds_paths)}" if folds else ""), flush=True)
-                train(cfg, force=True, int8_embedder=int8_embedder)
+                train(cfg, force=True)
             router = frozen_router(run, cfg) if cfg.frozen else open_router(run)
             report = evaluate_router(run, paths["test"], candidates=candidates, router=router, guard=guard, keep_rows=True)
             report["variant"] = {"name": name, "loss": cfg.loss, "beta": cfg.beta, "guard": guard}

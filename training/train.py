@@ -434,16 +434,9 @@ def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=Non
 
 
 # --- the two loops ----------------------------------------------------------------------------------
-def train(config: TrainConfig, resume: bool = False, force: bool = False, int8_embedder=None) -> dict:
-    """Train a router into config.out; returns the run.json it wrote.
-
-    `int8_embedder` (zooter.export.int8_encoder.Int8Embedder) is needed for quantization-aware head
-    training (--frozen with --int8-consistency > 0): the CLI hands it in.
-    """
+def train(config: TrainConfig, resume: bool = False, force: bool = False) -> dict:
+    """Train a router into config.out; returns the run.json it wrote."""
     cfg = config.resolved()
-    if cfg.frozen and cfg.int8_consistency and int8_embedder is None:
-        raise UserError("quantization-aware training (--int8-consistency > 0) needs the INT8 encoder of "
-                        "zooter.export.int8_encoder: pass int8_embedder=Int8Embedder()")
     accelerator, rng = _setup(cfg)
     main = accelerator.is_main_process
     folder = RunFolder(cfg.out, resume=resume, force=force, main=main)
@@ -456,7 +449,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, int8_e
             (folder.work / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         started = time.time()
         if cfg.frozen:
-            train_head(cfg, problem, model, tokenizer, folder, rng, resume, int8_embedder, main=main)
+            train_head(cfg, problem, model, tokenizer, folder, rng, resume, main=main)
         else:
             fine_tune(cfg, problem, model, tokenizer, folder, accelerator, rng, resume)
         accelerator.wait_for_everyone()
@@ -525,13 +518,14 @@ def fit_head(cfg: TrainConfig, x, targets, rng, x_int8=None, after_epoch=None, r
 
 
 def train_head(cfg: TrainConfig, problem: Problem, model, tokenizer, folder: RunFolder, rng, resume: bool,
-               int8_embedder=None, main: bool = True) -> None:
+               main: bool = True) -> None:
     """Frozen encoder: embed every query once, train the head (fit_head), fit the decision layer on
     held-out predictions (the dev rows and, with oof_folds, every training row predicted by heads
     trained without it), write the run. Runs in one process: a linear head gains nothing from more."""
     import torch
     from tqdm.auto import tqdm
 
+    from zooter.convert.int8_encoder import Int8Encoder
     from zooter.runtime.decision import softmax
     from zooter.training.calibrate import inner_folds
     from zooter.training.embed import embed_texts
@@ -542,7 +536,7 @@ def train_head(cfg: TrainConfig, problem: Problem, model, tokenizer, folder: Run
     train_q = dev_q = None
     if cfg.int8_consistency:  # one call: the INT8 encoder is built once for train and dev
         both = torch.tensor(embed_texts(model, tokenizer, queries + dev_queries, cfg.max_length, cache=cfg.cache,
-                                        progress="int8 embedding", int8=int8_embedder))
+                                        progress="int8 embedding", int8=Int8Encoder()))
         train_q, dev_q = both[:len(queries)], both[len(queries):]
     # A (hidden x labels) head gains nothing from threads, and OpenMP threads waiting for each other
     # on a shared CPU make its steps far slower (docs/training.md): one thread unless asked.

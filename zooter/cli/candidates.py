@@ -64,20 +64,11 @@ def _common(p) -> None:
     p.add_argument("--force", action="store_true", help="replace RUN2 if it is a run already")
 
 
-def _int8(run: str):
-    """The INT8 embedder when the run's heads were trained quantization-aware (as zooter train builds it)."""
-    from zooter.cli.train import _int8_embedder
-    from zooter.training.lifecycle import _config, _load
-
-    cfg = _config(_load(run)[1])
-    return _int8_embedder(cfg) if cfg.frozen else None
-
-
 def cmd_add(args) -> int:
     from zooter.training.lifecycle import add_candidate
 
     info = add_candidate(args.run, args.name, args.data, args.out, candidates=args.candidates, cache=args.cache,
-                         force=args.force, int8_embedder=_int8(args.run))
+                         force=args.force)
     entered = info["lifecycle"]["entered"][args.name]
     print(f"added {args.name} to {args.run} on {entered['train']} training + {entered['dev']} dev rows "
           f"({entered['new_queries']} new queries) -> {args.out}: dev routed reward {info['dev']['mean_reward']:.4f}, "
@@ -89,7 +80,7 @@ def cmd_remove(args) -> int:
     from zooter.training.lifecycle import remove_candidate
 
     info = remove_candidate(args.run, args.name, args.out, candidates=args.candidates, cache=args.cache,
-                            force=args.force, int8_embedder=_int8(args.run))
+                            force=args.force)
     print(f"removed {args.name} from {args.run} -> {args.out}: {len(info['labels'])} candidates, "
           f"anchor {info['best_single']['candidate']}, dev routed reward {info['dev']['mean_reward']:.4f}")
     return 0

@@ -72,7 +72,7 @@ def register(sub) -> None:
 def cmd_gateway(args) -> int:
     import logging
 
-    from zooter.serving.gateway import GatewaySettings, load_api_keys, serve
+    from zooter.servers.gateway import GatewaySettings, load_api_keys, serve
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0-65535, got {args.port}")

@@ -144,15 +144,6 @@ def config_from(args, out: str, data: str, dev: str | None):
                        cache=args.cache, threads=args.threads, oof_folds=args.oof_folds)
 
 
-def _int8_embedder(config):
-    """The INT8 encoder export will build, for quantization-aware head training (zooter.export)."""
-    if not config.frozen or config.resolved().int8_consistency == 0:
-        return None
-    from zooter.export.int8_encoder import Int8Embedder
-
-    return Int8Embedder()
-
-
 def _register_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a router from rewards (ZOOTER reward distillation)",
@@ -193,7 +184,7 @@ def cmd_train(args) -> int:
     config.keep_state = args.keep_state
     main_process = int(os.environ.get("RANK", "0")) == 0   # under torchrun / accelerate launch, one summary is enough
     try:
-        info = train(config, resume=args.resume, force=args.force, int8_embedder=_int8_embedder(config))
+        info = train(config, resume=args.resume, force=args.force)
     except KeyboardInterrupt:
         if main_process:
             print(_interrupted(args.out), file=sys.stderr)
@@ -321,5 +312,5 @@ def cmd_reproduce(args) -> int:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
     base = config_from(args, args.out, args.data, args.dev)
     reproduce(base, out=args.out, test=args.test, betas=betas, folds=args.folds, candidates=args.candidates,
-              keep_runs=args.keep_runs, int8_embedder=_int8_embedder(base))
+              keep_runs=args.keep_runs)
     return 0

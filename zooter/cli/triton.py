@@ -168,7 +168,7 @@ def cmd_serve(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from zooter.serving.triton_server import TritonServer, serve_forever
+    from zooter.servers.tritonserver import TritonServer, serve_forever
 
     server = TritonServer(args.repository, extra_repositories=args.model_repository, http_port=args.http_port,
                           grpc_port=args.grpc_port, metrics_port=args.metrics_port, host=args.host,

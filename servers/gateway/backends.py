@@ -23,8 +23,8 @@ from typing import AsyncIterator
 
 from zooter.runtime.conversation import DEFAULT_ROUTE_ON, route_text
 from zooter.runtime.errors import UserError
-from zooter.serving.gateway_requests import ApiError, Call, invalid, quote
-from zooter.serving.gateway_upstreams import (Ending, GrpcClients, OpenAIUpstream, TritonModelUpstream,
+from zooter.servers.gateway.requests import ApiError, Call, invalid, quote
+from zooter.servers.gateway.upstreams import (Ending, GrpcClients, OpenAIUpstream, TritonModelUpstream,
                                               TritonZooter, UpstreamError, chunk, completion, is_token, new_id)
 
 log = logging.getLogger("zooter.gateway")

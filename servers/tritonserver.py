@@ -109,10 +109,6 @@ def _stop_with_parent() -> None:
 
 
 LOCALHOST = "127.0.0.1"
-# Control APIs: loading models runs their code; logging and trace settings choose files to write;
-# registering a shared-memory region (system or CUDA) lets a client read and write any /dev/shm key
-# the server can open, the python backend's own regions included.
-RESTRICTED_APIS = "model-repository,logging,trace,shared-memory"
 
 # libevhtp (tritonserver's HTTP parser) copies a form-encoded body twice onto the HTTP thread's stack
 # (evhtp_parse_query_wflags: `char key_buf[len + 1]; char val_buf[len + 1];`); threads get
@@ -344,7 +340,7 @@ class TritonServer:
         if self.control_key:
             # Every model-repository (index, load, unload, upload), logging, trace and shared-memory
             # (register, unregister, status; system and CUDA) call needs the key.
-            from zooter.serving.triton_client import CONTROL_HEADER
+            from zooter.serving.triton_client import CONTROL_HEADER, RESTRICTED_APIS
 
             cmd += [f"--http-restricted-api={RESTRICTED_APIS}:{CONTROL_HEADER}={self.control_key}",
                     f"--grpc-restricted-protocol={RESTRICTED_APIS}:{CONTROL_HEADER}={self.control_key}"]

@@ -6,7 +6,7 @@ headers are in). `guarded(base, timeout, on_timeout)` is uvicorn's own HTTP prot
 uvicorn picks) with one timer per connection: armed when a connection opens and at a request's first byte, it
 closes a connection whose request has not reached the app `timeout` seconds after that (with a 408 when some
 of it came; silently when nothing did). The time the first byte came travels in the request's scope, so the
-app reads the body against the same deadline (gateway.py).
+app reads the body against the same deadline (app.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 
-from zooter.serving.gateway_requests import ApiError
+from zooter.servers.gateway.requests import ApiError
 
 STARTED = "zooter.request_started"      # scope key: perf_counter() when the request's first byte arrived
 

@@ -10,9 +10,9 @@
 candidate's name goes straight to it. Headers x-zooter-candidate, x-zooter-confidence, x-zooter-fallback
 show the decision, x-zooter-router the router that made it. SIGHUP reloads the bundle and the candidates
 file: requests in flight finish on the router they started with, new ones use the new one, and a bundle
-that does not load (or has another encoder) is refused with one line in the log while the old one serves. Back ends and fallback: gateway_backends.py; upstreams: gateway_upstreams.py;
-request checks: gateway_requests.py; metrics: gateway_metrics.py; the request-read deadline: gateway_http.py;
-/health's upstream check: gateway_health.py. docs/gateway.md has the whole story.
+that does not load (or has another encoder) is refused with one line in the log while the old one serves. Back ends and fallback: backends.py; upstreams: upstreams.py;
+request checks: requests.py; metrics: metrics.py; the request-read deadline: http.py;
+/health's upstream check: health.py. docs/gateway.md has the whole story.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import Callable, Sequence
 from zooter.runtime.bundle import swap_problem
 from zooter.runtime.conversation import check_route_on
 from zooter.runtime.errors import UserError
-from zooter.serving.gateway_backends import MID, Answer, BundleBackend, TritonBackend, remaining
-from zooter.serving.gateway_health import HealthMonitor
-from zooter.serving.gateway_http import STARTED, server_options, timeout_error
-from zooter.serving.gateway_metrics import Metrics
-from zooter.serving.gateway_requests import INT32_MAX, ApiError, parse_chat, parse_completion, read_json
-from zooter.serving.gateway_upstreams import UpstreamError
+from zooter.servers.gateway.backends import MID, Answer, BundleBackend, TritonBackend, remaining
+from zooter.servers.gateway.health import HealthMonitor
+from zooter.servers.gateway.http import STARTED, server_options, timeout_error
+from zooter.servers.gateway.metrics import Metrics
+from zooter.servers.gateway.requests import INT32_MAX, ApiError, parse_chat, parse_completion, read_json
+from zooter.servers.gateway.upstreams import UpstreamError
 
 log = logging.getLogger("zooter.gateway")
 DONE = b"data: [DONE]\n\n"
@@ -195,7 +195,7 @@ class Gateway:
         (one line in the log; the old router keeps serving)."""
         import asyncio
 
-        from zooter.serving.gateway_backends import BundleBackend
+        from zooter.servers.gateway.backends import BundleBackend
 
         if self.settings.triton:
             log.error("reload refused: this gateway routes through Triton; swap its router with `zooter triton reload`")
@@ -261,7 +261,7 @@ class Gateway:
         from starlette.responses import JSONResponse, StreamingResponse
 
         endpoint = request.url.path
-        # From the request's first byte (gateway_http.py), so that headers and body share one deadline.
+        # From the request's first byte (http.py), so that headers and body share one deadline.
         deadline = request.scope.get(STARTED, time.perf_counter()) + self.settings.request_timeout
         self.metrics.in_flight.inc()
         streaming = False
@@ -310,7 +310,7 @@ class Gateway:
             raise timeout_error(self.settings.request_timeout) from None
 
     def read_timed_out(self) -> None:
-        """A request whose headers did not arrive in time (gateway_http.py closed its connection with a 408)."""
+        """A request whose headers did not arrive in time (http.py closed its connection with a 408)."""
         self.metrics.requests.labels("", "", "408").inc()
 
     @staticmethod

@@ -24,6 +24,7 @@ from zooter.runtime.candidate_io import (END_OUTPUTS, ENSEMBLE, Ask, IOMismatch,
                                          text, triton_kind)
 from zooter.runtime.conversation import turns_to_json
 from zooter.runtime.errors import UserError
+from zooter.serving.triton_client import grpc_address
 
 ERROR_BODY_BYTES = 4096
 
@@ -193,17 +194,6 @@ class OpenAIUpstream:
 
 
 # --- Triton ---------------------------------------------------------------------------------------------
-def grpc_address(url: str, where: str) -> str:
-    """host:port of a Triton gRPC endpoint, from "grpc://host:port" or "host:port" (triton_client.parse_url's
-    forms, less http)."""
-    from zooter.serving.triton_client import parse_url
-
-    if "://" in url and not url.strip().startswith("grpc://"):
-        raise UserError(f"{where}: {url}: the gateway talks to Triton over gRPC: give grpc://host:port "
-                        "(Triton's gRPC port, 8001 by default)")
-    return parse_url(url)[1]
-
-
 RECONNECT = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
              ("grpc.max_reconnect_backoff_ms", 2000)]
 

@@ -3,35 +3,32 @@ for quantization-aware head training.
 
 A router distilled from soft reward distributions can have small top-two margins, so the rounding
 of an INT8 encoder flips some of its decisions (docs/export-runtime.md). With a frozen encoder the
-INT8 encoder is known before the head is trained: `Int8Embedder` builds it (optimum export, the same
-fusions, the same Int8Recipe) and embeds queries with it; the training loop (zooter.training.train)
-adds a consistency term KL(p(e) || p(e_int8)) so the head learns to decide the same from both.
-Training receives the embedder from the CLI: export builds on training, never the reverse.
+INT8 encoder is known before the head is trained: `Int8Encoder` builds it (optimum export, the same
+fusions, the same Int8Recipe) as an onnxruntime session of the encoder and its mean pool; training
+embeds queries with it (zooter.training.embed) and its loop (zooter.training.train) adds a
+consistency term KL(p(e) || p(e_int8)) so the head learns to decide the same from both. It sits
+below training, with the exporter and the quantizer it shares with export, so training builds it
+itself.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from zooter.export.quantize import Int8Recipe
+from zooter.convert.quantize import Int8Recipe
 
 
-class Int8Embedder:
-    """embed(model, tokenizer, texts, max_length) -> pooled INT8-encoder embeddings, rows in input order.
-
-    One query per call, as Router.route runs it: dynamic int8 takes its activation scales from the
-    whole batch, padding included, so a query's rounding depends on its batch-mates.
-    """
+class Int8Encoder:
+    """A router's encoder + mean pool in INT8, as export builds its model; `key` is what the embeddings
+    it gives depend on beyond the encoder (the embedding cache's key)."""
 
     def __init__(self, recipe: Int8Recipe | None = None):
         self.recipe = recipe or Int8Recipe.for_cpu()
 
     @property
     def key(self) -> dict:
-        """What the embeddings depend on beyond the encoder: the recipe and how queries are fed."""
+        """What the embeddings depend on beyond the encoder: the recipe and how queries are fed
+        (one per call: zooter.training.embed.int8_embeddings)."""
         return {"recipe": self.recipe.to_json(), "batch": 1}
 
     def session(self, model, folder: Path):
@@ -40,8 +37,8 @@ class Int8Embedder:
         import torch
         from torch import nn
 
-        from zooter.export.onnx_export import export_onnx
-        from zooter.export.quantize import optimize, quantize_int8
+        from zooter.convert.onnx_export import export_onnx
+        from zooter.convert.quantize import optimize, quantize_int8
         from zooter.runtime.session import open_session
 
         class Pooled(nn.Module):
@@ -63,18 +60,3 @@ class Int8Embedder:
         fused, _ = optimize(folder / "model.onnx", model.config, folder / "opt")
         path, _ = quantize_int8(fused, folder / "int8", self.recipe)
         return open_session(path, ["CPUExecutionProvider"])  # as export's parity gate runs it
-
-    def __call__(self, model, tokenizer, texts, max_length: int, progress: str | None = None) -> np.ndarray:
-        import torch
-
-        from zooter.training.embed import in_length_order
-
-        with tempfile.TemporaryDirectory(prefix="zooter-int8-") as tmp:
-            session = self.session(model, Path(tmp))
-            names = {i.name for i in session.get_inputs()}
-
-            def run(enc):
-                feeds = {k: v.numpy().astype(np.int64) for k, v in enc.items() if k in names}
-                return torch.from_numpy(session.run(["logits"], feeds)[0])
-
-            return in_length_order(list(texts), tokenizer, max_length, 1, run, progress=progress)

@@ -6,7 +6,7 @@
               --ORTOptimizer (GPU fusions + fp16 weights, fp32 I/O)--------------> fp16 (GPU targets)
 
 The INT8 settings are data: a frozen `Int8Recipe`, written into router.json and into the key of the
-quantization-aware training cache (zooter.export.int8_encoder), so the recipe that built a bundle's
+quantization-aware training cache (zooter.convert.int8_encoder), so the recipe that built a bundle's
 model and the one its head was trained against can be compared, and a changed recipe never reuses
 stale embeddings. Why each setting is what it is: docs/export-runtime.md.
 
