@@ -80,12 +80,13 @@ def bundle_costs(candidates_file: str | Path | None, labels) -> dict | None:
     """{label: {input_per_mtok, output_per_mtok, unit}} from a candidates file; None without prices."""
     if not candidates_file:
         return None
+    from zooter.runtime.decision import unit_price
     from zooter.serving.candidates import costs_for, load_candidates
 
     costs = costs_for(load_candidates(candidates_file), labels)
     if costs is None:
         return None
-    return {name: {"input_per_mtok": c.input_per_mtok, "output_per_mtok": c.output_per_mtok, "unit": c.unit}
+    return {name: {"input_per_mtok": c.input_per_mtok, "output_per_mtok": c.output_per_mtok, "unit": unit_price(c)}
             for name, c in costs.items()}
 
 

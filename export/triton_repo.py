@@ -124,15 +124,12 @@ def _write_model(out: Path, name: str, config: str, files: dict[str, Path | str]
 
 def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
     """Unit prices in label order: the bundle's (what the in-process Router uses), else the candidates file's."""
-    from zooter.runtime.decision import unit_cost
+    from zooter.runtime.decision import unit_prices
     from zooter.serving.candidates import costs_for
 
-    if bundle_info.get("costs"):
-        return [unit_cost(bundle_info["costs"][name]) for name in labels]
-    costs = costs_for(candidates, labels) if candidates is not None else None
-    if costs is not None:
-        return [costs[name].unit for name in labels]
-    return None
+    costs = bundle_info.get("costs") or (costs_for(candidates, labels) if candidates is not None else None)
+    prices = unit_prices(costs, labels)
+    return None if prices is None else prices.tolist()
 
 
 def _detect_io(label: str, serve: dict):
