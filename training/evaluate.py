@@ -349,9 +349,9 @@ def provenance(path) -> dict:
 
         return read_run_info(path)
     if (path / "router.json").is_file():
-        from zooter.runtime.bundle import read_manifest
+        from zooter.runtime.bundle import Manifest
 
-        return read_manifest(path, verify=False).get("provenance", {})   # open_router verifies the files
+        return Manifest.read(path, verify=False).provenance or {}   # open_router verifies the files
     return {}
 
 
