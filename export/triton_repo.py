@@ -182,16 +182,6 @@ def _write_model(out: Path, name: str, config: str, files: dict[str, Path | str]
             target.write_text(src)
 
 
-def _unit_costs(candidates, manifest: Manifest) -> list[float] | None:
-    """Unit prices in label order: the bundle's (what the in-process Router uses), else the candidates file's."""
-    from zooter.runtime.decision import unit_prices
-    from zooter.serving.candidates import costs_for
-
-    labels = manifest.labels
-    prices = unit_prices(manifest.costs or (costs_for(candidates, labels) if candidates is not None else None), labels)
-    return None if prices is None else prices.tolist()
-
-
 def _detect_io(label: str, serve: dict):
     """A candidate's model as its server describes it (runtime.candidate_io.TritonModel: its I/O, whether it is
     decoupled); None when the server cannot be asked. A model with none of the known I/Os is a UserError
@@ -284,14 +274,17 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
 
 def plan_routing(bundle: Path, manifest: Manifest, candidates, options: RepositoryOptions) -> RoutingConfig:
     """routing.json for this bundle, candidates file and options, after every check the build makes."""
+    from zooter.runtime.decision import unit_prices
+    from zooter.serving.candidates import costs_for
+
     options.check(bundle, manifest)
     lam, tolerance = options.knobs(manifest)
     labels = list(manifest.labels)
-    if candidates is not None:
-        from zooter.serving.candidates import costs_for
-
-        costs_for(candidates, labels)        # every label must be in the candidates file (raises, naming them)
-    costs = _unit_costs(candidates, manifest)
+    # Every label must be in the candidates file (raises, naming them); the prices are the bundle's (what
+    # the in-process Router uses), else the candidates file's.
+    listed = costs_for(candidates, labels) if candidates is not None else None
+    prices = unit_prices(manifest.costs or listed, labels)
+    costs = None if prices is None else prices.tolist()
     if (lam or tolerance) and costs is None:
         raise UserError(f"--{'lambda' if lam else 'tolerance'} needs a cost for every candidate (in the candidates file or the bundle)")
     return RoutingConfig(labels=tuple(labels), costs=costs, lam=lam, tolerance=tolerance,
