@@ -322,7 +322,8 @@ def _write_router(out: Path, bundle: Path, manifest: Manifest, routing: RoutingC
         return ["zooter_route"]
     token_names = manifest.token_inputs
     token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
-    _write_model(out, "zooter_tokenize", _fill(TEMPLATES / "zooter_tokenize" / "config.pbtxt", dict(values, token_outputs=token_io)),
+    _write_model(out, "zooter_tokenize",
+                 _fill(TEMPLATES / "zooter_tokenize" / "config.pbtxt", dict(values, token_outputs=token_io)),
                  {"model.py": TEMPLATES / "zooter_tokenize" / "model.py",
                   "tokenizer.json": bundle / "tokenizer.json", MANIFEST: bundle / MANIFEST})
     accelerator = ""
