@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from zooter.runtime.bundle import MODEL_FILES, bundle_bytes, write_bundle
+from zooter.runtime.bundle import MODEL_FILES, Manifest, write_bundle
 from zooter.runtime.errors import UserError
 
 # The training record a bundle carries (run.json keys); everything else in run.json stays in the run.
@@ -80,12 +81,13 @@ def bundle_costs(candidates_file: str | Path | None, labels) -> dict | None:
     """{label: {input_per_mtok, output_per_mtok, unit}} from a candidates file; None without prices."""
     if not candidates_file:
         return None
+    from zooter.runtime.decision import unit_price
     from zooter.serving.candidates import costs_for, load_candidates
 
     costs = costs_for(load_candidates(candidates_file), labels)
     if costs is None:
         return None
-    return {name: {"input_per_mtok": c.input_per_mtok, "output_per_mtok": c.output_per_mtok, "unit": c.unit}
+    return {name: {"input_per_mtok": c.input_per_mtok, "output_per_mtok": c.output_per_mtok, "unit": unit_price(c)}
             for name, c in costs.items()}
 
 
@@ -93,18 +95,12 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
                   parity_data: str | Path | None = None, allow_drift: bool = False,
                   candidates: str | Path | None = None, lam: float = 0.0, tolerance: float = 0.0,
                   parity_n: int = 1000, arch: str = "auto", keep_fp32: bool = False, force: bool = False,
-                  log=print) -> dict:
+                  log=print) -> Manifest:
     """RUN folder -> ONNX -> fused -> int8/fp16 -> parity gate -> BUNDLE folder; returns router.json."""
-    from tqdm import tqdm
-
-    from zooter.export import parity as par
-    from zooter.convert.onnx_export import export_onnx
-    from zooter.convert.quantize import Int8Recipe, optimize, quantize_int8
-    from zooter.runtime.decision import Rule, check_weight
-    from zooter.runtime.router import Router
-    from zooter.runtime.session import open_session
-    from zooter.runtime.tokenize import load_tokenizer
-    from zooter.training.model import RouterModel, TorchRouter, read_run_info
+    from zooter.export.parity import gate
+    from zooter.convert.quantize import Int8Recipe
+    from zooter.runtime.decision import check_weight
+    from zooter.training.model import RouterModel, read_run_info
 
     if quantize not in MODEL_FILES:
         raise UserError(f"--quantize {quantize}: choose int8, fp16 or none")
@@ -113,95 +109,118 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     run, out = Path(run), Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
         raise UserError(f"{out}: exists and is not an empty folder; pass --force to replace a bundle there")
-    info = read_run_info(run)
+    validation = _parity_queries(run, read_run_info(run), parity_data, parity_n)
+    started = time.perf_counter()
+    model, hf_tokenizer, info = RouterModel.load(run)
+    draft = _draft(run, model, info, quantize, candidates, lam, tolerance)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".zooter-export-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        models, io, quantization = _convert(model, work, quantize, opset, recipe)
+        tokenizer_path = _tokenizer_json(run, hf_tokenizer, work)
+        draft = replace(draft, inputs=tuple(io["inputs"]), opset=io["opset"], quantization=quantization)
+        parity = _parity(model, draft, models, tokenizer_path, validation, quantize)
+        gate(parity, allow_drift)
+        files = {MODEL_FILES[quantize]: models["shipped"], "tokenizer.json": tokenizer_path}
+        if keep_fp32 and quantize != "none":
+            files[MODEL_FILES["none"]] = models["fp32"]
+        manifest = write_bundle(out, files, replace(draft, parity=parity), force=force)
+    log(f"bundle {out}: {' + '.join(manifest.files)}, {manifest.size / 1e6:.1f} MB, "
+        f"{len(manifest.labels)} labels, built in {time.perf_counter() - started:.0f} s")
+    return manifest
+
+
+def _parity_queries(run: Path, info: dict, parity_data, parity_n: int) -> Validation:
+    """The queries the parity gate runs: --parity-data, else the run's dev rows; at most parity_n."""
     if parity_data and not Path(parity_data).is_file():
         raise UserError(f"{parity_data}: no such --parity-data file")
     validation = validation_from_file(parity_data) if parity_data else run_dev_queries(info)
     if validation is None:
         raise UserError(f"{run}: run.json names no dev rows for the parity check; pass --parity-data FILE "
                         f"(queries, or routing JSONL)")
-    texts, source = validation.texts[:parity_n], validation.source
-    if not texts:
-        raise UserError(f"{source}: no queries for the parity check")
+    validation.texts = validation.texts[:parity_n]
+    if not validation.texts:
+        raise UserError(f"{validation.source}: no queries for the parity check")
+    return validation
+
+
+def _draft(run: Path, model, info: dict, quantize: str, candidates, lam: float, tolerance: float) -> Manifest:
+    """router.json as far as the run tells it, before the model files exist (export fills in the rest)."""
+    labels = list(model.labels)
+    limit = int(getattr(model.config, "max_position_embeddings", 512) or 512)
     recorded = info.get("candidates_file")
     if not candidates and isinstance(recorded, str) and Path(recorded).is_file():
         candidates = recorded
-
-    started = time.perf_counter()
-    model, hf_tokenizer, info = RouterModel.load(run)
-    labels = list(model.labels)
-    limit = int(getattr(model.config, "max_position_embeddings", 512) or 512)
-    max_length = min(int(info.get("max_length") or limit), limit)
     costs = bundle_costs(candidates, labels)
     if (lam or tolerance) and costs is None:
         raise UserError(f"--{'lambda' if lam else 'tolerance'} needs a price for every candidate: pass --candidates with costs")
     if not isinstance(info.get("decision"), dict):
         raise UserError(f"{run}: run.json has no decision layer (trained by an older zooter); train it again")
-    decision = {**info["decision"], "lambda": lam, "tolerance": tolerance}
+    return Manifest(labels=tuple(labels), max_length=min(int(info.get("max_length") or limit), limit),
+                    model_file=MODEL_FILES[quantize], inputs=(), costs=costs,
+                    decision={**info["decision"], "lambda": lam, "tolerance": tolerance},
+                    provenance={**{k: info[k] for k in PROVENANCE_KEYS if k in info}, "run": str(run.resolve())},
+                    evaluation={"dev": info.get("dev"), "best_single": info.get("best_single")})
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".zooter-export-", dir=out.parent) as tmp:
-        work = Path(tmp)
-        steps = tqdm(total=4, desc="export", unit="step", leave=False)
-        io = export_onnx(model, work / "model.onnx", opset)
-        steps.update()
-        fp32_path, fused = optimize(work / "model.onnx", model.config, work / "opt")
-        steps.update()
-        quant: dict = {"mode": quantize, "fused_operators": fused}
-        if quantize == "int8":
-            shipped, details = quantize_int8(fp32_path, work / "int8", recipe)
-            quant.update(details)
-        elif quantize == "fp16":
-            shipped, fused16 = optimize(work / "model.onnx", model.config, work / "fp16", fp16=True)
-            quant.update({"weights": "float16", "io": "float32", "fused_operators": fused16, "target": "gpu"})
-        else:
-            shipped = fp32_path
-        steps.update()
-        tokenizer_path = _tokenizer_json(run, hf_tokenizer, work)
-        steps.update()
-        steps.close()
 
-        tokenizer = load_tokenizer(tokenizer_path, max_length)
-        shape = {"labels": labels, "max_length": max_length, "inputs": io["inputs"], "output": "logits",
-                 "reward_output": "rewards", "costs": costs, "decision": decision}
-        rule = Rule.from_manifest(shape)
-        bar = tqdm(total=len(texts) * (3 if shipped != fp32_path else 2), desc="parity", unit="query", leave=False)
-        reference = TorchRouter(model, tokenizer, max_length).outputs_of(texts)
+def _convert(model, work: Path, quantize: str, opset: int | None, recipe) -> tuple[dict, dict, dict]:
+    """ONNX export, fusions, then int8 / fp16: ({"fp32", "shipped"} model paths, the ONNX I/O, the quantization record)."""
+    from tqdm import tqdm
+
+    from zooter.convert.onnx_export import export_onnx
+    from zooter.convert.quantize import optimize, quantize_int8
+
+    steps = tqdm(total=3, desc="export", unit="step", leave=False)
+    io = export_onnx(model, work / "model.onnx", opset)
+    steps.update()
+    fp32_path, fused = optimize(work / "model.onnx", model.config, work / "opt")
+    steps.update()
+    quant: dict = {"mode": quantize, "fused_operators": fused}
+    if quantize == "int8":
+        shipped, details = quantize_int8(fp32_path, work / "int8", recipe)
+        quant.update(details)
+    elif quantize == "fp16":
+        shipped, fused16 = optimize(work / "model.onnx", model.config, work / "fp16", fp16=True)
+        quant.update({"weights": "float16", "io": "float32", "fused_operators": fused16, "target": "gpu"})
+    else:
+        shipped = fp32_path
+    steps.update()
+    steps.close()
+    return {"fp32": fp32_path, "shipped": shipped}, io, quant
+
+
+def _parity(model, draft: Manifest, models: dict, tokenizer_path: Path, validation: Validation, quantize: str) -> dict:
+    """The shipped model (and the fp32 one) against PyTorch on the validation queries, deciding by the shipped rule."""
+    from tqdm import tqdm
+
+    from zooter.export import parity as par
+    from zooter.runtime.router import Router
+    from zooter.runtime.session import open_session
+    from zooter.runtime.tokenize import load_tokenizer
+    from zooter.training.model import TorchRouter
+
+    texts, rule = validation.texts, draft.rule()
+    tokenizer = load_tokenizer(tokenizer_path, draft.max_length)
+    quantized = models["shipped"] != models["fp32"]
+    bar = tqdm(total=len(texts) * (3 if quantized else 2), desc="parity", unit="query", leave=False)
+
+    def outputs(run_texts):
+        result = run_texts(texts)
         bar.update(len(texts))
-        fp32 = Router(open_session(fp32_path, ["CPUExecutionProvider"]), tokenizer, shape).outputs_of(texts)
-        bar.update(len(texts))
-        # Router.outputs_of runs each query alone, as Router.route does: what routing will answer.
-        exported = fp32
-        if shipped != fp32_path:
-            exported = Router(open_session(shipped, ["CPUExecutionProvider"]), tokenizer, shape).outputs_of(texts)
-            bar.update(len(texts))
-        bar.close()
-        rewards = validation.rewards(labels, len(texts))
-        parity = par.compare(rule, reference, exported, rewards)
-        parity.update(model=quantize if quantize != "none" else "fp32", reference="pytorch", data=str(source),
-                      rule={"margin": rule.margin, "tolerance": rule.tolerance, "lambda": rule.lam},
-                      fp32=par.compare(rule, reference, fp32, rewards))
-        par.gate(parity, allow_drift)
+        return result
 
-        files = {MODEL_FILES[quantize]: shipped, "tokenizer.json": tokenizer_path}
-        if keep_fp32 and quantize != "none":
-            files[MODEL_FILES["none"]] = fp32_path
-        manifest = {
-            "labels": labels,
-            "max_length": max_length,
-            "model_file": MODEL_FILES[quantize],
-            "inputs": io["inputs"],
-            "output": "logits",
-            "reward_output": "rewards",
-            "opset": io["opset"],
-            "quantization": quant,
-            "costs": costs,
-            "decision": decision,
-            "provenance": {**{k: info[k] for k in PROVENANCE_KEYS if k in info}, "run": str(run.resolve())},
-            "parity": parity,
-            "evaluation": {"dev": info.get("dev"), "best_single": info.get("best_single")},
-        }
-        manifest = write_bundle(out, files, manifest, force=force)
-    log(f"bundle {out}: {' + '.join(manifest['files'])}, {bundle_bytes(manifest) / 1e6:.1f} MB, "
-        f"{len(labels)} labels, built in {time.perf_counter() - started:.0f} s")
-    return manifest
+    reference = outputs(TorchRouter(model, tokenizer, draft.max_length).outputs_of)
+    # Router.outputs_of runs each query alone, as Router.route does: what routing will answer.
+    fp32 = outputs(Router(open_session(models["fp32"], ["CPUExecutionProvider"]), tokenizer, draft).outputs_of)
+    exported = fp32
+    if quantized:
+        exported = outputs(Router(open_session(models["shipped"], ["CPUExecutionProvider"]), tokenizer, draft).outputs_of)
+    bar.close()
+    rewards = validation.rewards(list(draft.labels), len(texts))
+    parity = par.compare(rule, reference, exported, rewards)
+    parity.update(model=quantize if quantize != "none" else "fp32", reference="pytorch", data=str(validation.source),
+                  rule={"margin": rule.margin, "tolerance": rule.tolerance, "lambda": rule.lam},
+                  fp32=par.compare(rule, reference, fp32, rewards))
+    return parity
+

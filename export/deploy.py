@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from zooter.runtime.bundle import bundle_bytes, read_manifest
+from zooter.runtime.bundle import Manifest
 from zooter.runtime.errors import UserError
 from zooter.serving.candidates import Candidate, costs_for, load_candidates
 from zooter.serving.triton_client import CONTROL_HEADER, RESTRICTED_APIS, grpc_address
@@ -473,13 +473,13 @@ def write_kubernetes(bundle: str | Path, candidates_file: str | Path, out: str |
     s = settings or DeploySettings()
     s.check()
     out = Path(out)
-    manifest = read_manifest(bundle)
+    manifest = Manifest.read(bundle)
     candidates = load_candidates(candidates_file)
-    groups, rewritten = plan(candidates, manifest["labels"], str(candidates_file))
+    groups, rewritten = plan(candidates, list(manifest.labels), str(candidates_file))
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
         raise UserError(f"--out {out}: exists and was not written by zooter deploy; choose an empty or new folder")
-    bundle_image = s.bundle_image or f"zooter-bundle:{manifest['manifest_sha256'][:12]}"
-    size_mib = max(64, 2 * bundle_bytes(manifest) // (1 << 20) + 16)
+    bundle_image = s.bundle_image or f"zooter-bundle:{manifest.router_id}"
+    size_mib = max(64, 2 * manifest.size // (1 << 20) + 16)
     candidates_text = dump([c.to_json() for c in rewritten])
     upstream_envs = sorted({str(c.serve["api_key_env"]) for c in rewritten if c.serve.get("api_key_env")})
     docs = {"namespace.yaml": {"apiVersion": "v1", "kind": "Namespace",

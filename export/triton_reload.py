@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zooter.export.triton_repo import MARKER, _onnx_files, read_bundle
-from zooter.runtime.bundle import BundleError, read_manifest, router_id, swap_problem
+from zooter.runtime.bundle import BundleError, Manifest, swap_problem
 from zooter.runtime.errors import UserError
 
 ROUTE = "zooter_route"
@@ -30,7 +30,7 @@ ROUTE = "zooter_route"
 
 @dataclass
 class Reloaded:
-    old: str            # router ids (zooter.runtime.bundle.router_id)
+    old: str            # router ids (zooter.runtime.bundle.Manifest.router_id)
     new: str
     version: int        # zooter_route's version folder now serving
 
@@ -55,13 +55,13 @@ def stage(repo: str | Path, bundle: str | Path) -> tuple[Path, Reloaded]:
         bundle, new = read_bundle(bundle)
     except BundleError as err:
         raise UserError(f"--bundle: {err}") from None
-    old = read_manifest(current, verify=False)
+    old = Manifest.read(current, verify=False)
     problem = swap_problem(old, new)
-    if problem is None and list(new["labels"]) != list(old["labels"]):
-        problem = (f"another label set ({old['labels']} -> {new['labels']}); the repository is built for its "
+    if problem is None and new.labels != old.labels:
+        problem = (f"another label set ({list(old.labels)} -> {list(new.labels)}); the repository is built for its "
                    "candidates: rebuild it with `zooter triton build --candidates`")
     if problem:
-        raise UserError(f"--bundle {bundle}: {problem}; router {router_id(old)} keeps serving")
+        raise UserError(f"--bundle {bundle}: {problem}; router {old.router_id} keeps serving")
     target = model / str(have[-1] + 1)
     tmp = Path(tempfile.mkdtemp(prefix=".reload-", dir=model))   # not a number: Triton ignores it
     try:
@@ -75,7 +75,7 @@ def stage(repo: str | Path, bundle: str | Path) -> tuple[Path, Reloaded]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target, Reloaded(router_id(old), router_id(new), have[-1] + 1)
+    return target, Reloaded(old.router_id, new.router_id, have[-1] + 1)
 
 
 def reload_router(repo: str | Path, bundle: str | Path, url: str, key: str | None) -> Reloaded:

@@ -21,15 +21,18 @@ mismatch; the cost knobs' defaults from the bundle unless --lambda/--tolerance s
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from string import Template
 from typing import Sequence
 
+from zooter.runtime.bundle import MANIFEST, Manifest
 from zooter.runtime.candidate_io import ENSEMBLE, LLMAPI, TRITON_IOS, config_inputs
 from zooter.runtime.errors import UserError
+from zooter.runtime.routing import ROUTER_BACKENDS, RoutingConfig
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "triton_models"
 MARKER = ".zooter-triton-repo"
@@ -77,12 +80,69 @@ class BuiltRepository:
         return [label for label, s in self.serving.items() if not s.get("model")]
 
 
-def read_bundle(bundle: str | Path) -> tuple[Path, dict]:
-    """The bundle folder and its router.json, after the Router's own checks (files present, checksums)."""
-    from zooter.runtime.bundle import read_manifest
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """How `zooter triton build` shapes a repository; each field is the flag of the same name."""
 
+    router_backend: str = "python"          # python: zooter_route runs the Router; onnxruntime: the ensemble
+    router_device: str = "cpu"
+    tensorrt: bool = False
+    lam: float | None = None                # the cost knobs; None: the bundle's defaults
+    tolerance: float | None = None
+    stand_ins: bool = False                 # a CPU stand-in for every candidate without a Triton model
+    stand_in_io: str = ENSEMBLE
+    standin_model_dir: str | Path | None = None
+    max_batch_size: int = 32
+    max_text_bytes: int = 65536
+    max_prompt_bytes: int = 1 << 20
+    default_max_tokens: int = 128           # --max-tokens
+    max_tokens_limit: int = 4096
+    route_instances: int = 2
+    intra_op_threads: int = 2
+    route_on: str = "last-user"
+
+    def check(self, bundle: Path, manifest: Manifest) -> None:
+        """A UserError naming the flag when a setting is out of range or does not fit the bundle."""
+        from zooter.runtime.conversation import check_route_on
+
+        if self.stand_in_io not in TRITON_IOS:
+            raise UserError(f"--stand-in-io must be one of {', '.join(TRITON_IOS)}, not {self.stand_in_io!r}")
+        if self.router_backend not in ROUTER_BACKENDS:
+            raise UserError(f"--router-backend must be python or onnxruntime, not {self.router_backend!r}")
+        if self.tensorrt and (self.router_backend != "onnxruntime" or self.router_device != "gpu"):
+            raise UserError("--tensorrt needs --router-backend onnxruntime --router-device gpu")
+        if self.router_backend == "onnxruntime" and (manifest.quantization or {}).get("mode") == "int8":
+            # Triton's onnxruntime backend runs a request's rows, and the requests it batches, as one padded
+            # tensor, and dynamic INT8 takes its activation scales over the whole tensor (issue 20).
+            raise UserError(f"{bundle}: --router-backend onnxruntime would run this INT8 bundle's queries as one padded "
+                            "batch, where dynamic INT8 lets a query's decision depend on its batch companions; use "
+                            "--router-backend python (each query alone), or export with --quantize fp16 or none")
+        self.knobs(manifest)
+        if self.router_device == "gpu" and self.router_backend != "onnxruntime":
+            raise UserError("--router-device gpu needs --router-backend onnxruntime (the python router runs on the CPU)")
+        try:
+            check_route_on(self.route_on)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if self.max_prompt_bytes < 1:
+            raise UserError(f"--max-prompt-bytes must be >= 1, got {self.max_prompt_bytes}")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise UserError(f"--max-tokens must be in 1..{self.max_tokens_limit}, got {self.default_max_tokens}")
+
+    def knobs(self, manifest: Manifest) -> tuple[float, float]:
+        """(lambda, tolerance) the repository routes with: the flags, else the bundle's defaults (as the Router)."""
+        from zooter.runtime.decision import check_weight
+
+        lam = check_weight(manifest.decision.get("lambda", 0.0) if self.lam is None else self.lam, "--lambda")
+        tolerance = check_weight(manifest.decision.get("tolerance", 0.0) if self.tolerance is None else self.tolerance,
+                                 "--tolerance")
+        return lam, tolerance
+
+
+def read_bundle(bundle: str | Path) -> tuple[Path, Manifest]:
+    """The bundle folder and its router.json, after the Router's own checks (files present, checksums)."""
     bundle = Path(bundle)
-    return bundle, read_manifest(bundle, verify=True)
+    return bundle, Manifest.read(bundle, verify=True)
 
 
 def model_name_for(candidate: str) -> str:
@@ -120,19 +180,6 @@ def _write_model(out: Path, name: str, config: str, files: dict[str, Path | str]
             shutil.copy2(src, target)
         else:
             target.write_text(src)
-
-
-def _unit_costs(candidates, labels, bundle_info) -> list[float] | None:
-    """Unit prices in label order: the bundle's (what the in-process Router uses), else the candidates file's."""
-    from zooter.runtime.decision import unit_cost
-    from zooter.serving.candidates import costs_for
-
-    if bundle_info.get("costs"):
-        return [unit_cost(bundle_info["costs"][name]) for name in labels]
-    costs = costs_for(candidates, labels) if candidates is not None else None
-    if costs is not None:
-        return [costs[name].unit for name in labels]
-    return None
 
 
 def _detect_io(label: str, serve: dict):
@@ -192,137 +239,156 @@ def _serving(candidates, labels, stand_ins: bool, stand_in_io: str = ENSEMBLE) -
     return serving
 
 
-def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence | None = None, *,
-                     router_backend: str = "python", stand_ins: bool = False, lam: float | None = None,
-                     tolerance: float | None = None, max_batch_size: int = 32, max_text_bytes: int = 65536,
-                     router_device: str = "cpu", tensorrt: bool = False, default_max_tokens: int = 128,
-                     max_tokens_limit: int = 4096, standin_model_dir: str | Path | None = None,
-                     route_instances: int = 2, intra_op_threads: int = 2, route_on: str = "last-user",
-                     max_prompt_bytes: int = 1 << 20, stand_in_io: str = ENSEMBLE) -> BuiltRepository:
-    """Write a model repository to `out`; returns what went where. `candidates`: a list of Candidate."""
-    bundle, info = read_bundle(bundle)
-    labels = list(info["labels"])
-    if stand_in_io not in TRITON_IOS:
-        raise UserError(f"--stand-in-io must be one of {', '.join(TRITON_IOS)}, not {stand_in_io!r}")
-    if router_backend not in ("python", "onnxruntime"):
-        raise UserError(f"--router-backend must be python or onnxruntime, not {router_backend!r}")
-    if tensorrt and (router_backend != "onnxruntime" or router_device != "gpu"):
-        raise UserError("--tensorrt needs --router-backend onnxruntime --router-device gpu")
-    if router_backend == "onnxruntime" and (info.get("quantization") or {}).get("mode") == "int8":
-        # Triton's onnxruntime backend runs a request's rows, and the requests it batches, as one padded
-        # tensor, and dynamic INT8 takes its activation scales over the whole tensor (issue 20).
-        raise UserError(f"{bundle}: --router-backend onnxruntime would run this INT8 bundle's queries as one padded "
-                        "batch, where dynamic INT8 lets a query's decision depend on its batch companions; use "
-                        "--router-backend python (each query alone), or export with --quantize fp16 or none")
-    from zooter.runtime.decision import check_weight
+def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence | None = None,
+                     options: RepositoryOptions | None = None, **settings) -> BuiltRepository:
+    """Write a model repository to `out`; returns what went where. `candidates`: a list of Candidate;
+    `options` (or any of its fields as keywords) how to build it.
 
-    # The bundle's defaults, as the in-process Router.
-    lam = check_weight(info["decision"].get("lambda", 0.0) if lam is None else lam, "--lambda")
-    tolerance = check_weight(info["decision"].get("tolerance", 0.0) if tolerance is None else tolerance, "--tolerance")
-    if router_device == "gpu" and router_backend != "onnxruntime":
-        raise UserError("--router-device gpu needs --router-backend onnxruntime (the python router runs on the CPU)")
-    from zooter.runtime.conversation import check_route_on
-
-    try:
-        check_route_on(route_on)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    if max_prompt_bytes < 1:
-        raise UserError(f"--max-prompt-bytes must be >= 1, got {max_prompt_bytes}")
-    if not 1 <= default_max_tokens <= max_tokens_limit:
-        raise UserError(f"--max-tokens must be in 1..{max_tokens_limit}, got {default_max_tokens}")
-    if candidates is not None:
-        from zooter.serving.candidates import costs_for
-
-        costs_for(candidates, labels)        # every label must be in the candidates file (raises, naming them)
-    costs = _unit_costs(candidates, labels, info)
-    if (lam or tolerance) and costs is None:
-        raise UserError(f"--{'lambda' if lam else 'tolerance'} needs a cost for every candidate (in the candidates file or the bundle)")
-    serving = _serving(candidates, labels, stand_ins, stand_in_io)
-
+    The repository is written into a folder beside `out` and renamed into place, so a build that fails
+    leaves the repository that was there as it was."""
+    options = replace(options or RepositoryOptions(), **settings)
+    bundle, manifest = read_bundle(bundle)
+    routing = plan_routing(bundle, manifest, candidates, options)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise UserError(f"{out}: exists and is not a repository built by zooter; choose an empty or new folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"bundle": str(bundle.resolve()), "labels": labels}) + "\n")
-
-    token_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in info["inputs"]]
-    token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
-    common = {"max_batch_size": max_batch_size, "num_labels": len(labels), "llm_inputs": _io_block(LLM_INPUTS),
-              "default_max_tokens": default_max_tokens, "max_tokens_limit": max_tokens_limit,
-              "max_text_bytes": max_text_bytes, "labels_json": _pbtxt_string(json.dumps(labels)),
-              "max_prompt_bytes": max_prompt_bytes, "route_on": route_on}
-    common["decision_outputs"] = Template(_io_block([(n, t, d, False) for n, t, d in DECISION_OUTPUTS])).substitute(common)
-    routing = {"labels": labels, "costs": costs, "candidates": serving, "decision": {"lambda": lam, "tolerance": tolerance},
-               "router_backend": router_backend,
-               "bundle": {k: info.get(k) for k in ("format_version", "max_length", "model_file")}}
-    built = BuiltRepository(out, labels, serving=serving)
-    bundle_files = {name: bundle / name for name in ("router.json", *_onnx_files(bundle, info), "tokenizer.json")}
-
-    if router_backend == "python":
-        _write_model(out, "zooter_route",
-                     _fill(TEMPLATES / "zooter_route" / "config.python.pbtxt",
-                           dict(common, route_instances=route_instances, intra_op_threads=intra_op_threads)),
-                     {"model.py": TEMPLATES / "zooter_route" / "model.py", "routing.json": json.dumps(routing, indent=2),
-                      **bundle_files})
-        built.models.append("zooter_route")
-    else:
-        _write_model(out, "zooter_tokenize",
-                     _fill(TEMPLATES / "zooter_tokenize" / "config.pbtxt", dict(common, token_outputs=token_io)),
-                     {"model.py": TEMPLATES / "zooter_tokenize" / "model.py",
-                      "tokenizer.json": bundle / "tokenizer.json", "router.json": bundle / "router.json"})
-        accelerator = ""
-        if tensorrt:
-            accelerator = ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"\n'
-                           '  parameters { key: "precision_mode" value: "FP16" } } ] } }')
-        _write_model(out, "zooter_router",
-                     _fill(TEMPLATES / "zooter_router" / "config.onnxruntime.pbtxt",
-                           dict(common, token_inputs=token_io, model_file=info["model_file"], accelerator=accelerator,
-                                instance_kind="KIND_GPU" if router_device == "gpu" else "KIND_CPU")),
-                     {name: bundle / name for name in _onnx_files(bundle, info)})
-        _write_model(out, "zooter_decide", _fill(TEMPLATES / "zooter_decide" / "config.pbtxt", common),
-                     {"model.py": TEMPLATES / "zooter_decide" / "model.py", "routing.json": json.dumps(routing, indent=2),
-                      "router.json": bundle / "router.json"})
-        step_maps = {
-            "tokenize_output_map": "\n".join(f'      output_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
-            "router_input_map": "\n".join(f'      input_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
-        }
-        _write_model(out, "zooter_route", _fill(TEMPLATES / "zooter_route" / "config.ensemble.pbtxt", dict(common, **step_maps)))
-        built.models += ["zooter_tokenize", "zooter_router", "zooter_decide", "zooter_route"]
-
-    _write_model(out, "zooter", _fill(TEMPLATES / "zooter" / "config.pbtxt", common),
-                 {"model.py": TEMPLATES / "zooter" / "model.py", "routing.json": json.dumps(routing, indent=2)})
-    built.models.append("zooter")
-
-    if built.stand_ins:
-        from zooter.triton_models import standin_llm
-
-        model_dir = Path(standin_model_dir) if standin_model_dir else standin_llm.ensure_converted()
-        _write_model(out, "zooter_standin_llm",
-                     _fill(TEMPLATES / "zooter_standin_llm" / "config.pbtxt",
-                           dict(common, standin_model_dir=str(model_dir.resolve()), max_tokens_cap=1024)),
-                     {"model.py": TEMPLATES / "zooter_standin_llm" / "model.py"})
-        built.models.append("zooter_standin_llm")
-        for label, model in built.stand_ins.items():
-            config = "config.llmapi.pbtxt" if stand_in_io == LLMAPI else "config.pbtxt"
-            _write_model(out, model, _fill(TEMPLATES / "zooter_standin" / config,
-                                           dict(common, model_name=model, candidate=label,
-                                                llmapi_inputs=config_inputs(LLMAPI))),
-                         {"model.py": TEMPLATES / "zooter_standin" / "model.py"})
-            built.models.append(model)
-    validate_repository(out)
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise UserError(f"{out}: exists and is not a repository built by zooter; choose an empty or new folder")
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        (staging / MARKER).write_text(json.dumps({"bundle": str(bundle.resolve()), "labels": list(manifest.labels)}) + "\n")
+        built = BuiltRepository(out, list(manifest.labels), serving=routing.candidates)
+        values = _template_values(manifest, options)
+        built.models += _write_router(staging, bundle, manifest, routing, values, options)
+        _write_model(staging, "zooter", _fill(TEMPLATES / "zooter" / "config.pbtxt", values),
+                     {"model.py": TEMPLATES / "zooter" / "model.py", "routing.json": _routing_text(routing)})
+        built.models.append("zooter")
+        built.models += _write_stand_ins(staging, built.stand_ins, values, options)
+        validate_repository(staging)
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return built
 
 
-def _onnx_files(bundle: Path, info: dict) -> list[str]:
+def plan_routing(bundle: Path, manifest: Manifest, candidates, options: RepositoryOptions) -> RoutingConfig:
+    """routing.json for this bundle, candidates file and options, after every check the build makes."""
+    from zooter.runtime.decision import unit_prices
+    from zooter.serving.candidates import costs_for
+
+    options.check(bundle, manifest)
+    lam, tolerance = options.knobs(manifest)
+    labels = list(manifest.labels)
+    # Every label must be in the candidates file (raises, naming them); the prices are the bundle's (what
+    # the in-process Router uses), else the candidates file's.
+    listed = costs_for(candidates, labels) if candidates is not None else None
+    prices = unit_prices(manifest.costs or listed, labels)
+    costs = None if prices is None else prices.tolist()
+    if (lam or tolerance) and costs is None:
+        raise UserError(f"--{'lambda' if lam else 'tolerance'} needs a cost for every candidate (in the candidates file or the bundle)")
+    return RoutingConfig(labels=tuple(labels), costs=costs, lam=lam, tolerance=tolerance,
+                         candidates=_serving(candidates, labels, options.stand_ins, options.stand_in_io),
+                         router_backend=options.router_backend,
+                         bundle={"format_version": manifest.format_version, "max_length": manifest.max_length,
+                                 "model_file": manifest.model_file})
+
+
+def _routing_text(routing: RoutingConfig) -> str:
+    return json.dumps(routing.to_json(), indent=2)
+
+
+def _template_values(manifest: Manifest, options: RepositoryOptions) -> dict:
+    """The ${...} fields every config.pbtxt template shares."""
+    labels = list(manifest.labels)
+    values = {"max_batch_size": options.max_batch_size, "num_labels": len(labels), "llm_inputs": _io_block(LLM_INPUTS),
+              "default_max_tokens": options.default_max_tokens, "max_tokens_limit": options.max_tokens_limit,
+              "max_text_bytes": options.max_text_bytes, "labels_json": _pbtxt_string(json.dumps(labels)),
+              "max_prompt_bytes": options.max_prompt_bytes, "route_on": options.route_on}
+    values["decision_outputs"] = Template(_io_block([(n, t, d, False) for n, t, d in DECISION_OUTPUTS])).substitute(values)
+    return values
+
+
+def _write_router(out: Path, bundle: Path, manifest: Manifest, routing: RoutingConfig, values: dict,
+                  options: RepositoryOptions) -> list[str]:
+    """zooter_route: one python model (--router-backend python), or the tokenize -> router -> decide ensemble."""
+    onnx = {name: bundle / name for name in _onnx_files(bundle, manifest)}
+    if options.router_backend == "python":
+        _write_model(out, "zooter_route",
+                     _fill(TEMPLATES / "zooter_route" / "config.python.pbtxt",
+                           dict(values, route_instances=options.route_instances, intra_op_threads=options.intra_op_threads)),
+                     {"model.py": TEMPLATES / "zooter_route" / "model.py", "routing.json": _routing_text(routing),
+                      MANIFEST: bundle / MANIFEST, **onnx, "tokenizer.json": bundle / "tokenizer.json"})
+        return ["zooter_route"]
+    token_names = manifest.token_inputs
+    token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
+    _write_model(out, "zooter_tokenize",
+                 _fill(TEMPLATES / "zooter_tokenize" / "config.pbtxt", dict(values, token_outputs=token_io)),
+                 {"model.py": TEMPLATES / "zooter_tokenize" / "model.py",
+                  "tokenizer.json": bundle / "tokenizer.json", MANIFEST: bundle / MANIFEST})
+    accelerator = ""
+    if options.tensorrt:
+        accelerator = ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"\n'
+                       '  parameters { key: "precision_mode" value: "FP16" } } ] } }')
+    _write_model(out, "zooter_router",
+                 _fill(TEMPLATES / "zooter_router" / "config.onnxruntime.pbtxt",
+                       dict(values, token_inputs=token_io, model_file=manifest.model_file, accelerator=accelerator,
+                            instance_kind="KIND_GPU" if options.router_device == "gpu" else "KIND_CPU")),
+                 onnx)
+    _write_model(out, "zooter_decide", _fill(TEMPLATES / "zooter_decide" / "config.pbtxt", values),
+                 {"model.py": TEMPLATES / "zooter_decide" / "model.py", "routing.json": _routing_text(routing),
+                  MANIFEST: bundle / MANIFEST})
+    step_maps = {
+        "tokenize_output_map": "\n".join(f'      output_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
+        "router_input_map": "\n".join(f'      input_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
+    }
+    _write_model(out, "zooter_route", _fill(TEMPLATES / "zooter_route" / "config.ensemble.pbtxt", dict(values, **step_maps)))
+    return ["zooter_tokenize", "zooter_router", "zooter_decide", "zooter_route"]
+
+
+def _write_stand_ins(out: Path, stand_ins: dict[str, str], values: dict, options: RepositoryOptions) -> list[str]:
+    """The shared stand-in LLM and one stand-in model a candidate (label -> model name); none without stand-ins."""
+    if not stand_ins:
+        return []
+    from zooter.triton_models import standin_llm
+
+    model_dir = Path(options.standin_model_dir) if options.standin_model_dir else standin_llm.ensure_converted()
+    _write_model(out, "zooter_standin_llm",
+                 _fill(TEMPLATES / "zooter_standin_llm" / "config.pbtxt",
+                       dict(values, standin_model_dir=str(model_dir.resolve()), max_tokens_cap=1024)),
+                 {"model.py": TEMPLATES / "zooter_standin_llm" / "model.py"})
+    config = "config.llmapi.pbtxt" if options.stand_in_io == LLMAPI else "config.pbtxt"
+    for label, model in stand_ins.items():
+        _write_model(out, model, _fill(TEMPLATES / "zooter_standin" / config,
+                                       dict(values, model_name=model, candidate=label, llmapi_inputs=config_inputs(LLMAPI))),
+                     {"model.py": TEMPLATES / "zooter_standin" / "model.py"})
+    return ["zooter_standin_llm", *stand_ins.values()]
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished repository to `out`; the one there before goes only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _onnx_files(bundle: Path, manifest: Manifest) -> list[str]:
     """The ONNX file and its external-data files (listed in router.json `files`, or beside it)."""
-    names = {info["model_file"]}
-    for name in (info.get("files") or {}):
+    names = {manifest.model_file}
+    for name in manifest.files:
         if name.endswith((".onnx", ".onnx_data", ".onnx.data", ".data")) and (bundle / name).is_file():
             names.add(name)
-    stem = Path(info["model_file"]).stem
+    stem = Path(manifest.model_file).stem
     names.update(p.name for p in bundle.glob(f"{stem}.onnx_data*"))
     return sorted(names)
 

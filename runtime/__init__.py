@@ -1,5 +1,7 @@
-"""Runtime side: the embeddable Router (numpy, onnxruntime, tokenizers; never torch or transformers),
-the serving half of the CLI, latency benchmarks, the Triton client and launcher.
+"""The bottom layer: the embeddable Router (numpy, onnxruntime, tokenizers; never torch or transformers)
+and what every consumer of a bundle shares with it: the bundle format (router.json, zooter.runtime.bundle),
+the Triton repository's routing.json (zooter.runtime.routing), the tokenizer rules, the decision rule and
+the candidate I/O core. The Triton models import this package only; the Triton client and launcher live above.
 
 `from zooter.runtime import Router, Decision` loads the router module on first use only, so importing
 this package stays free of onnxruntime until a router is needed.

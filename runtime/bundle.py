@@ -22,8 +22,10 @@ router.json (format_version 2):
     manifest_sha256  sha256 of everything above (canonical JSON): an edited router.json (say, two
                      labels swapped) is refused instead of routing to the wrong models
 
-Both sides live here: `read_manifest` (validates every key, names the bad one) and `write_bundle`
-(export writes through it). Standard library only: the bottom layer.
+Both sides live here: `Manifest`, router.json typed, whose one loader (`Manifest.read` for a bundle
+folder, `Manifest.read_file` for a router.json on its own, as the Triton models hold it) validates every
+key and names the bad one; and `write_bundle` (export writes a Manifest through it). `read_manifest` is
+the same loader answering the JSON object. Standard library only: the bottom layer.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import math
 import os
 import re
 import shutil
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from zooter.runtime.errors import UserError
@@ -42,6 +45,8 @@ from zooter.runtime.files import json_error, sha256_file
 FORMAT_VERSION = 2
 MANIFEST = "router.json"
 MODEL_FILES = {"int8": "model.int8.onnx", "fp16": "model.fp16.onnx", "none": "model.onnx"}
+# The token inputs a router model may take, in feed order: their one home (export, the Triton repository,
+# the PyTorch router and the tokenizer's feeds all name them from here).
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MAX_LENGTH_LIMIT = 8192
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -52,6 +57,123 @@ class BundleError(UserError):
     """The bundle is missing a file, was modified, or does not fit together."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """router.json (format above), typed. Built by export as a draft (no `files` nor `manifest_sha256`:
+    write_bundle adds them) or loaded, validated, by `read`, `read_file` or `from_json`."""
+
+    labels: tuple[str, ...]
+    max_length: int
+    model_file: str
+    inputs: tuple[str, ...]
+    decision: dict
+    output: str = "logits"
+    reward_output: str = "rewards"
+    opset: int | None = None
+    quantization: dict | None = None
+    costs: dict | None = None
+    provenance: dict | None = None
+    parity: dict | None = None
+    evaluation: dict | None = None
+    files: dict = field(default_factory=dict)
+    manifest_sha256: str | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)    # keys this zooter does not read, kept: the checksum covers them
+
+    # Keys a bundle may lack (written only when set); every other key is always written, as export always has.
+    _OPTIONAL = ("opset", "quantization", "provenance", "parity", "evaluation", "manifest_sha256")
+
+    def to_json(self) -> dict:
+        """The JSON object router.json holds, keys in the order export writes them."""
+        order = ("format_version", "labels", "max_length", "model_file", "inputs", "output", "reward_output", "opset",
+                 "quantization", "costs", "decision", "provenance", "parity", "evaluation", "files", "manifest_sha256")
+        obj = {}
+        for key in order:
+            value = getattr(self, key)
+            if value is None and key in self._OPTIONAL:
+                continue
+            obj[key] = list(value) if isinstance(value, tuple) else value
+        return {**obj, **self.extra}
+
+    @classmethod
+    def from_json(cls, obj, where: str = MANIFEST) -> "Manifest":
+        """A router.json object, validated (validate_manifest: a BundleError names the first bad key)."""
+        validate_manifest(obj, where)
+        return cls.draft(obj)
+
+    @classmethod
+    def draft(cls, obj: dict) -> "Manifest":
+        """The typed view of a router.json object, unchecked: for one built in memory (export's, before
+        write_bundle validates it; a caller's edit of a loaded one). Files on disk go through from_json."""
+        if isinstance(obj, Manifest):
+            return obj
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: (tuple(v) if k in ("labels", "inputs") else v) for k, v in obj.items() if k in known}
+        return cls(**values, extra={k: v for k, v in obj.items() if k not in known})
+
+    @classmethod
+    def read_file(cls, path: str | Path) -> "Manifest":
+        """A router.json file on its own (the files it lists are not looked at)."""
+        path = Path(path)
+        try:
+            if not path.is_file():
+                raise BundleError(f"{path}: missing file (not a zooter bundle?)")
+            text = path.read_bytes().decode("utf-8")
+        except PermissionError:
+            raise BundleError(f"{path.parent}: permission denied (cannot read the bundle)") from None
+        except UnicodeDecodeError:
+            raise BundleError(f"{path}: not valid UTF-8") from None
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BundleError(f"{path}: invalid JSON: {json_error(err)}") from None
+        return cls.from_json(obj, str(path))
+
+    @classmethod
+    def read(cls, bundle: str | Path, verify: bool = True) -> "Manifest":
+        """A bundle folder's router.json, validated, with every listed file present; with `verify`, each
+        checked against its sha256."""
+        bundle = Path(bundle)
+        try:
+            if not bundle.is_dir():
+                raise BundleError(f"{bundle}: no such bundle folder")
+        except PermissionError:
+            raise BundleError(f"{bundle}: permission denied (cannot read the bundle)") from None
+        manifest = cls.read_file(bundle / MANIFEST)
+        for name, entry in manifest.files.items():
+            file = bundle / name
+            try:
+                if not file.is_file():
+                    raise BundleError(f"{file}: missing file listed in router.json")
+                if verify and sha256_file(file) != entry["sha256"]:
+                    raise BundleError(f"{file}: checksum mismatch (sha256 differs from router.json): "
+                                      f"the file is damaged or was modified")
+            except PermissionError:
+                raise BundleError(f"{file}: permission denied (cannot read it)") from None
+        return manifest
+
+    @property
+    def router_id(self) -> str:
+        """The name every answer gives of the router that chose it: the first 12 hex of the manifest's sha256."""
+        return str(self.manifest_sha256)[:12]
+
+    @property
+    def size(self) -> int:
+        """Bytes of the bundle's files (router.json aside)."""
+        return sum(entry["bytes"] for entry in self.files.values())
+
+    @property
+    def token_inputs(self) -> list[str]:
+        """The model's token inputs, in TOKEN_INPUTS order."""
+        return [name for name in TOKEN_INPUTS if name in self.inputs]
+
+    def rule(self, lam: float | None = None, tolerance: float | None = None):
+        """The decision rule it ships (zooter.runtime.decision.Rule); lam/tolerance override its defaults."""
+        from zooter.runtime.decision import Rule, unit_prices
+
+        return Rule.of(self.labels, self.decision, unit_prices(self.costs, self.labels), lam, tolerance)
+
+
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest without its own checksum, as canonical JSON (sorted keys, no spaces)."""
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
@@ -59,22 +181,17 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def router_id(manifest: dict) -> str:
-    """The name every answer gives of the router that chose it: the first 12 hex of the manifest's sha256."""
-    return str(manifest["manifest_sha256"])[:12]
-
-
-def encoder_identity(manifest: dict) -> dict:
+def encoder_identity(manifest: Manifest) -> dict:
     """What a bundle's encoder is, for swapping routers in service (a router with new candidates keeps it):
     the tokenizer's checksum, max_length and the backbone it was trained from, cut to its layers."""
-    provenance = manifest.get("provenance") or {}
+    provenance = manifest.provenance or {}
     config = provenance.get("config") or {}
-    return {"tokenizer.json": (manifest["files"].get("tokenizer.json") or {}).get("sha256"),
-            "max_length": manifest["max_length"], "backbone": provenance.get("backbone"), "layers": config.get("layers"),
+    return {"tokenizer.json": (manifest.files.get("tokenizer.json") or {}).get("sha256"),
+            "max_length": manifest.max_length, "backbone": provenance.get("backbone"), "layers": config.get("layers"),
             "frozen": provenance.get("frozen")}
 
 
-def swap_problem(old: dict, new: dict) -> str | None:
+def swap_problem(old: Manifest, new: Manifest) -> str | None:
     """Why a router cannot replace another in service (None when it can): another encoder."""
     a, b = encoder_identity(old), encoder_identity(new)
     changed = [k for k in a if a[k] != b[k]]
@@ -171,38 +288,11 @@ def validate_decision(decision, labels: list[str], where: str) -> None:
 
 
 def read_manifest(bundle: str | Path, verify: bool = True) -> dict:
-    """router.json of a bundle, validated; with `verify`, every listed file checked against its sha256."""
-    bundle = Path(bundle)
-    path = bundle / MANIFEST
-    try:
-        if not bundle.is_dir():
-            raise BundleError(f"{bundle}: no such bundle folder")
-        if not path.is_file():
-            raise BundleError(f"{path}: missing file (not a zooter bundle?)")
-        text = path.read_bytes().decode("utf-8")
-    except PermissionError:
-        raise BundleError(f"{bundle}: permission denied (cannot read the bundle)") from None
-    except UnicodeDecodeError:
-        raise BundleError(f"{path}: not valid UTF-8") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{path}: invalid JSON: {json_error(err)}") from None
-    validate_manifest(manifest, str(path))
-    for name, entry in manifest["files"].items():
-        file = bundle / name
-        try:
-            if not file.is_file():
-                raise BundleError(f"{file}: missing file listed in router.json")
-            if verify and sha256_file(file) != entry["sha256"]:
-                raise BundleError(f"{file}: checksum mismatch (sha256 differs from router.json): "
-                                  f"the file is damaged or was modified")
-        except PermissionError:
-            raise BundleError(f"{file}: permission denied (cannot read it)") from None
-    return manifest
+    """router.json of a bundle as its JSON object, loaded and validated by Manifest.read."""
+    return Manifest.read(bundle, verify).to_json()
 
 
-def write_bundle(out: str | Path, files: dict[str, Path], manifest: dict, force: bool = False) -> dict:
+def write_bundle(out: str | Path, files: dict[str, Path], manifest: Manifest | dict, force: bool = False) -> Manifest:
     """Copy `files` ({bundle name: source path}) into `out` with their checksums and write router.json.
 
     The bundle is assembled beside `out` and renamed into place, so a failed export never leaves
@@ -225,11 +315,10 @@ def write_bundle(out: str | Path, files: dict[str, Path], manifest: dict, force:
         for name, src in files.items():
             shutil.copyfile(src, staging / name)
             entries[name] = {"sha256": sha256_file(staging / name), "bytes": (staging / name).stat().st_size}
-        manifest = {"format_version": FORMAT_VERSION, **manifest, "files": entries}
-        manifest.pop("manifest_sha256", None)
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        validate_manifest(manifest, f"{out}/{MANIFEST}")
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        obj = replace(Manifest.draft(manifest), format_version=FORMAT_VERSION, files=entries, manifest_sha256=None).to_json()
+        obj["manifest_sha256"] = manifest_digest(obj)
+        manifest = Manifest.from_json(obj, f"{out}/{MANIFEST}")
+        (staging / MANIFEST).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -237,7 +326,3 @@ def write_bundle(out: str | Path, files: dict[str, Path], manifest: dict, force:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
-
-
-def bundle_bytes(manifest: dict) -> int:
-    return sum(entry["bytes"] for entry in manifest["files"].values())

@@ -64,18 +64,27 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def unit_price(input_per_mtok: float, output_per_mtok: float) -> float:
-    """One price per candidate for the rule (the router chooses before any answer's length is known)."""
-    return (float(input_per_mtok) + float(output_per_mtok)) / 2
+def unit_price(cost) -> float:
+    """The rule's one price for a candidate, USD per million tokens: the mean of its input and output prices
+    (the router chooses before any answer's length is known). The one home of that price: the Router,
+    `zooter eval`'s decisions, the Triton repository and export all take it from here.
 
-
-def unit_cost(cost) -> float:
-    """The unit price of a bundle's cost entry: {"unit"}, {"input_per_mtok", "output_per_mtok"}, or a number."""
+    `cost`: a bundle's cost entry (its exported "unit" when it has one), anything with input_per_mtok and
+    output_per_mtok (zooter.serving.candidates.Cost), or a number (already a unit price)."""
     if isinstance(cost, dict):
         if "unit" in cost:
             return float(cost["unit"])
-        return unit_price(cost["input_per_mtok"], cost["output_per_mtok"])
+        return (float(cost["input_per_mtok"]) + float(cost["output_per_mtok"])) / 2
+    if hasattr(cost, "input_per_mtok"):
+        return (float(cost.input_per_mtok) + float(cost.output_per_mtok)) / 2
     return float(cost)
+
+
+def unit_prices(costs, labels) -> np.ndarray | None:
+    """unit_price of every label's cost ({label: cost}), in label order; None without costs."""
+    if not costs:
+        return None
+    return np.array([unit_price(costs[name]) for name in labels], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -131,14 +140,19 @@ class Rule:
 
     @classmethod
     def from_manifest(cls, manifest: dict, lam: float | None = None, tolerance: float | None = None) -> "Rule":
-        """The rule router.json ships (validated by zooter.runtime.bundle); lam/tolerance override its defaults."""
-        labels = tuple(manifest["labels"])
-        d = manifest["decision"]
-        costs = manifest.get("costs")
+        """The rule router.json ships ({labels, decision, costs}, validated by zooter.runtime.bundle);
+        lam/tolerance override its defaults."""
+        labels = manifest["labels"]
+        return cls.of(labels, manifest["decision"], unit_prices(manifest.get("costs"), labels), lam, tolerance)
+
+    @classmethod
+    def of(cls, labels, d: dict, prices=None, lam: float | None = None, tolerance: float | None = None) -> "Rule":
+        """The rule from its settings (router.json `decision`) and unit prices in label order (unit_prices)."""
+        labels = tuple(labels)
         return cls(labels=labels, anchor=labels.index(d["anchor"]), margin=float(d["margin"]),
                    expected_reward=Table.from_json(d["expected_reward"], "decision.expected_reward"),
                    confidence_map=Table.from_json(d["confidence"], "decision.confidence"),
-                   costs=np.array([unit_cost(costs[n]) for n in labels], dtype=np.float64) if costs else None,
+                   costs=None if prices is None else np.asarray(prices, dtype=np.float64),
                    lam=check_weight(d.get("lambda", 0.0) if lam is None else lam, "lambda"),
                    tolerance=check_weight(d.get("tolerance", 0.0) if tolerance is None else tolerance, "tolerance"))
 

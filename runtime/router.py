@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from zooter.runtime import decision as rule
-from zooter.runtime.bundle import BundleError, read_manifest, router_id
+from zooter.runtime.bundle import BundleError, Manifest
 from zooter.runtime.errors import SettingError
 from zooter.runtime.session import open_session
 from zooter.runtime.tokenize import clean_query, encode, encode_each, load_tokenizer
@@ -52,17 +52,17 @@ class Decision:
 class Router:
     """A loaded bundle: tokenizer, ONNX session, labels, and the decision rule with its settings."""
 
-    def __init__(self, session, tokenizer, manifest: dict, bundle: Path | None = None, lam: float | None = None,
+    def __init__(self, session, tokenizer, manifest: Manifest | dict, bundle: Path | None = None, lam: float | None = None,
                  tolerance: float | None = None):
         self.session = session
         self.tokenizer = tokenizer
-        self.manifest = manifest
+        self.manifest = manifest = Manifest.draft(manifest)   # Router.load's is validated; one built in memory is not
         self.bundle = bundle
-        self.labels: list[str] = list(manifest["labels"])
-        self.max_length = int(manifest["max_length"])
-        self.outputs = [manifest["output"], manifest["reward_output"]]
+        self.labels: list[str] = list(manifest.labels)
+        self.max_length = int(manifest.max_length)
+        self.outputs = [manifest.output, manifest.reward_output]
         self.input_names = [i.name for i in session.get_inputs()]
-        self.rule = rule.Rule.from_manifest(manifest, lam, tolerance)
+        self.rule = manifest.rule(lam, tolerance)
         self.rule.settings(None, None)     # a default cost knob without prices is refused at load
         self._check_outputs()
 
@@ -78,18 +78,18 @@ class Router:
             rule.check_weight(lam, "lambda")
         if tolerance is not None:
             rule.check_weight(tolerance, "tolerance")
-        manifest = read_manifest(bundle, verify=verify)
-        name = model_file or manifest["model_file"]
-        if name not in manifest["files"]:
-            raise BundleError(f"{bundle}: {name} is not a file of this bundle ({sorted(manifest['files'])})")
-        tokenizer = load_tokenizer(bundle / "tokenizer.json", manifest["max_length"])
+        manifest = Manifest.read(bundle, verify=verify)
+        name = model_file or manifest.model_file
+        if name not in manifest.files:
+            raise BundleError(f"{bundle}: {name} is not a file of this bundle ({sorted(manifest.files)})")
+        tokenizer = load_tokenizer(bundle / "tokenizer.json", manifest.max_length)
         session = open_session(bundle / name, providers, threads, spin)
         return cls(session, tokenizer, manifest, bundle, lam, tolerance)
 
     @property
     def router_id(self) -> str:
-        """The bundle's name in answers and metrics (zooter.runtime.bundle.router_id)."""
-        return router_id(self.manifest)
+        """The bundle's name in answers and metrics (Manifest.router_id)."""
+        return self.manifest.router_id
 
     @property
     def providers(self) -> list[str]:
@@ -102,7 +102,7 @@ class Router:
     @property
     def decision(self) -> dict:
         """The decision settings the bundle ships (router.json `decision`)."""
-        return self.manifest["decision"]
+        return self.manifest.decision
 
     def _check_outputs(self) -> None:
         names = [o.name for o in self.session.get_outputs()]

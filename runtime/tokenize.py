@@ -21,7 +21,6 @@ from typing import Sequence
 
 import numpy as np
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

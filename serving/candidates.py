@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Sequence
 
 from zooter.runtime.errors import UserError
-from zooter.runtime.decision import unit_price
 from zooter.runtime.files import json_error
 
 
@@ -31,13 +30,10 @@ class CandidatesError(UserError):
 
 @dataclass
 class Cost:
+    """USD per million tokens in and out; the rule's one price of it is zooter.runtime.decision.unit_price."""
+
     input_per_mtok: float
     output_per_mtok: float
-
-    @property
-    def unit(self) -> float:
-        """Price per million tokens as one number, for data without responses (mean of in and out)."""
-        return unit_price(self.input_per_mtok, self.output_per_mtok)
 
     def of(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6

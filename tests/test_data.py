@@ -100,6 +100,9 @@ def test_roundtrip_and_hash(dcrouter, tmp_path):
 
 @pytest.mark.parametrize("bad, reason", [
     (good(1, query="   "), "empty query"),
+    (good(1, query=7), "empty query"),
+    (good(1, rewards={}), "'rewards' must be a non-empty object"),
+    (good(1, rewards=[0.5]), "'rewards' must be a non-empty object"),
     ('{"id": "r1", "query": "q", "rewards": {"a": NaN, "b": 1}}', "finite"),
     ('{"id": "r1", "query": "q", "rewards": {"a": Infinity, "b": 1}}', "finite"),
     (good(1, rewards={"a": None, "b": None}), "every reward is null"),
@@ -113,6 +116,18 @@ def test_validation_errors_name_the_line(tmp_path, bad, reason):
         RoutingDataset.load(path)
     assert info.value.line == 2
     assert "bad.jsonl:2:" in str(info.value)
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"question": " ", "scores": {"a": 1}}, "record 1: empty question"),
+    ({"question": "q", "scores": {}}, "record 1: 'scores' must be a non-empty object"),
+    ({"question": "q", "scores": [1, 2]}, "record 1: 'scores' must be a non-empty object"),
+])
+def test_scores_import_names_the_bad_record(tmp_path, record, reason):
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps([{"question": "fine", "scores": {"a": 1, "b": 0}}, record]))
+    with pytest.raises(DataError, match=reason):
+        importers.import_scores(path)
 
 
 def test_unknown_candidate_and_too_few_candidates(tmp_path):

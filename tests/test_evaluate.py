@@ -221,3 +221,40 @@ def test_eval_of_an_older_run_without_query_digests(seen_run, routing_files, tmp
     assert "files are gone" in report["seen_in_training"]["why"]
     report, err = _eval(old, routing_files["train"], tmp_path, capsys)
     assert report["warnings"] and "same data hash" in err
+
+
+# --- one unit price: eval decides as the shipped router does (issue 23.6) ---------------------------
+def test_eval_tolerance_decisions_equal_the_routers_on_data_with_responses(bundles, tmp_path):
+    """Rows with responses price each answer, but decisions take the rule's unit price, as the Router does.
+
+    Unit prices make delta-1b the cheapest (0.03 a million tokens); its answers here are long and gamma-8b's
+    one token, so priced per answer gamma-8b would be the cheapest and a tolerance of 1 would choose it."""
+    from tiny import LABELS, TEXTS
+    from zooter.runtime.router import Router
+
+    rng = np.random.default_rng(3)
+    length = {"alpha-7b": 400, "beta-70b": 400, "gamma-8b": 4, "delta-1b": 40000}
+    data = tmp_path / "with_responses.jsonl"
+    # Distinct rewards on every row: the router's reward names the candidate it chose.
+    data.write_text("".join(json.dumps({"id": f"q{i}", "query": t, "rewards": dict(zip(LABELS, rng.permutation(4) / 4)),
+                                        "responses": {n: "x" * length[n] for n in LABELS}}) + "\n"
+                            for i, t in enumerate(TEXTS)))
+    from zooter.training.evaluate import evaluate_router
+
+    report = evaluate_router(bundles["int8"], data, candidates=str(bundles["candidates"]), tolerance=1.0, keep_rows=True)
+    assert report["cost_unit"] == "usd_per_query"
+    assert report["unit_prices"] == pytest.approx({"alpha-7b": 0.2, "beta-70b": 0.9, "gamma-8b": 0.1, "delta-1b": 0.03})
+    router = Router.load(bundles["int8"], tolerance=1.0)
+    rows = RoutingDataset.load(data)
+    rewards = aligned_rewards(rows, LABELS)
+    chosen = [LABELS.index(d.candidate) for d in router.route_batch(list(rows.queries))]
+    assert report["rows"]["router"] == rewards[np.arange(len(chosen)), chosen].tolist()
+    assert report["chosen_share"]["delta-1b"] == 1.0
+    # The realised cost is still reported: what the chosen answers cost, per query.
+    assert report["router"]["mean_cost"] == pytest.approx(approx_tokens_cost(rows, "delta-1b"))
+
+
+def approx_tokens_cost(rows, name):
+    from zooter.training.evaluate import approx_tokens
+
+    return float(np.mean([(approx_tokens(r.query) * 0.02 + approx_tokens(r.responses[name]) * 0.04) / 1e6 for r in rows.rows]))

@@ -86,7 +86,7 @@ def test_int8_router_agrees_with_pytorch_as_parity_recorded(bundles):
     expected, probs = torch_choices(bundles["run"], texts)
     decisions = [router.route(t) for t in texts]  # the parity check runs one query at a time too
     agreement = np.mean([d.candidate == LABELS[e] for d, e in zip(decisions, expected)])
-    parity = router.manifest["parity"]
+    parity = router.manifest.parity
     assert agreement >= 0.9 and agreement == pytest.approx(parity["decision_agreement"])
     got = np.array([[d.probabilities[n] for n in LABELS] for d in decisions])
     assert np.abs(got - probs).max() == pytest.approx(parity["max_prob_diff"], abs=1e-5)

@@ -146,11 +146,13 @@ def test_a_bundle_that_does_not_load_on_sighup_keeps_the_old_router(served, bund
 
 
 def test_another_encoder_is_not_a_router_swap(bundles):
-    from zooter.runtime.bundle import read_manifest, swap_problem
+    from dataclasses import replace
 
-    old = read_manifest(bundles["int8"])
-    assert swap_problem(old, read_manifest(bundles["fp32"])) is None      # same encoder, other router: a swap
-    other = {**old, "max_length": old["max_length"] // 2,
-             "files": {**old["files"], "tokenizer.json": {**old["files"]["tokenizer.json"], "sha256": "0" * 64}}}
+    from zooter.runtime.bundle import Manifest, swap_problem
+
+    old = Manifest.read(bundles["int8"])
+    assert swap_problem(old, Manifest.read(bundles["fp32"])) is None      # same encoder, other router: a swap
+    other = replace(old, max_length=old.max_length // 2,
+                    files={**old.files, "tokenizer.json": {**old.files["tokenizer.json"], "sha256": "0" * 64}})
     problem = swap_problem(old, other)
     assert problem.startswith("another encoder") and "tokenizer.json" in problem and "max_length" in problem

@@ -126,6 +126,43 @@ def test_label_count_must_match_the_model(copy_of):
         Router.load(bundle)
 
 
+def test_manifest_is_router_json_typed_and_written_back_as_read(bundles):
+    """One loader (Manifest.read) gives typed fields; to_json is the object on disk, key for key and in order."""
+    from zooter.runtime.bundle import TOKEN_INPUTS, Manifest
+
+    raw = json.loads((bundles["int8"] / "router.json").read_text())
+    manifest = Manifest.read(bundles["int8"])
+    assert manifest.to_json() == raw and list(manifest.to_json()) == list(raw)
+    assert manifest.labels == tuple(LABELS) and manifest.router_id == raw["manifest_sha256"][:12]
+    assert manifest.token_inputs == [n for n in TOKEN_INPUTS if n in raw["inputs"]]
+    assert manifest.size == sum(e["bytes"] for e in raw["files"].values())
+    assert manifest.rule().costs.tolist() == [(i + o) / 2 for i, o in PRICES.values()]
+    assert Manifest.read_file(bundles["int8"] / "router.json") == manifest
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda o: o.update(labels="alpha-7b"), "'labels' must be a list"),
+    (lambda o: o["candidates"].pop("beta-70b"), "'candidates' must be an object with an entry for every label"),
+    (lambda o: o["candidates"]["beta-70b"].update(model=3), "'candidates'.beta-70b"),
+    (lambda o: o["decision"].update({"lambda": -1}), "decision.lambda must be a finite number >= 0"),
+    (lambda o: o["decision"].update(tolerance=0.1), "decision.tolerance needs 'costs'"),
+    (lambda o: o.update(costs=[1.0]), "'costs' must be null or one unit price per label"),
+    (lambda o: o.update(router_backend="tensorrt"), "'router_backend' must be one of python, onnxruntime"),
+    (lambda o: o.update(decision=None), "'decision' must be an object"),
+])
+def test_routing_config_names_the_bad_key(tmp_path, change, message):
+    """routing.json, what the Triton models read besides router.json, is validated by its one loader."""
+    from zooter.runtime.routing import RoutingConfig, RoutingConfigError
+
+    good = RoutingConfig(labels=tuple(LABELS), candidates={n: {"model": None, "why": "none"} for n in LABELS})
+    assert RoutingConfig.read(good.write(tmp_path)) == good
+    obj = good.to_json()
+    change(obj)
+    (tmp_path / "routing.json").write_text(json.dumps(obj))
+    with pytest.raises(RoutingConfigError, match=f"routing.json: {message}"):
+        RoutingConfig.read(tmp_path)
+
+
 def test_many_threads_get_the_sequential_answers(router):
     texts = TEXTS * 3
     expected = [router.route(t) for t in texts]

@@ -198,6 +198,32 @@ def test_build_refuses_a_foreign_folder_and_unknown_candidates(triton_bundle, tm
     assert built.unreachable == LABELS and "zooter_standin_llm" not in built.models
 
 
+def test_a_failed_build_leaves_the_repository_that_was_there(triton_bundle, tmp_path, monkeypatch):
+    """build_repository writes beside the target and renames: a failure keeps the old repository whole,
+    and nothing is left beside it (issue 23.7)."""
+    import zooter.export.triton_repo as triton_repo
+    from zooter.runtime.routing import RoutingConfig
+
+    out = tmp_path / "repo"
+    triton_repo.build_repository(triton_bundle, out, candidates())
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert RoutingConfig.read(out / "zooter" / "1").labels == tuple(LABELS)
+
+    def broken(repo):
+        raise RuntimeError("config check failed")
+
+    monkeypatch.setattr(triton_repo, "validate_repository", broken)
+    with pytest.raises(RuntimeError, match="config check failed"):
+        triton_repo.build_repository(triton_bundle, out, candidates(), route_instances=1, max_batch_size=4)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+    monkeypatch.undo()
+    triton_repo.build_repository(triton_bundle, out, candidates(), route_instances=1)
+    config = (out / "zooter_route" / "config.pbtxt").read_text()
+    assert config != before[Path("zooter_route/config.pbtxt")].decode() and "count: 1" in config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
 # --- routing ----------------------------------------------------------------------------------------
 @pytest.mark.triton
 @pytest.mark.slow

@@ -7,18 +7,19 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import pytest
 
 from zooter.cli import main
-from zooter.runtime.bundle import read_manifest, router_id
+from zooter.runtime.bundle import Manifest
 
 CLIENTS, REQUESTS = 32, 500
 
 
 def rid(bundle) -> str:
-    return router_id(read_manifest(bundle))
+    return Manifest.read(bundle).router_id
 
 
 @pytest.fixture()
@@ -124,10 +125,10 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
 def test_a_bundle_that_does_not_fit_is_refused_in_one_line_and_nothing_changes(repo, bundles, monkeypatch, capsys):
     import zooter.export.triton_reload as reload
 
-    old = read_manifest(bundles["int8"])
+    old = Manifest.read(bundles["int8"])
     before = sorted(p.name for p in (repo / "zooter_route").iterdir())
 
-    def refused(fake: dict, *words: str) -> None:
+    def refused(fake: Manifest, *words: str) -> None:
         monkeypatch.setattr(reload, "read_bundle", lambda b: (bundles["fp32"], fake))
         # No server at this address: a refused bundle never gets as far as asking it.
         assert main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]), "--triton", "127.0.0.1:9"]) == 2
@@ -136,8 +137,8 @@ def test_a_bundle_that_does_not_fit_is_refused_in_one_line_and_nothing_changes(r
         assert all(w in err for w in words), err
         assert sorted(p.name for p in (repo / "zooter_route").iterdir()) == before
 
-    refused({**old, "max_length": old["max_length"] // 2}, "another encoder", "max_length")
-    refused({**old, "labels": list(reversed(old["labels"]))}, "another label set", "--candidates")
+    refused(replace(old, max_length=old.max_length // 2), "another encoder", "max_length")
+    refused(replace(old, labels=old.labels[::-1]), "another label set", "--candidates")
     monkeypatch.undo()
     broken = repo.parent / "broken"
     broken.mkdir()

@@ -64,6 +64,15 @@ def _reward(value, path, line, name) -> float | None:
     return float(value)
 
 
+def required(obj: dict, key: str, kind: type, problem: str, path: str | Path, line: int | None):
+    """obj[key] when it is a `kind` with something in it (a str with text, a non-empty dict), else a
+    DataError saying `problem`: the one check of a record's query and rewards, here and in the importers."""
+    value = obj.get(key)
+    if not isinstance(value, kind) or not (value.strip() if isinstance(value, str) else value):
+        raise DataError(path, line, problem)
+    return value
+
+
 def parse_row(obj, path: str | Path = "<data>", line: int | None = None) -> Row:
     """Check one decoded JSON object against the contract (candidate membership is checked by the dataset)."""
     if not isinstance(obj, dict):
@@ -71,12 +80,9 @@ def parse_row(obj, path: str | Path = "<data>", line: int | None = None) -> Row:
     rid = obj.get("id")
     if not isinstance(rid, str) or not rid:
         raise DataError(path, line, "'id' must be a non-empty string")
-    query = obj.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise DataError(path, line, f"row {rid!r}: empty query")
-    rewards = obj.get("rewards")
-    if not isinstance(rewards, dict) or not rewards:
-        raise DataError(path, line, f"row {rid!r}: 'rewards' must be a non-empty object {{candidate: number or null}}")
+    query = required(obj, "query", str, f"row {rid!r}: empty query", path, line)
+    rewards = required(obj, "rewards", dict, f"row {rid!r}: 'rewards' must be a non-empty object {{candidate: number or null}}",
+                       path, line)
     rewards = {str(k): _reward(v, path, line, k) for k, v in rewards.items()}
     if all(v is None for v in rewards.values()):
         raise DataError(path, line, f"row {rid!r}: every reward is null, nothing to learn from")

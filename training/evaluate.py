@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from zooter.runtime.decision import Rule
+from zooter.runtime.decision import Rule, unit_prices
 
 # Tolerance sweep for the cost knob, in reward units.
 TOLERANCES = (0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -37,21 +37,10 @@ BOOTSTRAP_RESAMPLES = 2000
 CALIBRATION_BINS = 10
 
 
-def unit_costs(costs: np.ndarray | None) -> dict | None:
-    """One price per candidate for the rule (the router decides before any answer's length is known):
-    per-row costs (from responses) are averaged per candidate."""
-    if costs is None:
-        return None
-    c = np.asarray(costs, dtype=np.float64)
-    return np.nanmean(c, axis=0) if c.ndim == 2 else c
-
-
-def rule_for(labels: Sequence[str], decision: dict, costs: np.ndarray | None = None, lam: float = 0.0,
+def rule_for(labels: Sequence[str], decision: dict, prices: np.ndarray | None = None, lam: float = 0.0,
              tolerance: float = 0.0) -> Rule:
-    unit = unit_costs(costs)
-    manifest = {"labels": list(labels), "decision": {**decision, "lambda": lam, "tolerance": tolerance},
-                "costs": None if unit is None else {n: {"unit": float(c)} for n, c in zip(labels, unit)}}
-    return Rule.from_manifest(manifest)
+    """The shipped rule with these settings; `prices`: its unit price per candidate (runtime.decision.unit_price)."""
+    return Rule.of(labels, decision, prices, lam, tolerance)
 
 
 def paired_bootstrap(diff: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
@@ -141,12 +130,14 @@ def _mean_or_none(values: np.ndarray | None) -> float | None:
 
 def evaluate(rewards: np.ndarray, probs: np.ndarray, scores: np.ndarray, labels: Sequence[str], best_single: str,
              decision: dict, *, tags: Sequence[Sequence[str]] | None = None, costs: np.ndarray | None = None,
-             lam: float = 0.0, tolerance: float = 0.0, tolerances: Sequence[float] = TOLERANCES,
-             guard: bool = True, keep_rows: bool = False) -> dict:
+             prices: np.ndarray | None = None, lam: float = 0.0, tolerance: float = 0.0,
+             tolerances: Sequence[float] = TOLERANCES, guard: bool = True, keep_rows: bool = False) -> dict:
     """The evaluation report (see docs/training.md for every key).
 
     rewards, probs, scores: (n, m) in `labels` order. decision: the run's or bundle's decision settings.
-    costs: None, (m,) unit prices, or (n, m) per-answer costs. guard=False evaluates the paper's rule
+    costs: None, (m,) unit prices, or (n, m) per-answer costs: what the report's mean_cost figures add up.
+    prices: (m,) the rule's unit prices, what the router decides with (runtime.decision.unit_price, as the
+    shipped router); default `costs` when they are unit prices. guard=False evaluates the paper's rule
     as `router`. keep_rows adds `rows` (per row: the router's and the best single's
     rewards, the choice's expected reward and confidence, whether it was a best answer).
     """
@@ -160,7 +151,11 @@ def evaluate(rewards: np.ndarray, probs: np.ndarray, scores: np.ndarray, labels:
     tags = [list(t) for t in tags] if tags is not None else [[] for _ in range(n)]
     scored = ~np.isnan(rewards)
     cost_matrix = None if costs is None else np.broadcast_to(np.asarray(costs, dtype=np.float64), (n, m))
-    rule = rule_for(labels, decision, cost_matrix, lam, tolerance if cost_matrix is not None else 0.0)
+    if prices is None and costs is not None:
+        if np.ndim(costs) != 1:
+            raise ValueError("per-answer costs need `prices`, the rule's unit price per candidate")
+        prices = costs
+    rule = rule_for(labels, decision, prices, lam, tolerance if prices is not None else 0.0)
 
     def cost_of(choice):
         return None if cost_matrix is None else picked(cost_matrix, choice)
@@ -354,9 +349,9 @@ def provenance(path) -> dict:
 
         return read_run_info(path)
     if (path / "router.json").is_file():
-        from zooter.runtime.bundle import read_manifest
+        from zooter.runtime.bundle import Manifest
 
-        return read_manifest(path, verify=False).get("provenance", {})   # open_router verifies the files
+        return Manifest.read(path, verify=False).provenance or {}   # open_router verifies the files
     return {}
 
 
@@ -377,7 +372,7 @@ def cost_matrix(data, labels: Sequence[str], prices: dict | None) -> tuple[np.nd
     if all(r.responses and all(name in r.responses for name in labels) for r in rows):
         return np.array([[prices[name].of(approx_tokens(r.query), approx_tokens(r.responses[name])) for name in labels]
                          for r in rows]), "usd_per_query"
-    return np.array([prices[name].unit for name in labels]), "usd_per_mtok"
+    return unit_prices(prices, labels), "usd_per_mtok"
 
 
 def aligned_rewards(data, labels: Sequence[str]) -> np.ndarray:
@@ -492,10 +487,14 @@ def evaluate_router(path, data_path, *, candidates: str | None = None, lam: floa
     costs, cost_unit = cost_matrix(data, labels, prices)
     if (lam or tolerance) and costs is None:
         raise UserError(f"--{'lambda' if lam else 'tolerance'} needs prices: pass --candidates with costs")
+    # Decisions use the shipped rule's unit prices whether or not the rows have responses; realised
+    # per-answer costs are only reported (docs/training.md).
+    units = unit_prices(prices, labels)
 
     report = evaluate(rewards, probs, scores, labels, best, decision, tags=[r.tags for r in data.rows], costs=costs,
-                      lam=lam, tolerance=tolerance, guard=guard, keep_rows=keep_rows)
+                      prices=units, lam=lam, tolerance=tolerance, guard=guard, keep_rows=keep_rows)
     report["cost_unit"] = cost_unit
+    report["unit_prices"] = None if units is None else dict(zip(labels, units.tolist()))
     report["candidates_file"] = str(cands_file) if cands_file else None
     report["router_path"] = str(path)
     report["data"] = str(data_path)
@@ -505,7 +504,7 @@ def evaluate_router(path, data_path, *, candidates: str | None = None, lam: floa
     report["warnings"], report["seen_in_training"] = warnings, overlap
 
     # The paper's Figure 3: is routing easier when the reward distribution is peaked?
-    choice = rule_for(labels, decision, costs, lam, tolerance).decide(probs, scores, allowed=~np.isnan(rewards),
+    choice = rule_for(labels, decision, units, lam, tolerance).decide(probs, scores, allowed=~np.isnan(rewards),
                                                                       guard=guard).choice
     correct = picked(rewards, choice) >= np.nanmax(rewards, axis=1)
     report["entropy_vs_accuracy"] = entropy_vs_correctness(entropy(reward_distribution(rewards, float(facts.get("tau", 1.0)))), correct)

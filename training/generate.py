@@ -222,117 +222,146 @@ def generate(queries: Sequence[Query], candidates: Sequence[Candidate], out: str
     last record is a failure are asked again; a pair that has an answer is never asked twice.
     `clients` ({name: object with complete(prompt)}) replaces the serve entries, for tests and embedding.
     """
-    from tqdm.auto import tqdm
-
-    sampling = sampling or Sampling()
-    policy = policy or RetryPolicy()
     out = Path(out)
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise UserError(f"candidate names repeat: {names}")
     if clients is None:
-        clients = {c.name: client_for(c.name, c.serve, sampling) for c in candidates}
+        clients = {c.name: client_for(c.name, c.serve, sampling or Sampling()) for c in candidates}
+    limits = _concurrency_limits(candidates, concurrency)
+    if out.exists() and not journal_path(out, "pairs").exists():
+        raise UserError(f"{out} exists but has no journal {journal_path(out, 'pairs').name} beside it, so it was not "
+                        f"written by this command; delete it or choose another --out")
+    with Journal(journal_path(out, "pairs")) as journal:
+        pending = _pending(journal, queries, names)
+        run = _PairRun(journal, clients, policy or RetryPolicy(), pending, progress)
+        try:
+            run.ask(limits)
+        finally:
+            run.close()
+            records = journal.records()
+            foreign = write_answers(queries, names, records, out, source)
+            repaired = journal.repaired
+
+    ids = {q.id for q in queries}
+    answered_total = sum(1 for r in _latest(records).values() if r["error"] is None and r["id"] in ids and r["candidate"] in names)
+    return GenerateSummary(
+        queries=len(queries), pairs=len(queries) * len(names),
+        already_done=len(queries) * len(names) - sum(len(p) for p in pending.values()),
+        asked=sum(t.answered + t.failed for t in run.tallies.values()), tallies=run.tallies,
+        answered_total=answered_total, failed_total=len(queries) * len(names) - answered_total,
+        journal=journal.path, out=out, repaired_journal=repaired, foreign_records=foreign, failures=run.failures)
+
+
+def _concurrency_limits(candidates: Sequence[Candidate], concurrency: int) -> dict[str, int]:
+    """Calls in flight per candidate: its serve.max_concurrency, else `concurrency`."""
     limits = {}
     for c in candidates:
         limit = c.serve.get("max_concurrency", concurrency)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise UserError(f"candidate {c.name!r}: max_concurrency must be a positive integer, got {limit!r}")
         limits[c.name] = limit
+    return limits
 
-    if out.exists() and not journal_path(out, "pairs").exists():
-        raise UserError(f"{out} exists but has no journal {journal_path(out, 'pairs').name} beside it, so it was not "
-                        f"written by this command; delete it or choose another --out")
-    with Journal(journal_path(out, "pairs")) as journal:
-        by_id = {q.id: q for q in queries}
-        answered: set[tuple[str, str]] = set()
-        for rec in journal.records():
-            q = by_id.get(rec.get("id"))
-            if q is not None and rec.get("query_sha") != text_sha(q.text):
-                raise UserError(f"{journal.path} holds an answer for id {q.id!r} to a different query text; "
-                                f"ids must name the same query across runs (use a new --out for new queries)")
-            if rec.get("error") is None:
-                answered.add((rec.get("id"), rec.get("candidate")))
-        pending = {name: [q for q in queries if (q.id, name) not in answered] for name in names}
-        already = len(queries) * len(names) - sum(len(p) for p in pending.values())
 
-        tallies = {name: CandidateTally() for name in names}
-        failures: list[tuple[str, str, str]] = []
-        stop = threading.Event()
-        bars = {}
+def _pending(journal: Journal, queries: Sequence[Query], names: Sequence[str]) -> dict[str, list[Query]]:
+    """Each candidate's queries that have no answer in the journal yet, in query order."""
+    by_id = {q.id: q for q in queries}
+    answered: set[tuple[str, str]] = set()
+    for rec in journal.records():
+        q = by_id.get(rec.get("id"))
+        if q is not None and rec.get("query_sha") != text_sha(q.text):
+            raise UserError(f"{journal.path} holds an answer for id {q.id!r} to a different query text; "
+                            f"ids must name the same query across runs (use a new --out for new queries)")
+        if rec.get("error") is None:
+            answered.add((rec.get("id"), rec.get("candidate")))
+    return {name: [q for q in queries if (q.id, name) not in answered] for name in names}
+
+
+class _PairRun:
+    """One run's pairs: a thread pool per candidate asks, journals each finished pair, and counts it."""
+
+    def __init__(self, journal: Journal, clients: dict, policy: RetryPolicy, pending: dict[str, list[Query]],
+                 progress: bool):
+        self.journal, self.clients, self.policy, self.pending = journal, clients, policy, pending
+        self.tallies = {name: CandidateTally() for name in pending}
+        self.failures: list[tuple[str, str, str]] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.bars = {}
         if progress:
-            width = max(len(n) for n in names)
-            for i, name in enumerate(names):
-                bars[name] = tqdm(total=len(pending[name]), desc=name.ljust(width), unit="pair", position=i,
-                                  mininterval=0.5, dynamic_ncols=True, leave=True)
+            from tqdm.auto import tqdm
 
-        lock = threading.Lock()
+            width = max(len(n) for n in pending)
+            for i, name in enumerate(pending):
+                self.bars[name] = tqdm(total=len(pending[name]), desc=name.ljust(width), unit="pair", position=i,
+                                       mininterval=0.5, dynamic_ncols=True, leave=True)
 
-        def work(name: str, query: Query) -> None:
-            if stop.is_set():
-                return
-            tally = tallies[name]
-            start = time.monotonic()
-            answer, error, attempts = call_with_retries(clients[name].complete, query.text, policy, stop)
-            elapsed = time.monotonic() - start
-            if error is not None and stop.is_set() and error.startswith("interrupted"):
-                return  # not a real failure: the run is stopping; the pair stays pending
-            record = {"id": query.id, "candidate": name, "query_sha": text_sha(query.text),
-                      "response": None if answer is None else answer.text, "error": error,
-                      "attempts": attempts, "latency_s": round(elapsed, 4), "finish_reason": None,
-                      "output_tokens": None, "at": round(time.time(), 3)}
-            if answer is not None:
-                record["finish_reason"] = answer.finish_reason
-                record["output_tokens"] = answer.output_tokens
-            journal.append(record)
-            with lock:
-                tally.seconds += elapsed
-                tally.retried += attempts > 1
-                tally.finished = time.monotonic()
-                if answer is None:
-                    tally.failed += 1
-                    failures.append((query.id, name, error))
-                else:
-                    tally.answered += 1
-                    tally.empty += not answer.text.strip()
-                    tally.hit_max_tokens += answer.finish_reason == "length"
-                if name in bars:
-                    bars[name].set_postfix_str(f"failed={tally.failed}", refresh=False)
-                    bars[name].update(1)
-
+    def ask(self, limits: dict[str, int]) -> None:
+        """Every pending pair, candidates interleaved in query order, so a killed run leaves whole queries
+        done, not whole candidates. A stop (Ctrl-C, a bug) cancels what has not started."""
+        names = list(self.pending)
         pools = {name: ThreadPoolExecutor(max_workers=limits[name], thread_name_prefix=f"gen-{name}") for name in names}
         futures = []
         try:
             now = time.monotonic()
             for name in names:
-                tallies[name].started = tallies[name].finished = now
-            # Interleave candidates in query order, so a killed run leaves whole queries done, not whole candidates.
-            for i in range(max((len(p) for p in pending.values()), default=0)):
+                self.tallies[name].started = self.tallies[name].finished = now
+            for i in range(max((len(p) for p in self.pending.values()), default=0)):
                 for name in names:
-                    if i < len(pending[name]):
-                        futures.append(pools[name].submit(work, name, pending[name][i]))
+                    if i < len(self.pending[name]):
+                        futures.append(pools[name].submit(self.work, name, self.pending[name][i]))
             wait(futures)
             for future in futures:
                 future.result()  # re-raise a bug in `work` itself (client errors never get here)
         except BaseException:
-            stop.set()
+            self.stop.set()
             for pool in pools.values():
                 pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             for pool in pools.values():
                 pool.shutdown(wait=True)
-            for bar in bars.values():
-                bar.close()
-            records = journal.records()
-            foreign = write_answers(queries, names, records, out, source)
-            repaired = journal.repaired
 
-    answered_total = sum(1 for r in _latest(records).values() if r["error"] is None and r["id"] in by_id and r["candidate"] in names)
-    return GenerateSummary(
-        queries=len(queries), pairs=len(queries) * len(names), already_done=already,
-        asked=sum(t.answered + t.failed for t in tallies.values()), tallies=tallies,
-        answered_total=answered_total, failed_total=len(queries) * len(names) - answered_total,
-        journal=journal.path, out=out, repaired_journal=repaired, foreign_records=foreign, failures=failures)
+    def work(self, name: str, query: Query) -> None:
+        if self.stop.is_set():
+            return
+        start = time.monotonic()
+        answer, error, attempts = call_with_retries(self.clients[name].complete, query.text, self.policy, self.stop)
+        elapsed = time.monotonic() - start
+        if error is not None and self.stop.is_set() and error.startswith("interrupted"):
+            return  # not a real failure: the run is stopping; the pair stays pending
+        record = {"id": query.id, "candidate": name, "query_sha": text_sha(query.text),
+                  "response": None if answer is None else answer.text, "error": error,
+                  "attempts": attempts, "latency_s": round(elapsed, 4), "finish_reason": None,
+                  "output_tokens": None, "at": round(time.time(), 3)}
+        if answer is not None:
+            record["finish_reason"] = answer.finish_reason
+            record["output_tokens"] = answer.output_tokens
+        self.journal.append(record)
+        self._count(name, query, answer, error, attempts, elapsed)
+
+    def _count(self, name: str, query: Query, answer: Answer | None, error: str | None, attempts: int,
+               elapsed: float) -> None:
+        with self.lock:
+            tally = self.tallies[name]
+            tally.seconds += elapsed
+            tally.retried += attempts > 1
+            tally.finished = time.monotonic()
+            if answer is None:
+                tally.failed += 1
+                self.failures.append((query.id, name, error))
+            else:
+                tally.answered += 1
+                tally.empty += not answer.text.strip()
+                tally.hit_max_tokens += answer.finish_reason == "length"
+            if name in self.bars:
+                self.bars[name].set_postfix_str(f"failed={tally.failed}", refresh=False)
+                self.bars[name].update(1)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 def _latest(records: Iterable[dict]) -> dict[tuple[str, str], dict]:

@@ -16,7 +16,7 @@ from typing import Sequence
 from zooter.runtime.errors import DataError, UserError
 from zooter.runtime.files import json_error, read_text
 from zooter.runtime.queries import text_id
-from zooter.training.dataset import RoutingDataset, Row, parse_row
+from zooter.training.dataset import RoutingDataset, Row, parse_row, required
 
 ALPACA_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 
@@ -98,12 +98,8 @@ def import_scores(src: str | Path) -> RoutingDataset:
         where = f"record {i}"
         if not isinstance(rec, dict):
             raise DataError(src, None, f"{where}: expected an object")
-        text = rec.get("question")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(src, None, f"{where}: empty question")
-        scores = rec.get("scores")
-        if not isinstance(scores, dict) or not scores:
-            raise DataError(src, None, f"{where}: 'scores' must be a non-empty object {{model: number}}")
+        text = required(rec, "question", str, f"{where}: empty question", src, None)
+        scores = required(rec, "scores", dict, f"{where}: 'scores' must be a non-empty object {{model: number}}", src, None)
         tags = [str(t) for t in rec.get("tags", []) or []]
         if rec.get("cluster_id") is not None:
             tags.append(f"cluster:{rec['cluster_id']}")
@@ -130,5 +126,3 @@ def import_scores(src: str | Path) -> RoutingDataset:
 def import_jsonl(src: str | Path, candidates: Sequence[str] | None = None) -> RoutingDataset:
     return RoutingDataset.load(src, candidates)
 
-
-KINDS = {"alpaca-eval": import_alpaca_eval, "scores": import_scores, "jsonl": import_jsonl}

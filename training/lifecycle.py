@@ -469,10 +469,10 @@ def describe(path: str | Path) -> list[dict]:
         info = read_run_info(path)
         labels = info["labels"]
     elif (path / "router.json").is_file():
-        from zooter.runtime.bundle import read_manifest
+        from zooter.runtime.bundle import Manifest
 
-        manifest = read_manifest(path, verify=False)
-        labels, info = manifest["labels"], manifest.get("provenance", {})
+        manifest = Manifest.read(path, verify=False)
+        labels, info = list(manifest.labels), manifest.provenance or {}
     else:
         raise UserError(f"{path}: neither a run (run.json) nor a bundle (router.json)")
     entered = _entered({**info, "labels": labels})

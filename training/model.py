@@ -241,9 +241,9 @@ class TorchRouter:
                                              progress=None))
             with torch.inference_mode():
                 return softmax(self.model.head(x).float().numpy()), self.model.reward_head(x).double().numpy()
+        from zooter.runtime.bundle import TOKEN_INPUTS
         from zooter.runtime.tokenize import encode
 
-        names = ["input_ids", "attention_mask", "token_type_ids"]
         logits = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         rewards = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths: little padding
@@ -251,7 +251,7 @@ class TorchRouter:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 feeds = encode(self.tokenizer, [texts[i] for i in idx], self.max_length)
-                out = self.model(**{k: torch.from_numpy(feeds[k]) for k in names})
+                out = self.model(**{k: torch.from_numpy(feeds[k]) for k in TOKEN_INPUTS})
                 logits[idx], rewards[idx] = out["logits"].float().numpy(), out["rewards"].double().numpy()
         return softmax(logits), rewards
 

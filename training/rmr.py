@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from zooter.runtime.decision import unit_price
 from zooter.runtime.errors import UserError
 from zooter.training.dataset import RoutingDataset
 
@@ -86,5 +87,5 @@ def rmr_baseline(eval_data: RoutingDataset, rmr_data: RoutingDataset, costs: dic
     }
     if costs and all(name in costs for name in names):
         # In the evaluation report's unit (price per million tokens): RMR pays for every candidate's answer.
-        result["mean_cost"] = float(sum(costs[name].unit for name in names))
+        result["mean_cost"] = float(sum(unit_price(costs[name]) for name in names))
     return result

@@ -44,6 +44,7 @@ import triton_python_backend_utils as pb_utils
 
 from zooter.runtime.candidate_io import END_OUTPUTS, ENSEMBLE, Reading, TritonModel, ask_from_inputs, text
 from zooter.runtime.conversation import DEFAULT_ROUTE_ON, ROUTE_TEXT_BYTES, check_route_on, route_text, turns_from_json
+from zooter.runtime.routing import RoutingConfig
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Every client error starts so: gRPC streams carry an error's message but not its code.
@@ -80,8 +81,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        routing = json.loads((Path(args["model_repository"]) / args["model_version"] / "routing.json").read_text())
-        self.serving = routing["candidates"]            # label -> {"model": name or None, "why": str}
+        routing = RoutingConfig.read(Path(args["model_repository"]) / args["model_version"])
+        self.serving = routing.candidates               # label -> {"model": name or None, "why": str}
         self.default_max_tokens = int(params.get("default_max_tokens") or 128)
         self.max_tokens_limit = int(params.get("max_tokens_limit") or 4096)
         self.max_text_bytes = int(params.get("max_text_bytes") or 65536)
@@ -89,7 +90,7 @@ class TritonPythonModel:
         self.route_on = check_route_on(params.get("route_on") or DEFAULT_ROUTE_ON, "parameter route_on")
         # The routed text is cut to what zooter_route takes (the cut keeps the head, as the tokenizer does).
         self.route_bytes = min(ROUTE_TEXT_BYTES, self.max_text_bytes)
-        self.knobs_supported = routing.get("router_backend", "python") == "python"
+        self.knobs_supported = routing.router_backend == "python"
         self.input_names = [i["name"] for i in config["input"] if i["name"] not in ROUTING_INPUTS]
         # Threads wait on other models most of the time; 64 bounds the open streams per instance.
         self.slots = threading.BoundedSemaphore(64)

@@ -6,21 +6,21 @@ exactly like the in-process Router. Outputs: candidate, probabilities, expected_
 confidence and ranking (candidate names best first, the fallback order).
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zooter.runtime.decision import Rule, softmax
+from zooter.runtime.bundle import MANIFEST, Manifest
+from zooter.runtime.decision import softmax
+from zooter.runtime.routing import RoutingConfig
 
 
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
-        manifest = json.loads((folder / "router.json").read_text())
-        decision = json.loads((folder / "routing.json").read_text())["decision"]
-        self.rule = Rule.from_manifest(manifest, decision["lambda"], decision["tolerance"])
+        routing = RoutingConfig.read(folder)
+        self.rule = Manifest.read_file(folder / MANIFEST).rule(routing.lam, routing.tolerance)
         self.names = np.array([s.encode() for s in self.rule.labels] + [b""], dtype=object)   # -1 ranks nothing
 
     def execute(self, requests):

@@ -23,6 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from zooter.runtime.candidate_io import text
 from zooter.runtime.router import Router
+from zooter.runtime.routing import RoutingConfig
 from zooter.runtime.tokenize import EmptyQueryError, clean_query
 
 
@@ -48,15 +49,15 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"]
-        decision = json.loads((folder / "routing.json").read_text())["decision"]
+        routing = RoutingConfig.read(folder)
         threads = int(params.get("intra_op_threads") or 0) or None
         self.router = Router.load(folder, providers=["CPUExecutionProvider"], threads=threads,
-                                  lam=decision["lambda"], tolerance=decision["tolerance"])
+                                  lam=routing.lam, tolerance=routing.tolerance)
         # Requests that queued behind each other mean the server is busy, and then every core already
         # runs a request: one onnxruntime thread a request does the same work with less CPU than two
         # threads contending with the other instance's (docs/triton.md). A lone request gets them all.
         self.busy_router = self.router if threads == 1 else Router.load(
-            folder, providers=["CPUExecutionProvider"], threads=1, lam=decision["lambda"], tolerance=decision["tolerance"])
+            folder, providers=["CPUExecutionProvider"], threads=1, lam=routing.lam, tolerance=routing.tolerance)
         self.max_text_bytes = int(params["max_text_bytes"])
         # Every answer names the router that chose it (a reload serves a new bundle as a new version of this
         # model, `zooter triton reload`), and so do the decision counts, one series a router.

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from zooter.runtime.bundle import MANIFEST, Manifest
 from zooter.runtime.tokenize import EmptyQueryError, clean_query, encode, load_tokenizer
 
 
@@ -21,8 +22,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
-        router = json.loads((folder / "router.json").read_text())
-        self.max_length = int(router["max_length"])
+        self.max_length = Manifest.read_file(folder / MANIFEST).max_length
         self.tokenizer = load_tokenizer(folder / "tokenizer.json", self.max_length)
         self.outputs = [o["name"] for o in config["output"]]
         self.max_text_bytes = int(config["parameters"]["max_text_bytes"]["string_value"])

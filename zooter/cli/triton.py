@@ -74,7 +74,7 @@ def register(sub) -> None:
 
 
 def cmd_triton_build(args) -> int:
-    from zooter.export.triton_repo import build_repository
+    from zooter.export.triton_repo import RepositoryOptions, build_repository
     from zooter.serving.candidates import load_candidates
 
     if args.max_batch_size < 1:
@@ -82,12 +82,12 @@ def cmd_triton_build(args) -> int:
     candidates = load_candidates(args.candidates)
     if args.stand_ins:
         print("preparing the stand-in LLM (converted once from GGUF, then cached) ...", flush=True)
-    built = build_repository(args.bundle, args.out, candidates, router_backend=args.router_backend,
-                             stand_ins=args.stand_ins, lam=args.lam, tolerance=args.tolerance,
-                             max_batch_size=args.max_batch_size, max_text_bytes=args.max_text_bytes,
-                             router_device=args.router_device, tensorrt=args.tensorrt,
-                             default_max_tokens=args.max_tokens, route_on=args.route_on,
-                             max_prompt_bytes=args.max_prompt_bytes, stand_in_io=args.stand_in_io)
+    options = RepositoryOptions(router_backend=args.router_backend, router_device=args.router_device,
+                                tensorrt=args.tensorrt, lam=args.lam, tolerance=args.tolerance, stand_ins=args.stand_ins,
+                                stand_in_io=args.stand_in_io, max_batch_size=args.max_batch_size,
+                                max_text_bytes=args.max_text_bytes, max_prompt_bytes=args.max_prompt_bytes,
+                                default_max_tokens=args.max_tokens, route_on=args.route_on)
+    built = build_repository(args.bundle, args.out, candidates, options)
     print(f"wrote {built.path}: {len(built.models)} models ({', '.join(built.models[:5])}"
           f"{', ...' if len(built.models) > 5 else ''})")
     for label, s in built.serving.items():
