@@ -59,7 +59,7 @@ def test_bench_budget_and_missing_run(bundles, tmp_path, capsys):
 
 
 def test_read_queries(tmp_path):
-    from zooter.runtime.bench import read_queries
+    from zooter.runtime.queries import read_query_texts as read_queries
 
     (tmp_path / "q.txt").write_text("one\n\ntwo\n")
     assert read_queries(tmp_path / "q.txt") == ["one", "two"]
@@ -70,7 +70,7 @@ def test_read_queries(tmp_path):
 def test_read_queries_keeps_line_separator_characters_inside_a_query(tmp_path):
     # JSON writers leave U+0085 and U+2028 unescaped, and dcrouter has a query with U+0085: a query file
     # is split at newlines only, so such a query stays one query (found by `zooter bench --queries`).
-    from zooter.runtime.bench import read_queries
+    from zooter.runtime.queries import read_query_texts as read_queries
 
     texts = ["first\x85half", "a\u2028b", "plain"]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"query": t}, ensure_ascii=False) + "\r\n" for t in texts),

@@ -397,7 +397,7 @@ def wait_for_counter(server, name: str, at_least: float, timeout: float = 15.0, 
 @pytest.mark.slow
 def test_fallback_drill_answers_every_request(triton_server, triton_bundle, real_candidate):
     from zooter.runtime.router import Router
-    from zooter.serving.triton_bench import fallback_drill
+    from zooter.bench.triton import fallback_drill
 
     second = Router.load(triton_bundle).route(FIXED_QUERY).ranking[1]
     drill = fallback_drill(triton_server.http_url, FIXED_QUERY, "fake_trtllm", requests=4, max_tokens=2, spread_s=2.0,
@@ -573,7 +573,7 @@ def test_shared_memory_apis_need_the_control_key(triton_server):
 @pytest.mark.triton
 @pytest.mark.slow
 def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_bundle, data_dir, tmp_path):
-    from zooter.serving.triton_bench import bench_triton
+    from zooter.bench.triton import bench_triton
 
     report = bench_triton(triton_server.http_url, triton_bundle, dcrouter_queries(data_dir, 16),
                           json_out=tmp_path / "bench.json", grpc_url=f"grpc://{triton_server.grpc_url}",
