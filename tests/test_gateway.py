@@ -1,6 +1,6 @@
 """zooter gateway: the official openai client (sync and async, streaming and not) against the gateway, backed by
 stub upstreams on 127.0.0.1 (one answers 500, one is down, one is slow, one breaks mid-stream) and by a real
-tritonserver with stand-in candidates. No timing assertions: the figures are serving/gateway_bench.py's."""
+tritonserver with stand-in candidates. No timing assertions: the figures are bench/gateway.py's."""
 
 from __future__ import annotations
 
@@ -651,18 +651,14 @@ def triton(bundles, ranking, tmp_path_factory):
     not in the server: the `zooter` model falls back past it."""
     from zooter.export.triton_repo import build_repository
     from zooter.serving.candidates import parse_candidates
-    from zooter.serving.triton_server import TritonServer
+    from triton_helpers import tritonserver
 
     missing = {"serve": {"triton_model": "not_loaded_here"}}
     candidates = parse_candidates([{"name": n, **(missing if n == ranking[0] else {})} for n in LABELS])
     folder = tmp_path_factory.mktemp("gateway_triton")
     built = build_repository(bundles["int8"], folder / "repo", candidates, stand_ins=True, default_max_tokens=4)
-    server = TritonServer(built.path, log_file=folder / "server.log")
-    server.start(timeout=300)
-    try:
+    with tritonserver(built.path, log_file=folder / "server.log") as server:
         yield server
-    finally:
-        server.close()      # TritonServer's one stop path: a slow exit is waited for, then killed
 
 
 def banner(candidate: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from triton_helpers import fake_repository, tritonserver
 from zooter.serving.candidates import parse_candidates
 
 LABELS = ["alpha-7b", "beta.chat", "gamma/v2"]     # '/' is not allowed in a Triton model name
@@ -74,36 +75,13 @@ def candidates(real: dict | None = None):
                              for n, c in zip(LABELS, (1.0, 0.1, 0.5))])
 
 
-FAKE_TRTLLM = '''
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    """Answers like a TensorRT-LLM ensemble that is not decoupled: one response, the whole text."""
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            text = pb_utils.get_input_tensor_by_name(r, "text_input").as_numpy().reshape(-1)[0].decode()
-            n = int(pb_utils.get_input_tensor_by_name(r, "max_tokens").as_numpy().reshape(-1)[0])
-            answer = f"[fake TensorRT-LLM ensemble] {n} tokens for: {text}"
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("text_output", np.array([[answer.encode()]], dtype=object))]))
-        return out
-'''
 FIXED_QUERY = "Write a haiku about routers."
 
 
 @pytest.fixture(scope="session")
 def trtllm_repo(tmp_path_factory) -> Path:
     """A second repository holding `fake_trtllm`: TensorRT-LLM ensemble I/O, as a production candidate has."""
-    from zooter.export.triton_repo import LLM_INPUTS, _io_block
-
-    repo = tmp_path_factory.mktemp("trtllm_repo")
-    (repo / "fake_trtllm" / "1").mkdir(parents=True)
-    (repo / "fake_trtllm" / "config.pbtxt").write_text(
-        f'backend: "python"\nmax_batch_size: 8\ninput [\n{_io_block(LLM_INPUTS)}\n]\n'
-        'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]\n')
-    (repo / "fake_trtllm" / "1" / "model.py").write_text(FAKE_TRTLLM)
-    return repo
+    return fake_repository(tmp_path_factory.mktemp("trtllm_repo"), "fake_trtllm")
 
 
 @pytest.fixture(scope="session")
@@ -126,15 +104,9 @@ def triton_repo(tmp_path_factory, triton_bundle, real_candidate) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_server(triton_repo, trtllm_repo, tmp_path_factory):
-    from zooter.serving.triton_server import TritonServer
-
     log = tmp_path_factory.mktemp("triton_log") / "server.log"
-    server = TritonServer(triton_repo, extra_repositories=[trtllm_repo], model_control=True, log_file=log)
-    server.start(timeout=300)
-    try:
+    with tritonserver(triton_repo, extra_repositories=[trtllm_repo], model_control=True, log_file=log) as server:
         yield server
-    finally:
-        server.close()      # the one stop path: a slow exit under load is waited for, then killed; never an error
     assert server.process.poll() is not None
 
 
@@ -719,14 +691,7 @@ def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
 
     from zooter.serving.triton_server import TritonServer, _group_running
 
-    repo = tmp_path / "repo"
-    (repo / "stuck" / "1").mkdir(parents=True)
-    (repo / "stuck" / "config.pbtxt").write_text(
-        'backend: "python"\nmax_batch_size: 0\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
-    (repo / "stuck" / "1" / "model.py").write_text(
-        "import time\n\nclass TritonPythonModel:\n    def execute(self, requests):\n        return []\n\n"
-        "    def finalize(self):\n        time.sleep(3600)       # a stub that never finishes unloading\n")
+    repo = fake_repository(tmp_path / "repo", "stuck")       # a model that never finishes unloading
     for stopped_by in ("exit timeout", "kill"):
         server = TritonServer(repo, exit_timeout=1, log_file=tmp_path / f"{stopped_by}.log")
         server.start(timeout=300)
