@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from zooter.bench.latency import BUILTIN_QUERIES
+from zooter.bench.processes import stop_processes
 from zooter.bench.report import Column, Table, metric_value, p50, percentiles, publish
 from zooter.runtime.errors import UserError
 from zooter.serving.triton_server import free_port
@@ -53,16 +54,6 @@ def _wait_http(url: str, process: subprocess.Popen, what: str, timeout: float = 
             pass
         time.sleep(0.2)
     raise UserError(f"{what} did not answer {url} within {timeout:.0f} s")
-
-
-def _stop(process: subprocess.Popen | None) -> None:
-    if process is not None and process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --- the client -----------------------------------------------------------------------------------------
@@ -224,8 +215,7 @@ def bench_gateway(bundle: str | Path, queries: Sequence[str] | None = None, json
             measured = asyncio.run(_measure({"direct": direct, "proxy": proxy, "gateway": gateway}, chosen, queries,
                                             requests, rounds, concurrency, stream_clients, stream_requests, tokens))
         finally:
-            for process in reversed(processes):
-                _stop(process)
+            stop_processes(reversed(processes), grace=15)
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "bundle": str(bundle), "queries": len(queries),
               "upstream": {"tokens": tokens, "delay_ms": delay_ms}, "routing_in_process_p50_ms": routing_p50,
               **measured}

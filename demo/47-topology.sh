@@ -27,17 +27,17 @@ import httpx
 import yaml
 from openai import OpenAI
 
+from zooter.bench.processes import stop_processes
 from zooter.export.triton_repo import model_name_for
 from zooter.runtime.router import Router
-from zooter.serving.triton_server import TritonServer
+
+sys.path.insert(0, "tests")         # the shape the topology test runs too
+from topology_shape import by_routed_share, standin_server  # noqa: E402
 
 bundle, priced, out, questions = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 prompts = [json.loads(line)["turns"][0] for line in open(questions) if line.strip()]
 router = Router.load(bundle)
-counts = {label: 0 for label in router.labels}
-for prompt in prompts:
-    counts[router.route(prompt).candidate] += 1
-order = sorted(router.labels, key=lambda n: -counts[n])
+order = by_routed_share(router, prompts)
 llmapi, ensemble = order[0], order[1]
 asked_of_llmapi = [p for p in prompts if router.route(p).candidate == llmapi]
 
@@ -64,8 +64,7 @@ def health(url):
 
 
 def triton(io, label, **ports):
-    return TritonServer(out / f"repo-{io}", model_control=True, load_models=["zooter_standin_llm", model_name_for(label)],
-                        log_file=out / f"tritonserver-{io}.log", **ports)
+    return standin_server(out / f"repo-{io}", label, out / f"tritonserver-{io}.log", **ports)
 
 
 servers, processes = {}, []
@@ -141,14 +140,7 @@ try:
             if line.startswith(("zooter_gateway_fallbacks_total", "zooter_gateway_upstream_failures_total")):
                 print(f"  {url[-5:]} {line}")
 finally:
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_processes(processes)
     for server in servers.values():
         server.close()
 PY
