@@ -111,16 +111,11 @@ def ask(text: str) -> list[dict]:
 
 
 def metric(server: ServerThread, name: str, key: str | None = CLIENT_KEYS[0], **labels) -> float:
-    """One sample of the gateway's /metrics (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    """The gateway's /metrics samples `name` with `labels`, summed (0 when absent)."""
+    from zooter.bench.report import metric_value
 
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    text = httpx.get(server.url + "/metrics", headers=headers).raise_for_status().text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return metric_value(httpx.get(server.url + "/metrics", headers=headers).raise_for_status().text, name, **labels)
 
 
 # --- routing and answering --------------------------------------------------------------------------------

@@ -58,11 +58,9 @@ def health(url: str) -> dict:
 def metric_sum(url: str, name: str, **labels) -> float:
     import httpx
 
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    from zooter.bench.report import metric_value
+
+    return metric_value(httpx.get(url + "/metrics", timeout=10).text, name, **labels)
 
 
 def start_gateway(bundle, candidates, port: int, log) -> subprocess.Popen:

@@ -348,12 +348,10 @@ def counter(server, name: str, **labels) -> float:
     """A counter's value on the server's metrics port (0 before it was first counted)."""
     import urllib.request
 
+    from zooter.bench.report import metric_value
+
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    for line in text.split("\n"):
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        return metric_value(response.read().decode(), name, **labels)
 
 
 def wait_for_counter(server, name: str, at_least: float, timeout: float = 15.0, **labels) -> bool:
