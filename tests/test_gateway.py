@@ -128,7 +128,7 @@ def test_the_decision_is_the_in_process_routers_and_visible(healthy, router, stu
         assert raw.headers["x-zooter-candidate"] == decision.candidate == answer.model
         assert raw.headers["x-zooter-fallback"] == "false"
         assert float(raw.headers["x-zooter-confidence"]) == pytest.approx(decision.confidence, abs=1e-3)
-        assert answer.choices[0].message.content.startswith(f"private-{decision.candidate} says:")
+        assert answer.choices[0].message.content.startswith(f"private-{decision.candidate} answers:")
     model, auth, body = stub.records[-1]
     assert model == f"private-{decision.candidate}" and auth == f"Bearer {UPSTREAM_KEY}"
     assert body["max_tokens"] == 4 and "zooter" not in body
@@ -169,7 +169,7 @@ def test_streaming_and_completions_sync_and_async(healthy, router):
         chunks = list(response.parse())
     assert {c.model for c in chunks} == {chosen}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
-        f"private-{chosen} says: " + " ".join(reversed(QUERY.split()))
+        f"private-{chosen} answers: " + " ".join(reversed(QUERY.split()))
     assert chunks[-1].choices[0].finish_reason == "stop"
 
     async def run():
@@ -184,7 +184,7 @@ def test_streaming_and_completions_sync_and_async(healthy, router):
         return text, whole, streamed, [m.id for m in models.data]
 
     text, whole, streamed, models = asyncio.run(run())
-    assert text == f"private-{chosen} says: primes. many" == whole.choices[0].text == streamed
+    assert text == f"private-{chosen} answers: primes." == whole.choices[0].text == streamed
     assert whole.model == chosen and whole.usage.completion_tokens == 3
     assert models == ["zooter", *LABELS, "midway-demo", "picky-demo"]
 
@@ -205,7 +205,7 @@ def test_a_failure_before_the_first_token_falls_back_invisibly(faulty, ranking, 
                                                                 stream=True) as response:
         assert response.headers["x-zooter-candidate"] == ranking[3]
         text = "".join(c.choices[0].delta.content or "" for c in response.parse())
-    assert text.startswith("good says:")
+    assert text.startswith("good answers:")
     for (name, reason), old in zip(zip(ranking, ("http_5xx", "refused", "timeout")), before.values()):
         assert metric(faulty, "zooter_gateway_upstream_failures_total", None, candidate=name,
                       stage="before_first_token", reason=reason) == old + 2, (name, reason)
@@ -235,7 +235,7 @@ def test_a_failure_mid_stream_ends_with_an_error_event(healthy):
     with pytest.raises(APIError, match="midway-demo failed mid-answer"):
         for c in client(healthy).chat.completions.create(model="midway-demo", messages=ask(QUERY), stream=True):
             received.append(c.choices[0].delta.content or "")
-    assert "".join(received) == "midway says: primes."       # what came before the break, then the error
+    assert "".join(received) == "midway answers:"       # what came before the break, then the error
     # On the wire: the error event is the last one, and no [DONE] follows it.
     with httpx.stream("POST", healthy.url + "/v1/completions", headers={"authorization": f"Bearer {CLIENT_KEYS[0]}"},
                       json={"model": "midway-demo", "prompt": QUERY, "stream": True}) as response:
