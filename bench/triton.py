@@ -242,14 +242,26 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     router = Router.load(bundle, providers=providers or ["CPUExecutionProvider"], threads=threads)
     batcher = MicroBatcher(router, window_ms=1.0)
     try:
-        return _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries, json_out,
-                      concurrency, requests, warmup, quiet)
+        engines, notes, metrics = _engines(router, batcher, http_address, grpc_address, metrics)
+        cells = _measure(engines, queries, concurrency, requests, warmup, metrics)
+        decisions, max_diff = _decisions(router, batcher, http_address, queries, max(concurrency))
     finally:
         batcher.close()
+    base, http = p50(cells, engine="in-process", concurrency=1), p50(cells, engine="triton-http", concurrency=1)
+    grpc = p50(cells, engine="triton-grpc", concurrency=1)
+    report = {
+        "bundle": str(bundle), "triton_http": http_address, "triton_grpc": grpc_address, "queries": len(queries),
+        "triton_overhead_p50_ms": (http - base) if http is not None and base is not None else None,
+        "triton_grpc_overhead_p50_ms": (grpc - base) if grpc is not None else None,
+        **decisions, "targets": _targets(cells, concurrency), "max_probability_diff": max_diff, "cells": cells,
+        "notes": notes,
+    }
+    return publish(report, json_out, quiet, format_table)
 
 
-def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries, json_out,
-           concurrency, requests, warmup, quiet) -> dict:
+def _engines(router, batcher, http_address: str, grpc_address: str, metrics: str):
+    """({engine: make_call}, notes, the metrics URL or None when it does not answer): the in-process Router alone
+    and micro-batched, Triton over HTTP, and over gRPC when it answers."""
     engines = {"in-process": lambda: (lambda text: router.route(text)),
                "in-process-batched": lambda: batcher.route,
                "triton-http": triton_caller(http_address, "http")}
@@ -260,11 +272,15 @@ def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries
         notes.append(f"gRPC at {grpc_address} not reachable: skipped")
     try:
         scrape(metrics)
-        have_metrics = True
     except OSError:
-        have_metrics = False
         notes.append(f"metrics at {metrics} not reachable: no queue/compute split")
+        metrics = None
+    return engines, notes, metrics
 
+
+def _measure(engines: dict, queries: Sequence[str], concurrency: Sequence[int], requests: int | None, warmup: int,
+             metrics: str | None) -> list[dict]:
+    """One cell per (engine, concurrency): percentiles and throughput, and Triton's own split from `metrics`."""
     for make_call in engines.values():   # the sessions and python stubs run once before timing
         with ClientPool(make_call, 1) as pool:
             pool.each(lambda call: [call(q) for q in queries[:warmup]])
@@ -288,7 +304,7 @@ def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries
                 size = n // rounds + (1 if r < n % rounds else 0)
                 for k in range(len(names)):
                     name = names[(r + k) % len(names)]
-                    before = scrape(metrics) if have_metrics and name.startswith("triton") else None
+                    before = scrape(metrics) if metrics and name.startswith("triton") else None
                     parts[name].append(run_concurrent(pools[name], queries[r * size:] + queries[:r * size], size))
                     if before is not None:
                         after = scrape(metrics)
@@ -304,35 +320,28 @@ def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries
             if served[name][1]:
                 cell["server"] = server_side(*served[name])
             cells.append(cell)
+    return cells
 
-    # Decisions, one query per request both ways (as an app routes; no batch to share int8 scales with).
+
+def _decisions(router, batcher, http_address: str, queries: Sequence[str], top: int) -> tuple[dict, float]:
+    """Every query routed in process and through Triton, compared: one query per request (as an app routes; no batch
+    to share int8 scales with), from `top` clients at once, micro-batched, and in batches of 32. Returns the
+    matching counts and the largest probability difference, one query per request."""
     in_process = [router.route(q) for q in queries]
     via_triton = _route_one_by_one(http_address, queries)
-    top = max(concurrency)
     concurrent = _route_concurrently(triton_caller(http_address, "http"), queries, top)
     micro = _route_concurrently(lambda: (lambda text: batcher.route(text).candidate), queries, top)
     matching = sum(a.candidate == b["candidate"] for a, b in zip(in_process, via_triton))
     max_diff = max(abs(a.probabilities[k] - b["probabilities"][k]) for a, b in zip(in_process, via_triton)
                    for k in a.probabilities)
-    # And in batches of 32 (Router.route_batch against route_via_triton, which form the same batches).
+    # Router.route_batch against route_via_triton, which form the same batches.
     batched = sum(a.candidate == b["candidate"] for a, b in
                   zip(router.route_batch(queries), route_via_triton(f"http://{http_address}", queries)))
-
-    base, http = p50(cells, engine="in-process", concurrency=1), p50(cells, engine="triton-http", concurrency=1)
-    grpc = p50(cells, engine="triton-grpc", concurrency=1)
-    report = {
-        "bundle": str(bundle), "triton_http": http_address, "triton_grpc": grpc_address, "queries": len(queries),
-        "triton_overhead_p50_ms": (http - base) if http is not None and base is not None else None,
-        "triton_grpc_overhead_p50_ms": (grpc - base) if grpc is not None else None,
-        "decisions_match": [int(matching), len(queries)],
-        "decisions_match_concurrent": [sum(a.candidate == b for a, b in zip(in_process, concurrent)), len(queries), top],
-        "decisions_match_batched": [int(batched), len(queries)],
-        "micro_batched_decisions_match": [sum(a.candidate == b for a, b in zip(in_process, micro)), len(queries), top],
-        "targets": _targets(cells, concurrency),
-        "max_probability_diff": float(max_diff),
-        "cells": cells, "notes": notes,
-    }
-    return publish(report, json_out, quiet, format_table)
+    return {"decisions_match": [int(matching), len(queries)],
+            "decisions_match_concurrent": [sum(a.candidate == b for a, b in zip(in_process, concurrent)), len(queries), top],
+            "decisions_match_batched": [int(batched), len(queries)],
+            "micro_batched_decisions_match": [sum(a.candidate == b for a, b in zip(in_process, micro)), len(queries), top]
+            }, float(max_diff)
 
 
 def _route_concurrently(make_call, queries: Sequence[str], clients: int) -> list[str]:
