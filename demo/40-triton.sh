@@ -67,7 +67,7 @@ echo "== fallback: 8 answers sent over 4 s, the chosen candidate's model unloade
 python - "$URL" "$REPO" "$OUT/control.key" <<'PY'
 import json, sys
 from pathlib import Path
-from zooter.serving.triton_bench import fallback_drill
+from zooter.bench.triton import fallback_drill
 from zooter.serving.triton_client import route_via_triton
 url, repo, key_file = sys.argv[1:]
 query = "Explain the difference between a list and a tuple in Python."

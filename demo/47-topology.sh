@@ -27,17 +27,17 @@ import httpx
 import yaml
 from openai import OpenAI
 
+from zooter.bench.processes import stop_processes
 from zooter.export.triton_repo import model_name_for
 from zooter.runtime.router import Router
-from zooter.servers.tritonserver import TritonServer
+
+sys.path.insert(0, "tests")         # the shape the topology test runs too
+from topology_shape import by_routed_share, standin_server  # noqa: E402
 
 bundle, priced, out, questions = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 prompts = [json.loads(line)["turns"][0] for line in open(questions) if line.strip()]
 router = Router.load(bundle)
-counts = {label: 0 for label in router.labels}
-for prompt in prompts:
-    counts[router.route(prompt).candidate] += 1
-order = sorted(router.labels, key=lambda n: -counts[n])
+order = by_routed_share(router, prompts)
 llmapi, ensemble = order[0], order[1]
 asked_of_llmapi = [p for p in prompts if router.route(p).candidate == llmapi]
 
@@ -64,14 +64,13 @@ def health(url):
 
 
 def triton(io, label, **ports):
-    return TritonServer(out / f"repo-{io}", model_control=True, load_models=["zooter_standin_llm", model_name_for(label)],
-                        log_file=out / f"tritonserver-{io}.log", **ports)
+    return standin_server(out / f"repo-{io}", label, out / f"tritonserver-{io}.log", **ports)
 
 
 servers, processes = {}, []
 try:
     stub_log = open(out / "stub.log", "w")
-    processes.append(subprocess.Popen([sys.executable, "tests/openai_stub_server.py", "--delay", "0.02"],
+    processes.append(subprocess.Popen([sys.executable, "-m", "zooter.bench.openai_stub", "--delay", "0.02"],
                                       stdout=stub_log, stderr=subprocess.STDOUT, start_new_session=True))
     wait(lambda: "listening on " in (out / "stub.log").read_text(), "the OpenAI-compatible stub")
     stub_url = (out / "stub.log").read_text().split("listening on ")[1].split()[0]
@@ -141,14 +140,7 @@ try:
             if line.startswith(("zooter_gateway_fallbacks_total", "zooter_gateway_upstream_failures_total")):
                 print(f"  {url[-5:]} {line}")
 finally:
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    stop_processes(processes)
     for server in servers.values():
         server.close()
 PY

@@ -3,7 +3,7 @@
 #
 # Where stage 40 left a Triton repository with CPU stand-ins ($OUT/triton-repo), the answers come from those
 # stand-ins (SmolLM2-135M-Instruct behind the TensorRT-LLM ensemble I/O) through a tritonserver started here.
-# Otherwise they come from tests/openai_stub_server.py, a local OpenAI-compatible server that answers with
+# Otherwise they come from zooter.bench.openai_stub, a local OpenAI-compatible server that answers with
 # deterministic text (no LLM): the output says which. Scoring needs a real reward model (none can be
 # downloaded here), so the stage ends by saying how to pass one.
 set -euo pipefail
@@ -57,9 +57,9 @@ EOF
 fi
 
 if [ "$used_triton" = 0 ]; then
-    echo "== answers from tests/openai_stub_server.py: an OpenAI-compatible server with DETERMINISTIC TEXT, no LLM =="
+    echo "== answers from zooter.bench.openai_stub: an OpenAI-compatible server with DETERMINISTIC TEXT, no LLM =="
     echo "   (no Triton stand-ins in $OUT/triton-repo; stage 40 builds them)"
-    python tests/openai_stub_server.py --delay 0.05 > "$DIR/stub-server.log" 2>&1 &
+    python -m zooter.bench.openai_stub --delay 0.05 > "$DIR/stub-server.log" 2>&1 &
     server_pid=$!
     trap 'kill "$server_pid" 2>/dev/null || true' EXIT
     for _ in $(seq 50); do grep -q listening "$DIR/stub-server.log" 2>/dev/null && break; sleep 0.1; done

@@ -4,7 +4,7 @@ so that a busy machine slows them less than it slows latencies.
 
     python demo/capacity.py BUNDLE QUERIES [--requests 400] [--concurrency 8]
 
-The gateway runs as its own process on 127.0.0.1 in front of tests/openai_stub_server.py (every candidate of the
+The gateway runs as its own process on 127.0.0.1 in front of the OpenAI stub, zooter.bench.openai_stub (every candidate of the
 bundle served by it, no delay); its CPU is read from /proc/PID/stat before and after the requests. Prints one
 JSON object: routing_cpu_ms, gateway_cpu_ms (per request), cores_per_1000_rps.
 """
@@ -62,7 +62,7 @@ def gateway_cpu(bundle: str, labels: list[str], texts: list[str], requests: int,
     from zooter.servers.tritonserver import free_port
 
     with tempfile.TemporaryDirectory(prefix="zooter-capacity-") as tmp:
-        stub = subprocess.Popen([sys.executable, str(HERE.parent / "tests" / "openai_stub_server.py")],
+        stub = subprocess.Popen([sys.executable, "-m", "zooter.bench.openai_stub"],
                                 stdout=subprocess.PIPE, text=True)
         gateway = None
         try:

@@ -391,7 +391,7 @@ def adapter_rules(s: DeploySettings) -> dict:
 
 # --- container build files ---------------------------------------------------------------------------
 # The folders pyproject.toml installs (its package-dir); the tests hold the two lists together.
-PACKAGE_FOLDERS = ("zooter", "runtime", "serving", "convert", "training", "export", "servers", "triton_models")
+PACKAGE_FOLDERS = ("zooter", "runtime", "serving", "convert", "training", "export", "servers", "bench", "triton_models")
 SOURCE = "WORKDIR /src\nCOPY pyproject.toml README.md ./\n" + "".join(f"COPY {d} {d}\n" for d in PACKAGE_FOLDERS)
 GATEWAY_DOCKERFILE = """\
 # The gateway image: zooter with the `gateway` extra and the Triton gRPC client, no bundle (that comes from

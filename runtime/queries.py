@@ -90,3 +90,8 @@ def read_queries(path: str | Path) -> tuple[list[Query], int]:
     if not out:
         raise DataError(path, None, "no queries")
     return out, skipped
+
+
+def read_query_texts(path: str | Path) -> list[str]:
+    """The texts of a queries file (any layout above), for commands that need only the texts."""
+    return [q.text for q in read_queries(path)[0]]

@@ -18,10 +18,6 @@ LAYERS = {"runtime": 0, "serving": 1, "convert": 2, "training": 3, "export": 4, 
 PACKAGE = {"runtime": "zooter.runtime", "serving": "zooter.serving", "convert": "zooter.convert",
            "training": "zooter.training", "export": "zooter.export", "servers": "zooter.servers",
            "bench": "zooter.bench", "triton_models": "zooter.triton_models"}
-# Benchmarks still in the folders they are leaving for bench/ (issue 23, item 3): judged as the bench
-# layer they belong to, so they may already time the servers. A file no longer there is simply skipped.
-AWAITING_BENCH = {"runtime/bench.py", "serving/gateway_bench.py", "serving/triton_bench.py", "serving/triton_floor.py",
-                  "export/baselines.py", "export/gpu_check.py"}
 RUNTIME_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers"}
 
 
@@ -67,12 +63,11 @@ def test_folders_import_only_their_own_layer_and_below(folder):
         target = layer_of(module)
         if target is None:
             continue
-        where = "bench" if path.relative_to(REPO).as_posix() in AWAITING_BENCH else folder
         if target == "triton_models":
             if folder != "export":   # only the repository builder needs the templates' helpers
                 bad.append(f"{path.relative_to(REPO)}:{line}: {module}")
-        elif LAYERS[target] > LAYERS[where]:
-            bad.append(f"{path.relative_to(REPO)}:{line}: {module} ({where} must not import {target})")
+        elif LAYERS[target] > LAYERS[folder]:
+            bad.append(f"{path.relative_to(REPO)}:{line}: {module} ({folder} must not import {target})")
     assert not bad, "an import points up the layers:\n" + "\n".join(bad)
 
 

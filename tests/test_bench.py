@@ -59,7 +59,7 @@ def test_bench_budget_and_missing_run(bundles, tmp_path, capsys):
 
 
 def test_read_queries(tmp_path):
-    from zooter.runtime.bench import read_queries
+    from zooter.runtime.queries import read_query_texts as read_queries
 
     (tmp_path / "q.txt").write_text("one\n\ntwo\n")
     assert read_queries(tmp_path / "q.txt") == ["one", "two"]
@@ -70,7 +70,7 @@ def test_read_queries(tmp_path):
 def test_read_queries_keeps_line_separator_characters_inside_a_query(tmp_path):
     # JSON writers leave U+0085 and U+2028 unescaped, and dcrouter has a query with U+0085: a query file
     # is split at newlines only, so such a query stays one query (found by `zooter bench --queries`).
-    from zooter.runtime.bench import read_queries
+    from zooter.runtime.queries import read_query_texts as read_queries
 
     texts = ["first\x85half", "a\u2028b", "plain"]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"query": t}, ensure_ascii=False) + "\r\n" for t in texts),
@@ -78,3 +78,55 @@ def test_read_queries_keeps_line_separator_characters_inside_a_query(tmp_path):
     assert read_queries(tmp_path / "q.jsonl") == texts
     (tmp_path / "q.txt").write_text("one\x85line\ntwo\n", encoding="utf-8")
     assert read_queries(tmp_path / "q.txt") == ["one\x85line", "two"]
+
+
+# --- the one report type every bench writes (bench/report.py) -----------------------------------------------
+def test_prometheus_text_is_read_with_labels_escapes_and_sums():
+    """The one reader of /metrics (Triton's, the gateway's): every bench and test uses it."""
+    from zooter.bench.report import metric_samples, metric_value
+
+    text = ('# HELP nv_inference_request_success Number of successful inference requests\n'
+            '# TYPE nv_inference_request_success counter\n'
+            'nv_inference_request_success{model="zooter_route",version="1"} 16\n'
+            'nv_inference_request_success{model="zooter_decide",version="1"} 4\n'
+            'zooter_gateway_requests_total{endpoint="/v1/chat/completions",candidate="a \\"b\\"",status="200"} 3.0\n'
+            'zooter_gateway_requests_total{endpoint="/v1/chat/completions",candidate="c",status="200"} 2.0\n'
+            'zooter_gateway_routing_seconds_bucket{router="r",le="+Inf"} 7.0\n'
+            'zooter_gateway_in_flight_requests 0.0\n')
+    samples = metric_samples(text)
+    assert len(samples) == 6 and samples[0] == ("nv_inference_request_success", {"model": "zooter_route", "version": "1"}, 16.0)
+    assert samples[2][1]["candidate"] == 'a "b"'
+    assert metric_value(text, "zooter_gateway_requests_total", status="200") == 5.0       # summed over candidates
+    assert metric_value(text, "zooter_gateway_requests_total", candidate='a "b"') == 3.0
+    assert metric_value(text, "zooter_gateway_routing_seconds_bucket", le="+Inf") == 7.0
+    assert metric_value(text, "zooter_gateway_in_flight_requests") == 0.0
+    assert metric_value(text, "absent_total") == 0.0
+
+
+def test_report_cells_tables_and_the_atomic_json_write(tmp_path, monkeypatch):
+    from zooter.bench.report import Column, Table, find_cell, p50, write_json
+
+    cells = [{"engine": "a", "concurrency": 1, "n": 0}, {"engine": "a", "concurrency": 1, "n": 3, "p50_ms": 2.0},
+             {"engine": "b", "concurrency": 8, "n": 3, "p50_ms": 5.0}]
+    assert p50(cells, engine="a", concurrency=1) == 2.0          # a cell that measured nothing is passed over
+    assert p50(cells, engine="b", concurrency=1) is None and find_cell(cells, engine="b")["concurrency"] == 8
+    table = Table(Column("engine", 8, "<"), Column("p50", 7, fmt=".2f"), Column("x", 5, fmt="+.1f"),
+                  Column("note", align="<", sep="  "))
+    assert table.header() == "engine       p50     x  note"
+    assert table.row("a", 2.0, 0.5, "ok") == "a           2.00  +0.5  ok"
+    assert table.row("b", float("nan"), "-", "") == "b            nan     -  "
+    out = tmp_path / "report.json"
+    write_json({"cells": cells}, out)
+    assert json.loads(out.read_text()) == {"cells": cells} and out.read_text().endswith("}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]      # no temporary file left beside it
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(json, "dumps", lambda *a, **k: "half a report")
+    import os
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json({"cells": []}, out)
+    assert json.loads(out.read_text()) == {"cells": cells}               # the old report stands whole
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

@@ -115,76 +115,6 @@ def test_a_typo_in_serve_is_a_one_line_error(serve, words):
 
 
 # --- both faces against a real tritonserver ---------------------------------------------------------------
-ECHO = '''
-import json
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-LLMAPI = {"max_tokens": "sampling_param_max_tokens", "stream": "streaming", "temperature": "sampling_param_temperature",
-          "top_p": "sampling_param_top_p", "seed": "sampling_param_seed", "stop": "sampling_param_stop"}
-ENSEMBLE = {"max_tokens": "max_tokens", "stream": "stream", "temperature": "temperature", "top_p": "top_p",
-            "seed": "random_seed", "stop": "stop_words"}
-
-
-def value(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    values = [v.decode() if isinstance(v, bytes) else v.item() for v in tensor.as_numpy().reshape(-1)]
-    return values if name in ("sampling_param_stop", "stop_words") else values[0]
-
-
-class TritonPythonModel:
-    """Echoes the prompt's words reversed, one word a token, cut at max_tokens; the prompt "knobs" gets the
-    sampling inputs it received as JSON. LLM-API: streamed text is the whole text so far, finish_reason
-    ("None" until the end) only with return_finish_reason. Ensemble: deltas, then the token counts."""
-
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        self.llmapi = "streaming" in {i["name"] for i in config["input"]}
-        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
-
-    def execute(self, requests):
-        plain = []
-        for request in requests:
-            names = LLMAPI if self.llmapi else ENSEMBLE
-            prompt = value(request, "text_input")
-            limit = value(request, names["max_tokens"]) or 16
-            stream = bool(value(request, names["stream"]))
-            if prompt == "knobs":
-                words = [json.dumps({k: value(request, n) for k, n in names.items()}, sort_keys=True)]
-            else:
-                words = list(reversed(prompt.split()))
-            cut = len(words) > limit
-            words = words[:limit]
-            finish = "length" if cut else "stop"
-            sender = request.get_response_sender() if self.decoupled else None
-            if sender is None:
-                assert not stream, "a model that is not decoupled cannot stream"
-            with_finish = bool(value(request, "return_finish_reason"))
-            def response(text, end):
-                tensors = [pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=object))]
-                if self.llmapi and with_finish:
-                    tensors.append(pb_utils.Tensor("finish_reason", np.array([[end.encode()]], dtype=object)))
-                return pb_utils.InferenceResponse(tensors)
-            if self.llmapi:
-                if sender is None:
-                    plain.append(response(" ".join(words), finish))
-                    continue
-                if stream:
-                    for i in range(1, len(words)):
-                        sender.send(response(" ".join(words[:i]), "None"))
-                sender.send(response(" ".join(words), finish), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                continue
-            pieces = [(" " if i else "") + w for i, w in enumerate(words)] if stream else [" ".join(words)]
-            for piece in pieces:
-                sender.send(response(piece, ""))
-            counts = [pb_utils.Tensor("prompt_tokens", np.array([[len(prompt.split())]], dtype=np.int32)),
-                      pb_utils.Tensor("completion_tokens", np.array([[len(words)]], dtype=np.int32))]
-            sender.send(pb_utils.InferenceResponse(counts), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return plain if not self.decoupled else None
-'''
-
 CONFIG = '''
 name: "{name}"
 backend: "python"
@@ -211,7 +141,9 @@ NONE_INPUTS = '  { name: "image" data_type: TYPE_FP32 dims: [ 3 ] }'
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    from zooter.servers.tritonserver import TritonServer
+    import shutil
+
+    from triton_helpers import FAKE_MODELS, tritonserver
 
     repo = tmp_path_factory.mktemp("io_repo")
     # The LLM-API model as its model.yaml sets it (no batching), decoupled to stream and not (its default).
@@ -220,11 +152,10 @@ def triton(tmp_path_factory):
               "echo_ensemble": (config_inputs(ENSEMBLE), OUTPUTS[ENSEMBLE], 8, "true"),
               "classifier": (NONE_INPUTS, OUTPUTS[ENSEMBLE], 8, "true")}
     for name, (inputs, outputs, batch, decoupled) in models.items():
-        (repo / name / "1").mkdir(parents=True)
-        (repo / name / "1" / "model.py").write_text(ECHO)
+        shutil.copytree(FAKE_MODELS / "io_echo" / "1", repo / name / "1")
         (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name, inputs=inputs, outputs=outputs, batch=batch,
                                                                 decoupled=decoupled))
-    with TritonServer(repo) as server:
+    with tritonserver(repo) as server:
         yield server
 
 
@@ -328,17 +259,17 @@ def test_the_zooter_model_asks_an_llmapi_model_that_is_not_decoupled_for_whole_a
     client then gets as one piece, from the candidate it chose (no fallback)."""
     import urllib.request
 
+    from triton_helpers import tritonserver
     from zooter.export.triton_repo import build_repository
     from zooter.runtime.router import Router
     from zooter.serving.candidates import parse_candidates
-    from zooter.servers.tritonserver import TritonServer
 
     labels = Router.load(bundles["fp32"]).labels
     entries = [{"name": labels[0], "serve": {"triton_model": "echo_llmapi_plain", "triton_url": triton.grpc_url}},
                *({"name": n} for n in labels[1:])]
     built = build_repository(bundles["fp32"], tmp_path / "repo", parse_candidates(entries))
     assert built.serving[labels[0]]["decoupled"] is False
-    with TritonServer(tmp_path / "repo", extra_repositories=[triton.repository]) as server:
+    with tritonserver(tmp_path / "repo", extra_repositories=[triton.repository]) as server:
         body = {"text_input": "one two three four", "max_tokens": 3, "answer_with": labels[0], "stream": True}
         request = urllib.request.Request(f"http://{server.http_url}/v2/models/zooter/generate_stream",
                                          data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})

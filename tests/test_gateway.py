@@ -1,6 +1,6 @@
 """zooter gateway: the official openai client (sync and async, streaming and not) against the gateway, backed by
 stub upstreams on 127.0.0.1 (one answers 500, one is down, one is slow, one breaks mid-stream) and by a real
-tritonserver with stand-in candidates. No timing assertions: the figures are serving/gateway_bench.py's."""
+tritonserver with stand-in candidates. No timing assertions: the figures are bench/gateway.py's."""
 
 from __future__ import annotations
 
@@ -111,16 +111,11 @@ def ask(text: str) -> list[dict]:
 
 
 def metric(server: ServerThread, name: str, key: str | None = CLIENT_KEYS[0], **labels) -> float:
-    """One sample of the gateway's /metrics (0 when absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
+    """The gateway's /metrics samples `name` with `labels`, summed (0 when absent)."""
+    from zooter.bench.report import metric_value
 
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    text = httpx.get(server.url + "/metrics", headers=headers).raise_for_status().text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return metric_value(httpx.get(server.url + "/metrics", headers=headers).raise_for_status().text, name, **labels)
 
 
 # --- routing and answering --------------------------------------------------------------------------------
@@ -133,7 +128,7 @@ def test_the_decision_is_the_in_process_routers_and_visible(healthy, router, stu
         assert raw.headers["x-zooter-candidate"] == decision.candidate == answer.model
         assert raw.headers["x-zooter-fallback"] == "false"
         assert float(raw.headers["x-zooter-confidence"]) == pytest.approx(decision.confidence, abs=1e-3)
-        assert answer.choices[0].message.content.startswith(f"private-{decision.candidate} says:")
+        assert answer.choices[0].message.content.startswith(f"private-{decision.candidate} answers:")
     model, auth, body = stub.records[-1]
     assert model == f"private-{decision.candidate}" and auth == f"Bearer {UPSTREAM_KEY}"
     assert body["max_tokens"] == 4 and "zooter" not in body
@@ -174,7 +169,7 @@ def test_streaming_and_completions_sync_and_async(healthy, router):
         chunks = list(response.parse())
     assert {c.model for c in chunks} == {chosen}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
-        f"private-{chosen} says: " + " ".join(reversed(QUERY.split()))
+        f"private-{chosen} answers: " + " ".join(reversed(QUERY.split()))
     assert chunks[-1].choices[0].finish_reason == "stop"
 
     async def run():
@@ -189,7 +184,7 @@ def test_streaming_and_completions_sync_and_async(healthy, router):
         return text, whole, streamed, [m.id for m in models.data]
 
     text, whole, streamed, models = asyncio.run(run())
-    assert text == f"private-{chosen} says: primes. many" == whole.choices[0].text == streamed
+    assert text == f"private-{chosen} answers: primes." == whole.choices[0].text == streamed
     assert whole.model == chosen and whole.usage.completion_tokens == 3
     assert models == ["zooter", *LABELS, "midway-demo", "picky-demo"]
 
@@ -210,7 +205,7 @@ def test_a_failure_before_the_first_token_falls_back_invisibly(faulty, ranking, 
                                                                 stream=True) as response:
         assert response.headers["x-zooter-candidate"] == ranking[3]
         text = "".join(c.choices[0].delta.content or "" for c in response.parse())
-    assert text.startswith("good says:")
+    assert text.startswith("good answers:")
     for (name, reason), old in zip(zip(ranking, ("http_5xx", "refused", "timeout")), before.values()):
         assert metric(faulty, "zooter_gateway_upstream_failures_total", None, candidate=name,
                       stage="before_first_token", reason=reason) == old + 2, (name, reason)
@@ -240,7 +235,7 @@ def test_a_failure_mid_stream_ends_with_an_error_event(healthy):
     with pytest.raises(APIError, match="midway-demo failed mid-answer"):
         for c in client(healthy).chat.completions.create(model="midway-demo", messages=ask(QUERY), stream=True):
             received.append(c.choices[0].delta.content or "")
-    assert "".join(received) == "midway says: primes."       # what came before the break, then the error
+    assert "".join(received) == "midway answers:"       # what came before the break, then the error
     # On the wire: the error event is the last one, and no [DONE] follows it.
     with httpx.stream("POST", healthy.url + "/v1/completions", headers={"authorization": f"Bearer {CLIENT_KEYS[0]}"},
                       json={"model": "midway-demo", "prompt": QUERY, "stream": True}) as response:
@@ -651,18 +646,14 @@ def triton(bundles, ranking, tmp_path_factory):
     not in the server: the `zooter` model falls back past it."""
     from zooter.export.triton_repo import build_repository
     from zooter.serving.candidates import parse_candidates
-    from zooter.servers.tritonserver import TritonServer
+    from triton_helpers import tritonserver
 
     missing = {"serve": {"triton_model": "not_loaded_here"}}
     candidates = parse_candidates([{"name": n, **(missing if n == ranking[0] else {})} for n in LABELS])
     folder = tmp_path_factory.mktemp("gateway_triton")
     built = build_repository(bundles["int8"], folder / "repo", candidates, stand_ins=True, default_max_tokens=4)
-    server = TritonServer(built.path, log_file=folder / "server.log")
-    server.start(timeout=300)
-    try:
+    with tritonserver(built.path, log_file=folder / "server.log") as server:
         yield server
-    finally:
-        server.close()      # TritonServer's one stop path: a slow exit is waited for, then killed
 
 
 def banner(candidate: str) -> str:

@@ -7,14 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from openai_stub_server import answer_text, serve
+from gateway_stubs import ServerThread
+from zooter.bench.openai_stub import answer_text, stub_app
 from zooter.runtime.errors import UserError
 from zooter.serving.candidates import parse_candidates
 from zooter.serving.clients import Sampling
@@ -22,19 +22,13 @@ from zooter.training.dataset import DataError, RoutingDataset
 from zooter.runtime.queries import read_queries
 from zooter.training.generate import RetryPolicy, generate, journal_path, read_answers
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture()
 def server():
     """The stub server on a free port of 127.0.0.1, each request taking 20 ms."""
-    httpd = serve(port=0, delay=0.02)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    yield url
-    httpd.shutdown()
-    httpd.server_close()
+    server = ServerThread(stub_app(delay_s=0.02))
+    yield server.url
+    server.stop()
 
 
 def stats(url: str) -> dict:
@@ -175,7 +169,7 @@ def test_cli_errors(tmp_path, server, capsys):
 
 def test_kill_mid_run_then_resume(tmp_path):
     """A real `zooter generate` process is SIGKILLed mid-run; the rerun completes every pair exactly once."""
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "openai_stub_server.py"), "--delay", "0.2"],
+    server = subprocess.Popen([sys.executable, "-m", "zooter.bench.openai_stub", "--delay", "0.2"],
                               stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().split()[-1].removesuffix("/v1")

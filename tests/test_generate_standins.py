@@ -25,9 +25,9 @@ LABELS = ["gemma-2-9b-it", "qwen2.5-7b-instruct"]
 
 @pytest.fixture(scope="module", params=["ensemble", "llmapi"])
 def standins(request, tmp_path_factory, tiny_backbone):
+    from triton_helpers import tritonserver
     from zooter.runtime.bundle import write_bundle
     from zooter.export.triton_repo import build_repository
-    from zooter.servers.tritonserver import TritonServer
 
     root = tmp_path_factory.mktemp("standins")
     placeholder = root / "router.onnx"
@@ -38,7 +38,7 @@ def standins(request, tmp_path_factory, tiny_backbone):
                   "output": "logits", "reward_output": "rewards", "decision": plain_decision(LABELS)})
     built = build_repository(bundle, root / "repo", None, stand_ins=True, stand_in_io=request.param)
     assert set(built.stand_ins) == set(LABELS)
-    with TritonServer(root / "repo", model_control=True,
+    with tritonserver(root / "repo", model_control=True,
                       load_models=["zooter_standin_llm", *built.stand_ins.values()]) as server:
         yield server, built.stand_ins
 

@@ -14,70 +14,12 @@ from zooter.training.generate import RetryPolicy, generate, read_answers
 
 pytestmark = pytest.mark.triton
 
-ECHO_MODEL = '''
-import json
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    """Answers "<model> echo:" and the prompt's words reversed, cut at max_tokens words; a prompt with
-    "fail" in it gets an error response."""
-
-    def initialize(self, args):
-        self.config = json.loads(args["model_config"])
-        self.name = args["model_name"]
-        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            prompt = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0].decode()
-            max_tokens = pb_utils.get_input_tensor_by_name(request, "max_tokens")
-            limit = int(max_tokens.as_numpy().reshape(-1)[0]) if max_tokens is not None else 100
-            stream = pb_utils.get_input_tensor_by_name(request, "stream")
-            assert stream is None or not bool(stream.as_numpy().reshape(-1)[0]), "client asked for streaming"
-            words = (self.name + " echo: " + " ".join(reversed(prompt.split()))).split()[:limit]
-            if "fail" in prompt:
-                response = pb_utils.InferenceResponse(error=pb_utils.TritonError("asked to fail"))
-            else:
-                text = np.array([[" ".join(words).encode()]], dtype=object)
-                response = pb_utils.InferenceResponse([pb_utils.Tensor("text_output", text)])
-            if self.decoupled:
-                sender = request.get_response_sender()
-                sender.send(response)
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                responses.append(response)
-        return None if self.decoupled else responses
-'''
-
-CONFIG = '''
-name: "{name}"
-backend: "python"
-max_batch_size: 8
-{policy}
-input [
-  {{ name: "text_input" data_type: TYPE_STRING dims: [ -1 ] }},
-  {{ name: "max_tokens" data_type: TYPE_INT32 dims: [ -1 ] optional: true }},
-  {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
-  {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }}
-]
-output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }} ]
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
-'''
-
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory):
-    from zooter.servers.tritonserver import TritonServer
+    from triton_helpers import fake_repository, tritonserver
 
-    repo = tmp_path_factory.mktemp("echo_repo")
-    for name, policy in (("echo", ""), ("echo_stream", "model_transaction_policy { decoupled: true }")):
-        (repo / name / "1").mkdir(parents=True)
-        (repo / name / "1" / "model.py").write_text(ECHO_MODEL)
-        (repo / name / "config.pbtxt").write_text(CONFIG.format(name=name, policy=policy))
-    with TritonServer(repo) as server:
+    with tritonserver(fake_repository(tmp_path_factory.mktemp("echo_repo"), "echo", "echo_stream")) as server:
         yield server
 
 

@@ -111,73 +111,36 @@ def test_route_on_is_a_build_and_a_gateway_setting(bundles, tmp_path):
 
 
 # --- both back ends on one tritonserver ---------------------------------------------------------------------
-NATURAL = 6      # the fake candidates' answers end by themselves after this many tokens
-FAKE = '''
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-NATURAL = %d
-LLMAPI = %r
-
-class TritonPythonModel:
-    """A candidate with TensorRT-LLM I/O answering min(max_tokens, NATURAL) words. LLMAPI: it says its
-    finish_reason, as TensorRT-LLM's LLM-API model does; else it gives the token counts."""
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            prompt = pb_utils.get_input_tensor_by_name(r, "text_input").as_numpy().reshape(-1)[0].decode()
-            n = int(pb_utils.get_input_tensor_by_name(r, "max_tokens").as_numpy().reshape(-1)[0])
-            words = min(n, NATURAL)
-            tensors = [pb_utils.Tensor("text_output", np.array([[" ".join(["word"] * words).encode()]], dtype=object))]
-            if LLMAPI:
-                finish = b"length" if n < NATURAL else b"stop"
-                tensors.append(pb_utils.Tensor("finish_reason", np.array([[finish]], dtype=object)))
-            else:
-                tensors += [pb_utils.Tensor("prompt_tokens", np.array([[len(prompt.split())]], dtype=np.int32)),
-                            pb_utils.Tensor("completion_tokens", np.array([[words]], dtype=np.int32))]
-            out.append(pb_utils.InferenceResponse(tensors))
-        return out
-'''
-FAKES = {"fake_llmapi": True, "fake_counted": False}
+NATURAL = 6      # the fake candidates' answers end by themselves after this many tokens (fake_models/fake_llmapi)
 
 
 @pytest.fixture(scope="module")
 def served(bundles, tmp_path_factory):
     """A tritonserver with the tiny router's repository (route_on default) and the fake candidates: the first two
     labels answered by fake_llmapi, the others by fake_counted."""
-    from zooter.export.triton_repo import LLM_INPUTS, _io_block, build_repository
+    from triton_helpers import fake_repository, tritonserver
+    from zooter.export.triton_repo import build_repository
     from zooter.serving.candidates import parse_candidates
-    from zooter.servers.tritonserver import TritonServer
 
     folder = tmp_path_factory.mktemp("route_on")
-    for name, llmapi in FAKES.items():
-        extra = ('  , { name: "finish_reason" data_type: TYPE_STRING dims: [ 1 ] }\n' if llmapi else
-                 '  , { name: "prompt_tokens" data_type: TYPE_INT32 dims: [ 1 ] }\n'
-                 '  , { name: "completion_tokens" data_type: TYPE_INT32 dims: [ 1 ] }\n')
-        (folder / "fakes" / name / "1").mkdir(parents=True)
-        (folder / "fakes" / name / "config.pbtxt").write_text(
-            f'backend: "python"\nmax_batch_size: 8\ninput [\n{_io_block(LLM_INPUTS)}\n]\n'
-            f'output [ {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }}\n{extra}]\n')
-        (folder / "fakes" / name / "1" / "model.py").write_text(FAKE % (NATURAL, llmapi))
+    fake_repository(folder / "fakes", "fake_llmapi", "fake_counted")
     models = {label: ("fake_llmapi" if i < 2 else "fake_counted") for i, label in enumerate(LABELS)}
     candidates = parse_candidates([{"name": n, "serve": {"triton_model": models[n]}} for n in LABELS])
     built = build_repository(bundles["int8"], folder / "repo", candidates, default_max_tokens=4)
-    server = TritonServer(built.path, extra_repositories=[folder / "fakes"], log_file=folder / "server.log")
-    server.start(timeout=300)
-    url = f"grpc://{server.grpc_url}"
-    serve = [{"name": n, "serve": {"triton_model": models[n], "triton_url": url}} for n in LABELS]
-    (folder / "candidates.yaml").write_text(json.dumps(serve))
-    gateways = {}
-    try:
-        for route_on in (None, "conversation"):
-            gateways["bundle", route_on] = start_gateway(bundle=bundles["int8"], candidates=folder / "candidates.yaml",
-                                                         max_tokens=4, route_on=route_on)
-            gateways["triton", route_on] = start_gateway(triton=url, route_on=route_on)
-        yield {"gateways": gateways, "models": models}
-    finally:
-        for gateway in gateways.values():
-            gateway.stop()
-        server.close()         # waits, then kills a slow stop; removes its folder and regions (servers/tritonserver.py)
+    with tritonserver(built.path, extra_repositories=[folder / "fakes"], log_file=folder / "server.log") as server:
+        url = f"grpc://{server.grpc_url}"
+        serve = [{"name": n, "serve": {"triton_model": models[n], "triton_url": url}} for n in LABELS]
+        (folder / "candidates.yaml").write_text(json.dumps(serve))
+        gateways = {}
+        try:
+            for route_on in (None, "conversation"):
+                gateways["bundle", route_on] = start_gateway(bundle=bundles["int8"], candidates=folder / "candidates.yaml",
+                                                             max_tokens=4, route_on=route_on)
+                gateways["triton", route_on] = start_gateway(triton=url, route_on=route_on)
+            yield {"gateways": gateways, "models": models}
+        finally:
+            for gateway in gateways.values():
+                gateway.stop()
 
 
 def start_gateway(**settings) -> ServerThread:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gateway_stubs import ServerThread, stub_app
+from zooter.bench.processes import stop_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
@@ -57,11 +58,9 @@ def health(url: str) -> dict:
 def metric_sum(url: str, name: str, **labels) -> float:
     import httpx
 
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    from zooter.bench.report import metric_value
+
+    return metric_value(httpx.get(url + "/metrics", timeout=10).text, name, **labels)
 
 
 def start_gateway(bundle, candidates, port: int, log) -> subprocess.Popen:
@@ -75,17 +74,14 @@ def test_candidates_across_servers_survive_a_killed_server(bundles, tmp_path):
     import httpx
 
     from tiny import TEXTS
+    from topology_shape import by_routed_share, standin_server
     from zooter.export.triton_repo import build_repository, model_name_for
     from zooter.runtime.router import Router
-    from zooter.servers.tritonserver import TritonServer
 
     bundle = bundles["fp32"]
     router = Router.load(bundle)
     # The server to kill serves the candidate the router picks most, so that requests find it down.
-    firsts = {label: 0 for label in router.labels}
-    for text in TEXTS:
-        firsts[router.route(text).candidate] += 1
-    order = sorted(router.labels, key=lambda n: -firsts[n])
+    order = by_routed_share(router, TEXTS)
     killed, ensemble = order[0], order[1]
     repos = {}
     for io in ("llmapi", "ensemble"):
@@ -93,8 +89,7 @@ def test_candidates_across_servers_survive_a_killed_server(bundles, tmp_path):
         build_repository(bundle, repos[io], None, stand_ins=True, stand_in_io=io)
 
     def triton(io, label, **ports):
-        return TritonServer(repos[io], model_control=True, load_models=["zooter_standin_llm", model_name_for(label)],
-                            log_file=tmp_path / f"triton_{io}.log", **ports)
+        return standin_server(repos[io], label, tmp_path / f"triton_{io}.log", **ports)
 
     stub, servers, gateways, logs = None, {}, [], []
     try:
@@ -163,14 +158,7 @@ def test_candidates_across_servers_survive_a_killed_server(bundles, tmp_path):
         for url in urls:
             wait_for(lambda: health(url).get(killed) == "up", f"{url}/health naming {killed} up again")
     finally:
-        for process in gateways:
-            process.send_signal(signal.SIGTERM)
-        for process in gateways:
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_processes(gateways)
         for log in logs:
             log.close()
         for server in servers.values():
@@ -185,8 +173,8 @@ def test_the_zooter_model_calls_llmapi_candidates_in_its_own_server(bundles, tmp
     reaches the client as deltas, whole when not streamed, with how it ended."""
     import urllib.request
 
+    from triton_helpers import tritonserver
     from zooter.export.triton_repo import build_repository
-    from zooter.servers.tritonserver import TritonServer
 
     built = build_repository(bundles["fp32"], tmp_path / "repo", None, stand_ins=True, stand_in_io="llmapi",
                              default_max_tokens=4)
@@ -204,9 +192,7 @@ def test_the_zooter_model_calls_llmapi_candidates_in_its_own_server(bundles, tmp
             return [json.loads(raw)]
         return [json.loads(line[5:]) for line in raw.splitlines() if line.startswith("data:")]
 
-    server = TritonServer(tmp_path / "repo", log_file=tmp_path / "triton.log")
-    server.start(timeout=LIMIT)
-    try:
+    with tritonserver(tmp_path / "repo", timeout=LIMIT, log_file=tmp_path / "triton.log") as server:
         body = {"text_input": "Name a primary colour.", "max_tokens": 3, "answer_with": label}
         [whole] = post(server, "generate", dict(body, stream=False))
         assert whole["candidate"] == label and whole["text_output"].startswith(banner)
@@ -215,5 +201,3 @@ def test_the_zooter_model_calls_llmapi_candidates_in_its_own_server(bundles, tmp
         text = "".join(p["text_output"] for p in pieces)
         assert text == whole["text_output"], "streamed deltas join to the whole answer, nothing repeated"
         assert len([p for p in pieces if p["text_output"]]) >= 2 and pieces[-1]["finish_reason"] == "length"
-    finally:
-        server.close()

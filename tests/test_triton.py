@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from triton_helpers import fake_repository, tritonserver
 from zooter.serving.candidates import parse_candidates
 
 LABELS = ["alpha-7b", "beta.chat", "gamma/v2"]     # '/' is not allowed in a Triton model name
@@ -74,36 +75,13 @@ def candidates(real: dict | None = None):
                              for n, c in zip(LABELS, (1.0, 0.1, 0.5))])
 
 
-FAKE_TRTLLM = '''
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-class TritonPythonModel:
-    """Answers like a TensorRT-LLM ensemble that is not decoupled: one response, the whole text."""
-    def execute(self, requests):
-        out = []
-        for r in requests:
-            text = pb_utils.get_input_tensor_by_name(r, "text_input").as_numpy().reshape(-1)[0].decode()
-            n = int(pb_utils.get_input_tensor_by_name(r, "max_tokens").as_numpy().reshape(-1)[0])
-            answer = f"[fake TensorRT-LLM ensemble] {n} tokens for: {text}"
-            out.append(pb_utils.InferenceResponse([pb_utils.Tensor("text_output", np.array([[answer.encode()]], dtype=object))]))
-        return out
-'''
 FIXED_QUERY = "Write a haiku about routers."
 
 
 @pytest.fixture(scope="session")
 def trtllm_repo(tmp_path_factory) -> Path:
     """A second repository holding `fake_trtllm`: TensorRT-LLM ensemble I/O, as a production candidate has."""
-    from zooter.export.triton_repo import LLM_INPUTS, _io_block
-
-    repo = tmp_path_factory.mktemp("trtllm_repo")
-    (repo / "fake_trtllm" / "1").mkdir(parents=True)
-    (repo / "fake_trtllm" / "config.pbtxt").write_text(
-        f'backend: "python"\nmax_batch_size: 8\ninput [\n{_io_block(LLM_INPUTS)}\n]\n'
-        'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]\n')
-    (repo / "fake_trtllm" / "1" / "model.py").write_text(FAKE_TRTLLM)
-    return repo
+    return fake_repository(tmp_path_factory.mktemp("trtllm_repo"), "fake_trtllm")
 
 
 @pytest.fixture(scope="session")
@@ -126,15 +104,9 @@ def triton_repo(tmp_path_factory, triton_bundle, real_candidate) -> Path:
 
 @pytest.fixture(scope="session")
 def triton_server(triton_repo, trtllm_repo, tmp_path_factory):
-    from zooter.servers.tritonserver import TritonServer
-
     log = tmp_path_factory.mktemp("triton_log") / "server.log"
-    server = TritonServer(triton_repo, extra_repositories=[trtllm_repo], model_control=True, log_file=log)
-    server.start(timeout=300)
-    try:
+    with tritonserver(triton_repo, extra_repositories=[trtllm_repo], model_control=True, log_file=log) as server:
         yield server
-    finally:
-        server.close()      # the one stop path: a slow exit under load is waited for, then killed; never an error
     assert server.process.poll() is not None
 
 
@@ -402,12 +374,10 @@ def counter(server, name: str, **labels) -> float:
     """A counter's value on the server's metrics port (0 before it was first counted)."""
     import urllib.request
 
+    from zooter.bench.report import metric_value
+
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    for line in text.split("\n"):
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        return metric_value(response.read().decode(), name, **labels)
 
 
 def wait_for_counter(server, name: str, at_least: float, timeout: float = 15.0, **labels) -> bool:
@@ -423,7 +393,7 @@ def wait_for_counter(server, name: str, at_least: float, timeout: float = 15.0, 
 @pytest.mark.slow
 def test_fallback_drill_answers_every_request(triton_server, triton_bundle, real_candidate):
     from zooter.runtime.router import Router
-    from zooter.serving.triton_bench import fallback_drill
+    from zooter.bench.triton import fallback_drill
 
     second = Router.load(triton_bundle).route(FIXED_QUERY).ranking[1]
     drill = fallback_drill(triton_server.http_url, FIXED_QUERY, "fake_trtllm", requests=4, max_tokens=2, spread_s=2.0,
@@ -599,7 +569,7 @@ def test_shared_memory_apis_need_the_control_key(triton_server):
 @pytest.mark.triton
 @pytest.mark.slow
 def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_bundle, data_dir, tmp_path):
-    from zooter.serving.triton_bench import bench_triton
+    from zooter.bench.triton import bench_triton
 
     report = bench_triton(triton_server.http_url, triton_bundle, dcrouter_queries(data_dir, 16),
                           json_out=tmp_path / "bench.json", grpc_url=f"grpc://{triton_server.grpc_url}",
@@ -745,14 +715,7 @@ def test_a_slow_stop_is_waited_for_then_killed_and_leaves_nothing(tmp_path):
 
     from zooter.servers.tritonserver import TritonServer, _group_running
 
-    repo = tmp_path / "repo"
-    (repo / "stuck" / "1").mkdir(parents=True)
-    (repo / "stuck" / "config.pbtxt").write_text(
-        'backend: "python"\nmax_batch_size: 0\ninput [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
-        'output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n')
-    (repo / "stuck" / "1" / "model.py").write_text(
-        "import time\n\nclass TritonPythonModel:\n    def execute(self, requests):\n        return []\n\n"
-        "    def finalize(self):\n        time.sleep(3600)       # a stub that never finishes unloading\n")
+    repo = fake_repository(tmp_path / "repo", "stuck")       # a model that never finishes unloading
     for stopped_by in ("exit timeout", "kill"):
         server = TritonServer(repo, exit_timeout=1, log_file=tmp_path / f"{stopped_by}.log")
         server.start(timeout=300)

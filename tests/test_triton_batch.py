@@ -36,16 +36,16 @@ def test_an_onnxruntime_backend_repository_refuses_a_dynamic_int8_bundle(bundles
 @pytest.mark.triton
 @pytest.mark.slow
 def test_zooter_route_with_dynamic_batching_equals_route_in_process(bundles, tmp_path):
+    from triton_helpers import tritonserver
     from zooter.export.triton_repo import build_repository
     from zooter.runtime.router import Router
     from zooter.serving.triton_client import connect, route_rows
-    from zooter.servers.tritonserver import TritonServer
 
     built = build_repository(bundles["int8"], tmp_path / "repo")
     router = Router.load(bundles["int8"])
     expected = {q: as_served(router.route(q)) for q in MIXED}
-    # As a context manager: leaving it removes the server's working folder in /tmp.
-    with TritonServer(built.path, model_control=True, load_models=("zooter_route",)) as server:
+    # Leaving it removes the server's working folder in /tmp.
+    with tritonserver(built.path, model_control=True, load_models=("zooter_route",)) as server:
         def ask(texts):
             client, module = connect(server.http_url)
             try:

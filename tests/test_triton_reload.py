@@ -25,16 +25,12 @@ def rid(bundle) -> str:
 @pytest.fixture()
 def repo(bundles, tmp_path):
     """The int8 router's repository; every candidate is served by `fake_llm` (TensorRT-LLM I/O), in an extra repository."""
-    from test_triton import FAKE_TRTLLM
     from tiny import LABELS
-    from zooter.export.triton_repo import LLM_INPUTS, _io_block, build_repository
+    from triton_helpers import fake_repository
+    from zooter.export.triton_repo import build_repository
     from zooter.serving.candidates import parse_candidates
 
-    fake = tmp_path / "fake" / "fake_llm"
-    (fake / "1").mkdir(parents=True)
-    (fake / "config.pbtxt").write_text(f'backend: "python"\nmax_batch_size: 8\ninput [\n{_io_block(LLM_INPUTS)}\n]\n'
-                                       'output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]\n')
-    (fake / "1" / "model.py").write_text(FAKE_TRTLLM)
+    fake_repository(tmp_path / "fake", fake_llm="fake_trtllm")
     candidates = parse_candidates([{"name": n, "serve": {"triton_model": "fake_llm"}} for n in LABELS])
     return build_repository(bundles["int8"], tmp_path / "repo", candidates).path
 

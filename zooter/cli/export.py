@@ -91,12 +91,12 @@ def register_gpu_check(sub) -> None:
 
 
 def cmd_gpu_check(args) -> int:
-    from zooter.export.gpu_check import run_gpu_check
-    from zooter.runtime.bench import read_queries
+    from zooter.bench.gpu_check import run_gpu_check
+    from zooter.runtime.queries import read_query_texts
 
     if args.iters < 1:
         raise UserError("--iters must be at least 1")
-    check = run_gpu_check(args.run, args.out, read_queries(args.queries) if args.queries else None,
+    check = run_gpu_check(args.run, args.out, read_query_texts(args.queries) if args.queries else None,
                           dry_run=True if args.dry_run else None, iters=args.iters)
     print("\n".join(check.lines()))
     print(f"report: {check.out / 'gpu-check.json'}")

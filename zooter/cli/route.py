@@ -158,16 +158,13 @@ def _route_triton(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import json
-    import tempfile
-    from pathlib import Path
-
+    """Check the flags of the mode asked for and hand it to zooter.bench, which prints the table."""
     if args.triton_floor:
         others = [flag for flag, given in (("BUNDLE", args.bundle or args.bundle_opt), ("--triton", args.triton),
                                            ("--gateway", args.gateway)) if given]
         if others:
             raise UserError(f"--triton-floor starts its own server and takes no {' or '.join(others)}")
-        from zooter.serving.triton_floor import measure_floor
+        from zooter.bench.triton_floor import measure_floor
 
         measure_floor(4.0 if args.work_ms is None else args.work_ms, json_out=args.json_out)
         return 0
@@ -178,63 +175,32 @@ def cmd_bench(args) -> int:
         raise UserError("give BUNDLE once (positional or --bundle)")
     if bundle is None:
         raise UserError("give the BUNDLE folder")
-    from zooter.runtime import bench
+    from zooter.bench.latency import BUILTIN_QUERIES, bench_bundle
+    from zooter.runtime.queries import read_query_texts
 
-    queries = bench.read_queries(args.queries) if args.queries else None
+    queries = read_query_texts(args.queries) if args.queries else None
     if any(c < 1 for c in args.concurrency):
         raise UserError("--concurrency takes positive numbers")
     if args.triton:
-        from zooter.serving.triton_bench import bench_triton
+        from zooter.bench.triton import bench_triton
 
-        # bench_triton prints its own table; the full report goes to --json.
-        bench_triton(args.triton, bundle, queries or bench.BUILTIN_QUERIES, args.json_out, threads=args.threads,
+        bench_triton(args.triton, bundle, queries or BUILTIN_QUERIES, args.json_out, threads=args.threads,
                      concurrency=sorted(set(args.concurrency)), providers=args.provider)
         return 0
     if args.gateway:
-        from zooter.serving.gateway_bench import bench_gateway
+        from zooter.bench.gateway import bench_gateway
 
-        bench_gateway(bundle, queries or bench.BUILTIN_QUERIES, args.json_out, concurrency=sorted(set(args.concurrency)))
+        bench_gateway(bundle, queries or BUILTIN_QUERIES, args.json_out, concurrency=sorted(set(args.concurrency)))
         return 0
     if args.iters < 1 or args.warmup < 0:
         raise UserError("--iters must be >= 1 and --warmup >= 0")
     if any(t < 3 for t in args.lengths) or any(b < 1 for b in args.batches):
         raise UserError("--lengths must be >= 3 tokens and --batches >= 1")
-    from zooter.runtime.bundle import read_manifest
-
-    manifest = read_manifest(bundle)
-    with tempfile.TemporaryDirectory(prefix="zooter-bench-") as work:
-        baselines, skipped = {}, {}
-        if args.no_torch:
-            skipped["torch"] = "--no-torch"
-        else:
-            try:
-                from zooter.export.baselines import pytorch_baselines
-            except ModuleNotFoundError as err:
-                skipped["torch"] = f"{err.name} is not installed (the train extra)"
-            else:
-                run = args.run or (manifest.get("provenance") or {}).get("run") or "/nonexistent"
-                baselines, skipped = pytorch_baselines(run, manifest, args.threads, work)
-        report = bench.run_bench(bundle, queries, baselines=baselines, skipped=skipped, lengths=args.lengths,
-                                 batches=args.batches, iters=args.iters, warmup=args.warmup, threads=args.threads,
-                                 providers=args.provider, progress=_progress_bar(args.iters * (len(args.lengths) + len(args.batches))))
-    status = 0
-    if args.budget_ms is not None:
-        budget = bench.check_budget(report, args.budget_ms)
-        status = 0 if budget["passed"] else 1
-    print(bench.format_table(report))
-    if args.budget_ms is not None:
-        b = report["budget"]
-        verdict = "within" if b["passed"] else "OVER"
-        print(f"budget: {b['engine']} p99 {b['p99_ms']:.2f} ms on the given queries is {verdict} {b['ms']:g} ms")
-    if args.json_out:
-        from zooter.runtime.files import write_text_atomic
-
-        write_text_atomic(json.dumps(report, indent=2) + "\n", Path(args.json_out))
-    if args.plot:
-        from zooter.training.plots import latency
-
-        latency(report, args.plot)
-    return status
+    return bench_bundle(bundle, queries, run=args.run, torch=not args.no_torch, budget_ms=args.budget_ms,
+                        json_out=args.json_out, plot=args.plot,
+                        make_progress=lambda: _progress_bar(args.iters * (len(args.lengths) + len(args.batches))),
+                        lengths=args.lengths, batches=args.batches, iters=args.iters, warmup=args.warmup,
+                        threads=args.threads, providers=args.provider)
 
 
 def _progress_bar(total: int):

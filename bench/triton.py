@@ -14,9 +14,7 @@ ways once more, one query per request, and the decisions compared (and again in 
 
 from __future__ import annotations
 
-import json
 import queue
-import re
 import resource
 import threading
 import time
@@ -26,13 +24,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from zooter.runtime.bench import percentiles
+from zooter.bench.report import Column, Table, find_cell, metric_samples, p50, percentiles, publish
 from zooter.runtime.errors import UserError
 from zooter.serving.triton_client import ROUTE_MODEL, connect, control, parse_url, route_rows, route_via_triton
 
 CONCURRENCY = (1, 8, 32)
 METRIC_MODELS = ("zooter_route", "zooter_tokenize", "zooter_router", "zooter_decide")
-_METRIC = re.compile(r'^(nv_inference_\w+)\{model="([^"]+)",version="[^"]*"\}\s+([0-9.eE+-]+)$')
 
 
 def _neighbour(url: str, offset: int) -> str:
@@ -43,13 +40,10 @@ def _neighbour(url: str, offset: int) -> str:
 
 def scrape(metrics_url: str) -> dict:
     """{(metric, model): value} of Triton's per-model inference counters."""
-    out = {}
     with urllib.request.urlopen(metrics_url, timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            m = _METRIC.match(line)
-            if m:
-                out[(m.group(1), m.group(2))] = float(m.group(3))
-    return out
+        text = r.read().decode()
+    return {(name, labels["model"]): value for name, labels, value in metric_samples(text)
+            if name.startswith("nv_inference_") and set(labels) == {"model", "version"}}
 
 
 def server_side(before: dict, after: dict, models: Sequence[str] = METRIC_MODELS) -> dict:
@@ -242,20 +236,32 @@ def bench_triton(url: str, bundle: str | Path, queries: Sequence[str], json_out:
     if not _reachable(http_address, "http"):
         raise UserError(f"no ready zooter_route at http://{http_address}; start one with `zooter serve`")
 
-    from zooter.runtime.bench import MicroBatcher
+    from zooter.bench.micro_batcher import MicroBatcher
     from zooter.runtime.router import Router
 
     router = Router.load(bundle, providers=providers or ["CPUExecutionProvider"], threads=threads)
     batcher = MicroBatcher(router, window_ms=1.0)
     try:
-        return _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries, json_out,
-                      concurrency, requests, warmup, quiet)
+        engines, notes, metrics = _engines(router, batcher, http_address, grpc_address, metrics)
+        cells = _measure(engines, queries, concurrency, requests, warmup, metrics)
+        decisions, max_diff = _decisions(router, batcher, http_address, queries, max(concurrency))
     finally:
         batcher.close()
+    base, http = p50(cells, engine="in-process", concurrency=1), p50(cells, engine="triton-http", concurrency=1)
+    grpc = p50(cells, engine="triton-grpc", concurrency=1)
+    report = {
+        "bundle": str(bundle), "triton_http": http_address, "triton_grpc": grpc_address, "queries": len(queries),
+        "triton_overhead_p50_ms": (http - base) if http is not None and base is not None else None,
+        "triton_grpc_overhead_p50_ms": (grpc - base) if grpc is not None else None,
+        **decisions, "targets": _targets(cells, concurrency), "max_probability_diff": max_diff, "cells": cells,
+        "notes": notes,
+    }
+    return publish(report, json_out, quiet, format_table)
 
 
-def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries, json_out,
-           concurrency, requests, warmup, quiet) -> dict:
+def _engines(router, batcher, http_address: str, grpc_address: str, metrics: str):
+    """({engine: make_call}, notes, the metrics URL or None when it does not answer): the in-process Router alone
+    and micro-batched, Triton over HTTP, and over gRPC when it answers."""
     engines = {"in-process": lambda: (lambda text: router.route(text)),
                "in-process-batched": lambda: batcher.route,
                "triton-http": triton_caller(http_address, "http")}
@@ -266,11 +272,15 @@ def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries
         notes.append(f"gRPC at {grpc_address} not reachable: skipped")
     try:
         scrape(metrics)
-        have_metrics = True
     except OSError:
-        have_metrics = False
         notes.append(f"metrics at {metrics} not reachable: no queue/compute split")
+        metrics = None
+    return engines, notes, metrics
 
+
+def _measure(engines: dict, queries: Sequence[str], concurrency: Sequence[int], requests: int | None, warmup: int,
+             metrics: str | None) -> list[dict]:
+    """One cell per (engine, concurrency): percentiles and throughput, and Triton's own split from `metrics`."""
     for make_call in engines.values():   # the sessions and python stubs run once before timing
         with ClientPool(make_call, 1) as pool:
             pool.each(lambda call: [call(q) for q in queries[:warmup]])
@@ -294,7 +304,7 @@ def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries
                 size = n // rounds + (1 if r < n % rounds else 0)
                 for k in range(len(names)):
                     name = names[(r + k) % len(names)]
-                    before = scrape(metrics) if have_metrics and name.startswith("triton") else None
+                    before = scrape(metrics) if metrics and name.startswith("triton") else None
                     parts[name].append(run_concurrent(pools[name], queries[r * size:] + queries[:r * size], size))
                     if before is not None:
                         after = scrape(metrics)
@@ -310,41 +320,28 @@ def _bench(router, batcher, bundle, http_address, grpc_address, metrics, queries
             if served[name][1]:
                 cell["server"] = server_side(*served[name])
             cells.append(cell)
+    return cells
 
-    # Decisions, one query per request both ways (as an app routes; no batch to share int8 scales with).
+
+def _decisions(router, batcher, http_address: str, queries: Sequence[str], top: int) -> tuple[dict, float]:
+    """Every query routed in process and through Triton, compared: one query per request (as an app routes; no batch
+    to share int8 scales with), from `top` clients at once, micro-batched, and in batches of 32. Returns the
+    matching counts and the largest probability difference, one query per request."""
     in_process = [router.route(q) for q in queries]
     via_triton = _route_one_by_one(http_address, queries)
-    top = max(concurrency)
     concurrent = _route_concurrently(triton_caller(http_address, "http"), queries, top)
     micro = _route_concurrently(lambda: (lambda text: batcher.route(text).candidate), queries, top)
     matching = sum(a.candidate == b["candidate"] for a, b in zip(in_process, via_triton))
     max_diff = max(abs(a.probabilities[k] - b["probabilities"][k]) for a, b in zip(in_process, via_triton)
                    for k in a.probabilities)
-    # And in batches of 32 (Router.route_batch against route_via_triton, which form the same batches).
+    # Router.route_batch against route_via_triton, which form the same batches.
     batched = sum(a.candidate == b["candidate"] for a, b in
                   zip(router.route_batch(queries), route_via_triton(f"http://{http_address}", queries)))
-
-    def p50(engine, c=1):
-        return next((x["p50_ms"] for x in cells if x["engine"] == engine and x["concurrency"] == c and x["n"]), None)
-
-    base, http = p50("in-process"), p50("triton-http")
-    report = {
-        "bundle": str(bundle), "triton_http": http_address, "triton_grpc": grpc_address, "queries": len(queries),
-        "triton_overhead_p50_ms": (http - base) if http is not None and base is not None else None,
-        "triton_grpc_overhead_p50_ms": (p50("triton-grpc") - base) if p50("triton-grpc") is not None else None,
-        "decisions_match": [int(matching), len(queries)],
-        "decisions_match_concurrent": [sum(a.candidate == b for a, b in zip(in_process, concurrent)), len(queries), top],
-        "decisions_match_batched": [int(batched), len(queries)],
-        "micro_batched_decisions_match": [sum(a.candidate == b for a, b in zip(in_process, micro)), len(queries), top],
-        "targets": _targets(cells, concurrency),
-        "max_probability_diff": float(max_diff),
-        "cells": cells, "notes": notes,
-    }
-    if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-    if not quiet:
-        print(format_table(report))
-    return report
+    return {"decisions_match": [int(matching), len(queries)],
+            "decisions_match_concurrent": [sum(a.candidate == b for a, b in zip(in_process, concurrent)), len(queries), top],
+            "decisions_match_batched": [int(batched), len(queries)],
+            "micro_batched_decisions_match": [sum(a.candidate == b for a, b in zip(in_process, micro)), len(queries), top]
+            }, float(max_diff)
 
 
 def _route_concurrently(make_call, queries: Sequence[str], clients: int) -> list[str]:
@@ -370,7 +367,7 @@ def _route_concurrently(make_call, queries: Sequence[str], clients: int) -> list
 def _targets(cells: list[dict], concurrency: Sequence[int]) -> dict:
     """The issue's targets, read off the cells: overhead at concurrency 1, throughput and p50 ratios at the top."""
     def cell(engine, c):
-        return next((x for x in cells if x["engine"] == engine and x["concurrency"] == c and x["n"]), None)
+        return find_cell(cells, engine=engine, concurrency=c)
 
     out, low, top = {}, min(concurrency), max(concurrency)
     base_low, base_top = cell("in-process", low), cell("in-process", top)
@@ -387,9 +384,15 @@ def _targets(cells: list[dict], concurrency: Sequence[int]) -> dict:
     return out
 
 
+# engine, concurrency, p50, p90, p99 (ms), requests a second, p50 / in-process p50, this process's CPU ms a request,
+# then Triton's own queue / compute ms a request per model
+TABLE = Table(Column("engine", 18, "<"), Column("conc", 4, fmt="d"), *(Column(t, 8, fmt=".2f") for t in ("p50", "p90", "p99")),
+              Column("qps", 8, fmt=".1f"), Column("x in-proc p50", 14, fmt=".2f"), Column("CPU here", 9, fmt=".2f"),
+              Column("server-side (queue / compute per request)", align="<", sep="  "))
+
+
 def format_table(report: dict) -> str:
-    lines = [f"routing latency, {report['queries']} queries, one query per request (ms)",
-             f"{'engine':18s} {'conc':>4s} {'p50':>8s} {'p90':>8s} {'p99':>8s} {'qps':>8s} {'x in-proc p50':>14s} {'CPU here':>9s}  server-side (queue / compute per request)"]
+    lines = [f"routing latency, {report['queries']} queries, one query per request (ms)", TABLE.header()]
     base = {c["concurrency"]: c.get("p50_ms") for c in report["cells"] if c["engine"] == "in-process"}
     for c in report["cells"]:
         if not c["n"]:
@@ -398,8 +401,8 @@ def format_table(report: dict) -> str:
         ratio = c["p50_ms"] / base[c["concurrency"]] if base.get(c["concurrency"]) else float("nan")
         server = "  ".join(f"{m.replace('zooter_', '')} {s['queue_ms']:.2f}/{s['compute_ms']:.2f}"
                            for m, s in c.get("server", {}).items())
-        lines.append(f"{c['engine']:18s} {c['concurrency']:4d} {c['p50_ms']:8.2f} {c['p90_ms']:8.2f} {c['p99_ms']:8.2f} "
-                     f"{c['throughput_qps']:8.1f} {ratio:14.2f} {c.get('process_cpu_ms', float('nan')):9.2f}  {server}")
+        lines.append(TABLE.row(c["engine"], c["concurrency"], c["p50_ms"], c["p90_ms"], c["p99_ms"], c["throughput_qps"],
+                               ratio, c.get("process_cpu_ms", float("nan")), server))
     m, n = report["decisions_match"]
     overhead = report["triton_overhead_p50_ms"]
     lines.append("CPU here: this process's CPU ms a request (in process: the routing; Triton: its clients, on the same cores)")

@@ -1,6 +1,6 @@
 """The baselines `zooter bench` times the bundle against: the run's PyTorch router (eager) and, when
 the bundle ships no model.onnx, the fp32 ONNX model re-exported from the run. They need torch, so
-they live here, not in zooter.runtime, and are handed to zooter.runtime.bench.run_bench.
+zooter.bench.latency imports them only when torch is there.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from zooter.runtime.bench import Engine
+from zooter.bench.latency import Engine
 
 
 def pytorch_baselines(run: str | Path, manifest: dict, threads: int | None = None,

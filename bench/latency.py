@@ -7,9 +7,9 @@ user's own queries at their natural lengths, which `--budget-ms` checks (p99 of 
 A batch is timed as Router.route_batch answers it (each query alone, so no decision depends on the
 batch), and beside it the same model on one padded batch, the faster path that issue 20 retired.
 
-This module measures; it builds only the ONNX engines a bundle carries. The PyTorch and
-re-exported fp32 baselines come from zooter.export.baselines (they need torch), handed in as
-`baselines` by the CLI.
+`bench_bundle` is `zooter bench BUNDLE`: it adds the PyTorch and re-exported fp32 baselines
+(zooter.bench.baselines, when torch is installed), prints the table, checks the budget, writes the
+JSON and the plot. `run_bench` measures the ONNX engines a bundle carries beside any `baselines`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from zooter.runtime.queries import read_queries as read_query_file
+from zooter.bench.report import Column, Table, percentiles, write_json
 
 LENGTHS = (16, 64, 256, 512)
 BATCHES = (1, 8, 32)
@@ -58,11 +58,6 @@ BUILTIN_QUERIES = [
 ]
 
 
-def read_queries(path: str | Path) -> list[str]:
-    """The texts of a queries file (any layout zooter.runtime.queries reads)."""
-    return [q.text for q in read_query_file(path)[0]]
-
-
 def texts_of_length(tokenizer_path: Path, pool: Sequence[str], tokens: int, count: int) -> list[str]:
     """`count` different texts of about `tokens` tokens each ([CLS] and [SEP] included), cut from the pool."""
     from tokenizers import Tokenizer
@@ -81,19 +76,6 @@ def texts_of_length(tokenizer_path: Path, pool: Sequence[str], tokens: int, coun
     for i in range(count):
         start = (i * step) % (len(enc.ids) - body)
         out.append(text[enc.offsets[start][0]:enc.offsets[start + body - 1][1]])
-    return out
-
-
-def percentiles(ms: Sequence[float], batch: int = 1, cpu_ms: Sequence[float] | None = None) -> dict:
-    """Latency percentiles (ms) of calls that each answered `batch` queries, and their throughput."""
-    a = np.asarray(ms, dtype=np.float64)
-    out = {"n": int(a.size), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
-           "p95_ms": float(np.percentile(a, 95)), "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()),
-           "qps": float(batch * 1000 / a.mean())}
-    if cpu_ms is not None:
-        # CPU time of this process per call: on a shared machine, close to what the call takes on a
-        # core of its own (with one thread); with more threads it sums them.
-        out["cpu_p50_ms"] = float(np.percentile(cpu_ms, 50))
     return out
 
 
@@ -244,17 +226,21 @@ def check_budget(report: dict, budget_ms: float) -> dict:
     return report["budget"]
 
 
+# tokens, batch, engine, p50, p95, p99, q/s, x torch, cpu p50 (ms unless said)
+TABLE = Table(Column("tokens", 7), Column("batch", 5), Column("engine", 6), *(Column(t, 8, fmt=".2f") for t in (
+    "p50 ms", "p95 ms", "p99 ms")), Column("q/s", 8, fmt=".1f"), Column("x torch", 8), Column("cpu p50", 8, fmt=".2f"))
+
+
 def format_table(report: dict) -> str:
     engines = list(report["cells"][0]["results"]) if report["cells"] else list(report["queries"]["results"])
-    lines = [f"{'tokens':>7} {'batch':>5} {'engine':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'q/s':>8} {'x torch':>8} {'cpu p50':>8}"]
+    lines = [TABLE.header()]
     for cell in report["cells"] + [dict(report["queries"], label="yours")]:
         for name in engines:
             r = cell["results"][name]
             x = ratio(cell, name) if name != "torch" else None
             tokens = f"{cell['tokens']:.0f}" + ("*" if cell.get("label") else "")
-            lines.append(f"{tokens:>7} {cell['batch']:>5} {name:>6} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} "
-                         f"{r['p99_ms']:>8.2f} {r['qps']:>8.1f} {(f'{x:.2f}' if x is not None else '-'):>8} "
-                         f"{r.get('cpu_p50_ms', float('nan')):>8.2f}")
+            lines.append(TABLE.row(tokens, cell["batch"], name, r["p50_ms"], r["p95_ms"], r["p99_ms"], r["qps"],
+                                   f"{x:.2f}" if x is not None else "-", r.get("cpu_p50_ms", float("nan"))))
     lines.append("* the given queries at their own lengths (mean tokens shown); cpu p50: process CPU ms per call")
     if report.get("capped_at_max_length"):
         lines.append(f"lengths above the router's max_length are cut to {report['capped_at_max_length']} tokens, as routing does")
@@ -284,56 +270,45 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-class MicroBatcher:
-    """`route(text)` calls from many threads gathered, for at most `window_ms` or `max_batch` queries,
-    into one Router.route_batch call.
+def bench_bundle(bundle: str | Path, queries: Sequence[str] | None = None, run: str | Path | None = None,
+                 torch: bool = True, budget_ms: float | None = None, json_out: str | Path | None = None,
+                 plot: str | Path | None = None, make_progress: Callable[[], Callable[[int], None] | None] | None = None,
+                 **options) -> int:
+    """`zooter bench BUNDLE`: time the bundle beside PyTorch (from `run`, else the run the bundle names),
+    print the table and the budget's verdict, write the JSON and the plot. Returns the exit status: 1 when
+    the shipped model's p99 is over `budget_ms`. `make_progress()`, called once timing starts, gives run_bench's
+    `progress`; `options` go to run_bench (lengths, batches, iters, ...)."""
+    import tempfile
 
-    For `zooter bench --triton`, which measures it beside threads sharing one Router: on CPU it was
-    slower (docs/triton.md), so the Router does not offer it. route_batch runs each query alone
-    (issue 20), so gathering no longer changes decisions, and it saves no work either.
-    """
+    from zooter.runtime.bundle import read_manifest
 
-    def __init__(self, router, window_ms: float = 1.0, max_batch: int = 32):
-        import queue
-        import threading
-
-        self.router, self.window, self.max_batch = router, window_ms / 1000, max_batch
-        self.pending: queue.SimpleQueue = queue.SimpleQueue()
-        self.worker = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
-        self.worker.start()
-
-    def route(self, text):
-        from concurrent.futures import Future
-
-        done: Future = Future()
-        self.pending.put((text, done))
-        return done.result()
-
-    def close(self) -> None:
-        self.pending.put(None)
-        self.worker.join()
-
-    def _run(self) -> None:
-        import queue
-
-        while True:
-            first = self.pending.get()
-            if first is None:
-                return
-            batch, deadline = [first], time.perf_counter() + self.window
-            while len(batch) < self.max_batch:
-                try:
-                    item = self.pending.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self.pending.put(None)
-                    break
-                batch.append(item)
+    manifest = read_manifest(bundle)
+    with tempfile.TemporaryDirectory(prefix="zooter-bench-") as work:
+        baselines, skipped = {}, {}
+        if not torch:
+            skipped["torch"] = "--no-torch"
+        else:
             try:
-                decisions = self.router.route_batch([text for text, _ in batch], batch_size=len(batch))
-                for (_, done), decision in zip(batch, decisions):
-                    done.set_result(decision)
-            except Exception as err:   # handed to every waiting caller
-                for _, done in batch:
-                    done.set_exception(err)
+                from zooter.bench.baselines import pytorch_baselines
+            except ModuleNotFoundError as err:
+                skipped["torch"] = f"{err.name} is not installed (the train extra)"
+            else:
+                run = run or (manifest.get("provenance") or {}).get("run") or "/nonexistent"
+                baselines, skipped = pytorch_baselines(run, manifest, options.get("threads"), work)
+        report = run_bench(bundle, queries, baselines=baselines, skipped=skipped,
+                           progress=make_progress() if make_progress else None, **options)
+    status = 0
+    if budget_ms is not None:
+        status = 0 if check_budget(report, budget_ms)["passed"] else 1
+    print(format_table(report))
+    if budget_ms is not None:
+        b = report["budget"]
+        verdict = "within" if b["passed"] else "OVER"
+        print(f"budget: {b['engine']} p99 {b['p99_ms']:.2f} ms on the given queries is {verdict} {b['ms']:g} ms")
+    if json_out:
+        write_json(report, json_out)
+    if plot:
+        from zooter.bench.plots import latency
+
+        latency(report, plot)
+    return status

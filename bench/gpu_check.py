@@ -19,9 +19,11 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zooter.bench.report import Column, Table, write_json
 from zooter.runtime.errors import UserError
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+STEPS = Table(Column("step", 34, "<"), Column("status", 10, "<"), Column("detail", align="<"))
 
 
 @dataclass
@@ -46,9 +48,9 @@ class GpuCheck:
         return {"out": str(self.out), "steps": [s.__dict__ for s in self.steps], "tables": self.tables}
 
     def lines(self) -> list[str]:
-        out = [f"{'step':<34} {'status':<10} detail"]
+        out = [STEPS.header()]
         for s in self.steps:
-            out.append(f"{s.name:<34} {s.status:<10} {s.detail}")
+            out.append(STEPS.row(s.name, s.status, s.detail))
             if s.command and s.status != "done":
                 out.append(f"{'':<45} $ {s.command}")
         for title, table in self.tables.items():
@@ -74,7 +76,7 @@ def run_gpu_check(run: str | Path, out: str | Path, queries: list[str] | None = 
                   iters: int = 20) -> GpuCheck:
     from zooter.export.bundle import export_bundle
     from zooter.export.triton_repo import build_repository, validate_repository
-    from zooter.runtime import bench
+    from zooter.bench import latency as bench
     from zooter.runtime.router import Router
 
     out = Path(out)
@@ -130,12 +132,12 @@ def run_gpu_check(run: str | Path, out: str | Path, queries: list[str] | None = 
         check.step("bench through Triton", "would run", "", f"zooter bench --triton 127.0.0.1:8000 --bundle {bundle}")
     else:
         _serve_and_bench(check, repo, bundle, queries, serve)
-    (out / "gpu-check.json").write_text(__import__("json").dumps(check.report(), indent=2) + "\n")
+    write_json(check.report(), out / "gpu-check.json")
     return check
 
 
 def _serve_and_bench(check: GpuCheck, repo: Path, bundle: Path, queries: list[str], command: str) -> None:
-    from zooter.serving.triton_bench import bench_triton, format_table
+    from zooter.bench.triton import bench_triton, format_table
     from zooter.servers.tritonserver import TritonServer, find_tritonserver
 
     install = find_tritonserver()

@@ -12,7 +12,6 @@ two plain processes shows the operating system's share of that wake-up cost.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from zooter.runtime.errors import UserError
-from zooter.serving.triton_bench import ClientPool, merge_cells, run_concurrent, scrape, server_side, triton_caller
+from zooter.bench.report import Column, Table, p50, publish
+from zooter.bench.triton import ClientPool, merge_cells, run_concurrent, scrape, server_side, triton_caller
 
 PROBES = {"zooter_probe_idle": 0.0, "zooter_probe_busy": None}      # None: work_ms
 MAX_WORK_MS = 100.0         # 1,200 requests of the busy probe take at most two minutes
@@ -149,31 +149,29 @@ def measure_floor(work_ms: float = 4.0, requests: int = 400, rounds: int = 4, js
         cells.append(cell)
     pipe = {str(w): pipe_round_trip_us(w, min(requests, 400)) for w in (0.0, work_ms)}
 
-    def p50(engine, work):
-        return next(c["p50_ms"] for c in cells if c["engine"] == engine and c["work_ms"] == work)
+    def gap(proto, work):    # p50 through Triton over `proto` less p50 in process
+        return p50(cells, engine=f"triton-{proto}", work_ms=work) - p50(cells, engine="in-process", work_ms=work)
 
     report = {
         "work_ms": work_ms, "requests": size * rounds, "rounds": rounds, "cells": cells,
-        "round_trip_p50_ms": {proto: p50(f"triton-{proto}", 0.0) - p50("in-process", 0.0) for proto in ("http", "grpc")},
-        "round_trip_after_work_p50_ms": {proto: p50(f"triton-{proto}", work_ms) - p50("in-process", work_ms)
-                                         for proto in ("http", "grpc")},
+        "round_trip_p50_ms": {proto: gap(proto, 0.0) for proto in ("http", "grpc")},
+        "round_trip_after_work_p50_ms": {proto: gap(proto, work_ms) for proto in ("http", "grpc")},
         "pipe_round_trip_p50_us": pipe,
         "server_ms": inside,
     }
-    if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-    if not quiet:
-        print(format_floor(report))
-    return report
+    return publish(report, json_out, quiet, format_floor)
+
+
+FLOOR_TABLE = Table(Column("engine", 14, "<"), Column("work", 6, fmt=".1f"), *(Column(t, 8, fmt=".3f") for t in ("p50", "p90", "p99")))
 
 
 def format_floor(report: dict) -> str:
     w = report["work_ms"]
     lines = [f"Triton python-backend floor: {report['requests']} requests per cell, one at a time, "
              f"{report['rounds']} interleaved rounds (ms)",
-             f"{'engine':14s} {'work':>6s} {'p50':>8s} {'p90':>8s} {'p99':>8s}"]
+             FLOOR_TABLE.header()]
     for c in report["cells"]:
-        lines.append(f"{c['engine']:14s} {c['work_ms']:6.1f} {c['p50_ms']:8.3f} {c['p90_ms']:8.3f} {c['p99_ms']:8.3f}")
+        lines.append(FLOOR_TABLE.row(c["engine"], c["work_ms"], c["p50_ms"], c["p90_ms"], c["p99_ms"]))
     rt, after = report["round_trip_p50_ms"], report["round_trip_after_work_p50_ms"]
     lines.append(f"round trip of a model that answers at once: HTTP +{rt['http']:.2f} ms, gRPC +{rt['grpc']:.2f} ms")
     lines.append(f"round trip of a model that works {w:g} ms:       HTTP +{after['http']:.2f} ms, gRPC +{after['grpc']:.2f} ms")

@@ -30,101 +30,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from zooter.runtime.bench import BUILTIN_QUERIES, percentiles
+from zooter.bench.latency import BUILTIN_QUERIES
+from zooter.bench.processes import stop_processes
+from zooter.bench.report import Column, Table, metric_value, p50, percentiles, publish
 from zooter.runtime.errors import UserError
 from zooter.servers.tritonserver import free_port
 
 CONCURRENCY = (1, 32)
-
-
-# --- the stub upstream ------------------------------------------------------------------------------------
-
-async def read_body(receive) -> bytes:
-    """An ASGI request's whole body."""
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            return body
-
-def stub_upstream(tokens: int, delay_s: float):
-    """A bare ASGI app: POST /v1/chat/completions answers `tokens` words after `delay_s` (streamed: one word an
-    event); GET /v1/models answers an empty list. No framework: its own cost should be near nothing."""
-
-    async def respond(send, status: int, body: bytes, content_type: bytes, more: bool = False):
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
-        await send({"type": "http.response.body", "body": body, "more_body": more})
-
-    async def app(scope, receive, send):
-        body = await read_body(receive)
-        if scope["path"].endswith("/models"):
-            await respond(send, 200, b'{"object":"list","data":[]}', b"application/json")
-            return
-        request = json.loads(body)
-        model, created = request.get("model", "stub"), int(time.time())
-        await asyncio.sleep(delay_s)
-        if not request.get("stream"):
-            text = " ".join(f"w{i}" for i in range(tokens))
-            answer = {"id": "stub", "object": "chat.completion", "created": created, "model": model,
-                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                      "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}}
-            await respond(send, 200, json.dumps(answer).encode(), b"application/json")
-            return
-
-        def event(delta: dict, finish: str | None = None) -> bytes:
-            data = {"id": "stub", "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return b"data: " + json.dumps(data).encode() + b"\n\n"
-
-        await respond(send, 200, event({"role": "assistant", "content": ""}), b"text/event-stream", more=True)
-        for i in range(tokens):
-            await send({"type": "http.response.body", "body": event({"content": f" w{i}"}), "more_body": True})
-        await send({"type": "http.response.body", "body": event({}, "stop") + b"data: [DONE]\n\n", "more_body": False})
-
-    return app
-
-
-def bare_proxy(upstream: str):
-    """A bare ASGI forwarder with httpx: the request's bytes to `upstream`, the answer's bytes back as they come."""
-    import httpx
-
-    client = None
-
-    async def app(scope, receive, send):
-        nonlocal client
-        if client is None:           # made inside the serving loop, on the first request (a warm-up one)
-            client = httpx.AsyncClient(timeout=60)
-        body = await read_body(receive)
-        request = client.build_request(scope["method"], upstream + scope["path"], content=body,
-                                       headers={"content-type": "application/json"})
-        response = await client.send(request, stream=True)
-        try:
-            await send({"type": "http.response.start", "status": response.status_code,
-                        "headers": [(b"content-type", response.headers["content-type"].encode())]})
-            async for part in response.aiter_raw():
-                await send({"type": "http.response.body", "body": part, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
-
-    return app
-
-
-def run_stub(port: int, tokens: int, delay_ms: float) -> None:
-    """The stub's process: `python -c "from zooter.serving.gateway_bench import run_stub; run_stub(...)"`."""
-    _serve(stub_upstream(tokens, delay_ms / 1000), port)
-
-
-def run_proxy(port: int, upstream: str) -> None:
-    """The bare forwarder's process, as run_stub."""
-    _serve(bare_proxy(upstream), port)
-
-
-def _serve(app, port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off")
 
 
 # --- processes ------------------------------------------------------------------------------------------
@@ -142,16 +54,6 @@ def _wait_http(url: str, process: subprocess.Popen, what: str, timeout: float = 
             pass
         time.sleep(0.2)
     raise UserError(f"{what} did not answer {url} within {timeout:.0f} s")
-
-
-def _stop(process: subprocess.Popen | None) -> None:
-    if process is not None and process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # --- the client -----------------------------------------------------------------------------------------
@@ -204,14 +106,10 @@ async def _run(client, url: str, bodies: Sequence[bytes], concurrency: int, stre
 def _routing_seconds(gateway: str) -> tuple[float, float]:
     """(sum, count) of the gateway's routing histogram, over its routers (a reload adds one)."""
     import httpx
-    from prometheus_client.parser import text_string_to_metric_families
 
-    values = {}
-    for family in text_string_to_metric_families(httpx.get(gateway + "/metrics", timeout=10).text):
-        for sample in family.samples:
-            if sample.name in ("zooter_gateway_routing_seconds_sum", "zooter_gateway_routing_seconds_count"):
-                values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values.get("zooter_gateway_routing_seconds_sum", 0.0), values.get("zooter_gateway_routing_seconds_count", 0.0)
+    text = httpx.get(gateway + "/metrics", timeout=10).text
+    return (metric_value(text, "zooter_gateway_routing_seconds_sum"),
+            metric_value(text, "zooter_gateway_routing_seconds_count"))
 
 
 def _cell(engine: str, concurrency: int, mode: str, parts: list[dict], key: str = "total") -> dict:
@@ -304,7 +202,7 @@ def bench_gateway(bundle: str | Path, queries: Sequence[str] | None = None, json
                 return url
 
             def python(function: str, *args) -> list[str]:     # `function(port, *args)` in a process of its own
-                return [sys.executable, "-c", "import sys; from zooter.serving import gateway_bench as b; "
+                return [sys.executable, "-c", "import sys; from zooter.bench import openai_stub as b; "
                         f"b.{function}(int(sys.argv[-1]), {', '.join(map(repr, args))})"]
 
             direct = start("the stub upstream", python("run_stub", int(tokens), float(delay_ms)), "/v1/models")
@@ -317,49 +215,50 @@ def bench_gateway(bundle: str | Path, queries: Sequence[str] | None = None, json
             measured = asyncio.run(_measure({"direct": direct, "proxy": proxy, "gateway": gateway}, chosen, queries,
                                             requests, rounds, concurrency, stream_clients, stream_requests, tokens))
         finally:
-            for process in reversed(processes):
-                _stop(process)
+            stop_processes(reversed(processes), grace=15)
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "bundle": str(bundle), "queries": len(queries),
               "upstream": {"tokens": tokens, "delay_ms": delay_ms}, "routing_in_process_p50_ms": routing_p50,
               **measured}
     report.update(summarize(report))
-    if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-    if not quiet:
-        print(format_table(report))
-    return report
+    return publish(report, json_out, quiet, format_table)
 
 
 def summarize(report: dict) -> dict:
     """The figures the targets are about, and whether each is met."""
-    def p50(engine, c, mode):
-        return next(x["p50_ms"] for x in report["cells"] if (x["engine"], x["concurrency"], x["mode"]) == (engine, c, mode))
+    def gap(engine, c, mode):     # p50 of `engine` less p50 direct
+        cells = report["cells"]
+        return p50(cells, engine=engine, concurrency=c, mode=mode) - p50(cells, engine="direct", concurrency=c, mode=mode)
 
     overhead, hop, targets = {}, {}, {}
     for c in sorted({x["concurrency"] for x in report["cells"] if x["mode"] == "answer"}):
-        overhead[str(c)] = p50("gateway", c, "answer") - p50("direct", c, "answer")
-        hop[str(c)] = p50("proxy", c, "answer") - p50("direct", c, "answer")
+        overhead[str(c)] = gap("gateway", c, "answer")
+        hop[str(c)] = gap("proxy", c, "answer")
         routing = report["gateway_routing_mean_ms"].get(f"answer@{c}", report["routing_in_process_p50_ms"])
         targets[f"overhead_p50_at_{c}_within_routing_plus_2ms"] = overhead[str(c)] <= routing + 2.0
-    ttft = p50("gateway", 1, "ttft") - p50("direct", 1, "ttft")
+    ttft = gap("gateway", 1, "ttft")
     targets["ttft_within_5ms_of_direct"] = ttft <= 5.0
     targets["soak_zero_errors"] = report["soak"]["errors"] == 0 and report["soak"]["answered"] == report["soak"]["requests"]
     return {"overhead_p50_ms": overhead, "bare_hop_p50_ms": hop, "ttft_delta_p50_ms": ttft, "targets": targets}
 
 
+# mode @ concurrency; p50 direct, through the bare proxy, through the gateway; gateway - direct, gateway - proxy;
+# the gateway's p95; errors of all three (ms)
+TABLE = Table(Column("p50 ms", 24, "<"), *(Column(t, 8, fmt=".2f") for t in ("direct", "proxy", "gateway")),
+              Column("gw-direct", 10, fmt="+.2f"), Column("gw-proxy", 9, fmt="+.2f"), Column("gw p95", 7, fmt=".2f"),
+              Column("errors", 6, fmt="d"))
+
+
 def format_table(report: dict) -> str:
     lines = [f"gateway vs direct ({report['cpu']}; stub upstream: {report['upstream']['tokens']} tokens after "
              f"{report['upstream']['delay_ms']:g} ms; in-process routing p50 {report['routing_in_process_p50_ms']:.2f} ms)",
-             f"{'p50 ms':24s} {'direct':>8s} {'proxy':>8s} {'gateway':>8s} {'gw-direct':>10s} {'gw-proxy':>9s} "
-             f"{'gw p95':>7s} {'errors':>6s}"]
+             TABLE.header()]
     cells = {(x["engine"], x["concurrency"], x["mode"]): x for x in report["cells"]}
     for engine, c, mode in cells:
         if engine != "direct":
             continue
         d, p, g = (cells[(e, c, mode)] for e in ("direct", "proxy", "gateway"))
-        lines.append(f"{mode + ' @ concurrency ' + str(c):24s} {d['p50_ms']:8.2f} {p['p50_ms']:8.2f} {g['p50_ms']:8.2f} "
-                     f"{g['p50_ms'] - d['p50_ms']:+10.2f} {g['p50_ms'] - p['p50_ms']:+9.2f} {g['p95_ms']:7.2f} "
-                     f"{d['errors'] + p['errors'] + g['errors']:6d}")
+        lines.append(TABLE.row(f"{mode} @ concurrency {c}", d["p50_ms"], p["p50_ms"], g["p50_ms"], g["p50_ms"] - d["p50_ms"],
+                               g["p50_ms"] - p["p50_ms"], g["p95_ms"], d["errors"] + p["errors"] + g["errors"]))
     routing = ", ".join(f"{k} {v:.2f} ms" for k, v in report["gateway_routing_mean_ms"].items())
     soak = report["soak"]
     lines.append(f"the gateway's own routing time (mean): {routing}")

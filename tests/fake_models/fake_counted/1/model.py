@@ -1,0 +1,1 @@
+../../fake_llmapi/1/model.py
