@@ -1,7 +1,7 @@
 """The one OpenAI-compatible stub: deterministic text, no LLM behind it. The gateway bench times the gateway in
 front of it; the tests and the demos ask it, and make it fail on purpose.
 
-    python -m zooter.bench.openai_stub [--port 0] [--delay SECONDS] [--tokens N]
+    zooter stub-llm [--port 0] [--delay SECONDS] [--tokens N]   (the command: zooter/cli/gateway.py)
     -> prints "listening on http://127.0.0.1:PORT/v1", then serves until stopped
 
 POST /v1/chat/completions and /v1/completions answer, streamed (one word a chunk) or not. The answer to a prompt
@@ -31,11 +31,9 @@ one more HTTP hop with no routing.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import socket
-import sys
 import time
 
 DEFAULT_KEY = "test-key"
@@ -266,20 +264,3 @@ def run_stub(port: int, tokens: int, delay_ms: float) -> None:
 def run_proxy(port: int, upstream: str) -> None:
     """The bench's bare forwarder process, as run_stub."""
     serve(bare_proxy(upstream), listen(port=port))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds each request takes (default 0)")
-    parser.add_argument("--tokens", type=int, help="answer every request with this many words")
-    args = parser.parse_args(argv)
-    sock = listen(args.host, args.port)
-    print(f"listening on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
-    serve(stub_app(delay_s=args.delay, tokens=args.tokens), sock)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,7 +70,7 @@ def triton(io, label, **ports):
 servers, processes = {}, []
 try:
     stub_log = open(out / "stub.log", "w")
-    processes.append(subprocess.Popen([sys.executable, "-m", "zooter.bench.openai_stub", "--delay", "0.02"],
+    processes.append(subprocess.Popen([sys.executable, "-m", "zooter.cli", "stub-llm", "--delay", "0.02"],
                                       stdout=stub_log, stderr=subprocess.STDOUT, start_new_session=True))
     wait(lambda: "listening on " in (out / "stub.log").read_text(), "the OpenAI-compatible stub")
     stub_url = (out / "stub.log").read_text().split("listening on ")[1].split()[0]

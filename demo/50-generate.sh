@@ -59,7 +59,7 @@ fi
 if [ "$used_triton" = 0 ]; then
     echo "== answers from zooter.bench.openai_stub: an OpenAI-compatible server with DETERMINISTIC TEXT, no LLM =="
     echo "   (no Triton stand-ins in $OUT/triton-repo; stage 40 builds them)"
-    python -m zooter.bench.openai_stub --delay 0.05 > "$DIR/stub-server.log" 2>&1 &
+    zooter stub-llm --delay 0.05 > "$DIR/stub-server.log" 2>&1 &
     server_pid=$!
     trap 'kill "$server_pid" 2>/dev/null || true' EXIT
     for _ in $(seq 50); do grep -q listening "$DIR/stub-server.log" 2>/dev/null && break; sleep 0.1; done

@@ -62,7 +62,7 @@ def gateway_cpu(bundle: str, labels: list[str], texts: list[str], requests: int,
     from zooter.servers.tritonserver import free_port
 
     with tempfile.TemporaryDirectory(prefix="zooter-capacity-") as tmp:
-        stub = subprocess.Popen([sys.executable, "-m", "zooter.bench.openai_stub"],
+        stub = subprocess.Popen([sys.executable, "-m", "zooter.cli", "stub-llm"],
                                 stdout=subprocess.PIPE, text=True)
         gateway = None
         try:

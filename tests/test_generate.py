@@ -169,7 +169,7 @@ def test_cli_errors(tmp_path, server, capsys):
 
 def test_kill_mid_run_then_resume(tmp_path):
     """A real `zooter generate` process is SIGKILLed mid-run; the rerun completes every pair exactly once."""
-    server = subprocess.Popen([sys.executable, "-m", "zooter.bench.openai_stub", "--delay", "0.2"],
+    server = subprocess.Popen([sys.executable, "-m", "zooter.cli", "stub-llm", "--delay", "0.2"],
                               stdout=subprocess.PIPE, text=True)
     try:
         url = server.stdout.readline().split()[-1].removesuffix("/v1")

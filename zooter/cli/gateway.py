@@ -68,6 +68,29 @@ def register(sub) -> None:
                    help="log level (default info); request bodies and keys are never logged")
     p.set_defaults(func=cmd_gateway)
 
+    p = sub.add_parser(
+        "stub-llm", help="a local OpenAI-compatible server with deterministic text and no LLM (demos, benches)",
+        description="Serves POST /v1/chat/completions and /v1/completions with a fixed function of (model, prompt): "
+        "'<model> answers: ' and the prompt's words in reverse, streamed or not (zooter.bench.openai_stub). Models "
+        "whose name holds a keyword (flaky, slow, broken, ...) misbehave on purpose. Prints 'listening on URL', then "
+        "serves until stopped. Binds 127.0.0.1 unless --host.")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds each request takes (default 0)")
+    p.add_argument("--tokens", type=int, help="answer every request with this many words")
+    p.set_defaults(func=cmd_stub_llm)
+
+
+def cmd_stub_llm(args) -> int:
+    from zooter.bench.openai_stub import listen, serve, stub_app
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0-65535, got {args.port}")
+    sock = listen(args.host, args.port)
+    print(f"listening on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
+    serve(stub_app(delay_s=args.delay, tokens=args.tokens), sock)
+    return 0
+
 
 def cmd_gateway(args) -> int:
     import logging
