@@ -76,3 +76,35 @@ def test_isotonic_fit_is_monotone_and_thinned():
     table = isotonic(x, y, max_knots=16)
     assert len(table.x) <= 16 and list(table.y) == sorted(table.y)
     assert table(np.array([0.1, 0.5, 0.9])) == pytest.approx([0.1, 0.5, 0.9], abs=0.08)
+
+
+def test_the_reward_head_scores_a_query_alike_from_the_fp32_and_int8_embeddings():
+    """The INT8 encoder's rounding moves an embedding along a few fixed directions; stacking the two sets of
+    embeddings alone still lets the head lean on those directions, the consistency penalty does not, and the
+    fit to the rewards barely changes."""
+    from zooter.training import calibrate
+
+    rng = np.random.default_rng(0)
+    n, hidden = 2000, 16
+    x = rng.normal(size=(n, hidden))
+    rewards = x[:, :4] @ rng.normal(size=(4, 3)) * 0.1 + 0.5
+    rounding = rng.normal(size=(2, hidden))                    # the directions the INT8 encoder's error takes:
+    rounding[:, :4] *= 0.2                                     # mostly apart from what the rewards depend on
+    x_int8 = x + rng.normal(size=(n, 2)) @ rounding * 0.05
+    test = rng.normal(size=(500, hidden))
+    test_int8 = test + rng.normal(size=(500, 2)) @ rounding * 0.05
+
+    def fitted(weight):
+        old, calibrate.INT8_CONSISTENCY = calibrate.INT8_CONSISTENCY, weight
+        try:
+            head = calibrate.ridge(x, rewards, 0.3, x_int8)
+        finally:
+            calibrate.INT8_CONSISTENCY = old
+        moved = np.abs(calibrate.scores(head, test) - calibrate.scores(head, test_int8)).mean()
+        error = np.sqrt(np.mean((calibrate.scores(head, x) - rewards) ** 2))
+        return moved, error
+
+    moved_stacked, error_stacked = fitted(0.0)
+    moved, error = fitted(calibrate.INT8_CONSISTENCY)
+    assert moved < 0.2 * moved_stacked
+    assert error < error_stacked * 1.1 + 1e-3

@@ -409,7 +409,8 @@ def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=Non
     reward head regresses on when it is not the training rows' rewards (an added candidate's column
     with its unlabelled rows estimated, training/lifecycle.py); the decision layer still fits on the
     realised rewards, and the guard's margin only on the rows that score every `margin_columns` candidate."""
-    from zooter.training.calibrate import FittingRows, choose_strength, fit_decision, inner_folds, ridge, scores
+    from zooter.training.calibrate import (INT8_CONSISTENCY, FittingRows, choose_strength, fit_decision, inner_folds,
+                                           ridge, scores)
 
     realised_train = problem.train.rewards()
     rewards = realised_train if fit_rewards is None else fit_rewards
@@ -430,6 +431,8 @@ def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=Non
                        margin_rows=complete if len(margin_columns) and complete.sum() >= 2 else None)
     decision = fit_decision(rows, problem.labels, problem.meta["best_single"]["candidate"])
     decision["fitted_on"]["ridge_strength"] = strength
+    if train_x_int8 is not None:
+        decision["fitted_on"]["int8_consistency"] = INT8_CONSISTENCY
     return head, decision
 
 
