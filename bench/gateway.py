@@ -4,7 +4,7 @@ upstream directly, on a fast local stub upstream.
 Three paths to the same upstream, each server its own process, all on 127.0.0.1:
     direct    the client calls the stub (OpenAI-compatible; a few tokens after a small fixed delay, streamed
               or not) naming the candidate the in-process Router chooses for the query
-    proxy     a bare forwarder on the gateway's own stack (uvicorn, httpx): the price of one more HTTP hop
+    proxy     a bare forwarder on the gateway's own stack (uvicorn, aiohttp): the price of one more HTTP hop
               on this machine, with no routing, checks or metrics
     gateway   `zooter gateway --bundle` in front of the stub, model "zooter"
 The client is httpx (async) in this process; engines alternate in rounds, so load from other work falls

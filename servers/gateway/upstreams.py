@@ -248,6 +248,7 @@ class OpenAIUpstream:
             async with self.http.session().get(self.base + "/models", headers=self.headers,
                                                timeout=self.http.timeout(2.0)) as response:
                 status = response.status
+                await _head(response, 65536)   # read to its end: the connection stays open for the next call
         except _transport_errors() as err:
             return f"down: {_transport_error(err).message}"
         return "up" if status == 200 else f"down: HTTP {status}"
