@@ -125,15 +125,20 @@ class UpstreamHttp:
 
 
 def _transport_errors() -> tuple:
+    import asyncio
+
     import aiohttp
 
-    return aiohttp.ClientError, TimeoutError
+    return aiohttp.ClientError, asyncio.TimeoutError
 
 
 def _transport_error(err) -> UpstreamError:
+    import asyncio
+
     import aiohttp
 
-    if isinstance(err, TimeoutError):       # aiohttp's connect and read timeouts are TimeoutErrors too
+    # aiohttp's connect and read timeouts are asyncio.TimeoutErrors (the builtin TimeoutError from Python 3.11)
+    if isinstance(err, asyncio.TimeoutError):
         return UpstreamError("timeout", "timed out", f"{type(err).__name__}")
     if isinstance(err, aiohttp.ClientConnectorError):
         return UpstreamError("refused", "cannot connect", f"{type(err).__name__}: {err}")
