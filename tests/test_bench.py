@@ -130,3 +130,24 @@ def test_report_cells_tables_and_the_atomic_json_write(tmp_path, monkeypatch):
         write_json({"cells": []}, out)
     assert json.loads(out.read_text()) == {"cells": cells}               # the old report stands whole
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_gateway_bench_reports_cpu_per_request_of_the_gateway_and_of_routing(bundles, tmp_path, capsys):
+    """`zooter bench --gateway`: the gateway's CPU per request served and the same requests' routing CPU in
+    process, per cell, in the JSON and as columns of the table (issue 24); their values are never asserted."""
+    from zooter.bench.gateway import bench_gateway
+
+    out = tmp_path / "gateway.json"
+    report = bench_gateway(bundles["int8"], TEXTS, out, requests=8, rounds=2, concurrency=(1, 4), stream_clients=2,
+                           stream_requests=2)
+    table = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    cells = ["answer@1", "answer@4", "stream@1"]
+    for key in ("gateway_cpu_ms_per_request", "routing_cpu_ms_per_request", "proxy_cpu_ms_per_request"):
+        assert sorted(saved[key]) == sorted(cells) and all(saved[key][c] > 0 for c in cells), key
+    assert saved["gateway_cpu_over_routing_ms"]["answer@1"] == pytest.approx(
+        saved["gateway_cpu_ms_per_request"]["answer@1"] - saved["routing_cpu_ms_per_request"]["answer@1"])
+    assert "gateway_cpu_at_answer_4_within_routing_cpu_plus_1ms" in saved["targets"]
+    assert all(c["errors"] == 0 for c in saved["cells"]) and saved["soak"]["errors"] == 0
+    assert report["routing_cpu_ms_per_request"] == saved["routing_cpu_ms_per_request"]
+    assert "gw cpu" in table and "route cpu" in table

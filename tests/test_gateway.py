@@ -254,6 +254,70 @@ def test_an_upstream_that_refuses_the_request_is_not_retried(healthy, stub):
     assert len(stub.records) == asked + 1
 
 
+
+# Events as some servers write them: CRLF and lone CR line ends, a comment, other fields, `data:` without its space,
+# spacing and escapes of their own, a field the gateway does not know. Each payload is (model, its bytes).
+ODD_EVENTS = [b'{"id": "x1", "object": "chat.completion.chunk", "model": "odd-demo",  "choices": [{"index": 0, '
+              b'"delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}',
+              b'{"id":"x1","object":"chat.completion.chunk","model":"odd-demo","choices":[{"index":0,'
+              b'"delta":{"content":"caf\\u00e9 \\ud83d\\ude00"},"finish_reason":null}],"x_extra":[1.50,2e3]}',
+              b'{"id":"x1","object":"chat.completion.chunk","model":"odd-demo","choices":[{"index":0,'
+              b'"delta":{"content":" tail"},"finish_reason":null}]}',
+              b'{"id":"x1","object":"chat.completion.chunk","model":"someone-else","choices":[{"index":0,'
+              b'"delta":{},"finish_reason":"stop"}]}']
+
+
+def odd_sse_app(connections: list):
+    """An upstream that streams ODD_EVENTS in unusual SSE, split across writes in the middle of lines; it records
+    the client address of every request (the same one again: a connection kept alive)."""
+    e = ODD_EVENTS
+    wire = (b": keep-alive\r\nevent: message\r\ndata: " + e[0] + b"\r\n\r\nid: 7\ndata:" + e[1] + b"\r\rdata: " + e[2]
+            + b"\n\n" + b"data: " + e[3] + b"\n\ndata: [DONE]\n\n")
+    parts = [wire[:40], wire[40:41], wire[41:200], wire[200:len(wire) - 30], wire[len(wire) - 30:]]
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return await send({"type": "lifespan.shutdown.complete"})
+        while (await receive()).get("more_body"):
+            pass
+        if scope["method"] == "GET":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            return await send({"type": "http.response.body", "body": b'{"data": []}'})
+        connections.append(tuple(scope["client"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < len(parts) - 1})
+            await asyncio.sleep(0.01)
+
+    return app
+
+
+def test_streamed_chunks_pass_through_byte_for_byte_from_unusual_sse(bundles, tmp_path):
+    """What an upstream streams reaches the client as the same JSON bytes (no decode and encode on the way) unless
+    the gateway rewrites something (the `model` of a chunk that names another model); and a stream read to its
+    end leaves its upstream connection open for the next request."""
+    connections: list = []
+    upstream = ServerThread(odd_sse_app(connections))
+    serve = {label: {"openai_base_url": f"http://127.0.0.1:{closed_port()}/v1"} for label in LABELS}
+    serve["odd-demo"] = {"openai_base_url": upstream.url + "/v1"}      # the only one on this upstream
+    gateway = start_gateway(bundle=bundles["int8"], candidates=write_candidates(tmp_path / "c.yaml", serve))
+    try:
+        for _ in range(4):
+            with httpx.stream("POST", gateway.url + "/v1/chat/completions", timeout=60,
+                              json={"model": "odd-demo", "messages": ask(QUERY), "stream": True}) as response:
+                assert response.status_code == 200
+                events = [line[len("data: "):].encode() for line in response.iter_lines() if line.startswith("data: ")]
+            assert events[:3] == ODD_EVENTS[:3] and events[-1] == b"[DONE]" and len(events) == 5
+            last = json.loads(events[3])
+            assert last["model"] == "odd-demo" and last == {**json.loads(ODD_EVENTS[3]), "model": "odd-demo"}
+        # Each stream on a connection of its own would be 4; a health check may hold one while a stream starts.
+        assert len(connections) == 4 and len(set(connections)) <= 2, connections
+    finally:
+        gateway.stop()
+        upstream.stop()
+
 # --- the rest of the API ------------------------------------------------------------------------------------
 def test_api_keys(healthy):
     from openai import AuthenticationError

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import math
 import signal
@@ -38,7 +37,8 @@ from zooter.servers.gateway.health import HealthMonitor
 from zooter.servers.gateway.http import STARTED, server_options, timeout_error
 from zooter.servers.gateway.metrics import Metrics
 from zooter.servers.gateway.requests import INT32_MAX, ApiError, parse_chat, parse_completion, read_json
-from zooter.servers.gateway.upstreams import UpstreamError
+from zooter.servers.gateway.upstreams import UpstreamError, UpstreamHttp
+from zooter.servers.gateway.wire import json_answer, sse
 
 log = logging.getLogger("zooter.gateway")
 DONE = b"data: [DONE]\n\n"
@@ -112,10 +112,6 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
-def _sse(data: dict) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
-
 def _has_text(data: dict) -> bool:
     for choice in data.get("choices") or ():
         if isinstance(choice, dict) and (choice.get("text") or (choice.get("delta") or {}).get("content")):
@@ -127,8 +123,6 @@ class Gateway:
     """The state behind the app: settings, the back end, metrics, the hashed client keys."""
 
     def __init__(self, settings: GatewaySettings):
-        import httpx
-
         settings.check()
         self.settings = settings
         self.metrics = Metrics()
@@ -137,8 +131,7 @@ class Gateway:
         if settings.triton:
             self.backend = TritonBackend(settings, self.metrics)
         else:
-            self.http = httpx.AsyncClient(timeout=httpx.Timeout(settings.upstream_timeout, connect=settings.connect_timeout),
-                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=128))
+            self.http = UpstreamHttp(settings.upstream_timeout, settings.connect_timeout)
             self.backend = BundleBackend(settings, self.metrics, self.http, self.redact)
         self.secrets = list(self.backend.secrets)
         self.created = int(time.time())
@@ -165,7 +158,7 @@ class Gateway:
             self.retired.discard(old)
             await old.close()
         if self.http is not None:
-            await self.http.aclose()
+            await self.http.close()
 
     # --- swapping routers (SIGHUP) -----------------------------------------------------------------
     def hold(self, backend) -> None:
@@ -258,7 +251,7 @@ class Gateway:
     # --- answering ---------------------------------------------------------------------------------
     async def answer(self, request, kind: str):
         from starlette.requests import ClientDisconnect
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import StreamingResponse
 
         endpoint = request.url.path
         # From the request's first byte (http.py), so that headers and body share one deadline.
@@ -283,7 +276,7 @@ class Gateway:
             self.metrics.upstream.labels(answer.candidate).observe(time.perf_counter() - answer.started)
             self._count_tokens(answer.candidate, answer.completion.get("usage"), 0)
             self.metrics.requests.labels(endpoint, answer.candidate, "200").inc()
-            return JSONResponse(answer.completion, headers=headers)
+            return json_answer(answer.completion, headers=headers)
         except ApiError as err:
             self.metrics.requests.labels(endpoint, "", str(err.status)).inc()
             return error_response(err)
@@ -343,7 +336,7 @@ class Gateway:
         self.metrics.ttft.labels(name).observe(time.perf_counter() - answer.started)
         try:
             chunks += sum(_has_text(data) for data in answer.chunks)
-            yield b"".join(_sse(data) for data in answer.chunks)      # one write: the first token sooner
+            yield b"".join(sse(data) for data in answer.chunks)      # one write: the first token sooner
             while True:
                 timeout = min(self.settings.upstream_timeout, remaining(deadline))
                 try:
@@ -355,14 +348,14 @@ class Gateway:
                     raise UpstreamError("timeout", f"no token for {timeout:g} s") from None
                 chunks += _has_text(data)
                 usage = data.get("usage") or usage
-                yield _sse(data)
+                yield sse(data)
             status = "200"
             yield DONE
         except UpstreamError as err:
             status = "200"
             self.metrics.failure(name, MID, err.reason)
             log.warning("%s failed mid-stream (%s): %s", name, err.message, self.redact(err.detail))
-            yield _sse(ApiError(502, f"{name} failed mid-answer: {err.message}; the answer is incomplete",
+            yield sse(ApiError(502, f"{name} failed mid-answer: {err.message}; the answer is incomplete",
                                 "upstream_error", "stream_interrupted").body())
         finally:
             try:

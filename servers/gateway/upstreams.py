@@ -2,7 +2,8 @@
 `zooter` model of a Triton repository. Each streams OpenAI-shaped chunks and raises UpstreamError on failure.
 
     OpenAIUpstream       serve.openai_base_url (vLLM, trtllm-serve, ...): the client's body, model renamed,
-                         over httpx; chunks pass through with `model` set to the candidate's name
+                         over aiohttp (UpstreamHttp); chunks pass through with `model` set to the candidate's
+                         name, as the bytes they came as when that is their name already
     TritonModelUpstream  serve.triton_model: TensorRT-LLM's LLM-API model or the ensemble/BLS I/O, mapped by
                          runtime.candidate_io, over a gRPC stream (tritonclient.grpc.aio); chunks are built here
     TritonZooter         the `zooter` BLS model (routing and fallback inside Triton): the same I/O plus the
@@ -24,6 +25,7 @@ from zooter.runtime.candidate_io import (END_OUTPUTS, ENSEMBLE, Ask, IOMismatch,
                                          text, triton_kind)
 from zooter.runtime.conversation import turns_to_json
 from zooter.runtime.errors import UserError
+from zooter.servers.gateway.wire import Event, dumps, loads, sse_data
 from zooter.serving.triton_client import grpc_address
 
 ERROR_BODY_BYTES = 4096
@@ -90,12 +92,55 @@ def is_token(data: dict) -> bool:
 
 
 # --- OpenAI-compatible servers -------------------------------------------------------------------------
-def _transport_error(err) -> UpstreamError:
-    import httpx
+class UpstreamHttp:
+    """The one aiohttp session every OpenAI-compatible upstream shares (pooled keep-alive connections), made on
+    first use inside the serving loop: aiohttp sessions belong to the loop that makes them. aiohttp, not httpx:
+    its connection pool and C parser cost a fraction of httpx's CPU per request (docs/gateway.md)."""
 
-    if isinstance(err, httpx.TimeoutException):
+    def __init__(self, read_timeout: float, connect_timeout: float):
+        self.read_timeout, self.connect_timeout = read_timeout, connect_timeout
+        self._session = None
+
+    def session(self):
+        if self._session is None:
+            import aiohttp
+
+            # trust_env: proxy variables and NO_PROXY apply as they did with httpx.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout),
+                trust_env=True)
+        return self._session
+
+    def timeout(self, seconds: float):
+        """A whole call's limit: connecting and every read within `seconds` too."""
+        import aiohttp
+
+        return aiohttp.ClientTimeout(total=seconds, sock_connect=min(self.connect_timeout, seconds), sock_read=seconds)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _transport_errors() -> tuple:
+    import asyncio
+
+    import aiohttp
+
+    return aiohttp.ClientError, asyncio.TimeoutError
+
+
+def _transport_error(err) -> UpstreamError:
+    import asyncio
+
+    import aiohttp
+
+    # aiohttp's connect and read timeouts are asyncio.TimeoutErrors (the builtin TimeoutError from Python 3.11)
+    if isinstance(err, asyncio.TimeoutError):
         return UpstreamError("timeout", "timed out", f"{type(err).__name__}")
-    if isinstance(err, httpx.ConnectError):
+    if isinstance(err, aiohttp.ClientConnectorError):
         return UpstreamError("refused", "cannot connect", f"{type(err).__name__}: {err}")
     return UpstreamError("broken", "the connection broke", f"{type(err).__name__}: {err}")
 
@@ -108,8 +153,33 @@ def _status_error(status: int, raw: bytes) -> UpstreamError:
     return UpstreamError("http_5xx" if status >= 500 else "http_4xx", f"HTTP {status}", f"HTTP {status}: {message}")
 
 
+async def _head(response, limit: int = ERROR_BODY_BYTES) -> bytes:
+    """At most about `limit` bytes of a body (an error's: its message is all that is needed)."""
+    raw = b""
+    while len(raw) < limit:
+        part = await response.content.readany()
+        if not part:
+            break
+        raw += part
+    return raw
+
+
+async def _drain(response, limit: int = 65536, seconds: float = 1.0) -> None:
+    """What follows [DONE] (the end of the chunked body), so that the connection goes back to the pool instead of
+    being closed; an upstream that sends more, or nothing for a second, loses its connection instead."""
+    import anyio
+
+    with anyio.move_on_after(seconds):
+        left = limit
+        while left > 0 and not response.content.at_eof():
+            part = await response.content.readany()
+            if not part:
+                return
+            left -= len(part)
+
+
 class OpenAIUpstream:
-    def __init__(self, name: str, serve: dict, http):
+    def __init__(self, name: str, serve: dict, http: UpstreamHttp):
         from zooter.serving.candidates import openai_endpoint
 
         endpoint = openai_endpoint(name, serve)
@@ -118,23 +188,23 @@ class OpenAIUpstream:
         self.headers = endpoint.headers()
         self.secret = endpoint.api_key
 
-    def _request(self, call, timeout=None):
+    def _post(self, call, timeout=None):
         path = "/chat/completions" if call.kind == "chat" else "/completions"
-        body = json.dumps(dict(call.body, model=self.model), separators=(",", ":")).encode()
-        options = {} if timeout is None else {"timeout": timeout}
-        return self.http.build_request("POST", self.base + path, content=body, headers=self.headers, **options)
+        body = dumps(dict(call.body, model=self.model))
+        options = {} if timeout is None else {"timeout": self.http.timeout(timeout)}
+        return self.http.session().post(self.base + path, data=body, headers=self.headers, **options)
 
     async def complete(self, call, timeout) -> dict:
-        import httpx
-
         try:
-            response = await self.http.send(self._request(call, timeout))
-        except httpx.HTTPError as err:
+            async with self._post(call, timeout) as response:
+                raw = await response.read()
+                status = response.status
+        except _transport_errors() as err:
             raise _transport_error(err) from None
-        if response.status_code != 200:
-            raise _status_error(response.status_code, response.content)
+        if status != 200:
+            raise _status_error(status, raw[:ERROR_BODY_BYTES])
         try:
-            payload = response.json()
+            payload = loads(raw)
         except ValueError:
             raise UpstreamError("bad_response", "answered something that is not JSON") from None
         if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
@@ -143,54 +213,54 @@ class OpenAIUpstream:
         return payload
 
     async def stream(self, call) -> AsyncIterator[dict]:
-        import httpx
-
+        """The answer's chunks as Events: each keeps the bytes it came as, relayed unchanged when the upstream
+        already calls itself by the candidate's name (the one thing rewritten)."""
         try:
-            response = await self.http.send(self._request(call), stream=True)
-        except httpx.HTTPError as err:
+            response = await self._post(call)
+        except _transport_errors() as err:
             raise _transport_error(err) from None
         try:
-            if response.status_code != 200:
-                raw = b""
-                async for part in response.aiter_bytes():
-                    raw += part
-                    if len(raw) >= ERROR_BODY_BYTES:
-                        break
-                raise _status_error(response.status_code, raw)
+            if response.status != 200:
+                raise _status_error(response.status, await _head(response))
             finished = False
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue          # blank separators, comments, event names
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for data in sse_data(response.content.iter_any()):
+                if data.strip() == b"[DONE]":
+                    await _drain(response)
                     return
                 try:
-                    parsed = json.loads(data)
+                    parsed = loads(data)
                 except ValueError:
-                    raise UpstreamError("bad_response", "sent an event that is not JSON", data[:300]) from None
+                    raise UpstreamError("bad_response", "sent an event that is not JSON", _text(data)) from None
                 if not isinstance(parsed, dict):
-                    raise UpstreamError("bad_response", "sent an event that is not an object", data[:300])
+                    raise UpstreamError("bad_response", "sent an event that is not an object", _text(data))
                 if parsed.get("error"):
                     raise UpstreamError("stream_error", "reported an error", error_message(data))
-                parsed["model"] = self.name
+                event = Event(parsed, data)
+                if parsed.get("model") != self.name:
+                    event["model"] = self.name
                 finished = finished or any(isinstance(c, dict) and c.get("finish_reason")
                                            for c in parsed.get("choices") or ())
-                yield parsed
+                yield event
             if not finished:
                 raise UpstreamError("broken", "the stream ended before the answer did")
-        except httpx.HTTPError as err:
+        except _transport_errors() as err:
             raise _transport_error(err) from None
         finally:
-            await response.aclose()
+            response.release()        # back to the pool when the body was read to its end, else closed
 
     async def probe(self) -> str:
-        import httpx
-
         try:
-            response = await self.http.get(self.base + "/models", headers=self.headers, timeout=2.0)
-        except httpx.HTTPError as err:
+            async with self.http.session().get(self.base + "/models", headers=self.headers,
+                                               timeout=self.http.timeout(2.0)) as response:
+                status = response.status
+                await _head(response, 65536)   # read to its end: the connection stays open for the next call
+        except _transport_errors() as err:
             return f"down: {_transport_error(err).message}"
-        return "up" if response.status_code == 200 else f"down: HTTP {response.status_code}"
+        return "up" if status == 200 else f"down: HTTP {status}"
+
+
+def _text(data: bytes) -> str:
+    return data[:300].decode("utf-8", "replace")
 
 
 # --- Triton ---------------------------------------------------------------------------------------------
