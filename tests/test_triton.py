@@ -147,6 +147,11 @@ def test_every_generated_config_parses_with_tritons_protobuf(triton_bundle, tmp_
             assert (built.path / "zooter_route" / "1" / "model.py").is_file()
             assert (built.path / "zooter_route" / "1" / "router.json").is_file()
             assert not {"zooter_tokenize", "zooter_router", "zooter_decide"} & set(configs)
+        # A CPU repository's `zooter` routes in its own stub: the bundle's files beside its model.py, the same threads.
+        answer = built.path / "zooter" / "1"
+        routes_itself = backend == "python"
+        assert all((answer / name).is_file() == routes_itself for name in ("router.json", "tokenizer.json", "model.onnx"))
+        assert configs["zooter"].parameters["intra_op_threads"].string_value == "2"
     built = repos["python"]
     assert built.stand_ins == {"alpha-7b": "standin_alpha-7b", "gamma/v2": "standin_gamma_v2"}
     assert built.serving["beta.chat"]["model"] == "beta_trtllm"
@@ -289,6 +294,48 @@ def test_a_client_can_name_the_candidate_or_set_the_routing_knobs(triton_server,
                           ({"route_candidates": ["nobody"]}, "not labels of this router")]:
         with pytest.raises(TritonRequestError, match=words):
             list(ask(url, FIXED_QUERY, stream=False, max_tokens=1, **fields))
+
+
+def inferences(server, model: str) -> int:
+    """Requests `model` answered successfully so far (Triton's statistics API)."""
+    status, answer = http_call(server.http_url, f"/v2/models/{model}/stats")
+    assert status == 200, answer
+    return sum(int(m["inference_stats"]["success"]["count"]) for m in json.loads(answer)["model_stats"])
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_zooter_routes_in_its_own_stub_and_never_asks_zooter_route(triton_server, triton_bundle, data_dir):
+    """Issue 24.2: in a CPU repository the `zooter` model runs the Router itself; the answer's path has no second
+    python-backend round trip. zooter_route answers no request while zooter answers, routed, streamed or not,
+    with knobs or a conversation, and the decisions are the in-process Router's."""
+    import httpx
+
+    from zooter.runtime.router import Router
+    from zooter.serving.triton_client import ask
+
+    router = Router.load(triton_bundle)
+    queries = dcrouter_queries(data_dir, 6, seed=5)
+    route_before, zooter_before = inferences(triton_server, "zooter_route"), inferences(triton_server, "zooter")
+    streamed = [list(ask(f"grpc://{triton_server.grpc_url}", q, stream=True, max_tokens=1))[0].candidate for q in queries[:3]]
+    assert streamed == [router.route(q).candidate for q in queries[:3]]
+    for q in queries[3:]:
+        r = httpx.post(f"http://{triton_server.http_url}/v2/models/zooter/generate", timeout=300,
+                       json={"text_input": q, "max_tokens": 1, "route_tolerance": 0.3})
+        assert r.status_code == 200, r.text
+        expected = router.route(q, tolerance=0.3)
+        assert (r.json()["candidate"], r.json()["router"]) == (expected.candidate, router.router_id)
+        assert r.json()["confidence"] == pytest.approx(expected.confidence, abs=1e-5)
+    conversation = json.dumps([{"role": "user", "content": queries[0]}, {"role": "assistant", "content": "ok"},
+                               {"role": "user", "content": queries[1]}])
+    r = httpx.post(f"http://{triton_server.http_url}/v2/models/zooter/generate", timeout=300,
+                   json={"text_input": "the whole prompt", "messages": conversation, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["candidate"] == router.route(queries[1]).candidate, r.text
+    assert inferences(triton_server, "zooter") == zooter_before + len(queries) + 1
+    bad = httpx.post(f"http://{triton_server.http_url}/v2/models/zooter/generate", timeout=300,
+                     json={"text_input": queries[0], "max_tokens": 1, "route_lambda": -1.0})
+    assert bad.status_code == 400 and "zooter: bad input:" in bad.text and "lambda" in bad.text, bad.text
+    assert inferences(triton_server, "zooter_route") == route_before, "zooter asked zooter_route"
 
 
 @pytest.mark.triton
