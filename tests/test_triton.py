@@ -640,6 +640,32 @@ def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_
 
 @pytest.mark.triton
 @pytest.mark.slow
+def test_bench_ttft_times_the_first_token_through_zooter_and_direct(triton_server, triton_bundle, tmp_path, capsys):
+    """`zooter bench --triton URL --ttft MODEL`: time to first token through `zooter` and from the candidate's model
+    asked directly, with the in-process routing beside them (FIXED_QUERY goes to fake_trtllm, which answers at once)."""
+    from zooter.bench.triton import bench_ttft
+    from zooter.cli import main
+    from zooter.runtime.errors import UserError
+
+    report = bench_ttft(triton_server.http_url, triton_bundle, [FIXED_QUERY], "fake_trtllm", json_out=tmp_path / "ttft.json",
+                        grpc_url=f"grpc://{triton_server.grpc_url}", requests=8, warmup=2, quiet=True)
+    assert json.loads((tmp_path / "ttft.json").read_text()) == report
+    cells = {c["engine"]: c for c in report["cells"]}
+    assert set(cells) == {"in-process", "zooter", "direct"}
+    for cell in cells.values():
+        assert cell["n"] == 8 and cell["errors"] == 0 and cell["p50_ms"] > 0 and cell["concurrency"] == 1
+    assert report["ttft_delta_p50_ms"] == pytest.approx(cells["zooter"]["p50_ms"] - cells["direct"]["p50_ms"])
+    assert report["ttft_delta_over_routing_ms"] == pytest.approx(report["ttft_delta_p50_ms"] - cells["in-process"]["p50_ms"])
+    assert main(["bench", str(triton_bundle), "--ttft", "fake_trtllm"]) == 2
+    assert "--ttft goes with --triton" in capsys.readouterr().err
+    assert main(["bench", str(triton_bundle), "--triton", "127.0.0.1:1", "--ttft", "fake_trtllm"]) == 2
+    assert "--triton: no Triton answers gRPC at 127.0.0.1:2" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--ttft: nobody not ready"):
+        bench_ttft(triton_server.http_url, triton_bundle, [FIXED_QUERY], "nobody", grpc_url=f"grpc://{triton_server.grpc_url}")
+
+
+@pytest.mark.triton
+@pytest.mark.slow
 def test_floor_probe_times_the_python_backend_round_trip(tmp_path, capsys):
     from zooter.cli import main
 
