@@ -477,10 +477,13 @@ def ttft_caller(grpc_address: str, model: str, max_tokens: int):
 
 def bench_ttft(url: str, bundle: str | Path, queries: Sequence[str], direct_model: str, json_out: str | Path | None = None,
                grpc_url: str | None = None, concurrency: Sequence[int] = (1,), requests: int | None = None,
-               warmup: int = 10, max_tokens: int = 4, threads: int | None = None, quiet: bool = False) -> dict:
+               warmup: int = 10, max_tokens: int = 4, threads: int | None = None, compare: Sequence[str] = (),
+               quiet: bool = False) -> dict:
     """Time to first token through `zooter` against `direct_model` asked directly, and the in-process Router on the
     same queries, in interleaved rounds; print a table unless quiet; write JSON to json_out; return the report.
-    Run it against a repository whose candidates `direct_model` answers, so both engines reach the same model."""
+    Run it against a repository whose candidates `direct_model` answers, so both engines reach the same model.
+    `compare`: more models with zooter's I/O timed alike in the same rounds (another version of the zooter model
+    served beside it under another name, say), each with its own delta in `compared`."""
     protocol, http_address = parse_url(url)
     if protocol != "http":
         raise UserError("bench --triton takes the HTTP address (host:port); gRPC is found at the HTTP port + 1")
@@ -490,7 +493,7 @@ def bench_ttft(url: str, bundle: str | Path, queries: Sequence[str], direct_mode
         raise UserError("no queries to benchmark")
     try:
         client, _ = connect(grpc_address, "grpc")
-        ready = {model: bool(client.is_model_ready(model)) for model in (ANSWER_MODEL, direct_model)}
+        ready = {model: bool(client.is_model_ready(model)) for model in (ANSWER_MODEL, direct_model, *compare)}
         client.close()
     except Exception as err:   # refused, wrong protocol on that port
         raise UserError(f"--triton: no Triton answers gRPC at {grpc_address} ({err}); start one with `zooter serve`") from None
@@ -502,19 +505,26 @@ def bench_ttft(url: str, bundle: str | Path, queries: Sequence[str], direct_mode
     router = Router.load(bundle, providers=["CPUExecutionProvider"], threads=threads)
     engines = {"in-process": lambda: (lambda text: router.route(text)),
                "zooter": ttft_caller(grpc_address, ANSWER_MODEL, max_tokens),
+               **{model: ttft_caller(grpc_address, model, max_tokens) for model in compare},
                "direct": ttft_caller(grpc_address, direct_model, max_tokens)}
-    cells = _measure(engines, queries, concurrency, requests, warmup, None, timed_by_call=("zooter", "direct"))
+    cells = _measure(engines, queries, concurrency, requests, warmup, None, timed_by_call=[e for e in engines if e != "in-process"])
     low = min(concurrency)
-    routing, through, direct = (p50(cells, engine=e, concurrency=low) for e in ("in-process", "zooter", "direct"))
-    delta = through - direct if through is not None and direct is not None else None
+    routing, direct = p50(cells, engine="in-process", concurrency=low), p50(cells, engine="direct", concurrency=low)
+
+    def deltas(engine: str) -> dict:
+        through = p50(cells, engine=engine, concurrency=low)
+        delta = through - direct if through is not None and direct is not None else None
+        return {"ttft_delta_p50_ms": delta,
+                "ttft_delta_over_routing_ms": None if delta is None or routing is None else delta - routing}
+
     report = {"bundle": str(bundle), "triton_grpc": grpc_address, "direct_model": direct_model, "queries": len(queries),
-              "max_tokens": max_tokens, "concurrency": low, "routing_p50_ms": routing, "ttft_delta_p50_ms": delta,
-              "ttft_delta_over_routing_ms": None if delta is None or routing is None else delta - routing, "cells": cells}
+              "max_tokens": max_tokens, "concurrency": low, "routing_p50_ms": routing, **deltas("zooter"),
+              "compared": {model: deltas(model) for model in compare}, "cells": cells}
     return publish(report, json_out, quiet, format_ttft)
 
 
 # engine, concurrency, time to first token p50, p90, p99 (in process: the routing), this process's CPU ms a request
-TTFT_TABLE = Table(Column("engine", 12, "<"), Column("conc", 4, fmt="d"), *(Column(t, 8, fmt=".2f") for t in ("p50", "p90", "p99")),
+TTFT_TABLE = Table(Column("engine", 16, "<"), Column("conc", 4, fmt="d"), *(Column(t, 8, fmt=".2f") for t in ("p50", "p90", "p99")),
                    Column("CPU here", 9, fmt=".2f"))
 
 
@@ -523,14 +533,16 @@ def format_ttft(report: dict) -> str:
              f"(in-process: the routing), {report['queries']} queries, ms", TTFT_TABLE.header()]
     for c in report["cells"]:
         if not c["n"]:
-            lines.append(f"{c['engine']:12s} {c['concurrency']:4d}  failed: {c.get('first_error', '')}")
+            lines.append(f"{c['engine']:16s} {c['concurrency']:4d}  failed: {c.get('first_error', '')}")
             continue
         lines.append(TTFT_TABLE.row(c["engine"], c["concurrency"], c["p50_ms"], c["p90_ms"], c["p99_ms"],
                                     c.get("process_cpu_ms", float("nan"))))
-    if report["ttft_delta_p50_ms"] is not None:
-        lines.append(f"zooter - direct at p50 (concurrency {report['concurrency']}): {report['ttft_delta_p50_ms']:+.2f} ms, "
-                     f"of which routing in process {report['routing_p50_ms']:.2f} ms: {report['ttft_delta_over_routing_ms']:+.2f} ms "
-                     "besides routing (target: <= this machine's python-backend floor + 1.0 ms; zooter bench --triton-floor)")
+    for model, figures in {"zooter": report, **report.get("compared", {})}.items():
+        if figures["ttft_delta_p50_ms"] is not None:
+            lines.append(f"{model} - direct at p50 (concurrency {report['concurrency']}): {figures['ttft_delta_p50_ms']:+.2f} ms, "
+                         f"of which routing in process {report['routing_p50_ms']:.2f} ms: "
+                         f"{figures['ttft_delta_over_routing_ms']:+.2f} ms besides routing")
+    lines.append("target: besides routing <= this machine's python-backend floor + 1.0 ms (zooter bench --triton-floor)")
     return "\n".join(lines)
 
 
