@@ -187,3 +187,35 @@ def test_a_load_triton_refuses_leaves_every_model_on_the_running_router(repo, bu
     assert f"router {rid(bundles['int8'])} keeps serving" in err and "out of memory" in err, err
     assert loads == ["zooter_route", "zooter", "zooter_route"]
     assert {m: sorted(p.name for p in (repo / m).iterdir()) for m in before} == before
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_a_zooter_without_its_own_router_asks_zooter_route_and_a_reload_swaps_that(repo, bundles, tmp_path, capsys):
+    """A repository built before `zooter` routed in its own stub (no bundle beside its model.py): it asks zooter_route,
+    as the onnxruntime ensemble's `zooter` does, and a reload gives zooter_route the new router, which zooter then names."""
+    from zooter.servers.tritonserver import TritonServer
+
+    for path in (repo / "zooter" / "1").iterdir():
+        if path.name not in ("model.py", "routing.json"):
+            path.unlink()
+    old, new = rid(bundles["int8"]), rid(bundles["fp32"])
+    server = TritonServer(repo, extra_repositories=[tmp_path / "fake"], model_control=True, http_port=0, grpc_port=0,
+                          metrics_port=0, log_file=tmp_path / "server.log")
+    key_file = tmp_path / "control.key"
+    key_file.write_text(server.control_key + "\n")
+    server.start(timeout=300)
+    try:
+        def routed() -> dict:
+            """{zooter_route version: requests it answered} of the versions loaded."""
+            stats = httpx.get(f"http://{server.http_url}/v2/models/zooter_route/stats", timeout=30).json()
+            return {m["version"]: int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"]}
+
+        assert asked(server.http_url) == old and routed() == {"1": 1}
+        assert main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]), "--triton", server.http_url,
+                     "--control-key-file", str(key_file)]) == 0
+        assert f"router {old} -> {new} (zooter_route version 2)" in capsys.readouterr().out
+        assert sorted(p.name for p in (repo / "zooter").iterdir()) == ["1", "config.pbtxt"]
+        assert asked(server.http_url) == new and routed() == {"2": 1}
+    finally:
+        server.close()
