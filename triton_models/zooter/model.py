@@ -97,7 +97,8 @@ class TritonPythonModel:
         self.route_bytes = min(ROUTE_TEXT_BYTES, self.max_text_bytes)
         self.knobs_supported = routing.router_backend == "python"
         # A CPU repository routes here, on the bundle in this version folder; `zooter triton reload` gives this
-        # model a new version with the new bundle, as it does zooter_route. Else zooter_route answers.
+        # model a new version with the new bundle, as it does zooter_route. Else (the onnxruntime ensemble, or a
+        # repository built before this model routed itself) zooter_route answers.
         folder = Path(args["model_repository"]) / args["model_version"]
         self.routers = StubRouter(folder, routing, params.get("intra_op_threads")) \
             if self.knobs_supported and (folder / "router.json").is_file() else None
@@ -246,7 +247,8 @@ class TritonPythonModel:
         return decision.ranking, decision.confidence, self.routers.router_id
 
     def _ask_zooter_route(self, text, asked, sender):
-        """_route through the zooter_route model (the onnxruntime-backend ensemble): one more round trip."""
+        """_route through the zooter_route model (the onnxruntime-backend ensemble, or an older repository's python
+        one): one more python-backend round trip on the answer's path."""
         E = pb_utils.TritonError
         inputs = [pb_utils.Tensor("text", np.array([[text.encode("utf-8")]], dtype=object))]
         inputs += [pb_utils.Tensor(knob, value) for knob, value in asked.items()]
