@@ -10,6 +10,13 @@ ways once more, one query per request, and the decisions compared (and again in 
 
     triton_overhead_p50_ms = p50(HTTP, concurrency 1) - p50(in-process, concurrency 1)
     decisions_match        = [queries where Triton chose what the Router chose, queries]
+
+With a candidate model named (`zooter bench --triton URL --bundle B --ttft MODEL`, `bench_ttft`): time to
+first token through the `zooter` model against asking MODEL directly with the same request, streaming
+over gRPC, beside the in-process Router on the same queries:
+
+    ttft_delta_p50_ms          = p50(zooter) - p50(direct), concurrency 1
+    ttft_delta_over_routing_ms = ttft_delta_p50_ms - p50(in-process routing): what Triton adds besides routing
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import numpy as np
 
 from zooter.bench.report import Column, Table, find_cell, metric_samples, p50, percentiles, publish
 from zooter.runtime.errors import UserError
-from zooter.serving.triton_client import ROUTE_MODEL, connect, control, parse_url, route_rows, route_via_triton
+from zooter.serving.triton_client import (ANSWER_MODEL, ROUTE_MODEL, TritonRequestError, connect, control, parse_url,
+                                          route_rows, route_via_triton)
 
 CONCURRENCY = (1, 8, 32)
 METRIC_MODELS = ("zooter_route", "zooter_tokenize", "zooter_router", "zooter_decide")
@@ -134,8 +142,9 @@ def _process_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_concurrent(pool: ClientPool, queries: Sequence[str], requests: int) -> dict:
-    """`requests` calls spread over the pool's threads, each on its own client."""
+def run_concurrent(pool: ClientPool, queries: Sequence[str], requests: int, timed_by_call: bool = False) -> dict:
+    """`requests` calls spread over the pool's threads, each on its own client; a call's latency is its
+    duration, or (`timed_by_call`) the milliseconds it returns (time to first token, say)."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -150,12 +159,12 @@ def run_concurrent(pool: ClientPool, queries: Sequence[str], requests: int) -> d
                 break
             start = time.perf_counter()
             try:
-                call(queries[i % len(queries)])
+                answered = call(queries[i % len(queries)])
             except Exception as err:  # counted and reported; a benchmark must not stop at one failure
                 with lock:
                     errors.append(str(err)[:200])
                 continue
-            mine.append((time.perf_counter() - start) * 1000)
+            mine.append(float(answered) if timed_by_call else (time.perf_counter() - start) * 1000)
         with lock:
             latencies.extend(mine)
 
@@ -279,8 +288,9 @@ def _engines(router, batcher, http_address: str, grpc_address: str, metrics: str
 
 
 def _measure(engines: dict, queries: Sequence[str], concurrency: Sequence[int], requests: int | None, warmup: int,
-             metrics: str | None) -> list[dict]:
-    """One cell per (engine, concurrency): percentiles and throughput, and Triton's own split from `metrics`."""
+             metrics: str | None, timed_by_call: Sequence[str] = ()) -> list[dict]:
+    """One cell per (engine, concurrency): percentiles and throughput, and Triton's own split from `metrics`.
+    The engines named in `timed_by_call` return their own latency (see run_concurrent)."""
     for make_call in engines.values():   # the sessions and python stubs run once before timing
         with ClientPool(make_call, 1) as pool:
             pool.each(lambda call: [call(q) for q in queries[:warmup]])
@@ -305,7 +315,8 @@ def _measure(engines: dict, queries: Sequence[str], concurrency: Sequence[int], 
                 for k in range(len(names)):
                     name = names[(r + k) % len(names)]
                     before = scrape(metrics) if metrics and name.startswith("triton") else None
-                    parts[name].append(run_concurrent(pools[name], queries[r * size:] + queries[:r * size], size))
+                    parts[name].append(run_concurrent(pools[name], queries[r * size:] + queries[:r * size], size,
+                                                      name in timed_by_call))
                     if before is not None:
                         after = scrape(metrics)
                         for key in set(before) | set(after):
@@ -420,6 +431,118 @@ def format_table(report: dict) -> str:
     for key, value in report["targets"].items():
         lines.append(f"target figure {key}: {value:.2f}")
     lines += [f"note: {note}" for note in report.get("notes", [])]
+    return "\n".join(lines)
+
+
+def ttft_caller(grpc_address: str, model: str, max_tokens: int):
+    """make_call() -> call(text) -> ms to the first response that carries text, streaming from `model` over one
+    gRPC stream a client (kept open across requests, as the gateway keeps its channel). The request is the
+    TensorRT-LLM ensemble I/O `zooter` takes and forwards: text_input, max_tokens, stream=true. The call waits
+    for the answer's final response before it returns, so requests never overlap on a client."""
+    def make_call():
+        client, module = connect(grpc_address, "grpc")
+        responses: queue.SimpleQueue = queue.SimpleQueue()
+        client.start_stream(callback=lambda result, error: responses.put((time.perf_counter(), result, error)))
+
+        def tensor(name, datatype, value):
+            t = module.InferInput(name, [1, 1], datatype)
+            t.set_data_from_numpy(np.array([[value]], dtype=object if datatype == "BYTES" else None))
+            return t
+
+        def call(text):
+            inputs = [tensor("text_input", "BYTES", text.encode("utf-8")),
+                      tensor("max_tokens", "INT32", np.int32(max_tokens)), tensor("stream", "BOOL", True)]
+            start, first = time.perf_counter(), None
+            client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+            while True:
+                at, result, error = responses.get(timeout=300)
+                if error is not None:
+                    raise TritonRequestError(f"{model}: {error}")
+                if first is None and result.as_numpy("text_output") is not None:
+                    first = at
+                final = result.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    break
+            if first is None:
+                raise TritonRequestError(f"{model}: the answer carried no text_output")
+            return (first - start) * 1000
+
+        def close():
+            client.stop_stream(cancel_requests=True)
+            client.close()
+        call.close = close
+        return call
+    return make_call
+
+
+def bench_ttft(url: str, bundle: str | Path, queries: Sequence[str], direct_model: str, json_out: str | Path | None = None,
+               grpc_url: str | None = None, concurrency: Sequence[int] = (1,), requests: int | None = None,
+               warmup: int = 10, max_tokens: int = 4, threads: int | None = None, compare: Sequence[str] = (),
+               quiet: bool = False) -> dict:
+    """Time to first token through `zooter` against `direct_model` asked directly, and the in-process Router on the
+    same queries, in interleaved rounds; print a table unless quiet; write JSON to json_out; return the report.
+    Run it against a repository whose candidates `direct_model` answers, so both engines reach the same model.
+    `compare`: more models with zooter's I/O timed alike in the same rounds (another version of the zooter model
+    served beside it under another name, say), each with its own delta in `compared`."""
+    protocol, http_address = parse_url(url)
+    if protocol != "http":
+        raise UserError("bench --triton takes the HTTP address (host:port); gRPC is found at the HTTP port + 1")
+    grpc_address = parse_url(grpc_url)[1] if grpc_url else _neighbour(http_address, 1)
+    queries = [q for q in queries if isinstance(q, str) and q.strip()]
+    if not queries:
+        raise UserError("no queries to benchmark")
+    try:
+        client, _ = connect(grpc_address, "grpc")
+        ready = {model: bool(client.is_model_ready(model)) for model in (ANSWER_MODEL, direct_model, *compare)}
+        client.close()
+    except Exception as err:   # refused, wrong protocol on that port
+        raise UserError(f"--triton: no Triton answers gRPC at {grpc_address} ({err}); start one with `zooter serve`") from None
+    if not all(ready.values()):
+        raise UserError(f"--ttft: {', '.join(m for m, ok in ready.items() if not ok)} not ready at {grpc_address}")
+
+    from zooter.runtime.router import Router
+
+    router = Router.load(bundle, providers=["CPUExecutionProvider"], threads=threads)
+    engines = {"in-process": lambda: (lambda text: router.route(text)),
+               "zooter": ttft_caller(grpc_address, ANSWER_MODEL, max_tokens),
+               **{model: ttft_caller(grpc_address, model, max_tokens) for model in compare},
+               "direct": ttft_caller(grpc_address, direct_model, max_tokens)}
+    cells = _measure(engines, queries, concurrency, requests, warmup, None, timed_by_call=[e for e in engines if e != "in-process"])
+    low = min(concurrency)
+    routing, direct = p50(cells, engine="in-process", concurrency=low), p50(cells, engine="direct", concurrency=low)
+
+    def deltas(engine: str) -> dict:
+        through = p50(cells, engine=engine, concurrency=low)
+        delta = through - direct if through is not None and direct is not None else None
+        return {"ttft_delta_p50_ms": delta,
+                "ttft_delta_over_routing_ms": None if delta is None or routing is None else delta - routing}
+
+    report = {"bundle": str(bundle), "triton_grpc": grpc_address, "direct_model": direct_model, "queries": len(queries),
+              "max_tokens": max_tokens, "concurrency": low, "routing_p50_ms": routing, **deltas("zooter"),
+              "compared": {model: deltas(model) for model in compare}, "cells": cells}
+    return publish(report, json_out, quiet, format_ttft)
+
+
+# engine, concurrency, time to first token p50, p90, p99 (in process: the routing), this process's CPU ms a request
+TTFT_TABLE = Table(Column("engine", 16, "<"), Column("conc", 4, fmt="d"), *(Column(t, 8, fmt=".2f") for t in ("p50", "p90", "p99")),
+                   Column("CPU here", 9, fmt=".2f"))
+
+
+def format_ttft(report: dict) -> str:
+    lines = [f"time to first token through zooter and direct to {report['direct_model']}, streaming over gRPC "
+             f"(in-process: the routing), {report['queries']} queries, ms", TTFT_TABLE.header()]
+    for c in report["cells"]:
+        if not c["n"]:
+            lines.append(f"{c['engine']:16s} {c['concurrency']:4d}  failed: {c.get('first_error', '')}")
+            continue
+        lines.append(TTFT_TABLE.row(c["engine"], c["concurrency"], c["p50_ms"], c["p90_ms"], c["p99_ms"],
+                                    c.get("process_cpu_ms", float("nan"))))
+    for model, figures in {"zooter": report, **report.get("compared", {})}.items():
+        if figures["ttft_delta_p50_ms"] is not None:
+            lines.append(f"{model} - direct at p50 (concurrency {report['concurrency']}): {figures['ttft_delta_p50_ms']:+.2f} ms, "
+                         f"of which routing in process {report['routing_p50_ms']:.2f} ms: "
+                         f"{figures['ttft_delta_over_routing_ms']:+.2f} ms besides routing")
+    lines.append("target: besides routing <= this machine's python-backend floor + 1.0 ms (zooter bench --triton-floor)")
     return "\n".join(lines)
 
 

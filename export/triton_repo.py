@@ -9,7 +9,10 @@ Fills the templates in triton_models/ (config.pbtxt with ${...} fields, model.py
         zooter_router     the bundle's ONNX graph on Triton's onnxruntime backend (CPU or GPU, TensorRT)
         zooter_decide     python: logits, rewards -> the decision (zooter.runtime.decision.Rule)
     zooter            python BLS, decoupled: route (on the text --route-on picks, zooter.runtime.conversation),
-                      then stream the chosen candidate's answer, with fallback
+                      then stream the chosen candidate's answer, with fallback. With --router-backend python
+                      it routes in its own stub (the bundle's files in its folder too, as zooter_route's),
+                      so the answer's path has one python-backend round trip less; with onnxruntime it
+                      asks zooter_route
     standin_<name>    (--stand-ins) a candidate answered by zooter_standin_llm, with the TensorRT-LLM
                       ensemble I/O or (--stand-in-io llmapi) the LLM-API model's
     zooter_standin_llm  SmolLM2-135M-Instruct shared by all stand-ins
@@ -260,8 +263,10 @@ def build_repository(bundle: str | Path, out: str | Path, candidates: Sequence |
         built = BuiltRepository(out, list(manifest.labels), serving=routing.candidates)
         values = _template_values(manifest, options)
         built.models += _write_router(staging, bundle, manifest, routing, values, options)
+        # A CPU repository's `zooter` routes in its own stub: it gets the bundle's files, as zooter_route does.
+        router_files = _bundle_files(bundle, manifest) if options.router_backend == "python" else {}
         _write_model(staging, "zooter", _fill(TEMPLATES / "zooter" / "config.pbtxt", values),
-                     {"model.py": TEMPLATES / "zooter" / "model.py", "routing.json": _routing_text(routing)})
+                     {"model.py": TEMPLATES / "zooter" / "model.py", "routing.json": _routing_text(routing), **router_files})
         built.models.append("zooter")
         built.models += _write_stand_ins(staging, built.stand_ins, values, options)
         validate_repository(staging)
@@ -304,7 +309,8 @@ def _template_values(manifest: Manifest, options: RepositoryOptions) -> dict:
     values = {"max_batch_size": options.max_batch_size, "num_labels": len(labels), "llm_inputs": _io_block(LLM_INPUTS),
               "default_max_tokens": options.default_max_tokens, "max_tokens_limit": options.max_tokens_limit,
               "max_text_bytes": options.max_text_bytes, "labels_json": _pbtxt_string(json.dumps(labels)),
-              "max_prompt_bytes": options.max_prompt_bytes, "route_on": options.route_on}
+              "max_prompt_bytes": options.max_prompt_bytes, "route_on": options.route_on,
+              "intra_op_threads": options.intra_op_threads}
     values["decision_outputs"] = Template(_io_block([(n, t, d, False) for n, t, d in DECISION_OUTPUTS])).substitute(values)
     return values
 
@@ -315,10 +321,9 @@ def _write_router(out: Path, bundle: Path, manifest: Manifest, routing: RoutingC
     onnx = {name: bundle / name for name in _onnx_files(bundle, manifest)}
     if options.router_backend == "python":
         _write_model(out, "zooter_route",
-                     _fill(TEMPLATES / "zooter_route" / "config.python.pbtxt",
-                           dict(values, route_instances=options.route_instances, intra_op_threads=options.intra_op_threads)),
+                     _fill(TEMPLATES / "zooter_route" / "config.python.pbtxt", dict(values, route_instances=options.route_instances)),
                      {"model.py": TEMPLATES / "zooter_route" / "model.py", "routing.json": _routing_text(routing),
-                      MANIFEST: bundle / MANIFEST, **onnx, "tokenizer.json": bundle / "tokenizer.json"})
+                      **_bundle_files(bundle, manifest)})
         return ["zooter_route"]
     token_names = manifest.token_inputs
     token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
@@ -380,6 +385,12 @@ def _swap_into_place(staging: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _bundle_files(bundle: Path, manifest: Manifest) -> dict[str, Path]:
+    """What a python model that runs the Router needs in its version folder: router.json, the ONNX file(s), the tokenizer."""
+    return {MANIFEST: bundle / MANIFEST, **{name: bundle / name for name in _onnx_files(bundle, manifest)},
+            "tokenizer.json": bundle / "tokenizer.json"}
 
 
 def _onnx_files(bundle: Path, manifest: Manifest) -> list[str]:

@@ -147,6 +147,11 @@ def test_every_generated_config_parses_with_tritons_protobuf(triton_bundle, tmp_
             assert (built.path / "zooter_route" / "1" / "model.py").is_file()
             assert (built.path / "zooter_route" / "1" / "router.json").is_file()
             assert not {"zooter_tokenize", "zooter_router", "zooter_decide"} & set(configs)
+        # A CPU repository's `zooter` routes in its own stub: the bundle's files beside its model.py, the same threads.
+        answer = built.path / "zooter" / "1"
+        routes_itself = backend == "python"
+        assert all((answer / name).is_file() == routes_itself for name in ("router.json", "tokenizer.json", "model.onnx"))
+        assert configs["zooter"].parameters["intra_op_threads"].string_value == "2"
     built = repos["python"]
     assert built.stand_ins == {"alpha-7b": "standin_alpha-7b", "gamma/v2": "standin_gamma_v2"}
     assert built.serving["beta.chat"]["model"] == "beta_trtllm"
@@ -289,6 +294,48 @@ def test_a_client_can_name_the_candidate_or_set_the_routing_knobs(triton_server,
                           ({"route_candidates": ["nobody"]}, "not labels of this router")]:
         with pytest.raises(TritonRequestError, match=words):
             list(ask(url, FIXED_QUERY, stream=False, max_tokens=1, **fields))
+
+
+def inferences(server, model: str) -> int:
+    """Requests `model` answered successfully so far (Triton's statistics API)."""
+    status, answer = http_call(server.http_url, f"/v2/models/{model}/stats")
+    assert status == 200, answer
+    return sum(int(m["inference_stats"]["success"]["count"]) for m in json.loads(answer)["model_stats"])
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_zooter_routes_in_its_own_stub_and_never_asks_zooter_route(triton_server, triton_bundle, data_dir):
+    """Issue 24.2: in a CPU repository the `zooter` model runs the Router itself; the answer's path has no second
+    python-backend round trip. zooter_route answers no request while zooter answers, routed, streamed or not,
+    with knobs or a conversation, and the decisions are the in-process Router's."""
+    import httpx
+
+    from zooter.runtime.router import Router
+    from zooter.serving.triton_client import ask
+
+    router = Router.load(triton_bundle)
+    queries = dcrouter_queries(data_dir, 6, seed=5)
+    route_before, zooter_before = inferences(triton_server, "zooter_route"), inferences(triton_server, "zooter")
+    streamed = [list(ask(f"grpc://{triton_server.grpc_url}", q, stream=True, max_tokens=1))[0].candidate for q in queries[:3]]
+    assert streamed == [router.route(q).candidate for q in queries[:3]]
+    for q in queries[3:]:
+        r = httpx.post(f"http://{triton_server.http_url}/v2/models/zooter/generate", timeout=300,
+                       json={"text_input": q, "max_tokens": 1, "route_tolerance": 0.3})
+        assert r.status_code == 200, r.text
+        expected = router.route(q, tolerance=0.3)
+        assert (r.json()["candidate"], r.json()["router"]) == (expected.candidate, router.router_id)
+        assert r.json()["confidence"] == pytest.approx(expected.confidence, abs=1e-5)
+    conversation = json.dumps([{"role": "user", "content": queries[0]}, {"role": "assistant", "content": "ok"},
+                               {"role": "user", "content": queries[1]}])
+    r = httpx.post(f"http://{triton_server.http_url}/v2/models/zooter/generate", timeout=300,
+                   json={"text_input": "the whole prompt", "messages": conversation, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["candidate"] == router.route(queries[1]).candidate, r.text
+    assert inferences(triton_server, "zooter") == zooter_before + len(queries) + 1
+    bad = httpx.post(f"http://{triton_server.http_url}/v2/models/zooter/generate", timeout=300,
+                     json={"text_input": queries[0], "max_tokens": 1, "route_lambda": -1.0})
+    assert bad.status_code == 400 and "zooter: bad input:" in bad.text and "lambda" in bad.text, bad.text
+    assert inferences(triton_server, "zooter_route") == route_before, "zooter asked zooter_route"
 
 
 @pytest.mark.triton
@@ -589,6 +636,32 @@ def test_bench_compares_triton_with_in_process_in_one_run(triton_server, triton_
     assert http["n"] == 16 and http["server"]["zooter_route"]["requests"] == 16
     assert set(http["server"]) == {"zooter_route"}                # one python step on CPU
     assert {"triton-http_c1_overhead_p50_ms", "triton-grpc_c8_throughput_ratio", "triton-http_c8_p50_ratio"} <= set(saved["targets"])
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_bench_ttft_times_the_first_token_through_zooter_and_direct(triton_server, triton_bundle, tmp_path, capsys):
+    """`zooter bench --triton URL --ttft MODEL`: time to first token through `zooter` and from the candidate's model
+    asked directly, with the in-process routing beside them (FIXED_QUERY goes to fake_trtllm, which answers at once)."""
+    from zooter.bench.triton import bench_ttft
+    from zooter.cli import main
+    from zooter.runtime.errors import UserError
+
+    report = bench_ttft(triton_server.http_url, triton_bundle, [FIXED_QUERY], "fake_trtllm", json_out=tmp_path / "ttft.json",
+                        grpc_url=f"grpc://{triton_server.grpc_url}", requests=8, warmup=2, quiet=True)
+    assert json.loads((tmp_path / "ttft.json").read_text()) == report
+    cells = {c["engine"]: c for c in report["cells"]}
+    assert set(cells) == {"in-process", "zooter", "direct"}
+    for cell in cells.values():
+        assert cell["n"] == 8 and cell["errors"] == 0 and cell["p50_ms"] > 0 and cell["concurrency"] == 1
+    assert report["ttft_delta_p50_ms"] == pytest.approx(cells["zooter"]["p50_ms"] - cells["direct"]["p50_ms"])
+    assert report["ttft_delta_over_routing_ms"] == pytest.approx(report["ttft_delta_p50_ms"] - cells["in-process"]["p50_ms"])
+    assert main(["bench", str(triton_bundle), "--ttft", "fake_trtllm"]) == 2
+    assert "--ttft goes with --triton" in capsys.readouterr().err
+    assert main(["bench", str(triton_bundle), "--triton", "127.0.0.1:1", "--ttft", "fake_trtllm"]) == 2
+    assert "--triton: no Triton answers gRPC at 127.0.0.1:2" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--ttft: nobody not ready"):
+        bench_ttft(triton_server.http_url, triton_bundle, [FIXED_QUERY], "nobody", grpc_url=f"grpc://{triton_server.grpc_url}")
 
 
 @pytest.mark.triton

@@ -1,6 +1,7 @@
 """Swapping the router of a running tritonserver: `zooter triton reload` writes the new bundle as the next
-version of zooter_route and loads it through the repository API; no request is lost, every answer names
-the router that chose it, and a bundle that does not fit is refused with the running router untouched."""
+version of zooter_route, and of zooter (which routes in its own stub in a CPU repository), and loads them
+through the repository API; no request is lost, every answer names the router that chose it, and a bundle
+that does not fit, or a load Triton refuses, leaves the running router serving."""
 
 from __future__ import annotations
 
@@ -45,9 +46,15 @@ def answered_by(response: httpx.Response) -> str:
     return next(o["data"][0] for o in response.json()["outputs"] if o["name"] == "router")
 
 
+def answer(http: httpx.Client, url: str, text: str) -> httpx.Response:
+    """An answer through the `zooter` model (not streamed)."""
+    return http.post(f"http://{url}/v2/models/zooter/generate", timeout=300, json={"text_input": text, "max_tokens": 4})
+
+
 def asked(url: str) -> str:
-    """The router the `zooter` model names in its answer (not streamed)."""
-    r = httpx.post(f"http://{url}/v2/models/zooter/generate", timeout=300, json={"text_input": "what is 2 + 2?", "max_tokens": 4})
+    """The router the `zooter` model names in its answer."""
+    with httpx.Client() as http:
+        r = answer(http, url, "what is 2 + 2?")
     assert r.status_code == 200, r.text
     return r.json()["router"]
 
@@ -55,6 +62,7 @@ def asked(url: str) -> str:
 @pytest.mark.slow
 @pytest.mark.triton
 def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, tmp_path, capsys):
+    from zooter.runtime.router import Router
     from zooter.servers.tritonserver import TritonServer
 
     old, new = rid(bundles["int8"]), rid(bundles["fp32"])
@@ -66,7 +74,7 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
     server.start(timeout=300)
     try:
         assert asked(server.http_url) == old
-        results, lock, codes = [], threading.Lock(), []
+        results, lock, codes, answers = [], threading.Lock(), [], []
         sent_at, reloaded_at = [0.0], [float("inf")]
         reloaded = threading.Event()
 
@@ -86,17 +94,26 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
                 assert reloaded.wait(300)
             elif i > REQUESTS // 2:         # the middle spread over a few seconds, so requests are in flight as it swaps
                 reloaded.wait(0.03 * (i - REQUESTS // 2))
+            text = f"question {i}: what is {i} + {i}?"
             started = time.monotonic()
-            r = route(http, server.http_url, f"question {i}: what is {i} + {i}?")
+            if i % 4 == 0:      # a quarter answered through `zooter`, which routes in its own stub
+                r = answer(http, server.http_url, text)
+                named = r.json()["router"] if r.status_code == 200 else r.text
+                chosen = r.json()["candidate"] if r.status_code == 200 else None
+            else:
+                r = route(http, server.http_url, text)
+                named, chosen = (answered_by(r) if r.status_code == 200 else r.text), None
             finished = time.monotonic()
             with lock:
-                results.append((started, r.status_code, answered_by(r) if r.status_code == 200 else r.text, finished))
+                results.append((started, r.status_code, named, finished))
+                if chosen is not None:
+                    answers.append((text, named, chosen))
 
         with httpx.Client(limits=httpx.Limits(max_connections=CLIENTS)) as http, ThreadPoolExecutor(CLIENTS) as pool:
             list(pool.map(lambda i: one(i, http), range(REQUESTS)))
         reloader.join(300)
         assert codes == [0]
-        assert f"router {old} -> {new} (zooter_route version 2)" in capsys.readouterr().out
+        assert f"router {old} -> {new} (zooter_route version 2, zooter version 2)" in capsys.readouterr().out
 
         # The figures docs/triton.md quotes (pytest -s shows them); nothing here is timed.
         print(f"\nreload under load: {REQUESTS} requests from {CLIENTS} clients, "
@@ -111,9 +128,14 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
         assert all(router == new for started, _, router, _ in results if started > reloaded_at[0])
         assert sum(started > reloaded_at[0] for started, _, _, _ in results) >= REQUESTS // 5
         assert asked(server.http_url) == new
+        # Each `zooter` answer went to the candidate the router it names chose, before and after the swap.
+        routers = {old: Router.load(bundles["int8"]), new: Router.load(bundles["fp32"])}
+        assert {named for _, named, _ in answers} == {old, new}
+        assert all(chosen == routers[named].route(text).candidate for text, named, chosen in answers)
         metrics = httpx.get(server.metrics_url, timeout=30).text
         assert f'zooter_route_decisions_total{{router="{new}"}}' in metrics
-        assert sorted(p.name for p in (repo / "zooter_route").iterdir()) == ["1", "2", "config.pbtxt"]
+        for model in ("zooter_route", "zooter"):
+            assert sorted(p.name for p in (repo / model).iterdir()) == ["1", "2", "config.pbtxt"]
     finally:
         server.close()
 
@@ -143,3 +165,57 @@ def test_a_bundle_that_does_not_fit_is_refused_in_one_line_and_nothing_changes(r
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "router.json" in err, err
     assert sorted(p.name for p in (repo / "zooter_route").iterdir()) == before
+
+
+def test_a_load_triton_refuses_leaves_every_model_on_the_running_router(repo, bundles, monkeypatch, capsys):
+    """zooter_route loaded the new router, then Triton refused it for `zooter`: both new version folders go and
+    zooter_route is loaded back onto the old one, so no model answers with a router the others do not have."""
+    import zooter.serving.triton_client as triton_client
+
+    loads = []
+
+    def load_model(url, model, key=None):
+        loads.append(model)
+        if model == "zooter" and loads.count("zooter") == 1:
+            raise triton_client.TritonRequestError("load zooter: HTTP 400: failed to load 'zooter' version 2: out of memory")
+
+    monkeypatch.setattr(triton_client, "load_model", load_model)
+    before = {m: sorted(p.name for p in (repo / m).iterdir()) for m in ("zooter_route", "zooter")}
+    assert main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]), "--triton", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"did not load router {rid(bundles['fp32'])} into zooter" in err, err
+    assert f"router {rid(bundles['int8'])} keeps serving" in err and "out of memory" in err, err
+    assert loads == ["zooter_route", "zooter", "zooter_route"]
+    assert {m: sorted(p.name for p in (repo / m).iterdir()) for m in before} == before
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_a_zooter_without_its_own_router_asks_zooter_route_and_a_reload_swaps_that(repo, bundles, tmp_path, capsys):
+    """A repository built before `zooter` routed in its own stub (no bundle beside its model.py): it asks zooter_route,
+    as the onnxruntime ensemble's `zooter` does, and a reload gives zooter_route the new router, which zooter then names."""
+    from zooter.servers.tritonserver import TritonServer
+
+    for path in (repo / "zooter" / "1").iterdir():
+        if path.name not in ("model.py", "routing.json"):
+            path.unlink()
+    old, new = rid(bundles["int8"]), rid(bundles["fp32"])
+    server = TritonServer(repo, extra_repositories=[tmp_path / "fake"], model_control=True, http_port=0, grpc_port=0,
+                          metrics_port=0, log_file=tmp_path / "server.log")
+    key_file = tmp_path / "control.key"
+    key_file.write_text(server.control_key + "\n")
+    server.start(timeout=300)
+    try:
+        def routed() -> dict:
+            """{zooter_route version: requests it answered} of the versions loaded."""
+            stats = httpx.get(f"http://{server.http_url}/v2/models/zooter_route/stats", timeout=30).json()
+            return {m["version"]: int(m["inference_stats"]["success"]["count"]) for m in stats["model_stats"]}
+
+        assert asked(server.http_url) == old and routed() == {"1": 1}
+        assert main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]), "--triton", server.http_url,
+                     "--control-key-file", str(key_file)]) == 0
+        assert f"router {old} -> {new} (zooter_route version 2)" in capsys.readouterr().out
+        assert sorted(p.name for p in (repo / "zooter").iterdir()) == ["1", "config.pbtxt"]
+        assert asked(server.http_url) == new and routed() == {"2": 1}
+    finally:
+        server.close()

@@ -9,8 +9,12 @@ For each request:
      uses too: from `messages` when the client sent the conversation (the gateway does), else from
      text_input as one user turn; by `route_on` (the request's, else the repository's, from
      `zooter triton build --route-on`); cut to fit zooter_route's byte limit;
-  2. call `zooter_route` on it for the decision: the candidates best first (`ranking`), by the bundle's
-     one decision rule (zooter.runtime.decision), and the choice's `confidence`;
+  2. route it: the candidates best first (`ranking`), by the bundle's one decision rule
+     (zooter.runtime.decision), and the choice's `confidence`. In a CPU repository (--router-backend
+     python) this stub runs the Router itself, on the bundle's files in its own version folder
+     (zooter.triton_models.stub_router, as zooter_route does): no second python-backend round trip on
+     the answer's path. With --router-backend onnxruntime it asks `zooter_route` (the ensemble, whose
+     router runs on Triton's onnxruntime backend, GPU);
   3. call the first candidate that has a Triton model and is ready, with the TensorRT-LLM ensemble
      inputs the client sent (text_input: the whole prompt), or, for a candidate with the LLM-API
      model's I/O (routing.json `io`, from serve.io or --stand-in-io), the request mapped onto it by
@@ -24,8 +28,8 @@ For each request:
      when the answering candidate fails after it has sent text: the stream then ends with an error,
      never with another candidate's text glued on and never silently cut.
 A client that names the candidate (`answer_with`) skips routing and fallback: that candidate answers
-or the request fails. `route_lambda`, `route_tolerance` and `route_candidates` go to `zooter_route`
-as its per-request knobs (python router backend only).
+or the request fails. `route_lambda`, `route_tolerance` and `route_candidates` are the router's
+per-request knobs (python router backend only).
 Outcomes are counted in `zooter_requests_total{outcome}` and fallbacks in
 `zooter_fallbacks_total{chosen, answered}` on Triton's metrics port. Errors are sent as TritonError
 responses; nothing raises into the server, but the input check, which fails the request it is
@@ -45,19 +49,20 @@ import triton_python_backend_utils as pb_utils
 from zooter.runtime.candidate_io import END_OUTPUTS, ENSEMBLE, Reading, TritonModel, ask_from_inputs, text
 from zooter.runtime.conversation import DEFAULT_ROUTE_ON, ROUTE_TEXT_BYTES, check_route_on, route_text, turns_from_json
 from zooter.runtime.routing import RoutingConfig
+from zooter.triton_models.stub_router import StubRouter, knobs
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # Every client error starts so: gRPC streams carry an error's message but not its code.
 BAD_INPUT = "zooter: bad input: "
 OUTCOMES = ("ok", "fallback", "bad_input", "route_error", "no_candidate", "failed_mid_answer", "cancelled")
-# The client's routing inputs -> zooter_route's knobs; they are ours, never forwarded to a candidate.
+# The client's routing inputs -> the router's knobs (zooter_route's inputs); ours, never forwarded to a candidate.
 KNOBS = {"route_lambda": "lambda", "route_tolerance": "tolerance", "route_candidates": "candidates"}
 ROUTING_INPUTS = ("answer_with", "messages", "route_on", *KNOBS)
 REQUEST_THREAD = "zooter"       # the name of every request thread (finalize waits for them)
 
 
 class _Answered(Exception):
-    """The request was already answered (with zooter_route's error); `outcome` says how it ended."""
+    """The request was already answered (with the router's error); `outcome` says how it ended."""
 
     def __init__(self, outcome):
         super().__init__(outcome)
@@ -91,6 +96,14 @@ class TritonPythonModel:
         # The routed text is cut to what zooter_route takes (the cut keeps the head, as the tokenizer does).
         self.route_bytes = min(ROUTE_TEXT_BYTES, self.max_text_bytes)
         self.knobs_supported = routing.router_backend == "python"
+        # A CPU repository routes here, on the bundle in this version folder; `zooter triton reload` gives this
+        # model a new version with the new bundle, as it does zooter_route. Else (the onnxruntime ensemble, or a
+        # repository built before this model routed itself) zooter_route answers.
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.routers = StubRouter(folder, routing, params.get("intra_op_threads")) \
+            if self.knobs_supported and (folder / "router.json").is_file() else None
+        self.routing_now = 0                # routings in flight in this process: more than one, one thread each
+        self.routing_lock = threading.Lock()
         self.input_names = [i["name"] for i in config["input"] if i["name"] not in ROUTING_INPUTS]
         # Threads wait on other models most of the time; 64 bounds the open streams per instance.
         self.slots = threading.BoundedSemaphore(64)
@@ -210,17 +223,35 @@ class TritonPythonModel:
     def _route(self, request, sender):
         """(the candidates to try, best first; the router's confidence; its id, None from the onnxruntime
         ensemble). A named candidate (`answer_with`) is the only one, without a confidence or a router.
-        Raises _Answered after passing on zooter_route's error."""
-        E = pb_utils.TritonError
+        Raises _Answered after passing on the router's error."""
         named = pb_utils.get_input_tensor_by_name(request, "answer_with")
         if named is not None:
             return [_text(named.as_numpy().reshape(-1)[0])], None, None
-        query = np.array([[self._route_text(request).encode("utf-8")]], dtype=object)
-        inputs = [pb_utils.Tensor("text", query)]
-        for name, knob in KNOBS.items():
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                inputs.append(pb_utils.Tensor(knob, tensor.as_numpy().reshape(1, -1)))
+        text = self._route_text(request)
+        asked = {knob: tensor.as_numpy().reshape(1, -1) for name, knob in KNOBS.items()
+                 if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
+        if self.routers is None:
+            return self._ask_zooter_route(text, asked, sender)
+        with self.routing_lock:
+            busy = self.routing_now > 0
+            self.routing_now += 1
+        try:
+            decision = self.routers.pick(busy).route(text, **knobs(asked))
+        except ValueError as err:       # a knob this router cannot take (SettingError), or nothing to route on
+            E = pb_utils.TritonError
+            sender.send(pb_utils.InferenceResponse(error=E(f"{BAD_INPUT}{err}", E.INVALID_ARG)), flags=FINAL)
+            raise _Answered("bad_input") from None
+        finally:
+            with self.routing_lock:
+                self.routing_now -= 1
+        return decision.ranking, decision.confidence, self.routers.router_id
+
+    def _ask_zooter_route(self, text, asked, sender):
+        """_route through the zooter_route model (the onnxruntime-backend ensemble, or an older repository's python
+        one): one more python-backend round trip on the answer's path."""
+        E = pb_utils.TritonError
+        inputs = [pb_utils.Tensor("text", np.array([[text.encode("utf-8")]], dtype=object))]
+        inputs += [pb_utils.Tensor(knob, value) for knob, value in asked.items()]
         # `router` names the router that chose (the python zooter_route; a reload changes it, zooter triton reload).
         names = ["ranking", "confidence", *(["router"] if self.knobs_supported else [])]
         routed = pb_utils.InferenceRequest(model_name="zooter_route", requested_output_names=names, inputs=inputs).exec()

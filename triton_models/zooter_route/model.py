@@ -21,14 +21,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from zooter.runtime.candidate_io import text
-from zooter.runtime.router import Router
 from zooter.runtime.routing import RoutingConfig
 from zooter.runtime.tokenize import EmptyQueryError, clean_query
-
-
-def _text(value) -> str:
-    return text([value])
+from zooter.triton_models.stub_router import KNOB_ARGS, StubRouter, knobs
 
 
 def decision_tensors(decisions, labels, allowed=None):
@@ -49,19 +44,12 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / args["model_version"]
-        routing = RoutingConfig.read(folder)
-        threads = int(params.get("intra_op_threads") or 0) or None
-        self.router = Router.load(folder, providers=["CPUExecutionProvider"], threads=threads,
-                                  lam=routing.lam, tolerance=routing.tolerance)
-        # Requests that queued behind each other mean the server is busy, and then every core already
-        # runs a request: one onnxruntime thread a request does the same work with less CPU than two
-        # threads contending with the other instance's (docs/triton.md). A lone request gets them all.
-        self.busy_router = self.router if threads == 1 else Router.load(
-            folder, providers=["CPUExecutionProvider"], threads=1, lam=routing.lam, tolerance=routing.tolerance)
+        # The Router itself, with a one-thread twin for requests that queued (zooter.triton_models.stub_router).
+        self.routers = StubRouter(folder, RoutingConfig.read(folder), params.get("intra_op_threads"))
+        self.router = self.routers.router
         self.max_text_bytes = int(params["max_text_bytes"])
-        # Every answer names the router that chose it (a reload serves a new bundle as a new version of this
-        # model, `zooter triton reload`), and so do the decision counts, one series a router.
-        self.router_id = self.router.router_id
+        # Every answer names the router that chose it, and so do the decision counts, one series a router.
+        self.router_id = self.routers.router_id
         self.decisions_family = pb_utils.MetricFamily(
             name="zooter_route_decisions_total", kind=pb_utils.MetricFamily.COUNTER,
             description="queries routed by zooter_route, by the router (bundle manifest id) that chose")
@@ -93,27 +81,13 @@ class TritonPythonModel:
     @staticmethod
     def _knobs(request) -> dict:
         """The request's optional knobs as Router.route_batch arguments; ValueError names a bad one."""
-        knobs = {}
-        for name, arg in (("lambda", "lam"), ("tolerance", "tolerance"), ("candidates", "candidates")):
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is None:
-                continue
-            rows = tensor.as_numpy()
-            rows = rows.reshape(rows.shape[0], -1) if rows.ndim else rows.reshape(1, 1)
-            if any(not np.array_equal(row, rows[0]) for row in rows[1:]):
-                raise ValueError(f"{name} differs between the rows of one request; send one value for all")
-            if name == "candidates":
-                knobs[arg] = [x for x in dict.fromkeys(map(_text, rows[0])) if x]
-            elif rows[0].size != 1:
-                raise ValueError(f"{name}: one number per row, got {rows[0].size}")
-            else:
-                knobs[arg] = float(rows[0][0])
-        return knobs
+        return knobs({name: tensor.as_numpy() for name in KNOB_ARGS
+                      if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None})
 
     def execute(self, requests):
         E = pb_utils.TritonError       # the stub adds its classes to pb_utils after importing this file
         responses = []
-        router = self.router if len(requests) == 1 else self.busy_router
+        router = self.routers.pick(busy=len(requests) > 1)
         for request in requests:
             rows = pb_utils.get_input_tensor_by_name(request, "text").as_numpy().reshape(-1).tolist()
             problem = self._problem(rows)

@@ -70,6 +70,10 @@ def register(sub) -> None:
     b.add_argument("--triton", metavar="URL", help="benchmark a Triton server at URL instead (needs --bundle)")
     b.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], metavar="C",
                    help="with --triton or --gateway: concurrent clients per cell (default 1 8 32)")
+    b.add_argument("--ttft", metavar="MODEL",
+                   help="with --triton: time to first token through the zooter model against asking the candidate "
+                        "model MODEL directly (streaming, gRPC), beside the in-process routing; the target is read "
+                        "at the lowest --concurrency (docs/triton.md)")
     b.add_argument("--gateway", action="store_true",
                    help="benchmark `zooter gateway` in front of a local stub upstream against calling the upstream "
                         "directly (needs --bundle; docs/gateway.md)")
@@ -181,6 +185,14 @@ def cmd_bench(args) -> int:
     queries = read_query_texts(args.queries) if args.queries else None
     if any(c < 1 for c in args.concurrency):
         raise UserError("--concurrency takes positive numbers")
+    if args.ttft and not args.triton:
+        raise UserError("--ttft goes with --triton URL (the server whose zooter model and MODEL it times)")
+    if args.ttft:
+        from zooter.bench.triton import bench_ttft
+
+        bench_ttft(args.triton, bundle, queries or BUILTIN_QUERIES, args.ttft, args.json_out, threads=args.threads,
+                   concurrency=sorted(set(args.concurrency)))
+        return 0
     if args.triton:
         from zooter.bench.triton import bench_triton
 

@@ -59,8 +59,8 @@ def register(sub) -> None:
 
     r = tsub.add_parser(
         "reload", help="swap the router of a running server without dropping requests",
-        description="Write a new bundle as the next version of zooter_route in REPO and have the running server "
-                    "load it through the repository API (`zooter serve --model-control`; needs the control key): "
+        description="Write a new bundle as the next version of zooter_route in REPO (and of zooter, which routes "
+                    "in its own stub in CPU repositories) and have the running server load them through the repository API (`zooter serve --model-control`; needs the control key): "
                     "requests in flight finish on the old router, new ones go to the new one. The bundle must keep "
                     "the encoder and the labels; anything else is refused and the running router keeps serving.")
     r.add_argument("repository", help="the repository the server runs (zooter triton build --out, --router-backend python)")
@@ -111,7 +111,7 @@ def cmd_triton_reload(args) -> int:
         except OSError as err:
             raise UserError(f"--control-key-file {args.control_key_file}: {err.strerror}") from None
     done = reload_router(args.repository, args.bundle, args.triton, key)
-    print(f"reloaded: router {done.old} -> {done.new} (zooter_route version {done.version})")
+    print(f"reloaded: {done.describe()}")
     return 0
 
 
