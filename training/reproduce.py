@@ -129,6 +129,8 @@ def frozen_router(run: Path, cfg: TrainConfig):
     from zooter.training.model import RouterModel, TorchRouter, keep_first_layers
 
     cfg = cfg.resolved()
+    if cfg.encoder == "static":   # the table travels in the run; its embeddings are cached under its digest
+        return TorchRouter.load(run, cache=cfg.cache)
     backbone, tokenizer = RouterModel.from_backbone(cfg.backbone, ["_", "__"])  # its head is unused
     if cfg.layers is not None:
         keep_first_layers(backbone.encoder, cfg.layers)
