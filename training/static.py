@@ -50,6 +50,9 @@ class StaticEncoder(nn.Module):
     def __init__(self, table: np.ndarray, tokenizer_json: str, normalize: bool, source: str = ""):
         super().__init__()
         table = np.asarray(table, dtype=np.float32)
+        half = table.astype(np.float16)
+        if np.array_equal(half.astype(np.float32), table):
+            table = half    # model2vec's tables are fp16: kept so, the bundle is half the size, the sums fp32
         self.embeddings = nn.Embedding.from_pretrained(torch.from_numpy(table), freeze=True)
         self.normalize = bool(normalize)
         self.tokenizer_json = tokenizer_json
@@ -70,7 +73,7 @@ class StaticEncoder(nn.Module):
     def pool(self, input_ids, attention_mask) -> torch.Tensor:
         """(batch, hidden) query embeddings."""
         weight = attention_mask.to(torch.float32) * self.keep[input_ids]
-        summed = (self.embeddings(input_ids) * weight.unsqueeze(-1)).sum(1)
+        summed = (self.embeddings(input_ids).to(torch.float32) * weight.unsqueeze(-1)).sum(1)
         pooled = summed / weight.sum(1, keepdim=True).clamp(min=1.0)
         if self.normalize:
             pooled = pooled / pooled.norm(dim=1, keepdim=True).clamp(min=1e-12)
@@ -81,7 +84,7 @@ class StaticEncoder(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": self.embeddings.weight.detach().numpy().astype(np.float32)}, folder / "model.safetensors")
+        save_file({"embeddings": self.embeddings.weight.detach().numpy()}, folder / "model.safetensors")
         (folder / "tokenizer.json").write_text(self.tokenizer_json, encoding="utf-8")
         (folder / "config.json").write_text(json.dumps({"model_type": MODEL_TYPE, "normalize": self.normalize,
                                                         "hidden_dim": int(self.config.hidden_size),
