@@ -126,3 +126,28 @@ def test_static_without_model2vec_names_the_extra(routing_files, tiny_backbone, 
     assert main(["train", "--data", str(routing_files["train"]), "--out", str(tmp_path / "run"), "--encoder", "static",
                  "--backbone", str(tiny_backbone)]) == 2
     assert "zooter[static]" in capsys.readouterr().err
+
+
+def test_reproduce_distils_once_and_scores_the_static_table(static_folder, routing_files, tiny_backbone, tmp_path,
+                                                           monkeypatch):
+    # The backbone is a transformer, "distilled" here into the tiny table (no model2vec needed): the
+    # distillation is cached for every fold and variant, and each run is scored with its table, not with
+    # the transformer its backbone names (whose 32-wide embeddings would not fit the 16-wide heads).
+    import zooter.training.static as static
+
+    calls = []
+
+    def fake_distil(backbone, dimensions=static.DIMENSIONS):
+        calls.append(str(backbone))
+        return static.load_static(static_folder)
+
+    monkeypatch.setattr(static, "distil", fake_distil)
+    out = tmp_path / "cv"
+    assert main(["reproduce", "--data", str(routing_files["train"]), "--folds", "3", "--out", str(out), "--encoder",
+                 "static", "--backbone", str(tiny_backbone), "--epochs", "10", "--lr", "0.03", "--max-length", "32",
+                 "--betas", "", "--threads", "1"]) == 0
+    assert calls == [str(tiny_backbone)]
+    table = json.loads((out / "table.json").read_text())
+    assert table["config"]["encoder"] == "static" and all(v["n"] == 120 for v in table["variants"])
+    default = table["variants"][0]
+    assert default["variant"] == "default" and default["mean_reward"] > default["best_single"] + 0.2

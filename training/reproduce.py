@@ -116,7 +116,8 @@ def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Seque
     used = base.resolved()
     table = {"data": base.data, "folds": folds, "config": {"backbone": used.backbone, "frozen": used.frozen,
              "layers": used.layers, "tau": used.tau, "epochs": used.epochs, "lr": used.lr,
-             "max_length": used.max_length, "seed": used.seed, "int8_consistency": used.int8_consistency},
+             "max_length": used.max_length, "seed": used.seed, "int8_consistency": used.int8_consistency,
+             "encoder": used.encoder},
              "variants": rows}
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
     print(format_table(table))
