@@ -56,3 +56,32 @@ def export_onnx(model, path: str | Path, opset: int | None = None, outputs: tupl
     if list(exported) != list(outputs):
         raise RuntimeError(f"exported outputs {list(exported)}, expected {list(outputs)}")
     return {"inputs": list(inputs), "outputs": list(exported), "opset": opset}
+
+
+def export_pooled_onnx(model, path: str | Path, opset: int | None = None, outputs: tuple[str, ...] = OUTPUTS) -> dict:
+    """A router whose encoder pools its own token table (a static encoder: Gather, masked mean, heads)
+    has no Hugging Face config for optimum to pick an exporter by: torch's exporter traces it
+    directly, with the same inputs (input_ids, attention_mask) and outputs, batch and sequence dynamic."""
+    import torch
+
+    opset = opset or 17
+    path = Path(path)
+    inputs = ("input_ids", "attention_mask")
+    sample = (torch.ones((1, 4), dtype=torch.int64), torch.ones((1, 4), dtype=torch.int64))
+    axes = {name: {0: "batch_size", 1: "sequence_length"} for name in inputs}
+    axes.update({name: {0: "batch_size"} for name in outputs})
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, router):
+            super().__init__()
+            self.router = router
+
+        def forward(self, input_ids, attention_mask):
+            out = self.router(input_ids=input_ids, attention_mask=attention_mask)
+            return tuple(out[name] for name in outputs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Outputs(model.eval()), sample, str(path), input_names=list(inputs), output_names=list(outputs),
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    return {"inputs": list(inputs), "outputs": list(outputs), "opset": opset}

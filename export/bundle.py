@@ -112,6 +112,11 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     validation = _parity_queries(run, read_run_info(run), parity_data, parity_n)
     started = time.perf_counter()
     model, hf_tokenizer, info = RouterModel.load(run)
+    if hasattr(model.encoder, "pool") and quantize != "none":
+        # A static encoder is a table lookup and a mean: nothing for INT8 or fp16 to speed up, and
+        # fp32 decides exactly as training did.
+        log(f"{run}: a static encoder ships in fp32 (--quantize {quantize} does not apply to a token table)")
+        quantize = "none"
     draft = _draft(run, model, info, quantize, candidates, lam, tolerance)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,9 +173,12 @@ def _convert(model, work: Path, quantize: str, opset: int | None, recipe) -> tup
     """ONNX export, fusions, then int8 / fp16: ({"fp32", "shipped"} model paths, the ONNX I/O, the quantization record)."""
     from tqdm import tqdm
 
-    from zooter.convert.onnx_export import export_onnx
+    from zooter.convert.onnx_export import export_onnx, export_pooled_onnx
     from zooter.convert.quantize import optimize, quantize_int8
 
+    if hasattr(model.encoder, "pool"):   # static: Gather, mean and the heads; no fusions to apply
+        io = export_pooled_onnx(model, work / "model.onnx", opset)
+        return {"fp32": work / "model.onnx", "shipped": work / "model.onnx"}, io, {"mode": "none", "encoder": "static"}
     steps = tqdm(total=3, desc="export", unit="step", leave=False)
     io = export_onnx(model, work / "model.onnx", opset)
     steps.update()

@@ -250,7 +250,7 @@ def _embedder(run: Path, info: dict, cfg):
     backbone cut to --layers: loaded from there, it keys the same embedding cache training filled."""
     from zooter.training.model import RouterModel, keep_first_layers
 
-    if cfg.frozen and cfg.backbone and (Path(cfg.backbone) / "config.json").is_file():
+    if cfg.frozen and cfg.encoder != "static" and cfg.backbone and (Path(cfg.backbone) / "config.json").is_file():
         model, tokenizer = RouterModel.from_backbone(cfg.backbone, info["labels"])
         if cfg.layers is not None:
             keep_first_layers(model.encoder, cfg.layers)

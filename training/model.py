@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from zooter.runtime.errors import UserError
+from zooter.training.static import is_static, load_static
 
 
 def default_backbone() -> str:
@@ -54,6 +55,8 @@ class RouterModel(nn.Module):
         return self.encoder.config
 
     def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        if hasattr(self.encoder, "pool"):   # a static encoder pools its own table (training/static.py)
+            return self.encoder.pool(input_ids, attention_mask)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
@@ -83,6 +86,9 @@ class RouterModel(nn.Module):
         if not (path / "config.json").is_file():
             raise UserError(f"backbone {path}: not a Hugging Face model folder (no config.json)")
         with reading(path, "the backbone"):
+            if is_static(path):
+                encoder, tokenizer = load_static(path)
+                return cls(encoder, labels), tokenizer
             encoder = AutoModel.from_pretrained(path, add_pooling_layer=False) if _has_pooler_arg(path) else AutoModel.from_pretrained(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(encoder, labels), tokenizer
@@ -92,7 +98,8 @@ class RouterModel(nn.Module):
         run = Path(run)
         (run / "encoder").mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(run / "encoder")
-        tokenizer.save_pretrained(run / "encoder")
+        if not is_static(run / "encoder"):   # a static encoder writes its own tokenizer.json
+            tokenizer.save_pretrained(run / "encoder")
         self.save_head(run, meta)
 
     def save_head(self, run: str | Path, meta: dict) -> None:
@@ -116,10 +123,13 @@ class RouterModel(nn.Module):
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder}: missing or incomplete (no config.json): the run's encoder is not there")
         with reading(folder, "the encoder"):
-            # No pooler: the router mean-pools, and a BERT pooler would load as unused random weights.
-            encoder = (AutoModel.from_pretrained(folder, add_pooling_layer=False) if _has_pooler_arg(folder)
-                       else AutoModel.from_pretrained(folder))
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            if is_static(folder):
+                encoder, tokenizer = load_static(folder)
+            else:
+                # No pooler: the router mean-pools, and a BERT pooler would load as unused random weights.
+                encoder = (AutoModel.from_pretrained(folder, add_pooling_layer=False) if _has_pooler_arg(folder)
+                           else AutoModel.from_pretrained(folder))
+                tokenizer = AutoTokenizer.from_pretrained(folder)
         model = cls(encoder, info["labels"])
         model.load_head(run)
         return model.eval(), tokenizer, info
@@ -222,7 +232,7 @@ class TorchRouter:
         if "max_length" not in info:
             raise UserError(f"{run / 'run.json'}: no 'max_length'")
         max_length = info["max_length"]
-        tokenizer_json = Path(hf_tokenizer.name_or_path) / "tokenizer.json"
+        tokenizer_json = Path(hf_tokenizer.name_or_path or run / "encoder") / "tokenizer.json"
         if not tokenizer_json.is_file():
             tokenizer_json = run / "encoder" / "tokenizer.json"
         with reading(tokenizer_json, "the tokenizer"):

@@ -116,7 +116,8 @@ def reproduce(base: TrainConfig, out: str, test: str | None = None, betas: Seque
     used = base.resolved()
     table = {"data": base.data, "folds": folds, "config": {"backbone": used.backbone, "frozen": used.frozen,
              "layers": used.layers, "tau": used.tau, "epochs": used.epochs, "lr": used.lr,
-             "max_length": used.max_length, "seed": used.seed, "int8_consistency": used.int8_consistency},
+             "max_length": used.max_length, "seed": used.seed, "int8_consistency": used.int8_consistency,
+             "encoder": used.encoder},
              "variants": rows}
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
     print(format_table(table))
@@ -129,6 +130,8 @@ def frozen_router(run: Path, cfg: TrainConfig):
     from zooter.training.model import RouterModel, TorchRouter, keep_first_layers
 
     cfg = cfg.resolved()
+    if cfg.encoder == "static":   # the table travels in the run; its embeddings are cached under its digest
+        return TorchRouter.load(run, cache=cfg.cache)
     backbone, tokenizer = RouterModel.from_backbone(cfg.backbone, ["_", "__"])  # its head is unused
     if cfg.layers is not None:
         keep_first_layers(backbone.encoder, cfg.layers)

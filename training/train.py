@@ -35,6 +35,7 @@ from zooter.training.labels import training_targets
 # Per-mode defaults; docs/training.md has the runs that chose them.
 FULL = {"epochs": 3, "lr": 5e-5, "int8_consistency": 0.0}
 FROZEN = {"epochs": 40, "lr": 3e-3, "int8_consistency": 200.0}
+ENCODERS = ("transformer", "static")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     keep_state: bool = False            # keep state.pt after the run ends (to extend it later)
     oof_folds: int = 5                  # head-only runs: folds of training rows predicted out of fold for
                                         # the decision layer (0: fit it on the dev rows alone)
+    encoder: str = "transformer"        # or "static": the backbone distilled to a token table (training/static.py)
 
     def resolved(self) -> "TrainConfig":
         defaults = FROZEN if self.frozen else FULL
@@ -71,6 +73,18 @@ class TrainConfig:
         out.epochs = self.epochs if self.epochs is not None else defaults["epochs"]
         out.lr = self.lr if self.lr is not None else defaults["lr"]
         out.int8_consistency = self.int8_consistency if self.int8_consistency is not None else defaults["int8_consistency"]
+        if self.encoder not in ENCODERS:
+            raise UserError(f"--encoder {self.encoder!r}: choose {' or '.join(ENCODERS)}")
+        if self.encoder == "static":
+            # A table lookup has no INT8 rounding to train against (export ships it in fp32) and no
+            # layers to cut or fine-tune.
+            if not self.frozen or self.layers is not None:
+                raise UserError("--encoder static trains the head only, on a token table: it takes no --fine-tune, "
+                                "--train-layers or --layers")
+            if self.int8_consistency:
+                raise UserError("--encoder static: --int8-consistency has no INT8 encoder to agree with (the static "
+                                "router ships in fp32)")
+            out.int8_consistency = 0.0
         if out.int8_consistency < 0:
             raise UserError(f"--int8-consistency must be >= 0, got {out.int8_consistency}")
         if out.int8_consistency > 0 and not self.frozen:
@@ -366,7 +380,13 @@ def _new_model(cfg: TrainConfig, problem: Problem):
 
     from zooter.training.model import RouterModel, keep_first_layers
 
-    model, tokenizer = RouterModel.from_backbone(cfg.backbone, problem.labels)
+    if cfg.encoder == "static":
+        from zooter.training.static import static_encoder
+
+        encoder, tokenizer = static_encoder(cfg.backbone, cfg.cache)
+        model = RouterModel(encoder, problem.labels)
+    else:
+        model, tokenizer = RouterModel.from_backbone(cfg.backbone, problem.labels)
     if cfg.layers is not None:
         keep_first_layers(model.encoder, cfg.layers)
     if cfg.train_layers is not None and not cfg.frozen:

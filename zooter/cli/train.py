@@ -91,6 +91,10 @@ def add_training_flags(p) -> None:
     p.add_argument("--int8-consistency", type=float, metavar="W",
                    help="head-only runs: weight of the term that makes the head decide alike from the INT8 encoder's "
                    "embeddings, so `zooter export --quantize int8` passes its parity gate (default 200; 0 turns it off)")
+    p.add_argument("--encoder", choices=["transformer", "static"], default="transformer",
+                   help="transformer: the backbone's first --layers layers (default); static: the backbone distilled "
+                        "offline into one vector per token (model2vec, the `static` extra; or --backbone a model2vec "
+                        "folder), averaged: routes in microseconds; head only, shipped in fp32 (docs/training.md)")
     p.add_argument("--cache", help="folder caching a head-only run's embeddings between runs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--oof-folds", type=int, default=5, metavar="K",
@@ -135,13 +139,13 @@ def config_from(args, out: str, data: str, dev: str | None):
     if fine_tune and args.int8_consistency:
         raise UserError("--int8-consistency is for head-only runs (the INT8 encoder is built once, from the frozen "
                         "encoder); --fine-tune trains the encoder")
-    layers = args.layers if args.layers is not None or fine_tune else HEAD_ONLY_LAYERS
+    layers = args.layers if args.layers is not None or fine_tune or args.encoder == "static" else HEAD_ONLY_LAYERS
     return TrainConfig(data=data, out=out, dev=dev, backbone=args.backbone, candidates=getattr(args, "candidates", None),
                        tau=args.tau, beta=args.beta, loss=args.loss, epochs=args.epochs, lr=args.lr,
                        max_length=args.max_length, batch_size=args.batch_size, weight_decay=args.weight_decay,
                        warmup=args.warmup, seed=args.seed, frozen=not fine_tune, layers=layers,
                        int8_consistency=args.int8_consistency, train_layers=args.train_layers,
-                       cache=args.cache, threads=args.threads, oof_folds=args.oof_folds)
+                       cache=args.cache, threads=args.threads, oof_folds=args.oof_folds, encoder=args.encoder)
 
 
 def _register_train(sub) -> None:
