@@ -220,20 +220,23 @@ def test_pick_takes_half_at_random_and_half_where_the_anchor_scored_lowest():
     from zooter.training.lifecycle import pick
 
     anchor = np.linspace(1.0, 0.0, 100)            # training rows 0..99: the anchor worst on the last ones
-    chosen = pick(anchor, 20, pool=120, seed=3)    # rows 100..119 are dev rows, only ever in the random half
+    chosen = pick(anchor, 20, pool=120, seed=3, how="anchor")   # rows 100..119: dev rows, only in the random half
     assert len(chosen) == len(set(chosen.tolist())) == 20
     random_half, low_half = chosen[:10], chosen[10:]
     assert all(0 <= i < 100 for i in low_half)
     # the low half: the lowest-scoring training rows the random half did not take, in order
     expected = [i for i in range(99, -1, -1) if i not in set(random_half.tolist())][:10]
     assert low_half.tolist() == expected
-    assert (pick(anchor, 20, pool=120, seed=3) == chosen).all()      # the seed decides, nothing else
-    assert len(pick(anchor, 500, pool=120)) == 120                   # a budget over the rows takes them all
+    assert (pick(anchor, 20, pool=120, seed=3, how="anchor") == chosen).all()   # the seed decides, nothing else
+    assert len(pick(anchor, 500, pool=120, how="anchor")) == 120     # a budget over the rows takes them all
+    assert sorted(pick(anchor, 500, pool=120).tolist()) == list(range(120))
+    assert len(set(pick(anchor, 30, pool=120, seed=1).tolist())) == 30
 
 
 def test_pick_writes_the_queries_to_label_and_add_takes_them_back(pool, tmp_path, capsys):
     out = tmp_path / "to-label.jsonl"
-    assert main(["candidates", "pick", str(pool["run"]), "--name", NEW, "--budget", "40", "--out", str(out)]) == 0
+    assert main(["candidates", "pick", str(pool["run"]), "--name", NEW, "--budget", "40", "--out", str(out),
+                 "--how", "anchor"]) == 0
     assert "picked 40 of" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 40 and all(r["rewards"] == {NEW: None} for r in rows)

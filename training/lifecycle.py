@@ -223,12 +223,18 @@ def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, he
 
 
 # --- which queries to label ----------------------------------------------------------------------------
-def pick(anchor_rewards: np.ndarray, budget: int, pool: int, seed: int = 0) -> np.ndarray:
-    """Which rows to label for a new candidate within `budget`, from what is known before any label: half
-    at random among the first `pool` rows (an unbiased sample for the estimate's map and the guard's margin),
-    half among the other training rows (the first len(anchor_rewards)) where the router's anchor scored
-    lowest, ties at random: only there can a newcomer gain over it, and those rows teach the estimate where.
-    (Picking by the estimate's own uncertainty did worse: docs/training.md.)"""
+def pick(anchor_rewards: np.ndarray, budget: int, pool: int, seed: int = 0, how: str = "random") -> np.ndarray:
+    """Which of `pool` rows (training rows first, then dev rows) to label for a new candidate within
+    `budget`, from what is known before any label. "random": a uniform sample. "anchor": half at random (an
+    unbiased sample for the estimate's map), half among the other training rows (the first
+    len(anchor_rewards)) where the router's anchor scored lowest, ties at random: only there can a newcomer
+    gain over it. Measured (docs/training.md), "anchor" routes below "random" with the shipped rule: the
+    rows it adds make the newcomer look better than it is to the guard's margin, which then lets it in
+    too often; picking by the estimate's own uncertainty did worse too. So "random" is the default."""
+    if how not in ("random", "anchor"):
+        raise UserError(f"--how must be random or anchor, not {how!r}")
+    if how == "random":
+        return np.random.default_rng(seed).choice(pool, size=min(budget, pool), replace=False)
     rng = np.random.default_rng(seed)
     budget = min(budget, pool)
     chosen = rng.choice(pool, size=budget // 2, replace=False)
@@ -243,7 +249,7 @@ def pick(anchor_rewards: np.ndarray, budget: int, pool: int, seed: int = 0) -> n
     return np.concatenate([chosen, np.array(rest, dtype=int), fill])
 
 
-def pick_queries(run: str | Path, name: str, budget: int, out: str | Path, seed: int = 0) -> dict:
+def pick_queries(run: str | Path, name: str, budget: int, out: str | Path, seed: int = 0, how: str = "random") -> dict:
     """`zooter candidates pick`: the run's queries to label for NAME (training rows first, then dev rows),
     written as routing rows with NAME's reward to fill in; `add` takes them back once labelled."""
     import json
@@ -259,11 +265,11 @@ def pick_queries(run: str | Path, name: str, budget: int, out: str | Path, seed:
     if anchor not in labels:
         raise UserError(f"{run}: run.json names no anchor (best_single) among its candidates")
     every = rows.train.rows + rows.dev.rows
-    chosen = pick(rows.train.rewards()[:, labels.index(anchor)], budget, len(every), seed)
+    chosen = pick(rows.train.rewards()[:, labels.index(anchor)], budget, len(every), seed, how)
     text = "".join(json.dumps({"id": every[i].id, "query": every[i].query, "rewards": {name: None},
                                "tags": list(every[i].tags)}) + "\n" for i in chosen)
     Path(out).write_text(text)
-    return {"rows": len(chosen), "of": len(every), "anchor": anchor}
+    return {"rows": len(chosen), "of": len(every), "anchor": anchor, "how": how}
 
 
 # --- the commands -------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def bench(data_path: str, names: Sequence[str], ks: Sequence[int | None] = (50, 
                 if k is ALL:
                     keep = pool
                 elif picked == "anchor":
-                    keep = pool[pick(low, k, len(pool), seed=int(rng.integers(1 << 31)))]
+                    keep = pool[pick(low, k, len(pool), seed=int(rng.integers(1 << 31)), how="anchor")]
                 else:
                     keep = rng.choice(pool, size=min(k, len(pool)), replace=False)
                 got, _, elapsed, _ = fit(others + [name], name, keep, tau)

@@ -50,20 +50,22 @@ def register(sub) -> None:
     b.add_argument("--cache", help="embedding cache folder")
     b.add_argument("--backbone", help="encoder folder (default all-MiniLM-L6-v2)")
     b.add_argument("--pick", choices=["random", "anchor"], default="random",
-                   help="which k rows are labelled: random, or as `zooter candidates pick` picks them (default random)")
+                   help="which k rows are labelled: random, or as `zooter candidates pick --how anchor` picks them (default random)")
     b.add_argument("--json", help="also write the table as JSON here")
     b.set_defaults(func=cmd_bench)
 
     k = group.add_parser("pick", help="which of the run's queries to label for a new candidate, within a budget",
                          description="Write BUDGET of the run's training and dev queries as routing rows with NAME's "
-                         "reward to fill in: half at random, half where the router's anchor scored lowest (only there "
-                         "can a newcomer gain over it). The choice uses only what the run knows before any label; "
-                         "label them, then `zooter candidates add --data` the file.")
+                         "reward to fill in; label them, then `zooter candidates add --data` the file. The choice uses "
+                         "only what the run knows before any label: at random (the default), or --how anchor: half at "
+                         "random, half where the router's anchor scored lowest (measured below random with the shipped "
+                         "rule: docs/training.md).")
     k.add_argument("run", help="a trained run folder")
     k.add_argument("--name", required=True, help="the new candidate's name")
     k.add_argument("--budget", required=True, type=int, help="how many queries to label")
     k.add_argument("--out", required=True, metavar="TO_LABEL.jsonl", help="where to write the queries")
-    k.add_argument("--seed", type=int, default=0, help="seed of the random half (default 0)")
+    k.add_argument("--how", choices=["random", "anchor"], default="random", help="how to pick them (default random)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
     k.set_defaults(func=cmd_pick)
 
     ls = group.add_parser("list", help="a run's or bundle's candidates, how each entered, their dev figures")
@@ -93,10 +95,10 @@ def cmd_add(args) -> int:
 def cmd_pick(args) -> int:
     from zooter.training.lifecycle import pick_queries
 
-    got = pick_queries(args.run, args.name, args.budget, args.out, seed=args.seed)
-    print(f"picked {got['rows']} of {got['of']} queries of {args.run} for {args.name} -> {args.out} (half at random, "
-          f"half where the anchor {got['anchor']} scored lowest); fill in {args.name}'s rewards, then `zooter "
-          f"candidates add`")
+    got = pick_queries(args.run, args.name, args.budget, args.out, seed=args.seed, how=args.how)
+    how = "at random" if got["how"] == "random" else f"half at random, half where the anchor {got['anchor']} scored lowest"
+    print(f"picked {got['rows']} of {got['of']} queries of {args.run} for {args.name} ({how}) -> {args.out}; fill in "
+          f"{args.name}'s rewards, then `zooter candidates add`")
     return 0
 
 
