@@ -43,18 +43,19 @@ def stage(repo: str | Path, bundle: str | Path) -> tuple[Path, Reloaded]:
     """Check the bundle against the repository's latest router; write it as the next version of zooter_route.
     Returns (the new version folder, what changes). UserError (one line) when it does not fit."""
     repo = Path(repo)
-    if not (repo / MARKER).is_file():
-        raise UserError(f"{repo}: not a repository built by `zooter triton build`")
-    if (repo / "zooter_router").is_dir():
+    if (repo / MARKER).is_file() and (repo / "zooter_router").is_dir():
         # The ensemble's three models would have to swap as one, and its answers name no router yet; nothing
         # here can load Triton's onnxruntime backend to prove such a swap loses no request (docs/triton.md).
         raise UserError(f"{repo}: built with --router-backend onnxruntime (the tokenize -> router -> decide ensemble), "
                         "which `zooter triton reload` does not swap: build a repository from the new bundle "
                         "(`zooter triton build`) and restart the server; the running router keeps serving")
+    if not (repo / MARKER).is_file():
+        raise UserError(f"{repo}: not a repository built by `zooter triton build`")
     model = repo / ROUTE
     have = versions(model) if model.is_dir() else []
     if not have or not (model / str(have[-1]) / "router.json").is_file():
-        raise UserError(f"{repo}: zooter_route has no router version to swap (rebuild with `zooter triton build`)")
+        raise UserError(f"{repo}: zooter_route runs on the onnxruntime-backend ensemble; `zooter triton reload` "
+                        "swaps --router-backend python repositories only (rebuild with `zooter triton build`)")
     current = model / str(have[-1])
     try:
         bundle, new = read_bundle(bundle)
