@@ -52,6 +52,12 @@ def stage(repo: str | Path, bundle: str | Path) -> Reloaded:
     of zooter where that routes in its own stub. Returns what changes (`staged`: the new version folders).
     UserError (one line) when it does not fit."""
     repo = Path(repo)
+    if (repo / MARKER).is_file() and (repo / "zooter_router").is_dir():
+        # The ensemble's three models would have to swap as one, and its answers name no router yet; nothing
+        # here can load Triton's onnxruntime backend to prove such a swap loses no request (docs/triton.md).
+        raise UserError(f"{repo}: built with --router-backend onnxruntime (the tokenize -> router -> decide ensemble), "
+                        "which `zooter triton reload` does not swap: build a repository from the new bundle "
+                        "(`zooter triton build`) and restart the server; the running router keeps serving")
     if not (repo / MARKER).is_file():
         raise UserError(f"{repo}: not a repository built by `zooter triton build`")
     current = _latest(repo / ROUTE)

@@ -214,3 +214,48 @@ def test_bench_prints_the_curve_over_k(tiny_backbone, tmp_path, capsys):
     assert row["vs_retrain_ci95"][0] <= row["vs_retrain"] <= row["vs_retrain_ci95"][1]
     assert f"| {NEW} | 20 |" in capsys.readouterr().out
     assert main(["candidates", "bench", "--data", str(data), "--names", "nobody", "--backbone", str(tiny_backbone)]) == 2
+
+
+def test_pick_takes_half_at_random_and_half_where_the_anchor_scored_lowest():
+    from zooter.training.lifecycle import pick
+
+    anchor = np.linspace(1.0, 0.0, 100)            # training rows 0..99: the anchor worst on the last ones
+    chosen = pick(anchor, 20, pool=120, seed=3, how="anchor")   # rows 100..119: dev rows, only in the random half
+    assert len(chosen) == len(set(chosen.tolist())) == 20
+    random_half, low_half = chosen[:10], chosen[10:]
+    assert all(0 <= i < 100 for i in low_half)
+    # the low half: the lowest-scoring training rows the random half did not take, in order
+    expected = [i for i in range(99, -1, -1) if i not in set(random_half.tolist())][:10]
+    assert low_half.tolist() == expected
+    assert (pick(anchor, 20, pool=120, seed=3, how="anchor") == chosen).all()   # the seed decides, nothing else
+    assert len(pick(anchor, 500, pool=120, how="anchor")) == 120     # a budget over the rows takes them all
+    assert sorted(pick(anchor, 500, pool=120).tolist()) == list(range(120))
+    assert len(set(pick(anchor, 30, pool=120, seed=1).tolist())) == 30
+
+
+def test_pick_writes_the_queries_to_label_and_add_takes_them_back(pool, tmp_path, capsys):
+    out = tmp_path / "to-label.jsonl"
+    assert main(["candidates", "pick", str(pool["run"]), "--name", NEW, "--budget", "40", "--out", str(out),
+                 "--how", "anchor"]) == 0
+    assert "picked 40 of" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 40 and all(r["rewards"] == {NEW: None} for r in rows)
+    info = json.loads((pool["run"] / "run.json").read_text())
+    anchor = info["best_single"]["candidate"]
+    train_rows = RoutingDataset.load(pool["root"] / "train.jsonl")
+    by_query = {r.query: r for r in train_rows.rows}
+    picked_train = [by_query[r["query"]] for r in rows if r["query"] in by_query]
+    # the anchor's reward on what was picked is below its mean: half of it is where the anchor did worst
+    assert np.mean([r.rewards[anchor] for r in picked_train]) < np.mean([r.rewards[anchor] for r in train_rows.rows])
+
+    truth = {r.query: r.rewards[NEW] for r in synthetic(150, 0).rows + synthetic(45, 1).rows}
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({**r, "rewards": {NEW: truth[r["query"]]}}) + "\n" for r in rows))
+    assert main(["candidates", "add", str(pool["run"]), "--name", NEW, "--data", str(labelled),
+                 "--out", str(tmp_path / "run2")]) == 0
+    assert json.loads((tmp_path / "run2" / "run.json").read_text())["lifecycle"]["entered"][NEW]["rows"] == 40
+
+    capsys.readouterr()
+    assert main(["candidates", "pick", str(pool["run"]), "--name", "mathy", "--budget", "40", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--name mathy: already a candidate" in err, err

@@ -36,6 +36,23 @@ def repo(bundles, tmp_path):
     return build_repository(bundles["int8"], tmp_path / "repo", candidates).path
 
 
+def test_an_onnxruntime_backend_repository_is_refused_in_one_line_and_nothing_changes(bundles, tmp_path, capsys):
+    """The ensemble (--router-backend onnxruntime) is not swapped: the pytriton server here has no onnxruntime
+    backend to prove a swap of its three models loses no request, and its answers name no router."""
+    from tiny import LABELS
+    from zooter.export.triton_repo import build_repository
+    from zooter.serving.candidates import parse_candidates
+
+    candidates = parse_candidates([{"name": n, "serve": {"triton_model": "fake_llm"}} for n in LABELS])
+    repo = build_repository(bundles["fp32"], tmp_path / "ort", candidates, router_backend="onnxruntime").path
+    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+    assert main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]), "--triton", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--router-backend onnxruntime" in err and "zooter triton build" in err, err
+    assert "keeps serving" in err, err
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+
+
 def route(http: httpx.Client, url: str, text: str) -> httpx.Response:
     return http.post(f"http://{url}/v2/models/zooter_route/infer", timeout=300,
                      json={"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}],

@@ -222,6 +222,56 @@ def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, he
     return Fitted(head, reward_head, decision, dev_logits, problem.meta["best_single"])
 
 
+# --- which queries to label ----------------------------------------------------------------------------
+def pick(anchor_rewards: np.ndarray, budget: int, pool: int, seed: int = 0, how: str = "random") -> np.ndarray:
+    """Which of `pool` rows (training rows first, then dev rows) to label for a new candidate within
+    `budget`, from what is known before any label. "random": a uniform sample. "anchor": half at random (an
+    unbiased sample for the estimate's map), half among the other training rows (the first
+    len(anchor_rewards)) where the router's anchor scored lowest, ties at random: only there can a newcomer
+    gain over it. Measured (docs/training.md), "anchor" routes below "random" with the shipped rule: the
+    rows it adds make the newcomer look better than it is to the guard's margin, which then lets it in
+    too often; picking by the estimate's own uncertainty did worse too. So "random" is the default."""
+    if how not in ("random", "anchor"):
+        raise UserError(f"--how must be random or anchor, not {how!r}")
+    if how == "random":
+        return np.random.default_rng(seed).choice(pool, size=min(budget, pool), replace=False)
+    rng = np.random.default_rng(seed)
+    budget = min(budget, pool)
+    chosen = rng.choice(pool, size=budget // 2, replace=False)
+    taken = np.zeros(pool, bool)
+    taken[chosen] = True
+    low = np.where(np.isnan(anchor_rewards), np.inf, anchor_rewards)
+    order = np.lexsort((rng.random(len(low)), low))
+    rest = [i for i in order if not taken[i]][:budget - len(chosen)]
+    taken[rest] = True
+    # fewer training rows left than the budget asks: the dev rows not yet taken make it up
+    fill = rng.permutation(np.flatnonzero(~taken))[:budget - len(chosen) - len(rest)]
+    return np.concatenate([chosen, np.array(rest, dtype=int), fill])
+
+
+def pick_queries(run: str | Path, name: str, budget: int, out: str | Path, seed: int = 0, how: str = "random") -> dict:
+    """`zooter candidates pick`: the run's queries to label for NAME (training rows first, then dev rows),
+    written as routing rows with NAME's reward to fill in; `add` takes them back once labelled."""
+    import json
+
+    run, info = _load(run)
+    labels = list(info["labels"])
+    if name in labels:
+        raise UserError(f"--name {name}: already a candidate of {run} ({', '.join(labels)})")
+    if budget < 2:
+        raise UserError(f"--budget must be at least 2, got {budget}")
+    rows = run_rows(run, info)
+    anchor = info.get("best_single", {}).get("candidate")
+    if anchor not in labels:
+        raise UserError(f"{run}: run.json names no anchor (best_single) among its candidates")
+    every = rows.train.rows + rows.dev.rows
+    chosen = pick(rows.train.rewards()[:, labels.index(anchor)], budget, len(every), seed, how)
+    text = "".join(json.dumps({"id": every[i].id, "query": every[i].query, "rewards": {name: None},
+                               "tags": list(every[i].tags)}) + "\n" for i in chosen)
+    Path(out).write_text(text)
+    return {"rows": len(chosen), "of": len(every), "anchor": anchor, "how": how}
+
+
 # --- the commands -------------------------------------------------------------------------------------
 def _load(run: str | Path):
     from zooter.training.model import read_run_info

@@ -3,7 +3,7 @@
 For each held-out candidate C and each cross-validation fold (k folds by query hash, as `zooter
 reproduce` folds): train a frozen router on all candidates (the retrain, the target), add C with its
 rewards on k random training rows of the fold (the rest of its column unknown, as for a new model
-labelled on a budget), and route the fold's test rows with each through the shipped rule (guard
+labelled on a budget; or k rows picked as `zooter candidates pick` picks them), and route the fold's test rows with each through the shipped rule (guard
 included). Everything runs on one set of cached embeddings (--frozen --layers N), so the rows compare
 the candidate lifecycle and nothing else. Reported per (C, k), pooled over all rows: the mean routed
 reward, its paired difference from the retrain and from the best single candidate with 95% bootstrap
@@ -46,11 +46,13 @@ def _route(fitted, x: np.ndarray, labels: list[str]) -> np.ndarray:
 
 def bench(data_path: str, names: Sequence[str], ks: Sequence[int | None] = (50, 100, 250, 500, ALL), folds: int = 5,
           layers: int = 2, cache: str | None = None, backbone: str | None = None, oof_folds: int = 0, seed: int = 0,
-          log=print) -> dict:
+          picked: str = "random", log=print) -> dict:
+    """`picked`: which k rows are labelled, "random" or "anchor" (lifecycle.pick: half random, half where the
+    router without the candidate has its anchor scoring lowest)."""
     from zooter.training.embed import embed_texts
     from zooter.training.evaluate import paired_bootstrap
     from zooter.training.labels import auto_tau
-    from zooter.training.lifecycle import fit_router
+    from zooter.training.lifecycle import fit_router, pick
     from zooter.training.model import RouterModel, keep_first_layers
     from zooter.training.reproduce import hash_folds
     from zooter.training.splits import split_indices
@@ -104,18 +106,24 @@ def bench(data_path: str, names: Sequence[str], ks: Sequence[int | None] = (50, 
         log(f"fold {f}: retrain {np.mean(got):.4f}, best single {np.mean(rewards[held, anchor]):.4f}")
         for name in names:
             others = [c for c in labels if c != name]
-            got, _, _, tau = fit(others)
+            got, without, _, tau = fit(others)
+            low = rewards[tr, labels.index(without.anchor["candidate"])]
             put((name, "without"), held, got)
             pool = np.concatenate([tr, dv])
             for k in ks:
-                keep = pool if k is ALL else rng.choice(pool, size=min(k, len(pool)), replace=False)
+                if k is ALL:
+                    keep = pool
+                elif picked == "anchor":
+                    keep = pool[pick(low, k, len(pool), seed=int(rng.integers(1 << 31)), how="anchor")]
+                else:
+                    keep = rng.choice(pool, size=min(k, len(pool)), replace=False)
                 got, _, elapsed, _ = fit(others + [name], name, keep, tau)
                 put((name, k), held, got)
                 seconds.setdefault((name, k), []).append(elapsed)
                 log(f"fold {f}: {name} added on {len(keep)} rows: {np.mean(got):.4f} ({elapsed:.1f} s)")
 
     base, single = routed["retrain"], routed["best single"]
-    table = {"rows": n, "folds": folds, "layers": layers, "oof_folds": oof_folds,
+    table = {"rows": n, "folds": folds, "layers": layers, "oof_folds": oof_folds, "picked": picked,
              "retrain": float(np.mean(base)), "best_single": float(np.mean(single)), "candidates": {}}
     for name in names:
         entry = {"without": _compare(routed[(name, "without")], base, single, paired_bootstrap)}

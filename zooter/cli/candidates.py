@@ -1,4 +1,4 @@
-"""zooter candidates add|remove|list: a trained router's candidate set changed on its fixed encoder
+"""zooter candidates add|remove|pick|list|bench: a trained router's candidate set changed on its fixed encoder
 (zooter.training.lifecycle), without training it again."""
 
 from __future__ import annotations
@@ -49,8 +49,24 @@ def register(sub) -> None:
     b.add_argument("--oof-folds", type=int, default=0, help="out-of-fold heads for the decision layer (default 0: dev rows)")
     b.add_argument("--cache", help="embedding cache folder")
     b.add_argument("--backbone", help="encoder folder (default all-MiniLM-L6-v2)")
+    b.add_argument("--pick", choices=["random", "anchor"], default="random",
+                   help="which k rows are labelled: random, or as `zooter candidates pick --how anchor` picks them (default random)")
     b.add_argument("--json", help="also write the table as JSON here")
     b.set_defaults(func=cmd_bench)
+
+    k = group.add_parser("pick", help="which of the run's queries to label for a new candidate, within a budget",
+                         description="Write BUDGET of the run's training and dev queries as routing rows with NAME's "
+                         "reward to fill in; label them, then `zooter candidates add --data` the file. The choice uses "
+                         "only what the run knows before any label: at random (the default), or --how anchor: half at "
+                         "random, half where the router's anchor scored lowest (measured below random with the shipped "
+                         "rule: docs/training.md).")
+    k.add_argument("run", help="a trained run folder")
+    k.add_argument("--name", required=True, help="the new candidate's name")
+    k.add_argument("--budget", required=True, type=int, help="how many queries to label")
+    k.add_argument("--out", required=True, metavar="TO_LABEL.jsonl", help="where to write the queries")
+    k.add_argument("--how", choices=["random", "anchor"], default="random", help="how to pick them (default random)")
+    k.add_argument("--seed", type=int, default=0, help="seed of the random choice (default 0)")
+    k.set_defaults(func=cmd_pick)
 
     ls = group.add_parser("list", help="a run's or bundle's candidates, how each entered, their dev figures")
     ls.add_argument("path", metavar="RUN_OR_BUNDLE")
@@ -73,6 +89,16 @@ def cmd_add(args) -> int:
     print(f"added {args.name} to {args.run} on {entered['train']} training + {entered['dev']} dev rows "
           f"({entered['new_queries']} new queries) -> {args.out}: dev routed reward {info['dev']['mean_reward']:.4f}, "
           f"anchor {info['best_single']['candidate']} ({info['add_seconds']} s)")
+    return 0
+
+
+def cmd_pick(args) -> int:
+    from zooter.training.lifecycle import pick_queries
+
+    got = pick_queries(args.run, args.name, args.budget, args.out, seed=args.seed, how=args.how)
+    how = "at random" if got["how"] == "random" else f"half at random, half where the anchor {got['anchor']} scored lowest"
+    print(f"picked {got['rows']} of {got['of']} queries of {args.run} for {args.name} ({how}) -> {args.out}; fill in "
+          f"{args.name}'s rewards, then `zooter candidates add`")
     return 0
 
 
@@ -117,7 +143,7 @@ def cmd_bench(args) -> int:
     if args.folds < 2:
         raise UserError(f"--folds must be at least 2, got {args.folds}")
     table = bench(args.data, [n.strip() for n in args.names.split(",") if n.strip()], ks, folds=args.folds,
-                  layers=args.layers, cache=args.cache, backbone=args.backbone, oof_folds=args.oof_folds)
+                  layers=args.layers, cache=args.cache, backbone=args.backbone, oof_folds=args.oof_folds, picked=args.pick)
     print(format_table(table))
     if args.json:
         from pathlib import Path

@@ -63,7 +63,8 @@ def register(sub) -> None:
                     "in its own stub in CPU repositories) and have the running server load them through the repository API (`zooter serve --model-control`; needs the control key): "
                     "requests in flight finish on the old router, new ones go to the new one. The bundle must keep "
                     "the encoder and the labels; anything else is refused and the running router keeps serving.")
-    r.add_argument("repository", help="the repository the server runs (zooter triton build --out, --router-backend python)")
+    r.add_argument("repository", help="the repository the server runs (zooter triton build --out, "
+                   "--router-backend python; an onnxruntime one is refused)")
     r.add_argument("--bundle", required=True, help="the new bundle folder")
     r.add_argument("--triton", default="127.0.0.1:8000", metavar="URL", help="the server's HTTP address (default 127.0.0.1:8000)")
     r.add_argument("--control-key-file", metavar="FILE",
