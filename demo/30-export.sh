@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stage 30: export stage 20's trained run to an INT8 ONNX bundle behind the parity gate, route the
-# MT-Bench first turns with the torch-free Router (choices per category), then the latency table.
+# Stage 30: export stage 20's trained run to an INT8 ONNX bundle behind the parity gate (and check parity on
+# the held-out test rows), route the MT-Bench first turns with the torch-free Router (choices per category,
+# the tolerance knob at three settings), then the latency table.
 set -euo pipefail
 : "${ZOOTER_DATA:?}" "${OUT:?}"
 export HF_HUB_OFFLINE=1

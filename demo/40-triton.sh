@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stage 40: serve the router on a real tritonserver (CPU, from the nvidia-pytriton wheel).
 # Build the model repository from stage 30's bundle with CPU stand-ins for every candidate, start Triton,
-# route the 80 MT-Bench first turns through zooter_route, stream one answer from the chosen
-# candidate through the `zooter` model, measure routing latency through Triton against in-process, stop.
+# route the 80 MT-Bench first turns through zooter_route (and one through `zooter route --triton`), stream one
+# answer from the chosen candidate through the `zooter` model (`zooter ask --stream`), measure routing latency
+# through Triton against in-process, unload the chosen candidate mid-run to show the fallback, stop.
 # The repository stays in $OUT/triton-repo (stage 50 reuses its stand-ins).
 set -euo pipefail
 : "${ZOOTER_DATA:?}" "${OUT:?}"

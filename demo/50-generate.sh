@@ -3,8 +3,8 @@
 #
 # Where stage 40 left a Triton repository with CPU stand-ins ($OUT/triton-repo), the answers come from those
 # stand-ins (SmolLM2-135M-Instruct behind the TensorRT-LLM ensemble I/O) through a tritonserver started here.
-# Otherwise they come from zooter.bench.openai_stub, a local OpenAI-compatible server that answers with
-# deterministic text (no LLM): the output says which. Scoring needs a real reward model (none can be
+# Otherwise they come from `zooter stub-llm` (zooter.bench.openai_stub), a local OpenAI-compatible server that
+# answers with deterministic text (no LLM): the output says which. Scoring needs a real reward model (none can be
 # downloaded here), so the stage ends by saying how to pass one.
 set -euo pipefail
 OUT="${OUT:-demo-out}"

@@ -7,7 +7,7 @@ import json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("candidates", help="add, remove or list a trained router's candidates (no retraining)",
+    p = sub.add_parser("candidates", help="add, remove, pick queries for or list a trained router's candidates (no retraining)",
                        description="Change a trained router's candidates on its fixed encoder: the heads and the "
                        "decision layer are refitted, the encoder is unchanged, and the result is a complete run that "
                        "`zooter export` takes like any other.")

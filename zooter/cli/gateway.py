@@ -1,4 +1,5 @@
-"""zooter gateway: an OpenAI-compatible HTTP front door that routes every request."""
+"""zooter gateway: an OpenAI-compatible HTTP front door that routes every request; and zooter stub-llm, the
+OpenAI-compatible stub (no LLM) that demos and benches put behind it."""
 
 from __future__ import annotations
 
