@@ -152,14 +152,17 @@ def _register_train(sub) -> None:
     p = sub.add_parser(
         "train", help="train a router from rewards (ZOOTER reward distillation)",
         description="Train the router: an encoder with a linear head over the candidates, distilled with "
-        "KL(s* || softmax(logits)) where s*(q) is the tag-enhanced softmax of the rewards. Keeps the checkpoint "
-        "with the best dev routing reward. Writes RUN/ (encoder/, head.safetensors, run.json, config.json, "
+        "KL(s* || softmax(logits)) where s*(q) is the tag-enhanced softmax of the rewards. By default only the "
+        "head trains, quantization-aware, on the encoder's first 2 layers, and the head kept is its average over "
+        "the second half of the epochs; --fine-tune trains the encoder too and keeps the epoch with the best dev "
+        "routing reward. Writes RUN/ (encoder/, head.safetensors, run.json, config.json, "
         "curves.json) into .RUN.partial beside it and renames it into place when done, so an interrupted run "
         "never mixes with a finished one (--resume continues it from its last saved epoch; a run refused, or "
         "stopped before its first epoch was saved, leaves nothing). Multi-GPU: `accelerate launch -m zooter.cli train ...` or `torchrun --nproc-per-node N -m "
         "zooter.cli train ...`.")
     p.add_argument("--data", help="training data (JSONL)")
-    p.add_argument("--dev", help="dev data for checkpoint selection (default: 10%% of --data held out by query hash)")
+    p.add_argument("--dev", help="dev data: fits the decision layer, chooses the epoch with --fine-tune, and is export's parity "
+                   "rows (default: 10%% of --data held out by query hash)")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--candidates", help="candidates.yaml (recorded in the run so eval and export find the costs)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of --out from its last epoch")
@@ -288,8 +291,9 @@ def _rmr(data_path: str, rmr_path: str, report: dict) -> dict:
 def _register_reproduce(sub) -> None:
     p = sub.add_parser(
         "reproduce", help="the paper's Table 2 on your data: hard labels vs distillation vs tag enhancement",
-        description="Train the paper's variants on one split and evaluate each on the same held-out rows: hard "
-        "labels (beta=1), distillation beta=1, tag-enhanced beta=0.3, and a beta sweep. Without --test, the data "
+        description="Train what `zooter train` with the same flags ships (`default`: auto tau, beta 0.3, the "
+        "decision layer and its guard) and the paper's variants on one split and evaluate each on the same "
+        "held-out rows: hard labels (beta=1), distillation beta=1, tag-enhanced beta=0.3, and a beta sweep. Without --test, the data "
         "is split 80/10/10 by query hash. --folds N instead cross-validates (each fold held out once; for small "
         "data such as AlpacaEval). Prints mean reward, gap closed and MTR per variant; writes DIR/table.json and "
         "DIR/reports/ (run folders are deleted once evaluated unless --keep-runs).")
