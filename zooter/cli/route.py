@@ -49,7 +49,9 @@ def register(sub) -> None:
         "tokens, for batches of 1, 8 and 32 (at 64 tokens; a batch as route_batch runs it, each query alone, beside "
         "the same model on one padded batch, whose decisions depend on the batch), and for the given queries at their own lengths. "
         "Prints ratios against PyTorch. With --budget-ms, exits 1 when the bundle model's p99 on the queries "
-        "exceeds the budget. With --triton URL: routing latency through Triton against in-process instead.",
+        "exceeds the budget. With --triton URL: routing latency through Triton against in-process instead; with "
+        "--gateway: `zooter gateway` in front of a local stub against calling the stub directly; with "
+        "--triton-floor: what a request through Triton's python backend costs before any routing.",
     )
     b.add_argument("bundle", nargs="?", metavar="BUNDLE", help="bundle folder")
     b.add_argument("--bundle", dest="bundle_opt", metavar="BUNDLE", help="same as the positional BUNDLE")

@@ -18,8 +18,10 @@ def register(sub) -> None:
         description="Write a Triton model repository: zooter_route (routing only: the decision with expected "
                     "rewards and confidence; one python model running the in-process Router on CPU, or tokenize -> "
                     "router -> decide with the router on Triton's onnxruntime backend) and zooter (decoupled BLS: "
-                    "route, then stream the chosen candidate's answer with fallback), plus CPU stand-ins for "
-                    "candidates without a Triton model (--stand-ins).",
+                    "route, in its own stub on CPU repositories or through zooter_route with the onnxruntime "
+                    "backend, then stream the chosen candidate's answer with fallback), plus CPU stand-ins for "
+                    "candidates without a Triton model (--stand-ins). The repository is written beside --out and "
+                    "renamed into place, so a failed build leaves what was there.",
         epilog="Serve it with `zooter serve REPO`; every config.pbtxt is checked against Triton's ModelConfig protobuf.")
     p.add_argument("bundle", help="bundle folder (router.json, tokenizer.json, the ONNX file) from `zooter export`")
     p.add_argument("--candidates", required=True, help="candidates YAML: names, costs, serve: {triton_model: NAME}")
