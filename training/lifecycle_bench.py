@@ -4,7 +4,7 @@ For each held-out candidate C and each cross-validation fold (k folds by query h
 reproduce` folds): train a frozen router on all candidates (the retrain, the target), add C with its
 rewards on k random training rows of the fold (the rest of its column unknown, as for a new model
 labelled on a budget; or k rows picked as `zooter candidates pick` picks them), and route the fold's test rows with each through the shipped rule (guard
-included). Everything runs on one set of cached embeddings (--frozen --layers N), so the rows compare
+included). Everything runs on one set of cached embeddings (head-only, --layers N), so the rows compare
 the candidate lifecycle and nothing else. Reported per (C, k), pooled over all rows: the mean routed
 reward, its paired difference from the retrain and from the best single candidate with 95% bootstrap
 intervals, and the seconds an add takes (labelling and embedding excluded).
