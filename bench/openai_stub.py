@@ -262,3 +262,7 @@ def run_stub(port: int, tokens: int, delay_ms: float) -> None:
 def run_proxy(port: int, upstream: str) -> None:
     """The bench's bare forwarder process, as run_stub."""
     serve(bare_proxy(upstream), listen(port=port))
+
+
+if __name__ == "__main__":     # the command line lives in the CLI (argparse only there)
+    raise SystemExit("run the stub with `zooter stub-llm [--port 0] [--delay S] [--tokens N]`")

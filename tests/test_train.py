@@ -191,7 +191,7 @@ def test_int8_consistency_measures_what_the_export_gate_measures(routing_files, 
                  "--allow-drift"]) == 0
     parity = json.loads((tmp_path / "bundle" / "router.json").read_text())["parity"]
     assert parity["n"] == 30 and parity["decision_agreement"] == pytest.approx(recorded)
-    with pytest.raises(UserError, match="needs --frozen"):
+    with pytest.raises(UserError, match="for head-only runs, not --fine-tune"):
         train(config(routing_files, tiny_backbone, tmp_path / "full", int8_consistency=10.0))
 
 

@@ -88,7 +88,7 @@ class TrainConfig:
         if out.int8_consistency < 0:
             raise UserError(f"--int8-consistency must be >= 0, got {out.int8_consistency}")
         if out.int8_consistency > 0 and not self.frozen:
-            raise UserError("--int8-consistency needs --frozen: the INT8 encoder is built once, from the frozen encoder")
+            raise UserError("--int8-consistency is for head-only runs, not --fine-tune: the INT8 encoder is built once, from the frozen encoder")
         if self.tau != "auto" and (isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0):
             raise UserError(f"--tau must be 'auto' or a positive number, got {self.tau!r}")
         if self.oof_folds == 1 or self.oof_folds < 0:
