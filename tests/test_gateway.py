@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -809,5 +811,65 @@ def test_in_process_routing_to_triton_models(triton, bundles, ranking, tmp_path)
         assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 2
         health = httpx.get(gateway.url + "/health").json()
         assert health["upstreams"][ranking[0]].startswith("down") and health["upstreams"][ranking[1]] == "up"
+    finally:
+        gateway.stop()
+
+
+# --- where routing runs ---------------------------------------------------------------------------------------
+def recording_routes(app, delay: float = 0.0) -> list[str]:
+    """The names of the threads the gateway's router is called on, in order; each call after `delay` seconds."""
+    router = app.state.gateway.backend.router
+    route, threads = router.route, []
+
+    def recorded(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        time.sleep(delay)
+        return route(*args, **kwargs)
+
+    router.route = recorded
+    return threads
+
+
+def test_a_lone_request_routes_on_the_event_loop_and_overlapping_ones_in_the_pool(bundles, stub, router, tmp_path):
+    # "paired" holds each request upstream until another is in flight: the second request is routed while the
+    # first is in flight, however the two are scheduled.
+    path = write_candidates(tmp_path / "c.yaml",
+                            {label: {"openai_base_url": stub.url + "/v1", "model": f"paired-{label}"} for label in LABELS})
+    gateway = start_gateway(bundle=bundles["int8"], candidates=path)
+    app = gateway.server.config.app
+    try:
+        # One onnxruntime thread a call: the pool is the parallelism when requests overlap.
+        assert app.state.gateway.backend.router.session.get_session_options().intra_op_num_threads == 1
+        threads = recording_routes(app)
+        with httpx.Client(timeout=60) as http:
+            body = {"model": "zooter", "messages": ask(QUERY)}
+            with ThreadPoolExecutor(2) as pool:
+                answers = list(pool.map(lambda _: http.post(gateway.url + "/v1/chat/completions", json=body), range(2)))
+            assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+            assert {a.headers["x-zooter-candidate"] for a in answers} == {router.route(QUERY).candidate}
+            assert len(threads) == 2 and any(name.startswith("zooter-route") for name in threads), threads
+            # Alone (nothing else in flight), a request routes on the event loop's thread: no hand-off to the pool.
+            # The paired upstream holds it at most 10 s waiting for a partner, then answers.
+            del threads[:]
+            alone = http.post(gateway.url + "/v1/chat/completions", json=body)
+            assert alone.status_code == 200 and alone.headers["x-zooter-candidate"] == router.route(QUERY).candidate
+            assert threads == [gateway.thread.name], threads
+    finally:
+        gateway.stop()
+
+
+def test_a_request_routed_inline_still_keeps_its_deadline(bundles, stub, tmp_path):
+    path = write_candidates(tmp_path / "c.yaml",
+                            {label: {"openai_base_url": stub.url + "/v1", "model": label} for label in LABELS})
+    gateway = start_gateway(bundle=bundles["int8"], candidates=path, request_timeout=1.0)
+    app = gateway.server.config.app
+    try:
+        threads = recording_routes(app, delay=1.5)     # routing alone outlasts the request's deadline
+        asked = len(stub.records)
+        answer = httpx.post(gateway.url + "/v1/chat/completions", json={"model": "zooter", "messages": ask(QUERY)},
+                            timeout=60)
+        assert threads == [gateway.thread.name]
+        assert answer.status_code >= 500 and "timed out" in answer.json()["error"]["message"], answer.text
+        assert len(stub.records) == asked            # no candidate was asked after the deadline
     finally:
         gateway.stop()

@@ -162,3 +162,37 @@ def test_another_encoder_is_not_a_router_swap(bundles):
                     files={**old.files, "tokenizer.json": {**old.files["tokenizer.json"], "sha256": "0" * 64}})
     problem = swap_problem(old, other)
     assert problem.startswith("another encoder") and "tokenizer.json" in problem and "max_length" in problem
+
+
+def test_sighup_between_lone_requests_swaps_the_router_they_route_with(served, bundles):
+    # One client, one request at a time: each is alone in the gateway and routes on its event loop's thread
+    # (backends.py); the reload still loads in a thread and swaps only what later requests get.
+    gateway, current = served
+    old, new = router_id(bundles["int8"]), router_id(bundles["fp32"])
+    results, sent_at, reloaded_at = [], None, None
+    with httpx.Client() as http:
+        def ask(i: int) -> None:
+            started = time.monotonic()
+            r = http.post(f"{gateway.url}/v1/chat/completions", timeout=120,
+                          json={"model": "zooter", "messages": [{"role": "user", "content": f"what is {i} + {i}?"}]})
+            results.append((started, time.monotonic(), r.status_code, r.headers.get("x-zooter-router")))
+
+        for i in range(20):
+            ask(i)
+        point(current, bundles["fp32"])
+        sent_at = time.monotonic()
+        gateway.proc.send_signal(signal.SIGHUP)
+        i = 20
+        while not any("zooter gateway reloaded" in line for _, line in gateway.lines):   # requests during the reload
+            ask(i)
+            i += 1
+            assert time.monotonic() < sent_at + 120 and gateway.proc.poll() is None, "no reload within 120 s"
+        reloaded_at, line = gateway.wait_for("zooter gateway reloaded")
+        assert f"router {old} -> {new}" in line
+        for j in range(i, i + 20):
+            ask(j)
+    assert all(status == 200 for _, _, status, _ in results)
+    assert all(router == old for _, finished, _, router in results if finished < sent_at)
+    assert sum(started > reloaded_at for started, *_ in results) == 20
+    assert all(router == new for started, _, _, router in results if started > reloaded_at)
+    assert {router for *_, router in results} == {old, new}

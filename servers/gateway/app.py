@@ -265,7 +265,9 @@ class Gateway:
             body = await self._read(request, deadline)
             limit = self.settings.max_tokens_limit
             call = parse_chat(body, limit) if kind == "chat" else parse_completion(body, limit)
-            answer = await backend.answer(call, deadline)
+            # Every request in flight holds its back end (streams until their last byte): alone, this one may
+            # route on the event loop's thread (backends.py).
+            answer = await backend.answer(call, deadline, alone=sum(self.holds.values()) == 1)
             headers = self._headers(answer, answer.router or router_of(backend))
             if call.model == "zooter" and router_of(backend):
                 self.metrics.routed.labels(router_of(backend), answer.candidate).inc()

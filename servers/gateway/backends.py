@@ -1,6 +1,8 @@
 """The gateway's two back ends: who picks the candidate, and what happens when it cannot answer.
 
-    BundleBackend   the in-process Router ranks the candidates (in a thread pool, never on the event loop);
+    BundleBackend   the in-process Router ranks the candidates: on the event loop's thread when the request
+                    is the only one in flight, else in a thread pool (so overlapping requests never wait
+                    on each other's routing);
                     the first that answers gets the request: a failure before its first token passes the
                     request to the next in the ranking, invisibly to the client, up to --max-attempts
                     candidates (a request every upstream fails must not go to all of them)
@@ -97,7 +99,9 @@ class BundleBackend:
         from zooter.serving.candidates import CandidatesError, load_candidates
 
         self.settings, self.metrics, self.redact = settings, metrics, redact
-        self.router = Router.load(settings.bundle, lam=settings.lam, tolerance=settings.tolerance)
+        # One onnxruntime thread per routing call: the pool below runs one call per core when requests
+        # overlap, and a lone call wakes no worker thread (measured: docs/gateway.md, 2026-12-07).
+        self.router = Router.load(settings.bundle, lam=settings.lam, tolerance=settings.tolerance, threads=1)
         candidates = load_candidates(settings.candidates)
         self.names = [c.name for c in candidates]
         missing = [label for label in self.router.labels if label not in self.names]
@@ -116,7 +120,7 @@ class BundleBackend:
             raise UserError(f"{settings.candidates}: none of the router's candidates has a serve entry "
                             "(openai_base_url or triton_model): nothing could answer")
         self.secrets = [u.secret for u in self.upstreams.values() if getattr(u, "secret", None)]
-        # Routing is CPU work in onnxruntime: one thread per core, off the event loop.
+        # Routing is CPU work in onnxruntime: when requests overlap, one thread per core, off the event loop.
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="zooter-route")
 
     def describe(self) -> str:
@@ -141,8 +145,10 @@ class BundleBackend:
         ready = any(states.get(label) == "up" for label in self.router.labels)
         return ready, {name: states[name] for name in self.names}
 
-    async def _route(self, call: Call) -> tuple[list[str], float | None]:
-        """(the candidates to try, best first; the router's confidence, or None when the client named one)."""
+    async def _route(self, call: Call, alone: bool) -> tuple[list[str], float | None]:
+        """(the candidates to try, best first; the router's confidence, or None when the client named one).
+        `alone`: no other request is in flight, so routing on the event loop's thread delays nobody and saves
+        the hand-off to a pool thread and back (a wake-up each way)."""
         check_names(call, self.names)
         if call.model != "zooter":
             return [call.model], None
@@ -160,16 +166,19 @@ class BundleBackend:
         start = time.perf_counter()
         text = route_text(call.turns, self.settings.route_on or DEFAULT_ROUTE_ON)
         try:
-            decision = await asyncio.get_running_loop().run_in_executor(
-                self.pool, partial(self.router.route, text, **kwargs))
+            if alone:
+                decision = self.router.route(text, **kwargs)
+            else:
+                decision = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, partial(self.router.route, text, **kwargs))
         except (ValueError, TypeError) as err:   # a setting the bundle cannot take (SettingError), blank text
             raise invalid(f"cannot route this request: {err}", "zooter") from None
         self.metrics.routing.labels(self.router.router_id).observe(time.perf_counter() - start)
         ranking = [n for n in decision.ranking if not allowed or n in allowed]
         return ranking, decision.confidence
 
-    async def answer(self, call: Call, deadline: float) -> Answer:
-        ranking, confidence = await self._route(call)
+    async def answer(self, call: Call, deadline: float, alone: bool = False) -> Answer:
+        ranking, confidence = await self._route(call, alone)
         failures, attempts = [], 0
         for i, name in enumerate(ranking):
             upstream = self.upstreams.get(name)
@@ -269,7 +278,7 @@ class TritonBackend:
                                 "(the `zooter` model's messages and route_on inputs): rebuild it with zooter triton "
                                 "build", "upstream_error", "unsupported_repository")
 
-    async def answer(self, call: Call, deadline: float) -> Answer:
+    async def answer(self, call: Call, deadline: float, alone: bool = False) -> Answer:
         import anyio
 
         if not await self.models():     # the candidates and the model's inputs, once Triton answers
