@@ -112,7 +112,7 @@ def export_bundle(run: str | Path, out: str | Path, quantize: str = "int8", opse
     validation = _parity_queries(run, read_run_info(run), parity_data, parity_n)
     started = time.perf_counter()
     model, hf_tokenizer, info = RouterModel.load(run)
-    if hasattr(model.encoder, "pool") and quantize != "none":
+    if model.static and quantize != "none":
         # A static encoder is a table lookup and a mean: nothing for INT8 or fp16 to speed up, and
         # fp32 decides exactly as training did.
         log(f"{run}: a static encoder ships in fp32 (--quantize {quantize} does not apply to a token table)")
@@ -176,7 +176,7 @@ def _convert(model, work: Path, quantize: str, opset: int | None, recipe) -> tup
     from zooter.convert.onnx_export import export_onnx, export_pooled_onnx
     from zooter.convert.quantize import optimize, quantize_int8
 
-    if hasattr(model.encoder, "pool"):   # static: Gather, mean and the heads; no fusions to apply
+    if model.static:   # Gather, mean and the heads; no fusions to apply
         io = export_pooled_onnx(model, work / "model.onnx", opset)
         return {"fp32": work / "model.onnx", "shipped": work / "model.onnx"}, io, {"mode": "none", "encoder": "static"}
     steps = tqdm(total=3, desc="export", unit="step", leave=False)

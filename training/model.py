@@ -54,8 +54,13 @@ class RouterModel(nn.Module):
         # optimum's exporter reads model.config (the backbone's) to pick the ONNX config.
         return self.encoder.config
 
+    @property
+    def static(self) -> bool:
+        """A static encoder (training/static.py): a token table that pools itself, no transformer."""
+        return hasattr(self.encoder, "pool")
+
     def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        if hasattr(self.encoder, "pool"):   # a static encoder pools its own table (training/static.py)
+        if self.static:
             return self.encoder.pool(input_ids, attention_mask)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
