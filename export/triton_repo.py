@@ -318,7 +318,6 @@ def _template_values(manifest: Manifest, options: RepositoryOptions) -> dict:
 def _write_router(out: Path, bundle: Path, manifest: Manifest, routing: RoutingConfig, values: dict,
                   options: RepositoryOptions) -> list[str]:
     """zooter_route: one python model (--router-backend python), or the tokenize -> router -> decide ensemble."""
-    onnx = {name: bundle / name for name in _onnx_files(bundle, manifest)}
     if options.router_backend == "python":
         _write_model(out, "zooter_route",
                      _fill(TEMPLATES / "zooter_route" / "config.python.pbtxt", dict(values, route_instances=options.route_instances)),
@@ -327,10 +326,10 @@ def _write_router(out: Path, bundle: Path, manifest: Manifest, routing: RoutingC
         return ["zooter_route"]
     token_names = manifest.token_inputs
     token_io = _io_block([(n, "TYPE_INT64", "-1", False) for n in token_names])
+    steps = ensemble_bundle_files(bundle, manifest)
     _write_model(out, "zooter_tokenize",
                  _fill(TEMPLATES / "zooter_tokenize" / "config.pbtxt", dict(values, token_outputs=token_io)),
-                 {"model.py": TEMPLATES / "zooter_tokenize" / "model.py",
-                  "tokenizer.json": bundle / "tokenizer.json", MANIFEST: bundle / MANIFEST})
+                 {"model.py": TEMPLATES / "zooter_tokenize" / "model.py", **steps["zooter_tokenize"]})
     accelerator = ""
     if options.tensorrt:
         accelerator = ('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt"\n'
@@ -339,16 +338,24 @@ def _write_router(out: Path, bundle: Path, manifest: Manifest, routing: RoutingC
                  _fill(TEMPLATES / "zooter_router" / "config.onnxruntime.pbtxt",
                        dict(values, token_inputs=token_io, model_file=manifest.model_file, accelerator=accelerator,
                             instance_kind="KIND_GPU" if options.router_device == "gpu" else "KIND_CPU")),
-                 onnx)
+                 steps["zooter_router"])
     _write_model(out, "zooter_decide", _fill(TEMPLATES / "zooter_decide" / "config.pbtxt", values),
                  {"model.py": TEMPLATES / "zooter_decide" / "model.py", "routing.json": _routing_text(routing),
-                  MANIFEST: bundle / MANIFEST})
+                  **steps["zooter_decide"]})
     step_maps = {
         "tokenize_output_map": "\n".join(f'      output_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
         "router_input_map": "\n".join(f'      input_map {{ key: "{n}" value: "_{n}" }}' for n in token_names),
     }
-    _write_model(out, "zooter_route", _fill(TEMPLATES / "zooter_route" / "config.ensemble.pbtxt", dict(values, **step_maps)))
+    _write_model(out, "zooter_route", _fill(TEMPLATES / "zooter_route" / "config.ensemble.pbtxt",
+                                            dict(values, **step_maps, route_version=1)))
     return ["zooter_tokenize", "zooter_router", "zooter_decide", "zooter_route"]
+
+
+def ensemble_bundle_files(bundle: Path, manifest: Manifest) -> dict[str, dict[str, Path]]:
+    """What each step of the onnxruntime-backend ensemble takes from the bundle into its version folder."""
+    return {"zooter_tokenize": {"tokenizer.json": bundle / "tokenizer.json", MANIFEST: bundle / MANIFEST},
+            "zooter_router": {name: bundle / name for name in _onnx_files(bundle, manifest)},
+            "zooter_decide": {MANIFEST: bundle / MANIFEST}}
 
 
 def _write_stand_ins(out: Path, stand_ins: dict[str, str], values: dict, options: RepositoryOptions) -> list[str]:

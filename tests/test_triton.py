@@ -128,15 +128,16 @@ def test_every_generated_config_parses_with_tritons_protobuf(triton_bundle, tmp_
             assert config.name == name
         route = configs["zooter_route"]
         outputs = {o.name: list(o.dims) for o in route.output}
-        who = {"router": [1]} if backend == "python" else {}   # who chose: the python step knows its bundle
         assert outputs == {"candidate": [1], "probabilities": [len(LABELS)], "expected_rewards": [len(LABELS)],
-                           "confidence": [1], "ranking": [len(LABELS)], **who}
-        outputs = {k: v for k, v in outputs.items() if k != "router"}
+                           "confidence": [1], "ranking": [len(LABELS)], "router": [1]}   # router: who chose
         assert json.loads(route.parameters["labels"].string_value) == LABELS
         assert configs["zooter"].model_transaction_policy.decoupled
         if backend == "onnxruntime":   # GPU/production: tokenize -> ORT-backend router -> decide
             assert route.platform == "ensemble"
             assert [s.model_name for s in route.ensemble_scheduling.step] == ["zooter_tokenize", "zooter_router", "zooter_decide"]
+            # One version for all three steps, two kept loaded: what lets `zooter triton reload` swap them as one.
+            assert {s.model_version for s in route.ensemble_scheduling.step} == {1}
+            assert all(configs[s].version_policy.latest.num_versions == 2 for s in ("zooter_tokenize", "zooter_router", "zooter_decide"))
             router = configs["zooter_router"]
             assert router.platform == "onnxruntime_onnx" and [o.name for o in router.output] == ["logits", "rewards"]
             assert router.optimization.execution_accelerators.gpu_execution_accelerator[0].name == "tensorrt"

@@ -1,10 +1,13 @@
 """Swapping the router of a running tritonserver: `zooter triton reload` writes the new bundle as the next
-version of zooter_route, and of zooter (which routes in its own stub in a CPU repository), and loads them
-through the repository API; no request is lost, every answer names the router that chose it, and a bundle
-that does not fit, or a load Triton refuses, leaves the running router serving."""
+version of zooter_route, and of zooter (which routes in its own stub in a CPU repository), or of the three
+steps of the onnxruntime-backend ensemble (then pins the ensemble to it), and loads them through the
+repository API; no request is lost, every answer names the router that chose it, and a bundle that does not
+fit, or a load Triton refuses, leaves the running router serving. The ensemble's zooter_router runs on a
+stand-in for Triton's onnxruntime backend (tests/fake_models/onnxruntime_standin), the rest as built."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,21 +39,81 @@ def repo(bundles, tmp_path):
     return build_repository(bundles["int8"], tmp_path / "repo", candidates).path
 
 
-def test_an_onnxruntime_backend_repository_is_refused_in_one_line_and_nothing_changes(bundles, tmp_path, capsys):
-    """The ensemble (--router-backend onnxruntime) is not swapped: the pytriton server here has no onnxruntime
-    backend to prove a swap of its three models loses no request, and its answers name no router."""
+STEPS = ["zooter_tokenize", "zooter_router", "zooter_decide"]
+
+
+@pytest.fixture(scope="module")
+def other_fp32(tiny_backbone, bundles, tmp_path_factory):
+    """An fp32 bundle of other heads on the same encoder: what can replace `fp32` in an ensemble (no INT8 there)."""
+    from tiny import make_tiny_run
+
+    root = tmp_path_factory.mktemp("other")
+    run = make_tiny_run(tiny_backbone, root / "run", seed=2)
+    assert main(["export", str(run), "--out", str(root / "fp32"), "--parity-data", str(bundles["parity"]),
+                 "--quantize", "none"]) == 0
+    return root / "fp32"
+
+
+@pytest.fixture()
+def ensemble(bundles, tmp_path):
+    """The fp32 router's onnxruntime-backend repository (tokenize -> router -> decide, the GPU build), its
+    zooter_router on the stand-in; every candidate is served by `fake_llm`, in an extra repository."""
     from tiny import LABELS
+    from triton_helpers import fake_repository, onnxruntime_standin
     from zooter.export.triton_repo import build_repository
     from zooter.serving.candidates import parse_candidates
 
+    fake_repository(tmp_path / "fake", fake_llm="fake_trtllm")
     candidates = parse_candidates([{"name": n, "serve": {"triton_model": "fake_llm"}} for n in LABELS])
     repo = build_repository(bundles["fp32"], tmp_path / "ort", candidates, router_backend="onnxruntime").path
-    before = sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
-    assert main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]), "--triton", "127.0.0.1:9"]) == 2
+    onnxruntime_standin(repo)
+    return repo
+
+
+def files(repo) -> list[str]:
+    return sorted(str(p.relative_to(repo)) for p in repo.rglob("*"))
+
+
+def test_an_ensemble_is_refused_a_bundle_its_onnxruntime_config_cannot_run_and_an_unpinned_one_any(ensemble, bundles, capsys):
+    """INT8 on the onnxruntime backend would batch queries together (zooter triton build refuses it too); an
+    ensemble built before its steps were pinned to one version cannot swap them together. One line each, the
+    repository untouched."""
+    before = files(ensemble)
+    assert main(["triton", "reload", str(ensemble), "--bundle", str(bundles["int8"]), "--triton", "127.0.0.1:9"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--router-backend onnxruntime" in err and "zooter triton build" in err, err
-    assert "keeps serving" in err, err
-    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*")) == before
+    assert "\n" not in err and f"router {rid(bundles['fp32'])} keeps serving" in err, err
+    assert "INT8" in err and "--router-backend python" in err, err
+    assert files(ensemble) == before
+    config = ensemble / "zooter_route" / "config.pbtxt"
+    config.write_text(config.read_text().replace("model_version: 1", "model_version: -1"))
+    assert main(["triton", "reload", str(ensemble), "--bundle", str(bundles["fp32"]), "--triton", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not pin its steps" in err and "zooter triton build" in err, err
+    assert files(ensemble) == before
+
+
+def test_an_ensemble_whose_pin_triton_refuses_goes_back_to_its_steps_and_pin(ensemble, bundles, other_fp32, monkeypatch, capsys):
+    """The three steps loaded the new router, then Triton refused zooter_route with the new pin: the new version
+    folders go, the pin goes back, and the steps are loaded back onto the running router."""
+    import zooter.serving.triton_client as triton_client
+
+    loads, pins = [], []
+    config = ensemble / "zooter_route" / "config.pbtxt"
+
+    def load_model(url, model, key=None):
+        loads.append(model)
+        if model == "zooter_route":
+            pins.append(sorted(set(re.findall(r"model_version: (\d+)", config.read_text()))))
+            raise triton_client.TritonRequestError("load zooter_route: HTTP 400: failed to load 'zooter_route'")
+
+    monkeypatch.setattr(triton_client, "load_model", load_model)
+    before, pinned = files(ensemble), config.read_text()
+    assert main(["triton", "reload", str(ensemble), "--bundle", str(other_fp32), "--triton", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"did not load router {rid(other_fp32)} into zooter_route" in err, err
+    assert f"router {rid(bundles['fp32'])} keeps serving" in err, err
+    assert loads == [*STEPS, "zooter_route", *STEPS] and pins == [["2"]]
+    assert files(ensemble) == before and config.read_text() == pinned
 
 
 def route(http: httpx.Client, url: str, text: str) -> httpx.Response:
@@ -59,8 +122,12 @@ def route(http: httpx.Client, url: str, text: str) -> httpx.Response:
                            "outputs": [{"name": "candidate"}, {"name": "router"}]})
 
 
+def output(response: httpx.Response, name: str) -> str:
+    return next(o["data"][0] for o in response.json()["outputs"] if o["name"] == name)
+
+
 def answered_by(response: httpx.Response) -> str:
-    return next(o["data"][0] for o in response.json()["outputs"] if o["name"] == "router")
+    return output(response, "router")
 
 
 def answer(http: httpx.Client, url: str, text: str) -> httpx.Response:
@@ -78,11 +145,21 @@ def asked(url: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.triton
-def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, tmp_path, capsys):
+@pytest.mark.parametrize("built", ["python", "ensemble"])
+def test_reload_swaps_the_router_under_load_and_loses_no_request(built, request, bundles, tmp_path, capsys):
+    """python: zooter_route and zooter (the CPU build); ensemble: its three steps, then the pin (the GPU build,
+    its router on the onnxruntime stand-in). `zooter` routes in its own stub in the first, asks the ensemble in
+    the second."""
     from zooter.runtime.router import Router
     from zooter.servers.tritonserver import TritonServer
 
-    old, new = rid(bundles["int8"]), rid(bundles["fp32"])
+    if built == "python":
+        repo, before, after = request.getfixturevalue("repo"), bundles["int8"], bundles["fp32"]
+        swapped, versioned = "zooter_route version 2, zooter version 2", ["zooter_route", "zooter"]
+    else:
+        repo, before, after = request.getfixturevalue("ensemble"), bundles["fp32"], request.getfixturevalue("other_fp32")
+        swapped, versioned = ", ".join(f"{m} version 2" for m in STEPS) + ", zooter_route pinned to 2", STEPS
+    old, new = rid(before), rid(after)
     assert old != new
     server = TritonServer(repo, extra_repositories=[tmp_path / "fake"], model_control=True, http_port=0, grpc_port=0, metrics_port=0,
                           log_file=tmp_path / "server.log")
@@ -97,7 +174,7 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
 
         def reload():
             sent_at[0] = time.monotonic()
-            codes.append(main(["triton", "reload", str(repo), "--bundle", str(bundles["fp32"]),
+            codes.append(main(["triton", "reload", str(repo), "--bundle", str(after),
                                "--triton", server.http_url, "--control-key-file", str(key_file)]))
             reloaded_at[0] = time.monotonic()
             reloaded.set()
@@ -113,13 +190,13 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
                 reloaded.wait(0.03 * (i - REQUESTS // 2))
             text = f"question {i}: what is {i} + {i}?"
             started = time.monotonic()
-            if i % 4 == 0:      # a quarter answered through `zooter`, which routes in its own stub
+            if i % 4 == 0:      # a quarter answered through `zooter`
                 r = answer(http, server.http_url, text)
                 named = r.json()["router"] if r.status_code == 200 else r.text
                 chosen = r.json()["candidate"] if r.status_code == 200 else None
             else:
                 r = route(http, server.http_url, text)
-                named, chosen = (answered_by(r) if r.status_code == 200 else r.text), None
+                named, chosen = (answered_by(r), output(r, "candidate")) if r.status_code == 200 else (r.text, None)
             finished = time.monotonic()
             with lock:
                 results.append((started, r.status_code, named, finished))
@@ -130,10 +207,10 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
             list(pool.map(lambda i: one(i, http), range(REQUESTS)))
         reloader.join(300)
         assert codes == [0]
-        assert f"router {old} -> {new} (zooter_route version 2, zooter version 2)" in capsys.readouterr().out
+        assert f"router {old} -> {new} ({swapped})" in capsys.readouterr().out
 
         # The figures docs/triton.md quotes (pytest -s shows them); nothing here is timed.
-        print(f"\nreload under load: {REQUESTS} requests from {CLIENTS} clients, "
+        print(f"\nreload under load ({built}): {REQUESTS} requests from {CLIENTS} clients, "
               f"{sum(r[1] != 200 for r in results)} failed, {sum(r[2] == old for r in results)} by router {old}, "
               f"{sum(r[2] == new for r in results)} by {new}; the reload took {reloaded_at[0] - sent_at[0]:.2f} s, "
               f"{sum(sent_at[0] <= r[0] <= reloaded_at[0] for r in results)} requests started during it")
@@ -145,13 +222,15 @@ def test_reload_swaps_the_router_under_load_and_loses_no_request(repo, bundles, 
         assert all(router == new for started, _, router, _ in results if started > reloaded_at[0])
         assert sum(started > reloaded_at[0] for started, _, _, _ in results) >= REQUESTS // 5
         assert asked(server.http_url) == new
-        # Each `zooter` answer went to the candidate the router it names chose, before and after the swap.
-        routers = {old: Router.load(bundles["int8"]), new: Router.load(bundles["fp32"])}
+        # Each answer went to (or routed to) the candidate the router it names chose, before and after the swap: in
+        # the ensemble, no request mixed one router's steps with the other's.
+        routers = {old: Router.load(before), new: Router.load(after)}
         assert {named for _, named, _ in answers} == {old, new}
         assert all(chosen == routers[named].route(text).candidate for text, named, chosen in answers)
-        metrics = httpx.get(server.metrics_url, timeout=30).text
-        assert f'zooter_route_decisions_total{{router="{new}"}}' in metrics
-        for model in ("zooter_route", "zooter"):
+        if built == "python":
+            metrics = httpx.get(server.metrics_url, timeout=30).text
+            assert f'zooter_route_decisions_total{{router="{new}"}}' in metrics
+        for model in versioned:
             assert sorted(p.name for p in (repo / model).iterdir()) == ["1", "2", "config.pbtxt"]
     finally:
         server.close()

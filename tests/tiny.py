@@ -28,15 +28,16 @@ def plain_decision(labels: list[str]) -> dict:
             "confidence": {"x": [-1.0, 1.0], "y": [0.0, 1.0]}, "fitted_on": {"rows": 0, "out_of_fold": False}}
 
 
-def make_tiny_run(backbone: Path, run: Path) -> Path:
+def make_tiny_run(backbone: Path, run: Path, seed: int = 1) -> Path:
     """An untrained router on the tiny backbone whose head reads the embedding's deviation from the mean
     query, scaled to unit spread: decisions then vary from query to query with clear margins, as a
-    trained router's do, instead of one candidate winning everything by a hair."""
+    trained router's do, instead of one candidate winning everything by a hair. Another `seed`: other heads on
+    the same encoder (a router that can replace this one in service)."""
     import torch
 
     from zooter.training.model import RouterModel
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model, tokenizer = RouterModel.from_backbone(backbone, LABELS)
     batch = tokenizer(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="pt")
     with torch.no_grad():
@@ -49,7 +50,7 @@ def make_tiny_run(backbone: Path, run: Path) -> Path:
         reward = torch.randn(len(LABELS), emb.shape[1]) / std / emb.shape[1] ** 0.5 * 0.2
         model.set_reward_head(reward.numpy(), (0.5 - reward @ mean).numpy())
     model.save(run, tokenizer, {"max_length": 128, "data_sha256": "0" * 64, "backbone": str(backbone), "beta": 0.3,
-                                "tau": 1.0, "loss": "kl", "seed": 1,
+                                "tau": 1.0, "loss": "kl", "seed": seed,
                                 "best_single": {"candidate": "alpha-7b", "mean_reward": 0.5},
                                 "dev": {"mean_reward": 0.5, "n": len(TEXTS)}, "decision": plain_decision(LABELS)})
     return run

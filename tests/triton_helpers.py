@@ -9,6 +9,7 @@ repository of its own.
 
 from __future__ import annotations
 
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,3 +40,19 @@ def fake_repository(folder: str | Path, *names: str, **renamed: str) -> Path:
     for target, source in [*((n, n) for n in names), *renamed.items()]:
         shutil.copytree(FAKE_MODELS / source, folder / target)
     return folder
+
+
+def onnxruntime_standin(repo: str | Path) -> None:
+    """Run a built repository's zooter_router, made for Triton's onnxruntime backend (absent from the Triton here),
+    on the python backend: fake_models/onnxruntime_standin runs the same ONNX file with onnxruntime, under the same
+    config otherwise (inputs, outputs, batching, version policy)."""
+    folder = Path(repo) / "zooter_router"
+    config = folder / "config.pbtxt"
+    text = config.read_text()
+    named = re.search(r'default_model_filename: "([^"]+)"\n', text)
+    assert 'platform: "onnxruntime_onnx"' in text and named, text
+    text = text.replace('platform: "onnxruntime_onnx"', 'backend: "python"').replace(named.group(0), "")
+    config.write_text(text + f'parameters {{ key: "onnx_file" value: {{ string_value: "{named.group(1)}" }} }}\n')
+    for version in folder.iterdir():
+        if version.name.isdigit():
+            shutil.copy(FAKE_MODELS / "onnxruntime_standin" / "model.py", version / "model.py")

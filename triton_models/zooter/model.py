@@ -221,8 +221,7 @@ class TritonPythonModel:
             self._count("route_error")
 
     def _route(self, request, sender):
-        """(the candidates to try, best first; the router's confidence; its id, None from the onnxruntime
-        ensemble). A named candidate (`answer_with`) is the only one, without a confidence or a router.
+        """(the candidates to try, best first; the router's confidence; its id). A named candidate (`answer_with`) is the only one, without a confidence or a router.
         Raises _Answered after passing on the router's error."""
         named = pb_utils.get_input_tensor_by_name(request, "answer_with")
         if named is not None:
@@ -252,8 +251,9 @@ class TritonPythonModel:
         E = pb_utils.TritonError
         inputs = [pb_utils.Tensor("text", np.array([[text.encode("utf-8")]], dtype=object))]
         inputs += [pb_utils.Tensor(knob, value) for knob, value in asked.items()]
-        # `router` names the router that chose (the python zooter_route; a reload changes it, zooter triton reload).
-        names = ["ranking", "confidence", *(["router"] if self.knobs_supported else [])]
+        # `router` names the router that chose (the python zooter_route, or the ensemble's decide step; a reload
+        # changes it, zooter triton reload).
+        names = ["ranking", "confidence", "router"]
         routed = pb_utils.InferenceRequest(model_name="zooter_route", requested_output_names=names, inputs=inputs).exec()
         if routed.has_error():
             error = routed.error()

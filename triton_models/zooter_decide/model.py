@@ -3,7 +3,9 @@
 The rule is zooter.runtime.decision.Rule with the bundle's settings (router.json, beside this file)
 and the repository's cost knobs (routing.json, written by `zooter triton build`), so Triton decides
 exactly like the in-process Router. Outputs: candidate, probabilities, expected_rewards,
-confidence and ranking (candidate names best first, the fallback order).
+confidence, ranking (candidate names best first, the fallback order) and router (the id of the router
+whose router.json this version holds: a reload pins the ensemble's three steps to one version, so it
+names the router whose logits it decided on).
 """
 
 from pathlib import Path
@@ -20,7 +22,9 @@ class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
         routing = RoutingConfig.read(folder)
-        self.rule = Manifest.read_file(folder / MANIFEST).rule(routing.lam, routing.tolerance)
+        manifest = Manifest.read_file(folder / MANIFEST)
+        self.rule = manifest.rule(routing.lam, routing.tolerance)
+        self.router_id = np.array([manifest.router_id.encode()], dtype=object)
         self.names = np.array([s.encode() for s in self.rule.labels] + [b""], dtype=object)   # -1 ranks nothing
 
     def execute(self, requests):
@@ -37,6 +41,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("probabilities", probs[rows].astype(np.float32)),
                 pb_utils.Tensor("expected_rewards", made.expected[rows].astype(np.float32)),
                 pb_utils.Tensor("confidence", made.confidence[rows].astype(np.float32).reshape(n, 1)),
-                pb_utils.Tensor("ranking", self.names[made.ranking[rows]])]))
+                pb_utils.Tensor("ranking", self.names[made.ranking[rows]]),
+                pb_utils.Tensor("router", np.repeat(self.router_id, n).reshape(n, 1))]))
             start += n
         return responses

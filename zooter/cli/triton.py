@@ -62,11 +62,12 @@ def register(sub) -> None:
     r = tsub.add_parser(
         "reload", help="swap the router of a running server without dropping requests",
         description="Write a new bundle as the next version of zooter_route in REPO (and of zooter, which routes "
-                    "in its own stub in CPU repositories) and have the running server load them through the repository API (`zooter serve --model-control`; needs the control key): "
+                    "in its own stub in CPU repositories; with --router-backend onnxruntime, of the ensemble's "
+                    "tokenize, router and decide steps, then pin the ensemble to it) and have the running server load "
+                    "them through the repository API (`zooter serve --model-control`; needs the control key): "
                     "requests in flight finish on the old router, new ones go to the new one. The bundle must keep "
                     "the encoder and the labels; anything else is refused and the running router keeps serving.")
-    r.add_argument("repository", help="the repository the server runs (zooter triton build --out, "
-                   "--router-backend python; an onnxruntime one is refused)")
+    r.add_argument("repository", help="the repository the server runs (zooter triton build --out)")
     r.add_argument("--bundle", required=True, help="the new bundle folder")
     r.add_argument("--triton", default="127.0.0.1:8000", metavar="URL", help="the server's HTTP address (default 127.0.0.1:8000)")
     r.add_argument("--control-key-file", metavar="FILE",
