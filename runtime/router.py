@@ -145,8 +145,8 @@ class Router:
         if not cleaned:
             return probs, rewards
         if not padded:
-            for i, feeds in enumerate(encode_each(self.tokenizer, cleaned, self.max_length)):
-                logits, scores = self.session.run(self.outputs, {name: feeds[name] for name in self.input_names})
+            for i, feeds in enumerate(encode_each(self.tokenizer, cleaned, self.max_length, self.input_names)):
+                logits, scores = self.session.run(self.outputs, feeds)
                 probs[i], rewards[i] = rule.softmax(logits)[0], scores[0]
             return probs, rewards
         order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i])) if len(cleaned) > batch_size else range(len(cleaned))

@@ -108,9 +108,13 @@ def test_encode_and_the_router_answer_the_same_with_and_without_the_fast_path(to
         assert fast.keys() == plain.keys()
         for name in fast:
             np.testing.assert_array_equal(fast[name], plain[name])
-        for a, b in zip(encode_each(tokenizer, batch, 16), encode_each(tokenizer.backend, batch, 16)):
+        for a, b, c in zip(encode_each(tokenizer, batch, 16), encode_each(tokenizer.backend, batch, 16),
+                           encode_each(tokenizer, batch, 16, ["input_ids", "attention_mask"])):   # a static model's inputs
+            assert list(c) == ["input_ids", "attention_mask"]
             for name in a:
                 np.testing.assert_array_equal(a[name], b[name])
+                if name in c:
+                    np.testing.assert_array_equal(a[name], c[name])
 
     router = Router.load(bundles["int8"])
     assert isinstance(router.tokenizer, QueryTokenizer) and router.tokenizer.fast is not None
