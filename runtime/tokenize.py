@@ -6,7 +6,7 @@ only (no transformers), so it runs inside apps and the Triton python backend.
 
 ASCII queries skip the `tokenizers` call when the tokenizer is BERT's (BertNormalizer, BertPreTokenizer,
 WordPiece: MiniLM's and the static tables'): `AsciiWordPiece` gives the same ids with a regex and
-dict lookups in about a fifth of the time (10 against 55 us for 64 tokens), which is most of a static
+dict lookups in about a fifth of the time (11-14 against 55-62 us for 64 tokens), which is most of a static
 router's route. Anything else (a non-ASCII character, text that holds an added token such as
 "[SEP]", another tokenizer) goes through `tokenizers`.
 
@@ -109,7 +109,9 @@ class AsciiWordPiece:
     def __init__(self, vocab: dict[str, int], unk: int, prefix: str, longest_word: int, lowercase: bool,
                  head: list[int], tail: list[int], type_ids: tuple[int, int, int], room: int, added: list[str]):
         self.vocab, self.unk, self.prefix, self.longest_word = vocab, unk, prefix, longest_word
-        self.whole = {w: i for w, i in vocab.items() if len(w) <= longest_word}   # a longer word is [UNK] even if listed
+        # a word longer than longest_word is [UNK] even if listed (BERT's vocabularies list none)
+        too_long = max(map(len, vocab), default=0) > longest_word
+        self.whole = {w: i for w, i in vocab.items() if len(w) <= longest_word} if too_long else vocab
         self.lowercase, self.head, self.tail, self.room, self.added = lowercase, head, tail, room, added
         self.type_ids = type_ids
         self.words = re.compile(r"[a-z0-9]+|[^a-z0-9 \t\n\r]" if lowercase else r"[A-Za-z0-9]+|[^A-Za-z0-9 \t\n\r]")
@@ -134,7 +136,7 @@ class AsciiWordPiece:
             if room < 1:
                 return None
             added = [a["content"].lower() for a in spec.get("added_tokens") or [] if a.get("content")]
-            return cls(dict(vocab), vocab[model["unk_token"]], model["continuing_subword_prefix"],
+            return cls(vocab, vocab[model["unk_token"]], model["continuing_subword_prefix"],
                        int(model["max_input_chars_per_word"]), bool(norm.get("lowercase")), head, tail, types,
                        room, added)
         except (KeyError, TypeError, ValueError, AttributeError):
