@@ -27,11 +27,13 @@ def minilm_spec() -> dict:
     return json.loads((Path(default_backbone()) / "tokenizer.json").read_text(encoding="utf-8"))
 
 
-@pytest.fixture(scope="module", params=["minilm", "static"])
+@pytest.fixture(scope="module", params=["minilm", "static", "cased"])
 def tokenizer_file(request, tmp_path_factory) -> Path:
     spec = minilm_spec()
     if request.param == "static":      # model2vec's layout: no special tokens around the text
         spec["post_processor"], spec["truncation"], spec["padding"] = None, None, None
+    if request.param == "cased":       # a BERT tokenizer that keeps case (the vocabulary's capitals become pieces)
+        spec["normalizer"]["lowercase"] = False
     path = tmp_path_factory.mktemp(request.param) / "tokenizer.json"
     path.write_text(json.dumps(spec), encoding="utf-8")
     return path
