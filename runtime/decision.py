@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -58,10 +59,11 @@ def _finite(value) -> float | None:
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
+    z = np.array(logits, dtype=np.float64)        # a copy, then in place: one array for the whole call
+    z -= z.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
 
 
 def unit_price(cost) -> float:
@@ -94,11 +96,16 @@ class Table:
     x: tuple[float, ...]
     y: tuple[float, ...]
 
+    @cached_property
+    def knots(self) -> tuple[np.ndarray, np.ndarray]:
+        """x and y as arrays, made once: np.interp would convert the tuples at every call."""
+        return np.array(self.x, dtype=np.float64), np.array(self.y, dtype=np.float64)
+
     def __call__(self, values) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
         if len(self.x) == 1:
             return np.full(values.shape, self.y[0])
-        return np.interp(values, self.x, self.y)
+        return np.interp(values, *self.knots)
 
     def to_json(self) -> dict:
         return {"x": list(self.x), "y": list(self.y)}
@@ -173,28 +180,33 @@ class Rule:
         n, m = probs.shape
         if expected.shape != (n, m) or m != len(self.labels):
             raise ValueError(f"probabilities {probs.shape} and rewards {expected.shape} for {len(self.labels)} labels")
-        ok = np.ones((n, m), dtype=bool) if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), (n, m))
-        if not ok.any(axis=1).all():
+        # `ok is None`: every candidate allowed (routing's usual call); each np.where(ok, x, -inf) is then x
+        # itself, so that case skips them: a numpy call on one row costs about a microsecond.
+        ok = None if allowed is None else np.broadcast_to(np.asarray(allowed, dtype=bool), (n, m))
+        if ok is not None and not ok.any(axis=1).all():
             raise SettingError("every candidate of a query is excluded: allow at least one")
         rows = np.arange(n)
         utility = probs - (lam * self.costs / max(self.costs.max(), 1e-12) if lam else 0.0)
-        choice = np.argmax(np.where(ok, utility, -np.inf), axis=1)
+        choice = np.argmax(utility if ok is None else np.where(ok, utility, -np.inf), axis=1)
         anchored = np.zeros(n, dtype=bool)
         if guard:
-            usable = ok[:, self.anchor]
             gain = expected[rows, choice] - expected[:, self.anchor]
-            anchored = usable & (gain <= self.margin)
+            anchored = gain <= self.margin if ok is None else ok[:, self.anchor] & (gain <= self.margin)
             choice = np.where(anchored, self.anchor, choice)
         if tolerance:
-            near = ok & (expected >= expected[rows, choice][:, None] - tolerance - 1e-12)
+            near = expected >= expected[rows, choice][:, None] - tolerance - 1e-12
+            if ok is not None:
+                near &= ok
             # cheapest first; among equal prices the higher expected reward
             key = np.where(near, -self.costs[None, :] * 1e6 + expected, -np.inf)
             choice = np.argmax(key, axis=1)
-        others = np.where(ok, expected, -np.inf)
+        others = expected.copy() if ok is None else np.where(ok, expected, -np.inf)
+        chosen = expected[rows, choice]
         others[rows, choice] = np.inf
         ranking = np.argsort(-others, axis=1, kind="stable")
-        ranking = np.where(np.take_along_axis(ok, ranking, axis=1), ranking, -1)
-        rest = np.where(ok, expected, -np.inf)
-        rest[rows, choice] = -np.inf
-        lead = expected[rows, choice] - np.where(np.isfinite(rest.max(axis=1)), rest.max(axis=1), expected[rows, choice])
+        if ok is not None:
+            ranking = np.where(np.take_along_axis(ok, ranking, axis=1), ranking, -1)
+        others[rows, choice] = -np.inf
+        best_other = others.max(axis=1)
+        lead = chosen - np.where(np.isfinite(best_other), best_other, chosen)
         return Choices(choice, ranking, expected, self.confidence_map(lead), anchored)

@@ -145,8 +145,8 @@ class Router:
         if not cleaned:
             return probs, rewards
         if not padded:
-            for i, feeds in enumerate(encode_each(self.tokenizer, cleaned, self.max_length)):
-                logits, scores = self.session.run(self.outputs, {name: feeds[name] for name in self.input_names})
+            for i, feeds in enumerate(encode_each(self.tokenizer, cleaned, self.max_length, self.input_names)):
+                logits, scores = self.session.run(self.outputs, feeds)
                 probs[i], rewards[i] = rule.softmax(logits)[0], scores[0]
             return probs, rewards
         order = sorted(range(len(cleaned)), key=lambda i: len(cleaned[i])) if len(cleaned) > batch_size else range(len(cleaned))
@@ -170,12 +170,13 @@ class Router:
                 raise SettingError(f"candidates {unknown or '[]'} are not labels of this router ({self.labels})")
             allowed = np.array([name in set(candidates) for name in self.labels])
         made = self.rule.decide(probs, rewards, lam, tolerance, allowed)
-        out = []
-        for k, c in enumerate(made.choice):
-            out.append(Decision(self.labels[c], float(made.expected[k, c]), float(made.confidence[k]),
-                                {n: float(v) for n, v in zip(self.labels, made.expected[k])},
-                                {n: float(v) for n, v in zip(self.labels, probs[k])},
-                                [self.labels[i] for i in made.ranking[k] if i >= 0], bool(made.anchored[k]), latency_ms))
+        labels, out = self.labels, []
+        # tolist() gives the Python floats and ints float() and int() would, in one call per array
+        rows = zip(made.choice.tolist(), made.expected.tolist(), made.confidence.tolist(), np.asarray(probs).tolist(),
+                   made.ranking.tolist(), made.anchored.tolist())
+        for c, expected, confidence, p, ranking, anchored in rows:
+            out.append(Decision(labels[c], expected[c], confidence, dict(zip(labels, expected)), dict(zip(labels, p)),
+                                [labels[i] for i in ranking if i >= 0], anchored, latency_ms))
         return out
 
     def route(self, text, lam: float | None = None, tolerance: float | None = None,

@@ -64,6 +64,11 @@ class StaticEncoder(nn.Module):
             if isinstance(vocab, dict) and token in vocab and vocab[token] < len(table):
                 keep[vocab[token]] = 0.0     # model2vec's encode drops unknown tokens; padding never counts
         self.register_buffer("keep", keep, persistent=False)
+        # The table pool() reads: the rows of the tokens left out are zero, so a masked sum is one MatMul
+        # (the exported graph is what a static route costs: every node is about a microsecond of onnxruntime).
+        rows = self.embeddings.weight.detach().clone()
+        rows[keep == 0] = 0
+        self.register_buffer("rows", rows, persistent=False)
         digest = hashlib.sha256(table.tobytes() + tokenizer_json.encode() + bytes([self.normalize])).hexdigest()[:16]
         self.name_or_path = f"static-{digest}"
         self.source = source
@@ -71,13 +76,13 @@ class StaticEncoder(nn.Module):
                                       max_position_embeddings=1_000_000, name_or_path=self.name_or_path)
 
     def pool(self, input_ids, attention_mask) -> torch.Tensor:
-        """(batch, hidden) query embeddings."""
-        weight = attention_mask.to(torch.float32) * self.keep[input_ids]
-        summed = (self.embeddings(input_ids).to(torch.float32) * weight.unsqueeze(-1)).sum(1)
-        pooled = summed / weight.sum(1, keepdim=True).clamp(min=1.0)
-        if self.normalize:
-            pooled = pooled / pooled.norm(dim=1, keepdim=True).clamp(min=1e-12)
-        return pooled
+        """(batch, hidden) query embeddings: the mean of the kept tokens' rows, L2-normalised if the table says so."""
+        mask = attention_mask.to(torch.float32)
+        rows = nn.functional.embedding(input_ids, self.rows).to(torch.float32)
+        summed = torch.matmul(mask.unsqueeze(1), rows).squeeze(1)
+        if self.normalize:    # the mean points where the sum does: no count to divide by
+            return summed / summed.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return summed / (mask * self.keep[input_ids]).sum(1, keepdim=True).clamp(min=1.0)
 
     def save_pretrained(self, folder: str | Path) -> None:
         from safetensors.numpy import save_file
