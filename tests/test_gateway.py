@@ -873,3 +873,56 @@ def test_a_request_routed_inline_still_keeps_its_deadline(bundles, stub, tmp_pat
         assert len(stub.records) == asked            # no candidate was asked after the deadline
     finally:
         gateway.stop()
+
+
+def test_a_request_to_an_openai_upstream_hands_nothing_to_a_worker_thread(bundles, stub, router, tmp_path):
+    """aiohttp's trust_env looked up the proxy variables and ~/.netrc in the loop's default executor on every request
+    and health probe (two thread hand-offs, each a wake-up); they are read once, when the candidates load."""
+    from zooter.servers.gateway import GatewaySettings, create_app, gateway_server_options
+
+    submitted: list = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(getattr(fn, "__qualname__", repr(fn)))
+            return super().submit(fn, *args, **kwargs)
+
+    def ready(_gateway) -> None:
+        asyncio.get_running_loop().set_default_executor(Recording(2))
+
+    path = write_candidates(tmp_path / "c.yaml",
+                            {label: {"openai_base_url": stub.url + "/v1", "model": label} for label in LABELS})
+    app = create_app(GatewaySettings(bundle=bundles["int8"], candidates=path), on_ready=ready)
+    gateway = ServerThread(app, **gateway_server_options(app))
+    try:
+        with httpx.Client(timeout=60) as http:
+            for stream in (False, True, False):
+                answer = http.post(gateway.url + "/v1/chat/completions",
+                                   json={"model": "zooter", "messages": ask(QUERY), "stream": stream})
+                assert answer.status_code == 200 and answer.headers["x-zooter-candidate"] == router.route(QUERY).candidate
+                assert (b"data: [DONE]" in answer.content) == stream
+            assert http.get(gateway.url + "/health").json()["status"] == "ok"     # the probes ran too
+        assert submitted == []
+    finally:
+        gateway.stop()
+
+
+def test_upstreams_take_the_proxy_and_netrc_from_the_environment(tmp_path, monkeypatch):
+    """What trust_env gave, read once per upstream: HTTP_PROXY unless NO_PROXY names the host; .netrc credentials
+    only for an upstream without a key of its own (aiohttp refuses both at once)."""
+    from zooter.servers.gateway.upstreams import UpstreamHttp
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine llm.internal login alice password s3cret\n")
+    netrc.chmod(0o600)
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert UpstreamHttp.via("http://elsewhere:8000/v1", {}) == {}
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    via = UpstreamHttp.via("http://llm.internal:8000/v1", {})
+    assert str(via["proxy"]) == "http://proxy.internal:3128" and via["proxy_auth"] is None
+    assert (via["auth"].login, via["auth"].password) == ("alice", "s3cret")
+    assert "auth" not in UpstreamHttp.via("http://llm.internal:8000/v1", {"Authorization": "Bearer k"})
+    monkeypatch.setenv("NO_PROXY", "llm.internal")
+    assert "proxy" not in UpstreamHttp.via("http://llm.internal:8000/v1", {})
