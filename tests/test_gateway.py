@@ -516,12 +516,47 @@ def wait_for(condition, what: str, limit: float = 60.0) -> None:
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
 
 
-@pytest.fixture(scope="module")
-def impatient(bundles, stub, tmp_path_factory):
-    """A gateway with a 2-second request timeout (not used for anything that should be answered)."""
+def installed(*modules: str) -> bool:
+    from importlib.util import find_spec
+
+    return all(find_spec(m) is not None for m in modules)
+
+
+def serving_stack(server: ServerThread) -> set[tuple[str, str]]:
+    """(uvicorn's HTTP protocol under the guard, the event loop's module) of each connection open now."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    def protocol(conn) -> str:
+        return "h11" if isinstance(conn, H11Protocol) else "httptools"
+
+    return {(protocol(c), type(c.loop).__module__.split(".")[0]) for c in server.server.server_state.connections}
+
+
+# Both of uvicorn's HTTP stacks: h11 on asyncio (always there), httptools on uvloop (the `gateway` extra's, when
+# installed; AutoHTTPProtocol and the auto loop pick them).
+STACKS = [pytest.param(("h11", "asyncio"), id="h11-asyncio"),
+          pytest.param(("httptools", "uvloop"), id="httptools-uvloop",
+                       marks=pytest.mark.skipif(not installed("httptools", "uvloop"), reason="httptools, uvloop not installed"))]
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def impatient(request, bundles, stub, tmp_path_factory):
+    """A gateway with a 2-second request timeout (not used for anything that should be answered), on one HTTP stack."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from zooter.servers.gateway import GatewaySettings, create_app
+    from zooter.servers.gateway.http import guarded
+
     path = write_candidates(tmp_path_factory.mktemp("impatient") / "candidates.yaml",
                             {label: {"openai_base_url": stub.url + "/v1", "model": "good"} for label in LABELS})
-    server = start_gateway(bundle=bundles["int8"], candidates=path, request_timeout=2.0)
+    app = create_app(GatewaySettings(bundle=bundles["int8"], candidates=path, request_timeout=2.0))
+    http, loop = request.param
+    if http == "h11":
+        base = H11Protocol
+    else:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    server = ServerThread(app, http=guarded(base, 2.0, app.state.gateway.read_timed_out), loop=loop)
+    server.stack = request.param
     yield server
     server.stop()
 
@@ -539,6 +574,7 @@ def test_a_request_must_arrive_within_the_request_timeout(impatient, caplog):
     # Bodies that never end: 5 stalled at once (each held a request in flight), and one a byte every 0.25 s.
     body = json.dumps({"model": "zooter", "messages": ask(QUERY)}).encode()
     socks = [connect(impatient, HEAD + b"content-length: %d\r\n\r\n" % len(body) + body[:20]) for _ in range(5)]
+    wait_for(lambda: serving_stack(impatient) == {impatient.stack}, "not served on the stack under test")
     dripped = trickle(connect(impatient, HEAD + b"content-length: %d\r\n\r\n" % len(body)), body)
     for answer in [read_until_closed(sock) for sock in socks] + [dripped]:
         assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer, answer
@@ -926,3 +962,16 @@ def test_upstreams_take_the_proxy_and_netrc_from_the_environment(tmp_path, monke
     assert "auth" not in UpstreamHttp.via("http://llm.internal:8000/v1", {"Authorization": "Bearer k"})
     monkeypatch.setenv("NO_PROXY", "llm.internal")
     assert "proxy" not in UpstreamHttp.via("http://llm.internal:8000/v1", {})
+
+
+def test_the_gateway_serves_on_httptools_and_uvloop_when_installed_else_h11_and_asyncio(healthy):
+    """What `zooter gateway` picks (uvicorn's auto choices, behind the guard of http.py): the `gateway` extra's
+    httptools and uvloop when they are installed (less CPU a request, docs/gateway.md), else h11 and asyncio;
+    the other stack's request-read deadline: test_a_request_must_arrive_within_the_request_timeout."""
+    expected = ("httptools", "uvloop") if installed("httptools", "uvloop") else ("h11", "asyncio")
+    sock = connect(healthy, b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert serving_stack(healthy) == {expected}
+    finally:
+        sock.close()
