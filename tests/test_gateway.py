@@ -975,3 +975,89 @@ def test_the_gateway_serves_on_httptools_and_uvloop_when_installed_else_h11_and_
         assert serving_stack(healthy) == {expected}
     finally:
         sock.close()
+
+
+class KeepAliveUpstream:
+    """An OpenAI upstream on raw HTTP/1.1 keep-alive that resets a connection whose next request comes after more
+    than `idle` seconds: what a client meets when it reuses a connection as a server (uvicorn: 5 s) closes it."""
+
+    ANSWER = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                                      "finish_reason": "stop"}]}).encode()
+
+    def __init__(self, idle: float):
+        self.idle, self.connections, self.resets = idle, 0, 0
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d/v1" % self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        last = time.monotonic()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if time.monotonic() - last > self.idle:
+                    self.resets += 1
+                    writer.transport.abort()
+                    return
+                length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                               if line.startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                body = self.ANSWER if head.startswith(b"POST") else b'{"object": "list", "data": []}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                             % len(body) + body)
+                await writer.drain()
+                last = time.monotonic()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def stop(self) -> None:
+        async def close():
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(15)
+        self.loop.close()
+
+
+def test_an_upstream_connection_idle_as_long_as_uvicorns_keep_alive_is_not_reused(bundles, router, tmp_path):
+    """The gateway kept idle upstream connections for 60 s; uvicorn-based upstreams close theirs after 5 s, and a
+    request sent down one as it closed failed over to another candidate (seen in soaks after a lull). Now a
+    connection idle for 4 s is closed, not reused: after 5 s of quiet the request goes out on a new one."""
+    upstream = KeepAliveUpstream(idle=4.5)
+    path = write_candidates(tmp_path / "c.yaml", {label: {"openai_base_url": upstream.url} for label in LABELS})
+    gateway = start_gateway(bundle=bundles["int8"], candidates=path, health_interval=3600)
+    try:
+        with httpx.Client(timeout=60) as http:
+            body = {"model": "zooter", "messages": ask(QUERY)}
+            first = http.post(gateway.url + "/v1/chat/completions", json=body)
+            assert first.status_code == 200, first.text
+            time.sleep(5.0)        # the quiet itself is the condition: longer under load changes nothing
+            second = http.post(gateway.url + "/v1/chat/completions", json=body)
+        assert second.status_code == 200, second.text
+        assert second.headers["x-zooter-fallback"] == "false"
+        assert second.headers["x-zooter-candidate"] == router.route(QUERY).candidate
+        assert upstream.resets == 0
+    finally:
+        gateway.stop()
+        upstream.stop()
+
+
+def test_an_idle_client_connection_outlives_the_clients_own_keep_alive(healthy):
+    """uvicorn closed an idle client connection after 5 s: exactly when httpx and the openai package reuse theirs
+    (aiohttp clients up to 15 s, load balancers 60 s), so a request could meet the close and fail. The gateway keeps
+    one for 75 s: a second request after 6 s of quiet is answered on the same connection."""
+    get = b"GET /health?probe=live HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    sock = connect(healthy, get)
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(6.0)            # the quiet itself is the condition: longer under load changes nothing
+        sock.sendall(get)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        sock.close()

@@ -29,6 +29,10 @@ from zooter.servers.gateway.wire import Event, dumps, loads, sse_data
 from zooter.serving.triton_client import grpc_address
 
 ERROR_BODY_BYTES = 4096
+# A pooled upstream connection idle this long is closed, not reused: below uvicorn's 5 s keep-alive (vLLM's and
+# trtllm-serve's server), so the gateway never sends a request down a connection the upstream is closing that
+# moment (it failed, and the request went to another candidate).
+POOL_IDLE_SECONDS = 4.0
 
 
 class UpstreamError(Exception):
@@ -108,7 +112,7 @@ class UpstreamHttp:
             # No trust_env: with it aiohttp looks up the proxy variables and ~/.netrc on every request, each in a
             # worker thread (two thread hand-offs a request); `via` reads them once per upstream instead.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_SECONDS),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout))
         return self._session
 
