@@ -6,7 +6,8 @@ headers are in). `guarded(base, timeout, on_timeout)` is uvicorn's own HTTP prot
 uvicorn picks) with one timer per connection: armed when a connection opens and at a request's first byte, it
 closes a connection whose request has not reached the app `timeout` seconds after that (with a 408 when some
 of it came; silently when nothing did). The time the first byte came travels in the request's scope, so the
-app reads the body against the same deadline (app.py).
+app reads the body against the same deadline (app.py). Between requests a connection stays open
+KEEP_ALIVE_SECONDS, longer than clients keep theirs.
 """
 
 from __future__ import annotations
