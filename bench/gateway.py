@@ -131,7 +131,8 @@ async def _run(client, url: str, bodies: Sequence[bytes], concurrency: int, stre
             try:
                 results.append(await _one(client, url, body, stream))
             except Exception as err:   # counted and reported: a benchmark does not stop at one failure
-                errors.append(str(err)[:200])
+                # The type too: a transport error's message may be empty (httpx.ReadError from a reset connection).
+                errors.append(f"{type(err).__name__}: {err}"[:200])
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -516,12 +516,47 @@ def wait_for(condition, what: str, limit: float = 60.0) -> None:
 HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
 
 
-@pytest.fixture(scope="module")
-def impatient(bundles, stub, tmp_path_factory):
-    """A gateway with a 2-second request timeout (not used for anything that should be answered)."""
+def installed(*modules: str) -> bool:
+    from importlib.util import find_spec
+
+    return all(find_spec(m) is not None for m in modules)
+
+
+def serving_stack(server: ServerThread) -> set[tuple[str, str]]:
+    """(uvicorn's HTTP protocol under the guard, the event loop's module) of each connection open now."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    def protocol(conn) -> str:
+        return "h11" if isinstance(conn, H11Protocol) else "httptools"
+
+    return {(protocol(c), type(c.loop).__module__.split(".")[0]) for c in server.server.server_state.connections}
+
+
+# Both of uvicorn's HTTP stacks: h11 on asyncio (always there), httptools on uvloop (the `gateway` extra's, when
+# installed; AutoHTTPProtocol and the auto loop pick them).
+STACKS = [pytest.param(("h11", "asyncio"), id="h11-asyncio"),
+          pytest.param(("httptools", "uvloop"), id="httptools-uvloop",
+                       marks=pytest.mark.skipif(not installed("httptools", "uvloop"), reason="httptools, uvloop not installed"))]
+
+
+@pytest.fixture(scope="module", params=STACKS)
+def impatient(request, bundles, stub, tmp_path_factory):
+    """A gateway with a 2-second request timeout (not used for anything that should be answered), on one HTTP stack."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from zooter.servers.gateway import GatewaySettings, create_app
+    from zooter.servers.gateway.http import guarded
+
     path = write_candidates(tmp_path_factory.mktemp("impatient") / "candidates.yaml",
                             {label: {"openai_base_url": stub.url + "/v1", "model": "good"} for label in LABELS})
-    server = start_gateway(bundle=bundles["int8"], candidates=path, request_timeout=2.0)
+    app = create_app(GatewaySettings(bundle=bundles["int8"], candidates=path, request_timeout=2.0))
+    http, loop = request.param
+    if http == "h11":
+        base = H11Protocol
+    else:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    server = ServerThread(app, http=guarded(base, 2.0, app.state.gateway.read_timed_out), loop=loop)
+    server.stack = request.param
     yield server
     server.stop()
 
@@ -539,6 +574,7 @@ def test_a_request_must_arrive_within_the_request_timeout(impatient, caplog):
     # Bodies that never end: 5 stalled at once (each held a request in flight), and one a byte every 0.25 s.
     body = json.dumps({"model": "zooter", "messages": ask(QUERY)}).encode()
     socks = [connect(impatient, HEAD + b"content-length: %d\r\n\r\n" % len(body) + body[:20]) for _ in range(5)]
+    wait_for(lambda: serving_stack(impatient) == {impatient.stack}, "not served on the stack under test")
     dripped = trickle(connect(impatient, HEAD + b"content-length: %d\r\n\r\n" % len(body)), body)
     for answer in [read_until_closed(sock) for sock in socks] + [dripped]:
         assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer, answer
@@ -873,3 +909,155 @@ def test_a_request_routed_inline_still_keeps_its_deadline(bundles, stub, tmp_pat
         assert len(stub.records) == asked            # no candidate was asked after the deadline
     finally:
         gateway.stop()
+
+
+def test_a_request_to_an_openai_upstream_hands_nothing_to_a_worker_thread(bundles, stub, router, tmp_path):
+    """aiohttp's trust_env looked up the proxy variables and ~/.netrc in the loop's default executor on every request
+    and health probe (two thread hand-offs, each a wake-up); they are read once, when the candidates load."""
+    from zooter.servers.gateway import GatewaySettings, create_app, gateway_server_options
+
+    submitted: list = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            submitted.append(getattr(fn, "__qualname__", repr(fn)))
+            return super().submit(fn, *args, **kwargs)
+
+    def ready(_gateway) -> None:
+        asyncio.get_running_loop().set_default_executor(Recording(2))
+
+    path = write_candidates(tmp_path / "c.yaml",
+                            {label: {"openai_base_url": stub.url + "/v1", "model": label} for label in LABELS})
+    app = create_app(GatewaySettings(bundle=bundles["int8"], candidates=path), on_ready=ready)
+    gateway = ServerThread(app, **gateway_server_options(app))
+    try:
+        with httpx.Client(timeout=60) as http:
+            for stream in (False, True, False):
+                answer = http.post(gateway.url + "/v1/chat/completions",
+                                   json={"model": "zooter", "messages": ask(QUERY), "stream": stream})
+                assert answer.status_code == 200 and answer.headers["x-zooter-candidate"] == router.route(QUERY).candidate
+                assert (b"data: [DONE]" in answer.content) == stream
+            assert http.get(gateway.url + "/health").json()["status"] == "ok"     # the probes ran too
+        assert submitted == []
+    finally:
+        gateway.stop()
+
+
+def test_upstreams_take_the_proxy_and_netrc_from_the_environment(tmp_path, monkeypatch):
+    """What trust_env gave, read once per upstream: HTTP_PROXY unless NO_PROXY names the host; .netrc credentials
+    only for an upstream without a key of its own (aiohttp refuses both at once)."""
+    from zooter.servers.gateway.upstreams import UpstreamHttp
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine llm.internal login alice password s3cret\n")
+    netrc.chmod(0o600)
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert UpstreamHttp.via("http://elsewhere:8000/v1", {}) == {}
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    via = UpstreamHttp.via("http://llm.internal:8000/v1", {})
+    assert str(via["proxy"]) == "http://proxy.internal:3128" and via["proxy_auth"] is None
+    assert (via["auth"].login, via["auth"].password) == ("alice", "s3cret")
+    assert "auth" not in UpstreamHttp.via("http://llm.internal:8000/v1", {"Authorization": "Bearer k"})
+    monkeypatch.setenv("NO_PROXY", "llm.internal")
+    assert "proxy" not in UpstreamHttp.via("http://llm.internal:8000/v1", {})
+
+
+def test_the_gateway_serves_on_httptools_and_uvloop_when_installed_else_h11_and_asyncio(healthy):
+    """What `zooter gateway` picks (uvicorn's auto choices, behind the guard of http.py): the `gateway` extra's
+    httptools and uvloop when they are installed (less CPU a request, docs/gateway.md), else h11 and asyncio;
+    the other stack's request-read deadline: test_a_request_must_arrive_within_the_request_timeout."""
+    expected = ("httptools", "uvloop") if installed("httptools", "uvloop") else ("h11", "asyncio")
+    sock = connect(healthy, b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert serving_stack(healthy) == {expected}
+    finally:
+        sock.close()
+
+
+class KeepAliveUpstream:
+    """An OpenAI upstream on raw HTTP/1.1 keep-alive that resets a connection whose next request comes after more
+    than `idle` seconds: what a client meets when it reuses a connection as a server (uvicorn: 5 s) closes it."""
+
+    ANSWER = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"},
+                                      "finish_reason": "stop"}]}).encode()
+
+    def __init__(self, idle: float):
+        self.idle, self.connections, self.resets = idle, 0, 0
+        self.loop = asyncio.new_event_loop()
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d/v1" % self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    async def _serve(self, reader, writer) -> None:
+        self.connections += 1
+        last = time.monotonic()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if time.monotonic() - last > self.idle:
+                    self.resets += 1
+                    writer.transport.abort()
+                    return
+                length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                               if line.startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                body = self.ANSWER if head.startswith(b"POST") else b'{"object": "list", "data": []}'
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                             % len(body) + body)
+                await writer.drain()
+                last = time.monotonic()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    def stop(self) -> None:
+        async def close():
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(15)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(15)
+        self.loop.close()
+
+
+def test_an_upstream_connection_idle_as_long_as_uvicorns_keep_alive_is_not_reused(bundles, router, tmp_path):
+    """The gateway kept idle upstream connections for 60 s; uvicorn-based upstreams close theirs after 5 s, and a
+    request sent down one as it closed failed over to another candidate (seen in soaks after a lull). Now a
+    connection idle for 4 s is closed, not reused: after 5 s of quiet the request goes out on a new one."""
+    upstream = KeepAliveUpstream(idle=4.5)
+    path = write_candidates(tmp_path / "c.yaml", {label: {"openai_base_url": upstream.url} for label in LABELS})
+    gateway = start_gateway(bundle=bundles["int8"], candidates=path, health_interval=3600)
+    try:
+        with httpx.Client(timeout=60) as http:
+            body = {"model": "zooter", "messages": ask(QUERY)}
+            first = http.post(gateway.url + "/v1/chat/completions", json=body)
+            assert first.status_code == 200, first.text
+            time.sleep(5.0)        # the quiet itself is the condition: longer under load changes nothing
+            second = http.post(gateway.url + "/v1/chat/completions", json=body)
+        assert second.status_code == 200, second.text
+        assert second.headers["x-zooter-fallback"] == "false"
+        assert second.headers["x-zooter-candidate"] == router.route(QUERY).candidate
+        assert upstream.resets == 0
+    finally:
+        gateway.stop()
+        upstream.stop()
+
+
+def test_an_idle_client_connection_outlives_the_clients_own_keep_alive(healthy):
+    """uvicorn closed an idle client connection after 5 s: exactly when httpx and the openai package reuse theirs
+    (aiohttp clients up to 15 s, load balancers 60 s), so a request could meet the close and fail. The gateway keeps
+    one for 75 s: a second request after 6 s of quiet is answered on the same connection."""
+    get = b"GET /health?probe=live HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+    sock = connect(healthy, get)
+    try:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(6.0)            # the quiet itself is the condition: longer under load changes nothing
+        sock.sendall(get)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        sock.close()

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 from zooter.runtime.bundle import swap_problem
 from zooter.runtime.conversation import check_route_on
 from zooter.runtime.errors import UserError
-from zooter.servers.gateway.backends import MID, Answer, BundleBackend, TritonBackend, remaining
+from zooter.servers.gateway.backends import MID, Answer, BundleBackend, TritonBackend, remaining, within
 from zooter.servers.gateway.health import HealthMonitor
 from zooter.servers.gateway.http import STARTED, server_options, timeout_error
 from zooter.servers.gateway.metrics import Metrics
@@ -296,10 +296,8 @@ class Gateway:
                 self.release(backend)
 
     async def _read(self, request, deadline: float) -> dict:
-        import anyio
-
         try:
-            with anyio.fail_after(max(deadline - time.perf_counter(), 0.0)):
+            async with within(max(deadline - time.perf_counter(), 0.0)):
                 return await read_json(request, self.settings.max_body_bytes)
         except TimeoutError:
             raise timeout_error(self.settings.request_timeout) from None
@@ -332,8 +330,6 @@ class Gateway:
         """The stream to the client: the chunks up to the first token, then the rest as they come. A failure
         now ends the stream with an error event (and no [DONE]): the client must not take half an answer
         for a whole one."""
-        import anyio
-
         name, status, chunks, usage = answer.candidate, "499", 0, None   # 499: the client went away
         self.metrics.ttft.labels(name).observe(time.perf_counter() - answer.started)
         try:
@@ -342,7 +338,7 @@ class Gateway:
             while True:
                 timeout = min(self.settings.upstream_timeout, remaining(deadline))
                 try:
-                    with anyio.fail_after(timeout):
+                    async with within(timeout):
                         data = await answer.rest.__anext__()
                 except StopAsyncIteration:
                     break

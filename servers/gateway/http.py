@@ -6,7 +6,8 @@ headers are in). `guarded(base, timeout, on_timeout)` is uvicorn's own HTTP prot
 uvicorn picks) with one timer per connection: armed when a connection opens and at a request's first byte, it
 closes a connection whose request has not reached the app `timeout` seconds after that (with a 408 when some
 of it came; silently when nothing did). The time the first byte came travels in the request's scope, so the
-app reads the body against the same deadline (app.py).
+app reads the body against the same deadline (app.py). Between requests a connection stays open
+KEEP_ALIVE_SECONDS, longer than clients keep theirs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import time
 from zooter.servers.gateway.requests import ApiError
 
 STARTED = "zooter.request_started"      # scope key: perf_counter() when the request's first byte arrived
+# An idle client connection stays open this long (uvicorn's default: 5 s). Clients keep theirs for 5 s (httpx,
+# the openai package) or 15 s (aiohttp), and load balancers 60 s (AWS ALB): a server that closes first races the
+# client's next request on that connection, which then fails. 75 s, as nginx, outlasts them all.
+KEEP_ALIVE_SECONDS = 75
 
 
 def timeout_error(timeout: float) -> ApiError:
@@ -94,7 +99,7 @@ def guarded(base: type, timeout: float, on_timeout) -> type:
 
 
 def server_options(timeout: float, on_timeout) -> dict:
-    """uvicorn.Config options for the gateway: its HTTP protocol, guarded."""
+    """uvicorn.Config options for the gateway: its HTTP protocol, guarded, and how long idle connections stay."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    return {"http": guarded(AutoHTTPProtocol, timeout, on_timeout)}
+    return {"http": guarded(AutoHTTPProtocol, timeout, on_timeout), "timeout_keep_alive": KEEP_ALIVE_SECONDS}

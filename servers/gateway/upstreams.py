@@ -29,6 +29,10 @@ from zooter.servers.gateway.wire import Event, dumps, loads, sse_data
 from zooter.serving.triton_client import grpc_address
 
 ERROR_BODY_BYTES = 4096
+# A pooled upstream connection idle this long is closed, not reused: below uvicorn's 5 s keep-alive (vLLM's and
+# trtllm-serve's server), so the gateway never sends a request down a connection the upstream is closing that
+# moment (it failed, and the request went to another candidate).
+POOL_IDLE_SECONDS = 4.0
 
 
 class UpstreamError(Exception):
@@ -105,12 +109,33 @@ class UpstreamHttp:
         if self._session is None:
             import aiohttp
 
-            # trust_env: proxy variables and NO_PROXY apply as they did with httpx.
+            # No trust_env: with it aiohttp looks up the proxy variables and ~/.netrc on every request, each in a
+            # worker thread (two thread hand-offs a request); `via` reads them once per upstream instead.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout),
-                trust_env=True)
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=POOL_IDLE_SECONDS),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout))
         return self._session
+
+    @staticmethod
+    def via(base_url: str, headers: dict) -> dict:
+        """What the environment says about reaching `base_url`, as aiohttp's trust_env would (request options):
+        the proxy of HTTP_PROXY / HTTPS_PROXY unless NO_PROXY exempts the host, and ~/.netrc (or $NETRC)
+        credentials for the host when the upstream has no key of its own. Read when the candidates load (again on
+        SIGHUP)."""
+        from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
+        from yarl import URL
+
+        url, options = URL(base_url), {}
+        try:
+            options["proxy"], options["proxy_auth"] = get_env_proxy_for_url(url)
+        except LookupError:
+            pass
+        if url.host and not any(k.lower() == "authorization" for k in headers):
+            try:
+                options["auth"] = basicauth_from_netrc(netrc_from_env(), url.host)
+            except LookupError:
+                pass
+        return options
 
     def timeout(self, seconds: float):
         """A whole call's limit: connecting and every read within `seconds` too."""
@@ -187,12 +212,13 @@ class OpenAIUpstream:
         self.model = endpoint.model
         self.headers = endpoint.headers()
         self.secret = endpoint.api_key
+        self.via = http.via(self.base, self.headers)
 
     def _post(self, call, timeout=None):
         path = "/chat/completions" if call.kind == "chat" else "/completions"
         body = dumps(dict(call.body, model=self.model))
         options = {} if timeout is None else {"timeout": self.http.timeout(timeout)}
-        return self.http.session().post(self.base + path, data=body, headers=self.headers, **options)
+        return self.http.session().post(self.base + path, data=body, headers=self.headers, **self.via, **options)
 
     async def complete(self, call, timeout) -> dict:
         try:
@@ -251,7 +277,7 @@ class OpenAIUpstream:
     async def probe(self) -> str:
         try:
             async with self.http.session().get(self.base + "/models", headers=self.headers,
-                                               timeout=self.http.timeout(2.0)) as response:
+                                               timeout=self.http.timeout(2.0), **self.via) as response:
                 status = response.status
                 await _head(response, 65536)   # read to its end: the connection stays open for the next call
         except _transport_errors() as err:
