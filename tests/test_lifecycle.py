@@ -253,16 +253,30 @@ def biased_sample(seed=0, n=4000):
 def test_the_anchor_estimate_weights_rows_by_their_chance_to_be_picked():
     from zooter.training.lifecycle import paired_means
 
+    # picked unevenly by what the other candidates' rewards do not show: 200 of the 1000 rows where the
+    # newcomer scores 0.9, 100 of the 3000 where it scores 0.3 (its mean 0.45, the anchor's 0.6)
+    rng = np.random.default_rng(0)
+    n = 4000
+    anchor = (rng.random(n) < 0.6).astype(float)
+    newcomer = np.r_[np.full(1000, 0.9), np.full(3000, 0.3)]
+    picked = np.r_[rng.choice(1000, 200, replace=False), 1000 + rng.choice(3000, 100, replace=False)]
+    rewards = np.column_stack([anchor, np.full(n, np.nan)])
+    rewards[picked, 1] = newcomer[picked]
+    weights = np.ones(rewards.shape)
+    weights[picked, 1] = np.r_[np.full(200, 1000 / 200), np.full(100, 3000 / 100)]
+    plain, weighted = paired_means(rewards), paired_means(rewards, weights)
+    assert plain[1] > plain[0]                           # unweighted, the newcomer looks the best single
+    assert weighted[1] == pytest.approx(newcomer.mean(), abs=0.02) and weighted[1] < weighted[0]
+    assert paired_means(rewards, np.ones(rewards.shape)).tolist() == plain.tolist()
+
+    # picked where the anchor failed (the other candidates' rewards show it): the map sees it, weights agree
     anchor, newcomer, picked, chance, truth = biased_sample()
     rewards = np.column_stack([anchor, np.full(len(anchor), np.nan)])
     rewards[picked, 1] = newcomer[picked]
     weights = np.ones(rewards.shape)
     weights[picked, 1] = 1 / chance
-    plain, weighted = paired_means(rewards), paired_means(rewards, weights)
-    # the sample over-represents where the anchor failed: unweighted, the newcomer looks best; it is not
-    assert truth < -0.05 and plain[1] > plain[0]
-    assert abs(weighted[1] - weighted[0] - truth) < 0.04 and weighted[1] < weighted[0]
-    assert paired_means(rewards, np.ones(rewards.shape)).tolist() == plain.tolist()
+    weighted = paired_means(rewards, weights)
+    assert weighted[1] - weighted[0] == pytest.approx(truth, abs=0.04) and weighted[1] < weighted[0]
 
 
 def guard_inputs(n):

@@ -196,16 +196,7 @@ def estimate_column(x: np.ndarray, rewards: np.ndarray, j: int) -> np.ndarray:
 
     y = rewards[:, j]
     known = ~np.isnan(y)
-    others = np.delete(rewards, j, axis=1)
-    means = np.nanmean(others, axis=0)
-    others = np.where(np.isnan(others), np.where(np.isnan(means), 0.0, means), others)
-    a = np.column_stack([np.ones(len(others)), others])
-    ak, yk = a[known], y[known]
-    # A light ridge: with 50 labelled rows and 8 other candidates the plain solution overfits.
-    lam = 1.0 * np.eye(a.shape[1])
-    lam[0, 0] = 0.0
-    coef = np.linalg.solve(ak.T @ ak + lam, ak.T @ yk)
-    mapped = a @ coef
+    mapped = reward_map(rewards, j)
     residual = (y - mapped)[known][:, None]
     xk = x[known]
     if len(xk) >= 10:
@@ -215,20 +206,39 @@ def estimate_column(x: np.ndarray, rewards: np.ndarray, j: int) -> np.ndarray:
     return np.where(known, y, np.clip(mapped, np.nanmin(rewards), np.nanmax(rewards)))
 
 
+def reward_map(rewards: np.ndarray, j: int) -> np.ndarray:
+    """Column j predicted on every row by a (lightly ridged) least-squares map from the other candidates'
+    rewards on the same row, fitted on the rows scoring j (another column's gaps: its mean)."""
+    y = rewards[:, j]
+    known = ~np.isnan(y)
+    others = np.delete(rewards, j, axis=1)
+    means = np.nanmean(others, axis=0)
+    others = np.where(np.isnan(others), np.where(np.isnan(means), 0.0, means), others)
+    a = np.column_stack([np.ones(len(others)), others])
+    ak, yk = a[known], y[known]
+    # A light ridge: with 50 labelled rows and 8 other candidates the plain solution overfits.
+    lam = 1.0 * np.eye(a.shape[1])
+    lam[0, 0] = 0.0
+    return a @ np.linalg.solve(ak.T @ ak + lam, ak.T @ yk)
+
+
 def paired_means(rewards: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Each candidate's mean reward over all rows, estimated for a partly scored candidate from its gap to
-    the most scored candidate on the rows both have (equal to the plain mean for a fully scored one), the
-    gap averaged with `weights` (rows x candidates, None: equal; see the module's doc)."""
-    counts = (~np.isnan(rewards)).sum(0)
-    ref = int(np.argmax(counts))
-    base = np.nanmean(rewards[:, ref])
+    """Each candidate's mean reward over all rows (the plain mean for a fully scored one). A partly scored
+    one's is a difference estimate: reward_map's prediction averaged over every row, plus its error
+    averaged over the scored rows with `weights` (rows x candidates, None: equal; see the module's doc).
+    The other candidates' rewards are known everywhere, so only the map's error is sampled: on dcrouter
+    (500 of ~4,500 rows) its spread is 0.014 against 0.019 for the gap to the anchor on the rows both
+    have, and the anchor comes out wrong in 9-10% of draws instead of 16% (docs/training.md)."""
     weights = np.ones(rewards.shape) if weights is None else weights
     out = np.full(rewards.shape[1], -np.inf)
+    scored = ~np.isnan(rewards)
     for j in range(rewards.shape[1]):
-        both = ~np.isnan(rewards[:, j]) & ~np.isnan(rewards[:, ref])
-        if both.any():
-            gap = np.average(rewards[both, j] - rewards[both, ref], weights=weights[both, j])
-            out[j] = base + float(gap) if j != ref else base
+        if scored[:, j].all():
+            out[j] = float(np.mean(rewards[:, j]))
+        elif scored[:, j].sum() >= 2:
+            mapped = reward_map(rewards, j)
+            error = np.average((rewards[:, j] - mapped)[scored[:, j]], weights=weights[scored[:, j], j])
+            out[j] = float(np.mean(mapped) + error)
     return out
 
 
