@@ -322,6 +322,24 @@ def test_the_guards_imputation_weights_rows_by_their_chance_to_be_picked():
             == _margin(probs, expected, rewards, 0, 1.0, partial=(1,)))
 
 
+def test_an_added_anchors_margin_weights_its_labelled_rows_by_their_chance_to_be_picked():
+    from zooter.training.calibrate import _margin
+
+    # the added candidate is the anchor (column 1), labelled where the old anchor (column 0) scored 0 more
+    # often: the old one's gain over it shows only there, and looks larger than it is
+    old, new, picked, chance, _ = biased_sample(3)
+    n = len(old)
+    rewards = np.column_stack([1 - old, np.full(n, np.nan)])   # column 0 gains where the sample is dense
+    rewards[picked, 1] = (1 - new)[picked]
+    weights = np.ones(rewards.shape)
+    weights[picked, 1] = 1 / chance
+    probs, expected = np.tile([0.8, 0.2], (n, 1)), np.tile([0.55, 0.5], (n, 1))
+    truth = np.mean((1 - old) - (1 - new))
+    plain = _margin(probs, expected, rewards, 1, 1.0, partial=(1,))
+    weighted = _margin(probs, expected, rewards, 1, 1.0, partial=(1,), weights=weights)
+    assert truth < 0 and plain < 0.05 and weighted > 0.05
+
+
 def test_pick_writes_the_queries_to_label_and_add_takes_them_back(pool, tmp_path, capsys):
     out = tmp_path / "to-label.jsonl"
     assert main(["candidates", "pick", str(pool["run"]), "--name", NEW, "--budget", "40", "--out", str(out),

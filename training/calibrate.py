@@ -170,7 +170,9 @@ def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weig
     each row's chance to be picked for labelling). The rows it was labelled on may have been picked where
     the anchor scored low (`pick --how anchor`), never by more than the anchor's reward, so within a cell
     they stand for the others; and the anchor's reward is known on every row. The bound's standard error
-    adds each imputed mean's own (post-stratification)."""
+    adds each imputed mean's own (post-stratification). When the added candidate is the anchor, the gain
+    is known only on its labelled rows: there the mean and its standard error weight each row by its
+    weight (Horvitz-Thompson)."""
     rows = np.arange(len(probs))
     scored = ~np.isnan(rewards)
     allowed = scored.copy()
@@ -179,6 +181,9 @@ def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weig
     gain = expected[rows, choice] - expected[:, anchor]
     base = rewards[:, anchor]
     cells = anchor_cells(base) if len(partial) else None
+    own = None if weights is None or anchor not in partial else weights[:, anchor]
+    if own is not None and len(np.unique(own[~np.isnan(base)])) < 2:
+        own = None                 # picked uniformly: equal weights, the plain mean
     best, best_bound = round(span + 0.01, 4), 0.0
     for margin in (-(span + 0.01), *MARGINS):
         picked = np.where(gain > margin, choice, anchor)
@@ -186,10 +191,14 @@ def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weig
         extra = 0.0
         for j in partial:
             extra += _impute(d, (picked == j) & ~np.isnan(base), cells, np.ones(len(d)) if weights is None else weights[:, j])
-        d = d[~np.isnan(d)]
+        ok = ~np.isnan(d)
+        d = d[ok]
         if len(d) < 2:
             continue
-        bound = d.mean() - np.sqrt(d.var(ddof=1) / len(d) + extra / len(d) ** 2)
+        if own is None:
+            bound = d.mean() - np.sqrt(d.var(ddof=1) / len(d) + extra / len(d) ** 2)
+        else:
+            bound = weighted_mean(d, own[ok]) - np.sqrt(weighted_se(d, own[ok]) ** 2 + extra / len(d) ** 2)
         if bound > best_bound + 1e-12:
             best, best_bound = float(margin), bound
     return best
