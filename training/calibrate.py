@@ -196,7 +196,8 @@ def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weig
         if len(d) < 2:
             continue
         if own is None:
-            bound = d.mean() - np.sqrt(d.var(ddof=1) / len(d) + extra / len(d) ** 2)
+            se = d.std(ddof=1) / np.sqrt(len(d))   # (a trained run: as before, to the last bit)
+            bound = d.mean() - (np.sqrt(se ** 2 + extra / len(d) ** 2) if extra else se)
         else:
             bound = weighted_mean(d, own[ok]) - np.sqrt(weighted_se(d, own[ok]) ** 2 + extra / len(d) ** 2)
         if bound > best_bound + 1e-12:
