@@ -216,21 +216,128 @@ def test_bench_prints_the_curve_over_k(tiny_backbone, tmp_path, capsys):
     assert main(["candidates", "bench", "--data", str(data), "--names", "nobody", "--backbone", str(tiny_backbone)]) == 2
 
 
-def test_pick_takes_half_at_random_and_half_where_the_anchor_scored_lowest():
+def test_pick_anchor_is_a_stratified_sample_that_says_each_rows_chance():
     from zooter.training.lifecycle import pick
 
-    anchor = np.linspace(1.0, 0.0, 100)            # training rows 0..99: the anchor worst on the last ones
-    chosen = pick(anchor, 20, pool=120, seed=3, how="anchor")   # rows 100..119: dev rows, only in the random half
+    anchor = np.r_[np.zeros(40), np.linspace(0.1, 1.0, 60)]   # training rows 0..39: the anchor scored 0 there
+    chosen, chance = pick(anchor, 20, pool=120, seed=3, how="anchor", low_share=0.5)   # rows 100..119: dev rows
     assert len(chosen) == len(set(chosen.tolist())) == 20
-    random_half, low_half = chosen[:10], chosen[10:]
-    assert all(0 <= i < 100 for i in low_half)
-    # the low half: the lowest-scoring training rows the random half did not take, in order
-    expected = [i for i in range(99, -1, -1) if i not in set(random_half.tolist())][:10]
-    assert low_half.tolist() == expected
-    assert (pick(anchor, 20, pool=120, seed=3, how="anchor") == chosen).all()   # the seed decides, nothing else
-    assert len(pick(anchor, 500, pool=120, how="anchor")) == 120     # a budget over the rows takes them all
-    assert sorted(pick(anchor, 500, pool=120).tolist()) == list(range(120))
-    assert len(set(pick(anchor, 30, pool=120, seed=1).tolist())) == 30
+    low = chosen < 40                       # the low stratum: every row tied at the lowest reward, not just 10
+    assert low.sum() == 10 and np.allclose(chance[low], 10 / 40) and np.allclose(chance[~low], 10 / 80)
+    assert (chosen[~low] >= 100).any()      # the other stratum holds the dev rows too
+    again, _ = pick(anchor, 20, pool=120, seed=3, how="anchor", low_share=0.5)
+    assert (again == chosen).all()          # the seed decides, nothing else
+    chosen, chance = pick(anchor, 20, pool=120, seed=3, how="anchor", low_share=0.3)
+    assert (chosen < 40).sum() == 6 and np.allclose(chance[chosen < 40], 6 / 40)
+    chosen, chance = pick(anchor, 500, pool=120, how="anchor")     # a budget over the rows takes them all
+    assert sorted(chosen.tolist()) == list(range(120)) and np.allclose(chance, 1.0)
+    chosen, chance = pick(anchor, 500, pool=120)
+    assert sorted(chosen.tolist()) == list(range(120)) and np.allclose(chance, 1.0)
+    chosen, chance = pick(anchor, 30, pool=120, seed=1)
+    assert len(set(chosen.tolist())) == 30 and np.allclose(chance, 30 / 120)
+
+
+def biased_sample(seed=0, n=4000):
+    """A fully scored anchor (0 or 1) and a newcomer that gains only where the anchor scored 0, labelled
+    on an anchor-low stratified sample: 200 of the anchor's 0 rows, 100 of the others."""
+    rng = np.random.default_rng(seed)
+    anchor = (rng.random(n) < 0.6).astype(float)
+    newcomer = np.where(anchor == 0, (rng.random(n) < 0.5), (rng.random(n) < 0.55)).astype(float)
+    truth = newcomer.mean() - anchor.mean()
+    zeros, ones = np.flatnonzero(anchor == 0), np.flatnonzero(anchor == 1)
+    picked = np.r_[rng.choice(zeros, 200, replace=False), rng.choice(ones, 100, replace=False)]
+    chance = np.r_[np.full(200, 200 / len(zeros)), np.full(100, 100 / len(ones))]
+    return anchor, newcomer, picked, chance, truth
+
+
+def test_the_anchor_estimate_weights_rows_by_their_chance_to_be_picked():
+    from zooter.training.lifecycle import paired_means
+
+    # picked unevenly by what the other candidates' rewards do not show: 200 of the 1000 rows where the
+    # newcomer scores 0.9, 100 of the 3000 where it scores 0.3 (its mean 0.45, the anchor's 0.6)
+    rng = np.random.default_rng(0)
+    n = 4000
+    anchor = (rng.random(n) < 0.6).astype(float)
+    newcomer = np.r_[np.full(1000, 0.9), np.full(3000, 0.3)]
+    picked = np.r_[rng.choice(1000, 200, replace=False), 1000 + rng.choice(3000, 100, replace=False)]
+    rewards = np.column_stack([anchor, np.full(n, np.nan)])
+    rewards[picked, 1] = newcomer[picked]
+    weights = np.ones(rewards.shape)
+    weights[picked, 1] = np.r_[np.full(200, 1000 / 200), np.full(100, 3000 / 100)]
+    plain, weighted = paired_means(rewards), paired_means(rewards, weights)
+    assert plain[1] > plain[0]                           # unweighted, the newcomer looks the best single
+    assert weighted[1] == pytest.approx(newcomer.mean(), abs=0.02) and weighted[1] < weighted[0]
+    assert paired_means(rewards, np.ones(rewards.shape)).tolist() == plain.tolist()
+
+    # picked where the anchor failed (the other candidates' rewards show it): the map sees it, weights agree
+    anchor, newcomer, picked, chance, truth = biased_sample()
+    rewards = np.column_stack([anchor, np.full(len(anchor), np.nan)])
+    rewards[picked, 1] = newcomer[picked]
+    weights = np.ones(rewards.shape)
+    weights[picked, 1] = 1 / chance
+    weighted = paired_means(rewards, weights)
+    assert weighted[1] - weighted[0] == pytest.approx(truth, abs=0.04) and weighted[1] < weighted[0]
+
+
+def guard_inputs(n):
+    """Distilled probabilities and expected rewards that put the newcomer (column 1) 0.05 above the anchor
+    (column 0) on every row: the guard lets it in wherever its margin is below 0.05."""
+    return np.tile([0.2, 0.8], (n, 1)), np.tile([0.5, 0.55], (n, 1))
+
+
+def test_the_guards_margin_imputes_the_added_candidates_gain_by_the_anchors_reward():
+    from zooter.training.calibrate import _margin
+
+    anchor, newcomer, picked, _, truth = biased_sample(1)
+    rewards = np.column_stack([anchor, np.full(len(anchor), np.nan)])
+    rewards[picked, 1] = newcomer[picked]
+    probs, expected = guard_inputs(len(anchor))
+    # fitted on the labelled rows alone (as before), the sample's bias lets the newcomer in everywhere
+    assert _margin(probs[picked], expected[picked], rewards[picked], 0, 1.0) < 0.05
+    # on every row, its gain imputed where unlabelled from the labelled rows with the same anchor reward:
+    # the newcomer loses on the whole (truth < 0), so the guard keeps the anchor
+    assert truth < -0.05 and _margin(probs, expected, rewards, 0, 1.0, partial=(1,)) > 0.05
+    # a newcomer that truly gains is let in
+    better = rewards.copy()
+    better[picked, 1] = 1.0
+    assert _margin(probs, expected, better, 0, 1.0, partial=(1,)) < 0.05
+
+
+def test_the_guards_imputation_weights_rows_by_their_chance_to_be_picked():
+    from zooter.training.calibrate import _margin
+
+    # one anchor reward everywhere (one cell), the rows picked unevenly by what the anchor does not show:
+    # 200 of the 1000 rows where the newcomer gains 0.4, 100 of the 3000 where it loses 0.2 (truth -0.05)
+    rng = np.random.default_rng(2)
+    n, gains = 4000, np.r_[np.full(1000, 0.4), np.full(3000, -0.2)]
+    picked = np.r_[rng.choice(1000, 200, replace=False), 1000 + rng.choice(3000, 100, replace=False)]
+    rewards = np.column_stack([np.full(n, 0.5), np.full(n, np.nan)])
+    rewards[picked, 1] = 0.5 + gains[picked]
+    weights = np.ones(rewards.shape)
+    weights[picked, 1] = np.r_[np.full(200, 1000 / 200), np.full(100, 3000 / 100)]
+    probs, expected = guard_inputs(n)
+    assert _margin(probs, expected, rewards, 0, 1.0, partial=(1,)) < 0.05                    # unweighted: let in
+    assert _margin(probs, expected, rewards, 0, 1.0, partial=(1,), weights=weights) > 0.05   # weighted: keep the anchor
+    assert (_margin(probs, expected, rewards, 0, 1.0, partial=(1,), weights=np.ones(rewards.shape))
+            == _margin(probs, expected, rewards, 0, 1.0, partial=(1,)))
+
+
+def test_an_added_anchors_margin_weights_its_labelled_rows_by_their_chance_to_be_picked():
+    from zooter.training.calibrate import _margin
+
+    # the added candidate is the anchor (column 1), labelled where the old anchor (column 0) scored 0 more
+    # often: the old one's gain over it shows only there, and looks larger than it is
+    old, new, picked, chance, _ = biased_sample(3)
+    n = len(old)
+    rewards = np.column_stack([1 - old, np.full(n, np.nan)])   # column 0 gains where the sample is dense
+    rewards[picked, 1] = (1 - new)[picked]
+    weights = np.ones(rewards.shape)
+    weights[picked, 1] = 1 / chance
+    probs, expected = np.tile([0.8, 0.2], (n, 1)), np.tile([0.55, 0.5], (n, 1))
+    truth = np.mean((1 - old) - (1 - new))
+    plain = _margin(probs, expected, rewards, 1, 1.0, partial=(1,))
+    weighted = _margin(probs, expected, rewards, 1, 1.0, partial=(1,), weights=weights)
+    assert truth < 0 and plain < 0.05 and weighted > 0.05
 
 
 def test_pick_writes_the_queries_to_label_and_add_takes_them_back(pool, tmp_path, capsys):
@@ -240,6 +347,7 @@ def test_pick_writes_the_queries_to_label_and_add_takes_them_back(pool, tmp_path
     assert "picked 40 of" in capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 40 and all(r["rewards"] == {NEW: None} for r in rows)
+    assert all(0 < r["inclusion_probability"] <= 1 for r in rows) and len({r["inclusion_probability"] for r in rows}) == 2
     info = json.loads((pool["run"] / "run.json").read_text())
     anchor = info["best_single"]["candidate"]
     train_rows = RoutingDataset.load(pool["root"] / "train.jsonl")
@@ -254,6 +362,30 @@ def test_pick_writes_the_queries_to_label_and_add_takes_them_back(pool, tmp_path
     assert main(["candidates", "add", str(pool["run"]), "--name", NEW, "--data", str(labelled),
                  "--out", str(tmp_path / "run2")]) == 0
     assert json.loads((tmp_path / "run2" / "run.json").read_text())["lifecycle"]["entered"][NEW]["rows"] == 40
+    # add weighs each labelled row by 1 / its recorded chance (scaled to mean 1), and keeps doing so on replay
+    from zooter.training.lifecycle import run_rows
+
+    info2 = json.loads((tmp_path / "run2" / "run.json").read_text())
+    rows2 = run_rows(tmp_path / "run2", info2)
+    chance = {r["query"]: r["inclusion_probability"] for r in rows}
+    for part, w in zip((rows2.train, rows2.dev), rows2.weights[NEW]):
+        for row, weight in zip(part.rows, w):
+            if row.rewards[NEW] is None:
+                assert weight == 1.0
+            else:
+                assert weight == pytest.approx((1 / chance[row.query]) / np.mean([1 / p for p in chance.values()]))
+
+    # the chance on some rows only, or not a chance: refused, one line naming the file and line
+    for bad, what in (([{**rows[0], "inclusion_probability": None}] + rows[1:], "no inclusion_probability"),
+                      ([{**rows[0], "inclusion_probability": 1.5}] + rows[1:], "expected a number in (0, 1]")):
+        path = tmp_path / "bad.jsonl"
+        path.write_text("".join(json.dumps({**r, "rewards": {NEW: truth[r["query"]]}}) + "\n" for r in bad))
+        capsys.readouterr()
+        assert main(["candidates", "add", str(pool["run"]), "--name", NEW, "--data", str(path),
+                     "--out", str(tmp_path / "run3")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{path}:1: " in err and what in err, err
+        assert not (tmp_path / "run3").exists()
 
     capsys.readouterr()
     assert main(["candidates", "pick", str(pool["run"]), "--name", "mathy", "--budget", "40", "--out", str(out)]) == 2

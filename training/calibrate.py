@@ -10,7 +10,8 @@
                   (row, scored candidate) pairs of the fitting rows: E, the expected reward
     margin        the guard's: of a grid, the one whose paired gain over the anchor (the training-best
                   candidate) on the fitting rows has the best lower confidence bound, mean - sd/sqrt(n);
-                  when no margin's bound is above 0, the router always keeps the anchor
+                  when no margin's bound is above 0, the router always keeps the anchor. An added
+                  candidate's gain where it is not labelled is imputed (_margin)
     confidence    isotonic map from the choice's expected-reward lead over the best other candidate to
                   "the choice was a best answer"
 docs/training.md has the measurements behind each choice.
@@ -83,6 +84,17 @@ def choose_strength(x, rewards, folds, x_int8=None) -> float:
     return min(STRENGTHS, key=error)
 
 
+def weighted_mean(d: np.ndarray, w: np.ndarray) -> float:
+    return float(np.sum(w * d) / np.sum(w))
+
+
+def weighted_se(d: np.ndarray, w: np.ndarray) -> float:
+    """The standard error of weighted_mean(d, w), sd / sqrt(n) when the weights are equal."""
+    n = len(d)
+    share = w / np.sum(w)
+    return float(np.sqrt(n / (n - 1) * np.sum(share ** 2 * (d - np.sum(share * d)) ** 2)))
+
+
 def isotonic(x, y, max_knots: int = MAX_KNOTS) -> Table:
     """Pool-adjacent-violators fit of y on x, as at most `max_knots` knots for np.interp."""
     order = np.argsort(np.asarray(x, dtype=np.float64), kind="stable")
@@ -118,8 +130,10 @@ class FittingRows:
     scores: np.ndarray         # (n, m) raw expected-reward scores
     rewards: np.ndarray        # (n, m) realised rewards (NaN: not scored)
     oof: bool                  # training rows predicted out of fold are among them
-    margin_rows: np.ndarray | None = None   # rows the guard's margin is chosen on (None: all); an added
-                                            # candidate's gain is measured only where it was scored
+    partial: tuple = ()        # candidates labelled on some rows only (added ones): their gain where unlabelled
+                               # is imputed for the margin (see _margin)
+    weights: np.ndarray | None = None   # (n, m) a partial candidate's labelled rows' weights: 1 / the chance
+                                        # each was picked for labelling, scaled (None: equal)
 
 
 def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
@@ -130,8 +144,7 @@ def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
     expected = expected_reward(s)
     a = labels.index(anchor)
     span = max(expected_reward.y) - min(expected_reward.y)
-    m = slice(None) if rows.margin_rows is None else rows.margin_rows
-    margin = _margin(rows.probs[m], expected[m], r[m], a, span)
+    margin = _margin(rows.probs, expected, r, a, span, rows.partial, rows.weights)
     # With the margin fitted: how often the guarded choice is a best answer, by its expected-reward lead.
     rule = Rule(tuple(labels), a, margin, expected_reward, Table((0.0,), (1.0,)))
     choice = rule.decide(rows.probs, s, allowed=scored).choice
@@ -147,22 +160,76 @@ def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
             "fitted_on": {"rows": int(len(r)), "out_of_fold": rows.oof}}
 
 
-def _margin(probs, expected, rewards, anchor: int, span: float) -> float:
+def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weights=None) -> float:
     """The guard's margin (see the module's doc). "Always keep the anchor" is a margin above any
-    possible gain (the span of expected rewards), so it stays a finite number in router.json."""
+    possible gain (the span of expected rewards), so it stays a finite number in router.json.
+
+    A `partial` candidate (added, labelled on some rows) may be chosen on every row; where it is chosen
+    but not labelled, its gain over the anchor is imputed: the mean gain on its labelled rows where it is
+    chosen too and the anchor's reward is in the same quarter (anchor_cells), weighted by `weights` (1 /
+    each row's chance to be picked for labelling). The rows it was labelled on may have been picked where
+    the anchor scored low (`pick --how anchor`), never by more than the anchor's reward, so within a cell
+    they stand for the others; and the anchor's reward is known on every row. The bound's standard error
+    adds each imputed mean's own (post-stratification). When the added candidate is the anchor, the gain
+    is known only on its labelled rows: there the mean and its standard error weight each row by its
+    weight (Horvitz-Thompson)."""
     rows = np.arange(len(probs))
     scored = ~np.isnan(rewards)
-    choice = np.argmax(np.where(scored, probs, -np.inf), axis=1)
+    allowed = scored.copy()
+    allowed[:, list(partial)] = True
+    choice = np.argmax(np.where(allowed, probs, -np.inf), axis=1)
     gain = expected[rows, choice] - expected[:, anchor]
     base = rewards[:, anchor]
+    cells = anchor_cells(base) if len(partial) else None
+    own = None if weights is None or anchor not in partial else weights[:, anchor]
+    if own is not None and len(np.unique(own[~np.isnan(base)])) < 2:
+        own = None                 # picked uniformly: equal weights, the plain mean
     best, best_bound = round(span + 0.01, 4), 0.0
     for margin in (-(span + 0.01), *MARGINS):
-        picked = rewards[rows, np.where(gain > margin, choice, anchor)]
-        d = picked - base
-        d = d[~np.isnan(d)]
+        picked = np.where(gain > margin, choice, anchor)
+        d = rewards[rows, picked] - base
+        extra = 0.0
+        for j in partial:
+            extra += _impute(d, (picked == j) & ~np.isnan(base), cells, np.ones(len(d)) if weights is None else weights[:, j])
+        ok = ~np.isnan(d)
+        d = d[ok]
         if len(d) < 2:
             continue
-        bound = d.mean() - d.std(ddof=1) / np.sqrt(len(d))
+        if own is None:
+            se = d.std(ddof=1) / np.sqrt(len(d))   # (a trained run: as before, to the last bit)
+            bound = d.mean() - (np.sqrt(se ** 2 + extra / len(d) ** 2) if extra else se)
+        else:
+            bound = weighted_mean(d, own[ok]) - np.sqrt(weighted_se(d, own[ok]) ** 2 + extra / len(d) ** 2)
         if bound > best_bound + 1e-12:
             best, best_bound = float(margin), bound
     return best
+
+
+def anchor_cells(base: np.ndarray) -> np.ndarray:
+    """Each row's quarter of the anchor's reward (fewer cells where rewards tie, as 0/1 rewards do)."""
+    known = base[~np.isnan(base)]
+    edges = np.unique(np.quantile(known, [0.25, 0.5, 0.75])) if len(known) else np.zeros(0)
+    return np.searchsorted(edges, base, side="left")
+
+
+def _impute(d: np.ndarray, chosen: np.ndarray, cells: np.ndarray, weights: np.ndarray) -> float:
+    """Fill d where `chosen` and unknown (see _margin), in place; returns the sum over the filled rows of the
+    imputed mean's variance (times the rows filled from it, squared)."""
+    known = ~np.isnan(d)
+    extra = 0.0
+    for c in np.unique(cells[chosen]):
+        miss = chosen & (cells == c) & ~known
+        if not miss.any():
+            continue
+        lab = chosen & (cells == c) & known
+        if lab.sum() < 2:          # too few labelled rows in the cell: the candidate's labelled rows where chosen
+            lab = chosen & known
+        if lab.sum() < 2:
+            continue               # nothing to impute from: these rows stay out, as unscored rows did
+        w = weights[lab]
+        mean = float(np.average(d[lab], weights=w))
+        share = w / w.sum()
+        var = float(lab.sum() / (lab.sum() - 1) * np.sum(share ** 2 * (d[lab] - mean) ** 2))
+        d[miss] = mean
+        extra += miss.sum() ** 2 * var
+    return extra

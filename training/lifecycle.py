@@ -14,9 +14,18 @@ training again:
     distilled     the head refitted on the fixed embeddings from the targets of the completed
                   reward matrix (train.fit_head, the run's tau, beta and seed)
     reward head   ridge on the completed matrix; the decision layer (train.decision_layer) on the
-                  realised rewards only, so the guard's margin is measured on real outcomes
+                  realised rewards, so the guard's margin is measured on real outcomes: on every
+                  fitting row, the added candidate's gain where it is chosen but not labelled imputed
+                  from its labelled rows with the anchor's reward in the same quarter (calibrate._margin)
     anchor        the best single candidate by a paired estimate (a partly labelled candidate is
                   compared with a fully labelled one on the rows both have)
+    weights       rows picked unevenly for labelling (`pick --how anchor`) carry the chance they had to
+                  be picked (INCLUSION, written by pick_queries); every mean over an added candidate's
+                  labelled rows that stands for all rows (the anchor's paired estimate, the guard's
+                  imputed gains) weights each row by 1 / that chance (Horvitz-Thompson), so an uneven
+                  sample is read as the population it was drawn from. The estimate's map, a regression
+                  on the other candidates' rewards (the anchor's, which the picking used, among them),
+                  needs none.
 
 A frozen run's distilled head is refitted from scratch, so removing a candidate gives the run trained
 without it, and add-then-remove gives the original run back. A fine-tuned run's head is refitted on its
@@ -29,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +47,8 @@ from zooter.runtime.errors import UserError
 from zooter.training.dataset import RoutingDataset, Row
 
 ADDED = "added"   # the run's folder of added rows files
+INCLUSION = "inclusion_probability"   # a picked row's chance to be picked, in the rows pick_queries writes
+LOW_SHARE = 0.5   # `pick --how anchor`: the share of the budget spent where the anchor scored lowest
 
 
 # --- the run's rows -----------------------------------------------------------------------------------
@@ -45,6 +56,9 @@ ADDED = "added"   # the run's folder of added rows files
 class RunRows:
     train: RoutingDataset
     dev: RoutingDataset
+    # per added candidate: (training rows' weights, dev rows' weights), 1 / the chance a row was picked for
+    # labelling scaled to mean 1 over its labelled rows (all 1 for rows picked uniformly); 1 elsewhere
+    weights: dict = field(default_factory=dict)
 
 
 def base_rows(run: Path, info: dict) -> RunRows:
@@ -83,17 +97,46 @@ def run_rows(run: Path, info: dict) -> RunRows:
     for event in info.get("lifecycle", {}).get("events", []):
         if event["op"] == "add":
             labels = list(rows.train.candidates) + [event["name"]]
-            rows, _ = merge(rows, RoutingDataset.load(run / event["rows_file"], labels), event["name"], labels)
+            path = run / event["rows_file"]
+            rows, _ = merge(rows, RoutingDataset.load(path, labels), event["name"], labels,
+                            inclusion(path, event["name"]))
         else:
             keep = [n for n in rows.train.candidates if n != event["name"]]
-            rows = RunRows(_columns(rows.train, keep), _columns(rows.dev, keep))
+            rows = RunRows(_columns(rows.train, keep), _columns(rows.dev, keep),
+                           {n: w for n, w in rows.weights.items() if n != event["name"]})
     return rows
 
 
-def merge(rows: RunRows, added: RoutingDataset, name: str, labels: list[str]) -> tuple[RunRows, dict]:
+def inclusion(path: str | Path, name: str) -> dict[str, float] | None:
+    """{query: chance it was picked} from the INCLUSION field of the rows scoring `name` in a rows file,
+    or None when no row has it (picked uniformly, or labelled without `pick`). Every scored row must
+    then have one, in (0, 1]."""
+    from zooter.runtime.files import read_jsonl
+
+    found, missing = {}, None
+    for line, obj in read_jsonl(path, "routing-data file"):
+        if not isinstance(obj, dict) or (obj.get("rewards") or {}).get(name) is None:
+            continue
+        p = obj.get(INCLUSION)
+        if p is None:
+            missing = missing or line
+            continue
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise UserError(f"{path}:{line}: {INCLUSION} is {p!r}, expected a number in (0, 1] (the chance "
+                            f"`zooter candidates pick` gave the row)")
+        found[obj["query"]] = float(p)
+    if found and missing:
+        raise UserError(f"{path}:{missing}: no {INCLUSION}, which other rows have; label the rows `zooter candidates "
+                        f"pick` wrote, keeping the field on every row, or drop it from every row")
+    return found or None
+
+
+def merge(rows: RunRows, added: RoutingDataset, name: str, labels: list[str],
+          probabilities: dict[str, float] | None = None) -> tuple[RunRows, dict]:
     """The run's rows with `name`'s rewards from `added`: a query the run knows (train or dev, by its
-    text) gets the new column; a new query joins the training rows with its rewards. Returns the rows
-    and what was used: {"train": n, "dev": n, "new_queries": n}."""
+    text) gets the new column; a new query joins the training rows with its rewards. `probabilities`
+    ({query: chance it was picked}, from inclusion()) become the rows' weights. Returns the rows and what
+    was used: {"train": n, "dev": n, "new_queries": n}."""
     where = {}
     for part in ("train", "dev"):
         for i, row in enumerate(getattr(rows, part).rows):
@@ -120,8 +163,28 @@ def merge(rows: RunRows, added: RoutingDataset, name: str, labels: list[str]) ->
         parts["train"].append(Row(row_id, row.query, {**others, name: value}, list(row.tags), None, row.source))
         used["train"] += 1
         used["new_queries"] += 1
+    grown = len(parts["train"]) - len(rows.train)   # new queries: earlier candidates' weights 1 there
+    weights = {n: (np.concatenate([tw, np.ones(grown)]), dw) for n, (tw, dw) in rows.weights.items()}
+    weights[name] = _weights(parts, name, probabilities)
     return RunRows(RoutingDataset(parts["train"], labels, rows.train.path),
-                   RoutingDataset(parts["dev"], labels, rows.dev.path)), used
+                   RoutingDataset(parts["dev"], labels, rows.dev.path), weights), used
+
+
+def _weights(parts: dict, name: str, probabilities: dict[str, float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows', dev rows') weights of `name`'s labelled rows: 1 / their chance to be picked, scaled
+    to mean 1 over them; 1 everywhere else, and everywhere when the rows carry no chance (uniform)."""
+    out = {p: np.ones(len(parts[p])) for p in ("train", "dev")}
+    if not probabilities or len(set(probabilities.values())) == 1:   # uniform: exactly 1, as unweighted
+        return out["train"], out["dev"]
+    for p in ("train", "dev"):
+        for i, row in enumerate(parts[p]):
+            if row.rewards.get(name) is not None and row.query in probabilities:
+                out[p][i] = 1.0 / probabilities[row.query]
+    labelled = {p: np.array([r.rewards.get(name) is not None for r in parts[p]], bool) for p in ("train", "dev")}
+    scale = np.concatenate([out[p][labelled[p]] for p in ("train", "dev")]).mean()
+    for p in ("train", "dev"):
+        out[p][labelled[p]] /= scale
+    return out["train"], out["dev"]
 
 
 # --- fitting on fixed embeddings ----------------------------------------------------------------------
@@ -133,16 +196,7 @@ def estimate_column(x: np.ndarray, rewards: np.ndarray, j: int) -> np.ndarray:
 
     y = rewards[:, j]
     known = ~np.isnan(y)
-    others = np.delete(rewards, j, axis=1)
-    means = np.nanmean(others, axis=0)
-    others = np.where(np.isnan(others), np.where(np.isnan(means), 0.0, means), others)
-    a = np.column_stack([np.ones(len(others)), others])
-    ak, yk = a[known], y[known]
-    # A light ridge: with 50 labelled rows and 8 other candidates the plain solution overfits.
-    lam = 1.0 * np.eye(a.shape[1])
-    lam[0, 0] = 0.0
-    coef = np.linalg.solve(ak.T @ ak + lam, ak.T @ yk)
-    mapped = a @ coef
+    mapped = reward_map(rewards, j)
     residual = (y - mapped)[known][:, None]
     xk = x[known]
     if len(xk) >= 10:
@@ -152,17 +206,39 @@ def estimate_column(x: np.ndarray, rewards: np.ndarray, j: int) -> np.ndarray:
     return np.where(known, y, np.clip(mapped, np.nanmin(rewards), np.nanmax(rewards)))
 
 
-def paired_means(rewards: np.ndarray) -> np.ndarray:
-    """Each candidate's mean reward over all rows, estimated for a partly scored candidate from its gap to
-    the most scored candidate on the rows both have (equal to the plain mean for a fully scored one)."""
-    counts = (~np.isnan(rewards)).sum(0)
-    ref = int(np.argmax(counts))
-    base = np.nanmean(rewards[:, ref])
+def reward_map(rewards: np.ndarray, j: int) -> np.ndarray:
+    """Column j predicted on every row by a (lightly ridged) least-squares map from the other candidates'
+    rewards on the same row, fitted on the rows scoring j (another column's gaps: its mean)."""
+    y = rewards[:, j]
+    known = ~np.isnan(y)
+    others = np.delete(rewards, j, axis=1)
+    means = np.nanmean(others, axis=0)
+    others = np.where(np.isnan(others), np.where(np.isnan(means), 0.0, means), others)
+    a = np.column_stack([np.ones(len(others)), others])
+    ak, yk = a[known], y[known]
+    # A light ridge: with 50 labelled rows and 8 other candidates the plain solution overfits.
+    lam = 1.0 * np.eye(a.shape[1])
+    lam[0, 0] = 0.0
+    return a @ np.linalg.solve(ak.T @ ak + lam, ak.T @ yk)
+
+
+def paired_means(rewards: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Each candidate's mean reward over all rows (the plain mean for a fully scored one). A partly scored
+    one's is a difference estimate: reward_map's prediction averaged over every row, plus its error
+    averaged over the scored rows with `weights` (rows x candidates, None: equal; see the module's doc).
+    The other candidates' rewards are known everywhere, so only the map's error is sampled: on dcrouter
+    (500 of ~4,500 rows) its spread is 0.014 against 0.019 for the gap to the anchor on the rows both
+    have, and the anchor comes out wrong in 9-10% of draws instead of 16% (docs/training.md)."""
+    weights = np.ones(rewards.shape) if weights is None else weights
     out = np.full(rewards.shape[1], -np.inf)
+    scored = ~np.isnan(rewards)
     for j in range(rewards.shape[1]):
-        both = ~np.isnan(rewards[:, j]) & ~np.isnan(rewards[:, ref])
-        if both.any():
-            out[j] = base + float(np.mean(rewards[both, j] - rewards[both, ref])) if j != ref else base
+        if scored[:, j].all():
+            out[j] = float(np.mean(rewards[:, j]))
+        elif scored[:, j].sum() >= 2:
+            mapped = reward_map(rewards, j)
+            error = np.average((rewards[:, j] - mapped)[scored[:, j]], weights=weights[scored[:, j], j])
+            out[j] = float(np.mean(mapped) + error)
     return out
 
 
@@ -175,9 +251,10 @@ class Fitted:
     anchor: dict           # run.json best_single
 
 
-def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, head=None) -> Fitted:
+def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, head=None, weights=None) -> Fitted:
     """Distilled head (unless `head` is given), reward head and decision layer for `problem`'s labels on
-    fixed embeddings; columns in `estimated` are completed by estimate_column first."""
+    fixed embeddings; columns in `estimated` are completed by estimate_column first. `weights`: {column:
+    (training rows' weights, dev rows' weights)} of partly labelled columns (RunRows.weights)."""
     import torch
 
     from zooter.runtime.decision import softmax
@@ -189,7 +266,10 @@ def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, he
     completed = realised.copy()
     for j in estimated:
         completed[:, j] = estimate_column(train_x, realised, j)
-    means = paired_means(realised)
+    column_w = (np.ones(realised.shape), np.ones((len(dev_x), realised.shape[1])))
+    for j, w in (weights or {}).items():
+        column_w[0][:, j], column_w[1][:, j] = w
+    means = paired_means(realised, column_w[0])
     best = int(np.argmax(means))
     problem.meta["best_single"] = {"candidate": problem.labels[best], "mean_reward": float(means[best])}
     train_q, dev_q = (None, None) if int8 is None else int8
@@ -218,35 +298,37 @@ def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, he
     finally:
         torch.set_num_threads(threads)
     reward_head, decision = decision_layer(problem, train_x, dev_x, softmax(dev_logits), train_q, oof,
-                                           fit_rewards=completed, margin_columns=estimated)
+                                           fit_rewards=completed, partial=estimated, weights=column_w)
     return Fitted(head, reward_head, decision, dev_logits, problem.meta["best_single"])
 
 
 # --- which queries to label ----------------------------------------------------------------------------
-def pick(anchor_rewards: np.ndarray, budget: int, pool: int, seed: int = 0, how: str = "random") -> np.ndarray:
+def pick(anchor_rewards: np.ndarray, budget: int, pool: int, seed: int = 0, how: str = "random",
+         low_share: float = LOW_SHARE) -> tuple[np.ndarray, np.ndarray]:
     """Which of `pool` rows (training rows first, then dev rows) to label for a new candidate within
-    `budget`, from what is known before any label. "random": a uniform sample. "anchor": half at random (an
-    unbiased sample for the estimate's map), half among the other training rows (the first
-    len(anchor_rewards)) where the router's anchor scored lowest, ties at random: only there can a newcomer
-    gain over it. Measured (docs/training.md), "anchor" routes below "random" with the shipped rule: the
-    rows it adds make the newcomer look better than it is to the guard's margin, which then lets it in
-    too often; picking by the estimate's own uncertainty did worse too. So "random" is the default."""
+    `budget`, from what is known before any label, and each picked row's chance to be picked. "random": a
+    uniform sample. "anchor": a stratified sample: `low_share` of the budget among the training rows (the
+    first len(anchor_rewards)) where the router's anchor scored lowest (only there can a newcomer gain over
+    it: those at or below the anchor's reward on the budget's low share-th lowest row, ties included), the
+    rest uniformly among all the other rows. Within a stratum each row has the same chance, which `add`
+    turns into its weight (see the module's doc)."""
     if how not in ("random", "anchor"):
         raise UserError(f"--how must be random or anchor, not {how!r}")
-    if how == "random":
-        return np.random.default_rng(seed).choice(pool, size=min(budget, pool), replace=False)
     rng = np.random.default_rng(seed)
     budget = min(budget, pool)
-    chosen = rng.choice(pool, size=budget // 2, replace=False)
-    taken = np.zeros(pool, bool)
-    taken[chosen] = True
+    if how == "random":
+        return rng.choice(pool, size=budget, replace=False), np.full(budget, budget / pool)
     low = np.where(np.isnan(anchor_rewards), np.inf, anchor_rewards)
-    order = np.lexsort((rng.random(len(low)), low))
-    rest = [i for i in order if not taken[i]][:budget - len(chosen)]
-    taken[rest] = True
-    # fewer training rows left than the budget asks: the dev rows not yet taken make it up
-    fill = rng.permutation(np.flatnonzero(~taken))[:budget - len(chosen) - len(rest)]
-    return np.concatenate([chosen, np.array(rest, dtype=int), fill])
+    n_low = min(int(round(budget * low_share)), len(low))
+    stratum = np.zeros(pool, bool)
+    if n_low:
+        stratum[:len(low)] = low <= np.sort(low)[n_low - 1]
+    lows, rest = np.flatnonzero(stratum), np.flatnonzero(~stratum)
+    n_rest = min(budget - n_low, len(rest))
+    n_low = budget - n_rest          # fewer other rows than their share: the low stratum makes it up
+    chosen = [rng.choice(rest, size=n_rest, replace=False), rng.choice(lows, size=n_low, replace=False)]
+    chance = [np.full(n_rest, n_rest / max(len(rest), 1)), np.full(n_low, n_low / max(len(lows), 1))]
+    return np.concatenate(chosen).astype(int), np.concatenate(chance)
 
 
 def pick_queries(run: str | Path, name: str, budget: int, out: str | Path, seed: int = 0, how: str = "random") -> dict:
@@ -265,9 +347,10 @@ def pick_queries(run: str | Path, name: str, budget: int, out: str | Path, seed:
     if anchor not in labels:
         raise UserError(f"{run}: run.json names no anchor (best_single) among its candidates")
     every = rows.train.rows + rows.dev.rows
-    chosen = pick(rows.train.rewards()[:, labels.index(anchor)], budget, len(every), seed, how)
+    chosen, chance = pick(rows.train.rewards()[:, labels.index(anchor)], budget, len(every), seed, how)
     text = "".join(json.dumps({"id": every[i].id, "query": every[i].query, "rewards": {name: None},
-                               "tags": list(every[i].tags)}) + "\n" for i in chosen)
+                               "tags": list(every[i].tags), INCLUSION: round(float(p), 12)}) + "\n"
+                   for i, p in zip(chosen, chance))
     Path(out).write_text(text)
     return {"rows": len(chosen), "of": len(every), "anchor": anchor, "how": how}
 
@@ -408,6 +491,10 @@ def _stub_encoder(config):
     return Stub()
 
 
+def _by_column(rows: RunRows, labels: list[str]) -> dict:
+    return {labels.index(n): w for n, w in rows.weights.items() if n in labels}
+
+
 def _entered(info: dict) -> dict:
     life = info.get("lifecycle") or {}
     return dict(life.get("entered") or {n: {"how": "trained"} for n in info["labels"]})
@@ -449,7 +536,7 @@ def add_candidate(run: str | Path, name: str, rows_path: str | Path, out: str | 
         raise UserError(f"{rows_path}: no row scores {name!r}")
     costs = _costs_file(candidates, new_labels, info)
     cfg = _config(info)
-    rows, used = merge(run_rows(run, info), added, name, new_labels)
+    rows, used = merge(run_rows(run, info), added, name, new_labels, inclusion(rows_path, name))
     if used["train"] == 0:
         raise UserError(f"{rows_path}: {name!r} is scored only on the run's dev rows; the heads need training rows")
     model, tokenizer = _embedder(run, info, cfg)
@@ -457,7 +544,7 @@ def add_candidate(run: str | Path, name: str, rows_path: str | Path, out: str | 
     problem = _problem(info, rows)
     fit_started = time.time()
     estimated = [new_labels.index(n) for n, e in _entered(info).items() if e["how"] == "added" and n in new_labels]
-    fitted = fit_router(cfg, problem, train_x, dev_x, estimated + [len(labels)], int8)
+    fitted = fit_router(cfg, problem, train_x, dev_x, estimated + [len(labels)], int8, weights=_by_column(rows, new_labels))
     summary = _summary(fitted, rows, dev_x, new_labels)
     entered = _entered(info)
     entered[name] = {"how": "added", "rows": used["train"] + used["dev"], **used}
@@ -487,7 +574,7 @@ def remove_candidate(run: str | Path, name: str, out: str | Path, candidates: st
     costs = _costs_file(candidates, keep, info) if candidates else info.get("candidates_file")
     cfg = _config(info)
     rows = run_rows(run, info)
-    rows = RunRows(_columns(rows.train, keep), _columns(rows.dev, keep))
+    rows = RunRows(_columns(rows.train, keep), _columns(rows.dev, keep), {n: w for n, w in rows.weights.items() if n in keep})
     model, tokenizer = _embedder(run, info, cfg)
     train_x, dev_x, int8 = _embed(model, tokenizer, rows, cfg, cache or cfg.cache)
     head = None
@@ -500,7 +587,7 @@ def remove_candidate(run: str | Path, name: str, out: str | Path, candidates: st
     entered = {n: e for n, e in _entered(info).items() if n in keep}
     estimated = [keep.index(n) for n, e in entered.items() if e["how"] == "added"]
     problem = _problem(info, rows)
-    fitted = fit_router(cfg, problem, train_x, dev_x, estimated, int8, head=head)
+    fitted = fit_router(cfg, problem, train_x, dev_x, estimated, int8, head=head, weights=_by_column(rows, keep))
     summary = _summary(fitted, rows, dev_x, keep)
     event = {"op": "remove", "name": name, "anchor_was": info.get("best_single", {}).get("candidate"),
              "anchor_now": fitted.anchor["candidate"]}

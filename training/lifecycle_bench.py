@@ -85,15 +85,21 @@ def bench(data_path: str, names: Sequence[str], ks: Sequence[int | None] = (50, 
         tr, dv = rest[parts["train"]], rest[parts["dev"]]
         rng = np.random.default_rng(seed + f)
 
-        def fit(columns: list[str], keep_name=None, keep=None, tau=None):
+        def fit(columns: list[str], keep_name=None, keep=None, tau=None, chance=None):
             full = RoutingDataset([Row(r.id, r.query, {c: r.rewards.get(c) for c in columns}, r.tags, None, r.source)
                                    for r in data.rows], columns, data.path)
             train, dev = (_with_column(full, i, keep_name, keep) if keep_name else full.subset(i) for i in (tr, dv))
             problem = Problem(train, dev, np.zeros(0), {"tau": tau or auto_tau(train.rewards())})
             col_x = x[tr], x[dv]
             estimated = [columns.index(keep_name)] if keep is not None else []
+            weights = None
+            if chance is not None:   # as `add` weights rows that carry their chance to be picked
+                w = np.ones(n)
+                w[keep] = 1.0 / chance
+                w[keep] /= w[keep].mean()
+                weights = {columns.index(keep_name): (w[tr], w[dv])}
             started = time.time()
-            fitted = fit_router(cfg, problem, *col_x, estimated)
+            fitted = fit_router(cfg, problem, *col_x, estimated, weights=weights)
             elapsed = time.time() - started
             choice = _route(fitted, x[held], columns)
             order = [labels.index(c) for c in columns]
@@ -111,13 +117,15 @@ def bench(data_path: str, names: Sequence[str], ks: Sequence[int | None] = (50, 
             put((name, "without"), held, got)
             pool = np.concatenate([tr, dv])
             for k in ks:
+                chance = None
                 if k is ALL:
                     keep = pool
                 elif picked == "anchor":
-                    keep = pool[pick(low, k, len(pool), seed=int(rng.integers(1 << 31)), how="anchor")]
+                    chosen, chance = pick(low, k, len(pool), seed=int(rng.integers(1 << 31)), how="anchor")
+                    keep = pool[chosen]
                 else:
                     keep = rng.choice(pool, size=min(k, len(pool)), replace=False)
-                got, _, elapsed, _ = fit(others + [name], name, keep, tau)
+                got, _, elapsed, _ = fit(others + [name], name, keep, tau, chance)
                 put((name, k), held, got)
                 seconds.setdefault((name, k), []).append(elapsed)
                 log(f"fold {f}: {name} added on {len(keep)} rows: {np.mean(got):.4f} ({elapsed:.1f} s)")

@@ -423,12 +423,14 @@ def _report(bar, cfg: TrainConfig, point: dict) -> None:
 
 
 def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=None, oof_probs=None, fit_rewards=None,
-                   margin_columns=()):
+                   partial=(), weights=None):
     """The expected-reward head and the decision settings fitted on held-out predictions
     (training/calibrate.py): ((weight, bias), router.json's decision block). `fit_rewards`: what the
     reward head regresses on when it is not the training rows' rewards (an added candidate's column
     with its unlabelled rows estimated, training/lifecycle.py); the decision layer still fits on the
-    realised rewards, and the guard's margin only on the rows that score every `margin_columns` candidate."""
+    realised rewards. `partial`: the candidates labelled on some rows only, their gain imputed for the guard's
+    margin where unlabelled (calibrate._margin) with `weights` ((training rows', dev rows') (rows x
+    candidates) weights of their labelled rows, None: equal)."""
     from zooter.training.calibrate import (INT8_CONSISTENCY, FittingRows, choose_strength, fit_decision, inner_folds,
                                            ridge, scores)
 
@@ -445,10 +447,9 @@ def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=Non
             fold_head = ridge(train_x[rest], rewards[rest], strength, None if train_x_int8 is None else train_x_int8[rest])
             oof_scores[held] = scores(fold_head, train_x[held])
         probs.append(oof_probs), raw.append(oof_scores), realised.append(realised_train)
-    realised = np.vstack(realised)
-    complete = ~np.isnan(realised[:, list(margin_columns)]).any(axis=1)
-    rows = FittingRows(np.vstack(probs), np.vstack(raw), realised, oof=oof_probs is not None,
-                       margin_rows=complete if len(margin_columns) and complete.sum() >= 2 else None)
+    row_weights = None if weights is None else np.vstack([weights[1]] + [weights[0]] * (len(probs) - 1))
+    rows = FittingRows(np.vstack(probs), np.vstack(raw), np.vstack(realised), oof=oof_probs is not None,
+                       partial=tuple(partial), weights=row_weights)
     decision = fit_decision(rows, problem.labels, problem.meta["best_single"]["candidate"])
     decision["fitted_on"]["ridge_strength"] = strength
     if train_x_int8 is not None:

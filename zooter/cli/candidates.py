@@ -57,9 +57,10 @@ def register(sub) -> None:
     k = group.add_parser("pick", help="which of the run's queries to label for a new candidate, within a budget",
                          description="Write BUDGET of the run's training and dev queries as routing rows with NAME's "
                          "reward to fill in; label them, then `zooter candidates add --data` the file. The choice uses "
-                         "only what the run knows before any label: at random (the default), or --how anchor: half at "
-                         "random, half where the router's anchor scored lowest (measured below random with the shipped "
-                         "rule: docs/training.md).")
+                         "only what the run knows before any label: at random (the default), or --how anchor: a "
+                         "stratified sample, half where the router's anchor scored lowest, half among the other rows "
+                         "(not better than random with the shipped rule: docs/training.md). Each row says its chance "
+                         "to be picked (inclusion_probability); keep it: `add` weights the row by its inverse.")
     k.add_argument("run", help="a trained run folder")
     k.add_argument("--name", required=True, help="the new candidate's name")
     k.add_argument("--budget", required=True, type=int, help="how many queries to label")
@@ -96,7 +97,7 @@ def cmd_pick(args) -> int:
     from zooter.training.lifecycle import pick_queries
 
     got = pick_queries(args.run, args.name, args.budget, args.out, seed=args.seed, how=args.how)
-    how = "at random" if got["how"] == "random" else f"half at random, half where the anchor {got['anchor']} scored lowest"
+    how = "at random" if got["how"] == "random" else f"half where the anchor {got['anchor']} scored lowest, half among the others"
     print(f"picked {got['rows']} of {got['of']} queries of {args.run} for {args.name} ({how}) -> {args.out}; fill in "
           f"{args.name}'s rewards, then `zooter candidates add`")
     return 0
