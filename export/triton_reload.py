@@ -90,6 +90,12 @@ def stage(repo: str | Path, bundle: str | Path) -> Reloaded:
     if problem:
         raise UserError(f"--bundle {bundle}: {problem}; router {old.router_id} keeps serving")
     reloaded = Reloaded(old.router_id, new.router_id, int(current.name) + 1, ensemble=ensemble)
+    if ensemble:
+        left = [str(repo / step / str(reloaded.version)) for step in STEPS if (repo / step / str(reloaded.version)).exists()]
+        if left:        # a reload Triton did not answer; Triton may have loaded them, so they are not rewritten here
+            raise UserError(f"{', '.join(left)}: left by an earlier reload that Triton did not answer (zooter_route still "
+                            f"pins version {current.name}); remove them and run the reload again; router "
+                            f"{old.router_id} keeps serving")
     try:
         if ensemble:
             for name, files in ensemble_bundle_files(bundle, new).items():
@@ -194,10 +200,14 @@ def reload_router(repo: str | Path, bundle: str | Path, url: str, key: str | Non
             raise UserError(f"Triton did not load router {reloaded.new} into {model}: {err}; router {reloaded.old} "
                             f"keeps serving{back}") from None
         except (UserError, OSError) as err:    # no answer: the load may still happen, so the version stays on disk
-            unpin = f" and pin {config} back to version {reloaded.version - 1}" if step == "pin" else ""
+            folders = ", ".join(str(f) for f in reloaded.staged.values())
+            if reloaded.ensemble:
+                unpin = f", pin {config} back to version {reloaded.version - 1}" if step == "pin" else ""
+                todo = f"remove the new version folders ({folders}){unpin} and run the reload again"
+            else:
+                todo = f"run the reload again, or remove the new version folders ({folders}) to keep router {reloaded.old}"
             raise UserError(f"no answer from Triton to the load of router {reloaded.new} into {model} ({err}); it may "
-                            f"still load it: run the reload again, or remove the new version folders "
-                            f"({', '.join(str(f) for f in reloaded.staged.values())}){unpin} to keep router {reloaded.old}") from None
+                            f"still load it: {todo}") from None
         loaded.append(model)
     marker = repo / MARKER
     info = json.loads(marker.read_text())

@@ -135,7 +135,10 @@ class AsciiWordPiece:
             room = max_length - len(head) - len(tail)
             if room < 1:
                 return None
-            added = [a["content"].lower() for a in spec.get("added_tokens") or [] if a.get("content")]
+            tokens = spec.get("added_tokens") or []
+            if any(t.get("normalized") and not re.fullmatch(r"[!-~]+", t.get("content") or "") for t in tokens):
+                return None     # tokenizers matches such a token in the normalised text, not in the raw text
+            added = [t["content"].lower() for t in tokens if t.get("content")]
             return cls(vocab, vocab[model["unk_token"]], model["continuing_subword_prefix"],
                        int(model["max_input_chars_per_word"]), bool(norm.get("lowercase")), head, tail, types,
                        room, added)

@@ -945,7 +945,7 @@ def test_a_request_to_an_openai_upstream_hands_nothing_to_a_worker_thread(bundle
 
 def test_upstreams_take_the_proxy_and_netrc_from_the_environment(tmp_path, monkeypatch):
     """What trust_env gave, read once per upstream: HTTP_PROXY unless NO_PROXY names the host; .netrc credentials
-    only for an upstream without a key of its own (aiohttp refuses both at once)."""
+    only for an upstream without a key or credentials in its URL of its own (aiohttp refuses two at once)."""
     from zooter.servers.gateway.upstreams import UpstreamHttp
 
     netrc = tmp_path / "netrc"
@@ -960,6 +960,7 @@ def test_upstreams_take_the_proxy_and_netrc_from_the_environment(tmp_path, monke
     assert str(via["proxy"]) == "http://proxy.internal:3128" and via["proxy_auth"] is None
     assert (via["auth"].login, via["auth"].password) == ("alice", "s3cret")
     assert "auth" not in UpstreamHttp.via("http://llm.internal:8000/v1", {"Authorization": "Bearer k"})
+    assert "auth" not in UpstreamHttp.via("http://bob:pw@llm.internal:8000/v1", {})   # the URL's own credentials
     monkeypatch.setenv("NO_PROXY", "llm.internal")
     assert "proxy" not in UpstreamHttp.via("http://llm.internal:8000/v1", {})
 

@@ -86,7 +86,7 @@ def test_fast_path_leaves_what_it_does_not_cover_to_tokenizers(tokenizer_file):
     assert fast("What is 2 + 2?") is not None
 
     spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
-    from tokenizers import Tokenizer
+    from tokenizers import AddedToken, Tokenizer
 
     for change in ({"normalizer": {"type": "Lowercase"}}, {"pre_tokenizer": {"type": "Whitespace"}},
                    {"post_processor": {"type": "RobertaProcessing", "sep": ["[SEP]", 102], "cls": ["[CLS]", 101],
@@ -97,6 +97,14 @@ def test_fast_path_leaves_what_it_does_not_cover_to_tokenizers(tokenizer_file):
         other.enable_truncation(128)
         assert AsciiWordPiece.of(other, 128) is None, change
     assert AsciiWordPiece.of(load_tokenizer(tokenizer_file, 128).backend, 64) is None   # truncation not as asked
+    # An added token that tokenizers matches after normalising it (a control character dropped, accents stripped):
+    # the raw text does not show it, so such a tokenizer keeps to tokenizers.
+    for content in ("Foo\x01bar", "\u00e9t\u00e9", "two words"):
+        other = Tokenizer.from_str(json.dumps(spec))
+        other.add_tokens([AddedToken(content, normalized=True)])
+        other.no_padding()
+        other.enable_truncation(128)
+        assert AsciiWordPiece.of(other, 128) is None, content
 
 
 def test_encode_and_the_router_answer_the_same_with_and_without_the_fast_path(tokenizer_file, bundles):

@@ -116,6 +116,29 @@ def test_an_ensemble_whose_pin_triton_refuses_goes_back_to_its_steps_and_pin(ens
     assert files(ensemble) == before and config.read_text() == pinned
 
 
+def test_an_ensemble_reload_triton_did_not_answer_is_not_staged_over(ensemble, bundles, other_fp32, monkeypatch, capsys):
+    """No answer to a step's load: Triton may still load it, so its new version stays, the message says what to
+    remove; a second reload before that is refused in one line, naming them, and writes nothing."""
+    import zooter.serving.triton_client as triton_client
+
+    def load_model(url, model, key=None):
+        if model == "zooter_router":
+            raise OSError("timed out")
+
+    monkeypatch.setattr(triton_client, "load_model", load_model)
+    args = ["triton", "reload", str(ensemble), "--bundle", str(other_fp32), "--triton", "127.0.0.1:9"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no answer from Triton" in err and "remove the new version folders" in err, err
+    assert all((ensemble / step / "2").is_dir() for step in STEPS)
+    left = files(ensemble)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "left by an earlier reload" in err and str(ensemble / "zooter_tokenize" / "2") in err, err
+    assert f"router {rid(bundles['fp32'])} keeps serving" in err, err
+    assert files(ensemble) == left
+
+
 def route(http: httpx.Client, url: str, text: str) -> httpx.Response:
     return http.post(f"http://{url}/v2/models/zooter_route/infer", timeout=300,
                      json={"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}],

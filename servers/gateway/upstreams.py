@@ -120,8 +120,8 @@ class UpstreamHttp:
     def via(base_url: str, headers: dict) -> dict:
         """What the environment says about reaching `base_url`, as aiohttp's trust_env would (request options):
         the proxy of HTTP_PROXY / HTTPS_PROXY unless NO_PROXY exempts the host, and ~/.netrc (or $NETRC)
-        credentials for the host when the upstream has no key of its own. Read when the candidates load (again on
-        SIGHUP)."""
+        credentials for the host when the upstream has no key of its own, nor credentials in its URL (aiohttp refuses
+        two at once, as trust_env never gave them). Read when the candidates load (again on SIGHUP)."""
         from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url, netrc_from_env
         from yarl import URL
 
@@ -130,7 +130,7 @@ class UpstreamHttp:
             options["proxy"], options["proxy_auth"] = get_env_proxy_for_url(url)
         except LookupError:
             pass
-        if url.host and not any(k.lower() == "authorization" for k in headers):
+        if url.host and url.user is None and not any(k.lower() == "authorization" for k in headers):
             try:
                 options["auth"] = basicauth_from_netrc(netrc_from_env(), url.host)
             except LookupError:

@@ -252,7 +252,8 @@ class TritonPythonModel:
         inputs = [pb_utils.Tensor("text", np.array([[text.encode("utf-8")]], dtype=object))]
         inputs += [pb_utils.Tensor(knob, value) for knob, value in asked.items()]
         # `router` names the router that chose (the python zooter_route, or the ensemble's decide step; a reload
-        # changes it, zooter triton reload).
+        # changes it, zooter triton reload). Every zooter_route built with this model.py answers it: the build
+        # copies both, and a reload never replaces this file.
         names = ["ranking", "confidence", "router"]
         routed = pb_utils.InferenceRequest(model_name="zooter_route", requested_output_names=names, inputs=inputs).exec()
         if routed.has_error():
