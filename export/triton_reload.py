@@ -27,7 +27,6 @@ repository is touched, and the running router keeps serving.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 from zooter.export.triton_repo import MARKER, RepositoryOptions, _bundle_files, ensemble_bundle_files, read_bundle
 from zooter.runtime.bundle import MANIFEST, BundleError, Manifest, swap_problem
 from zooter.runtime.errors import UserError
+from zooter.runtime.files import write_text_atomic
 
 ROUTE = "zooter_route"
 ANSWER = "zooter"       # routes in its own stub in CPU repositories built since issue 24 (router.json in its version)
@@ -189,13 +189,13 @@ def reload_router(repo: str | Path, bundle: str | Path, url: str, key: str | Non
         model = ROUTE if step == "pin" else step
         try:
             if step == "pin":
-                _write_atomically(config, PIN.sub(lambda m: f"{m.group(1)}{reloaded.version}", pinned))
+                write_text_atomic(PIN.sub(lambda m: f"{m.group(1)}{reloaded.version}", pinned), config)
             load_model(url, model, key)
         except TritonRequestError as err:      # Triton answered that the load failed: it keeps what it had
             for folder in reloaded.staged.values():
                 shutil.rmtree(folder, ignore_errors=True)
             if pinned is not None:
-                _write_atomically(config, pinned)
+                write_text_atomic(pinned, config)
             back = _load_back(url, loaded, key)
             raise UserError(f"Triton did not load router {reloaded.new} into {model}: {err}; router {reloaded.old} "
                             f"keeps serving{back}") from None
@@ -213,12 +213,6 @@ def reload_router(repo: str | Path, bundle: str | Path, url: str, key: str | Non
     info = json.loads(marker.read_text())
     marker.write_text(json.dumps({**info, "bundle": str(Path(bundle).resolve())}) + "\n")
     return reloaded
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.reload-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _load_back(url: str, models: list[str], key: str | None) -> str:
