@@ -84,12 +84,8 @@ def choose_strength(x, rewards, folds, x_int8=None) -> float:
     return min(STRENGTHS, key=error)
 
 
-def weighted_mean(d: np.ndarray, w: np.ndarray) -> float:
-    return float(np.sum(w * d) / np.sum(w))
-
-
 def weighted_se(d: np.ndarray, w: np.ndarray) -> float:
-    """The standard error of weighted_mean(d, w), sd / sqrt(n) when the weights are equal."""
+    """The standard error of np.average(d, weights=w), sd / sqrt(n) when the weights are equal."""
     n = len(d)
     share = w / np.sum(w)
     return float(np.sqrt(n / (n - 1) * np.sum(share ** 2 * (d - np.sum(share * d)) ** 2)))
@@ -199,7 +195,7 @@ def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weig
             se = d.std(ddof=1) / np.sqrt(len(d))   # (a trained run: as before, to the last bit)
             bound = d.mean() - (np.sqrt(se ** 2 + extra / len(d) ** 2) if extra else se)
         else:
-            bound = weighted_mean(d, own[ok]) - np.sqrt(weighted_se(d, own[ok]) ** 2 + extra / len(d) ** 2)
+            bound = np.average(d, weights=own[ok]) - np.sqrt(weighted_se(d, own[ok]) ** 2 + extra / len(d) ** 2)
         if bound > best_bound + 1e-12:
             best, best_bound = float(margin), bound
     return best
@@ -227,9 +223,6 @@ def _impute(d: np.ndarray, chosen: np.ndarray, cells: np.ndarray, weights: np.nd
         if lab.sum() < 2:
             continue               # nothing to impute from: these rows stay out, as unscored rows did
         w = weights[lab]
-        mean = float(np.average(d[lab], weights=w))
-        share = w / w.sum()
-        var = float(lab.sum() / (lab.sum() - 1) * np.sum(share ** 2 * (d[lab] - mean) ** 2))
-        d[miss] = mean
-        extra += miss.sum() ** 2 * var
+        d[miss] = np.average(d[lab], weights=w)
+        extra += miss.sum() ** 2 * weighted_se(d[lab], w) ** 2
     return extra
