@@ -19,6 +19,7 @@ whose name contains a keyword misbehave, so that clients meet real HTTP failures
     private  answers 401 unless the request carries "Authorization: Bearer <api_key>"
     slow     waits 3 s before answering
     midway   streams two words, then drops the connection mid-answer
+    endless  streams a word every 10 ms until its client hangs up (counted in stats.hung_up), at most 60 s
     paired   holds each request until another request of the model is (or was) in flight, at most 10 s: a
              client's concurrency then shows in max_in_flight however loaded the machine is
 GET /v1/models answers an empty list (a health probe; each is recorded in `probes`). GET /stats answers
@@ -71,6 +72,7 @@ class Stats:
         self.in_flight: dict[str, int] = {}
         self.max_in_flight: dict[str, int] = {}
         self.seen: set[tuple[str, str]] = set()
+        self.hung_up: dict[str, int] = {}
 
     def enter(self, model: str) -> None:
         self.requests[model] = self.requests.get(model, 0) + 1
@@ -147,6 +149,8 @@ def stub_app(records: list | None = None, probes: list | None = None, delay_s: f
                      else answer_text(model, prompt, keywords).split())
             finish = "length" if len(words) > max_tokens else "stop"
             words = words[:max_tokens]
+            if request.get("stream") and keywords and "endless" in model:
+                return await endless(receive, send, model)
             if request.get("stream"):
                 return await stream(send, chat, model, words, finish, abort_at=2 if keywords and "midway" in model else None)
             text = " ".join(words)
@@ -207,6 +211,25 @@ def stub_app(records: list | None = None, probes: list | None = None, delay_s: f
             if gap_s:
                 await asyncio.sleep(gap_s)
         await part(event(None, finish) + b"data: [DONE]\n\n", more=False)
+
+    async def endless(receive, send, model: str) -> None:
+        """Words until the client hangs up (a real LLM server stops generating then), for 60 s at most."""
+        gone = asyncio.ensure_future(receive())         # http.disconnect once the client's connection is closed
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        deadline = time.monotonic() + 60
+        try:
+            while not gone.done() and time.monotonic() < deadline:
+                data = {"id": "stub-1", "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                        "choices": [{"index": 0, "delta": {"content": " word"}, "finish_reason": None}]}
+                await send({"type": "http.response.body", "body": b"data: " + json.dumps(data).encode() + b"\n\n",
+                            "more_body": True})
+                await asyncio.sleep(0.01)
+            if gone.done():
+                stats.hung_up[model] = stats.hung_up.get(model, 0) + 1
+            else:
+                await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        finally:
+            gone.cancel()
 
     app.stats = stats
     return app

@@ -31,8 +31,9 @@ QUERY = "Prove that there are infinitely many primes."
 @pytest.fixture(scope="module")
 def stub():
     records: list = []
-    server = ServerThread(stub_app(records))
-    server.records = records
+    app = stub_app(records)
+    server = ServerThread(app)
+    server.records, server.stats = records, app.stats
     yield server
     server.stop()
 
@@ -71,6 +72,7 @@ def healthy(bundles, stub, upstream_key, tmp_path_factory):
     serve = {label: {"openai_base_url": v1, "model": f"private-{label}", "api_key_env": KEY_ENV} for label in LABELS}
     serve["midway-demo"] = {"openai_base_url": v1, "model": "midway"}
     serve["picky-demo"] = {"openai_base_url": v1, "model": "picky"}
+    serve["endless-demo"] = {"openai_base_url": v1, "model": "endless"}
     path = write_candidates(tmp_path_factory.mktemp("healthy") / "candidates.yaml", serve)
     server = start_gateway(bundle=bundles["int8"], candidates=path, api_keys=CLIENT_KEYS, max_body_bytes=65536)
     yield server
@@ -188,7 +190,7 @@ def test_streaming_and_completions_sync_and_async(healthy, router):
     text, whole, streamed, models = asyncio.run(run())
     assert text == f"private-{chosen} answers: primes." == whole.choices[0].text == streamed
     assert whole.model == chosen and whole.usage.completion_tokens == 3
-    assert models == ["zooter", *LABELS, "midway-demo", "picky-demo"]
+    assert models == ["zooter", *LABELS, "midway-demo", "picky-demo", "endless-demo"]
 
 
 # --- fallback ---------------------------------------------------------------------------------------------
@@ -596,6 +598,29 @@ def test_a_client_that_leaves_while_sending_is_a_499_not_an_error(healthy, caplo
     assert metric(healthy, "zooter_gateway_requests_total", endpoint=endpoint, status="500") == errors
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]
     assert metric(healthy, "zooter_gateway_in_flight_requests") == 0
+
+
+def test_a_client_that_leaves_mid_stream_hangs_up_on_the_upstream(healthy, stub, caplog):
+    """A client gone mid-answer: the gateway closes the upstream's stream too (a real LLM server then stops
+    generating), counts a 499, and lets go of the request."""
+    endpoint = "/v1/chat/completions"
+    before = metric(healthy, "zooter_gateway_requests_total", endpoint=endpoint, candidate="endless-demo", status="499")
+    hung_up = stub.stats.hung_up.get("endless", 0)
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", healthy.url + endpoint, headers={"authorization": f"Bearer {CLIENT_KEYS[0]}"},
+                         json={"model": "endless-demo", "messages": ask(QUERY), "stream": True}) as response:
+            assert response.status_code == 200
+            words = 0
+            for line in response.iter_lines():
+                words += line.startswith("data:")
+                if words == 3:
+                    break          # leaving the block unread closes the connection
+    wait_for(lambda: stub.stats.hung_up.get("endless", 0) == hung_up + 1,
+             "the upstream's stream stayed open after the client left")
+    wait_for(lambda: metric(healthy, "zooter_gateway_requests_total", endpoint=endpoint, candidate="endless-demo",
+                            status="499") == before + 1, "the client's leaving was not counted as 499")
+    assert metric(healthy, "zooter_gateway_in_flight_requests") == 0
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 # --- health and the retry budget ------------------------------------------------------------------------------

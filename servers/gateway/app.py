@@ -38,7 +38,7 @@ from zooter.servers.gateway.http import STARTED, server_options, timeout_error
 from zooter.servers.gateway.metrics import Metrics
 from zooter.servers.gateway.requests import INT32_MAX, ApiError, parse_chat, parse_completion, read_json
 from zooter.servers.gateway.upstreams import UpstreamError, UpstreamHttp
-from zooter.servers.gateway.wire import json_answer, sse
+from zooter.servers.gateway.wire import EventStream, json_answer, sse
 
 log = logging.getLogger("zooter.gateway")
 DONE = b"data: [DONE]\n\n"
@@ -251,7 +251,6 @@ class Gateway:
     # --- answering ---------------------------------------------------------------------------------
     async def answer(self, request, kind: str):
         from starlette.requests import ClientDisconnect
-        from starlette.responses import StreamingResponse
 
         endpoint = request.url.path
         # From the request's first byte (http.py), so that headers and body share one deadline.
@@ -273,8 +272,8 @@ class Gateway:
                 self.metrics.routed.labels(router_of(backend), answer.candidate).inc()
             if answer.rest is not None:
                 streaming = True
-                return StreamingResponse(self._relay(endpoint, answer, deadline, backend), media_type="text/event-stream",
-                                         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+                return EventStream(self._relay(endpoint, answer, deadline, backend),
+                                   {**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
             self.metrics.upstream.labels(answer.candidate).observe(time.perf_counter() - answer.started)
             self._count_tokens(answer.candidate, answer.completion.get("usage"), 0)
             self.metrics.requests.labels(endpoint, answer.candidate, "200").inc()

@@ -7,10 +7,12 @@
     sse_data        the `data:` payloads of an SSE body, however its byte chunks split the lines
     sse             one event to send: `data: <json>` and a blank line
     json_answer     a JSON response, encoded with orjson
+    EventStream     a streamed response of SSE bytes that hangs up on the upstream when the client goes
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import AsyncIterator
 
@@ -77,3 +79,42 @@ def json_answer(obj, status: int = 200, headers: dict | None = None):
     from starlette.responses import Response
 
     return Response(dumps(obj), status_code=status, headers=headers, media_type="application/json")
+
+
+class EventStream:
+    """An ASGI response that writes `chunks` (an async generator of bytes) as they come and, if the client goes
+    before the end, cancels the request's task where it waits, so that the generator's cleanup (closing the
+    upstream's stream) runs at once. Starlette's StreamingResponse does the same under uvicorn (ASGI spec 2.3)
+    with an anyio task group and a second task for every stream; one watcher task and a callback cost less
+    (measured: docs/gateway.md, 2026-12-08)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], headers: dict):
+        self.chunks = chunks
+        self.headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
+
+    async def __call__(self, scope, receive, send) -> None:
+        task, state = asyncio.current_task(), {"done": False, "gone": False}
+
+        def hang_up(watch: asyncio.Future) -> None:
+            # receive() answers http.disconnect when the connection drops, and also once the response is complete
+            if not state["done"] and not watch.cancelled():
+                state["gone"] = True
+                task.cancel()
+
+        watch = asyncio.ensure_future(receive())
+        watch.add_done_callback(hang_up)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise              # the server is stopping this request, not the client
+            if hasattr(task, "uncancel"):      # Python 3.11+: the task is not being cancelled any more
+                task.uncancel()
+        finally:
+            state["done"] = True
+            watch.cancel()
+            await self.chunks.aclose()
