@@ -990,6 +990,58 @@ def test_upstreams_take_the_proxy_and_netrc_from_the_environment(tmp_path, monke
     assert "proxy" not in UpstreamHttp.via("http://llm.internal:8000/v1", {})
 
 
+def test_the_writes_of_one_loop_turn_leave_the_gateway_as_one_send():
+    """Headers and body written in one turn of the event loop go to the socket as one write (one packet, one wake-up
+    of the client); a later turn's writes are a send of their own; close sends what was written first; abort
+    drops it; the rest is the transport's."""
+    from zooter.servers.gateway.http import Coalescing
+
+    class Transport:
+        def __init__(self):
+            self.sent, self.closed = [], False
+
+        def write(self, data):
+            self.sent.append(bytes(data))
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def abort(self):
+            self.closed = True
+
+        def get_extra_info(self, name):
+            return ("127.0.0.1", 1) if name == "peername" else None
+
+    async def turns():
+        loop = asyncio.get_running_loop()
+        raw = Transport()
+        joined = Coalescing(raw, loop)
+        joined.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        joined.writelines([b"a", b"b"])
+        assert raw.sent == []                       # nothing yet: the turn is not over
+        await asyncio.sleep(0)
+        assert raw.sent == [b"HTTP/1.1 200 OK\r\n\r\nab"]
+        joined.write(b"c")
+        await asyncio.sleep(0)
+        joined.write(b"d")
+        joined.close()
+        assert raw.sent == [b"HTTP/1.1 200 OK\r\n\r\nab", b"c", b"d"] and raw.closed
+        await asyncio.sleep(0)                      # the flush already scheduled finds nothing left
+        assert raw.sent[-1] == b"d" and len(raw.sent) == 3
+        dropped = Transport()
+        gone = Coalescing(dropped, loop)
+        gone.write(b"lost")
+        gone.abort()
+        await asyncio.sleep(0)
+        assert dropped.sent == [] and dropped.closed
+        assert joined.get_extra_info("peername") == ("127.0.0.1", 1)
+
+    asyncio.run(turns())
+
+
 def test_the_gateway_serves_on_httptools_and_uvloop_when_installed_else_h11_and_asyncio(healthy):
     """What `zooter gateway` picks (uvicorn's auto choices, behind the guard of http.py): the `gateway` extra's
     httptools and uvloop when they are installed (less CPU a request, docs/gateway.md), else h11 and asyncio;

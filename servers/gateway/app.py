@@ -252,7 +252,7 @@ class Gateway:
     async def answer(self, request, kind: str):
         from starlette.requests import ClientDisconnect
 
-        endpoint = request.url.path
+        endpoint = request.scope["path"]     # request.url would parse a whole URL object for it: ~25 µs a request
         # From the request's first byte (http.py), so that headers and body share one deadline.
         deadline = request.scope.get(STARTED, time.perf_counter()) + self.settings.request_timeout
         self.metrics.in_flight.inc()

@@ -7,7 +7,8 @@ uvicorn picks) with one timer per connection: armed when a connection opens and 
 closes a connection whose request has not reached the app `timeout` seconds after that (with a 408 when some
 of it came; silently when nothing did). The time the first byte came travels in the request's scope, so the
 app reads the body against the same deadline (app.py). Between requests a connection stays open
-KEEP_ALIVE_SECONDS, longer than clients keep theirs.
+KEEP_ALIVE_SECONDS, longer than clients keep theirs. The writes of one turn of the event loop leave together
+(`Coalescing`): a response's headers and body, or a stream's headers and first events, in one send.
 """
 
 from __future__ import annotations
@@ -35,6 +36,45 @@ def _raw_408(timeout: float) -> bytes:
             b"content-length: %d\r\n\r\n" % len(body)) + body
 
 
+class Coalescing:
+    """A connection's transport whose writes within one turn of the event loop leave in one send. uvicorn writes
+    a response's headers as soon as the app starts it and its body when it comes, two sends that reach the client
+    as two packets, each a wake-up of the client and a system call here; joined, the answer (or a stream's first
+    token) arrives in one (measured: docs/gateway.md, 2026-12-08). Everything else is the transport's own."""
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop, self._pending = transport, loop, None
+
+    def write(self, data) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            self._pending.append(data)
+
+    def writelines(self, lines) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()               # what was written before close goes out first, as with the transport alone
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
 def guarded(base: type, timeout: float, on_timeout) -> type:
     """`base` (a uvicorn HTTP protocol class) with the request-read deadline; `on_timeout()` counts each 408."""
     refusal = _raw_408(timeout)
@@ -51,7 +91,7 @@ def guarded(base: type, timeout: float, on_timeout) -> type:
                 await inner(scope, receive, send)
 
             self.app = app
-            super().connection_made(transport)
+            super().connection_made(Coalescing(transport, self.loop))
             self._arm(timeout)
 
         def data_received(self, data: bytes) -> None:
