@@ -77,8 +77,8 @@ def _str_tensor(name, text):
     return pb_utils.Tensor(name, np.array([[text.encode("utf-8")]], dtype=object))
 
 
-def _numpy(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+def _numpy(inputs, name):
+    tensor = inputs.get(name)
     return None if tensor is None else tensor.as_numpy()
 
 
@@ -142,9 +142,11 @@ class TritonPythonModel:
         E = pb_utils.TritonError
         refused = []
         for request in requests:
-            problem = self._check(request)
+            # The request's inputs by name, read once (pb_utils.get_input_tensor_by_name lists them all at every call).
+            inputs = {tensor.name(): tensor for tensor in request.inputs()}
+            problem = self._check(inputs)
             if problem is None:
-                self.workers.run(self._answer, request)
+                self.workers.run(self._answer, request, inputs)
                 continue
             request.get_response_sender().send(pb_utils.InferenceResponse(error=E(f"{BAD_INPUT}{problem}", E.INVALID_ARG)),
                                                flags=FINAL)
@@ -156,9 +158,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{BAD_INPUT}{refused[0]}")
         return None
 
-    def _check(self, request):
-        """What is wrong with the client's request, or None."""
-        tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+    def _check(self, inputs):
+        """What is wrong with the client's request (its inputs by name), or None."""
+        tensor = inputs.get("text_input")
         if tensor is None:
             return "text_input is required (the query to answer)"
         text = tensor.as_numpy()
@@ -173,16 +175,16 @@ class TritonPythonModel:
         if len(raw) > self.max_prompt_bytes:
             return f"text_input of {len(raw)} bytes is over the {self.max_prompt_bytes}-byte limit"
         try:
-            self._route_text(request)
+            self._route_text(inputs)
         except ValueError as err:          # a bad `messages` or `route_on`, or nothing to route on
             return str(err)
-        max_tokens = pb_utils.get_input_tensor_by_name(request, "max_tokens")
+        max_tokens = inputs.get("max_tokens")
         if max_tokens is not None:
             values = max_tokens.as_numpy().reshape(-1)
             if values.size != 1 or not 1 <= int(values[0]) <= self.max_tokens_limit:
                 return f"max_tokens must be one number in 1..{self.max_tokens_limit}, got {values.tolist()}"
-        knobs = [name for name in KNOBS if pb_utils.get_input_tensor_by_name(request, name) is not None]
-        named = pb_utils.get_input_tensor_by_name(request, "answer_with")
+        knobs = [name for name in KNOBS if name in inputs]
+        named = inputs.get("answer_with")
         if named is not None:
             names = [_text(v) for v in named.as_numpy().reshape(-1)]
             if len(names) != 1 or names[0] not in self.serving:
@@ -194,26 +196,26 @@ class TritonPythonModel:
                     "--router-backend python); this repository routes with an ensemble")
         return None
 
-    def _route_text(self, request) -> str:
+    def _route_text(self, inputs) -> str:
         """The text to route on (runtime.conversation's policy); ValueError names what is wrong."""
         mode = self.route_on
-        tensor = pb_utils.get_input_tensor_by_name(request, "route_on")
+        tensor = inputs.get("route_on")
         if tensor is not None:
             mode = check_route_on(_text(tensor.as_numpy().reshape(-1)[0]), "route_on")
-        tensor = pb_utils.get_input_tensor_by_name(request, "messages")
+        tensor = inputs.get("messages")
         if tensor is not None:
             turns = turns_from_json(_text(tensor.as_numpy().reshape(-1)[0]))
         else:
-            turns = [("user", _text(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]))]
+            turns = [("user", _text(inputs["text_input"].as_numpy().reshape(-1)[0]))]
         return route_text(turns, mode, self.route_bytes)
 
     # --- one request ------------------------------------------------------------------------
-    def _answer(self, request):
+    def _answer(self, request, inputs):
         self.slots.acquire()
         with self.in_flight_ended:
             self.in_flight += 1
         sender = request.get_response_sender()
-        self._serve(lambda: self._route_and_forward(request, sender), sender)
+        self._serve(lambda: self._route_and_forward(inputs, sender), sender)
 
     def _serve(self, answer, sender):
         """Run answer() -> its outcome, or None when a candidate stalled and the watchdog took the answer over
@@ -232,15 +234,14 @@ class TritonPythonModel:
             self.in_flight -= 1
             self.in_flight_ended.notify_all()
 
-    def _route(self, request, sender):
+    def _route(self, inputs, sender):
         """(the candidates to try, best first; the router's confidence; its id). A named candidate (`answer_with`) is the only one, without a confidence or a router.
         Raises _Answered after passing on the router's error."""
-        named = pb_utils.get_input_tensor_by_name(request, "answer_with")
+        named = inputs.get("answer_with")
         if named is not None:
             return [_text(named.as_numpy().reshape(-1)[0])], None, None
-        text = self._route_text(request)
-        asked = {knob: tensor.as_numpy().reshape(1, -1) for name, knob in KNOBS.items()
-                 if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
+        text = self._route_text(inputs)
+        asked = {knob: inputs[name].as_numpy().reshape(1, -1) for name, knob in KNOBS.items() if name in inputs}
         if self.routers is None:
             return self._ask_zooter_route(text, asked, sender)
         with self.routing_lock:
@@ -279,22 +280,23 @@ class TritonPythonModel:
         return (order, float(pb_utils.get_output_tensor_by_name(routed, "confidence").as_numpy().reshape(-1)[0]),
                 None if router is None else _text(router.as_numpy().reshape(-1)[0]))
 
-    def _route_and_forward(self, request, sender) -> str | None:
+    def _route_and_forward(self, inputs, sender) -> str | None:
         """Route, then answer with the first candidate that can: the outcome, or None when a stalled candidate's
         answer was taken over by the watchdog (see _stream_from)."""
         E = pb_utils.TritonError
         try:
-            order, confidence, router = self._route(request, sender)
+            order, confidence, router = self._route(inputs, sender)
         except _Answered as answered:
             return answered.outcome
 
-        forwarded = self._candidate_inputs(request)
+        forwarded = self._candidate_inputs(inputs)
         max_tokens = int(next(t.as_numpy().reshape(-1)[0] for t in forwarded if t.name() == "max_tokens"))
-        stream = pb_utils.get_input_tensor_by_name(request, "stream")
+        stream = inputs.get("stream")
         streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
-        # What the client asked, for a candidate with another I/O than ours (runtime.candidate_io maps it).
-        ask = ask_from_inputs(ENSEMBLE, lambda name: _numpy(request, name), max_tokens)
         skipped = []
+
+        def inputs_numpy(name):
+            return _numpy(inputs, name)
 
         def failed(label, error, started):
             """The outcome once `label` failed with `error`, or None to try the next candidate."""
@@ -326,13 +328,14 @@ class TritonPythonModel:
                 # ships it: not decoupled, so it answers whole and the client gets that as one piece).
                 described = TritonModel.declared(model, io)
                 described.decoupled = bool(self.serving[label].get("decoupled", io == ENSEMBLE))
-                inputs = forwarded if io == ENSEMBLE else \
-                    [pb_utils.Tensor(name, value) for name, _, _, value in described.specs(ask)]
+                # What the client asked, mapped by runtime.candidate_io onto a candidate with another I/O than ours.
+                given = forwarded if io == ENSEMBLE else [pb_utils.Tensor(name, value) for name, _, _, value in
+                                                          described.specs(ask_from_inputs(ENSEMBLE, inputs_numpy, max_tokens))]
                 reading = Reading(io, max_tokens, streaming and described.decoupled)
 
                 def resume(error, started, label=label, at=at):      # on the watchdog's worker, once this one stalled
                     return failed(label, error, started) or forward(at + 1)
-                result = self._stream_from(label, model, inputs, note, confidence, sender, reading, whole, router,
+                result = self._stream_from(label, model, given, note, confidence, sender, reading, whole, router,
                                            resume)
                 if result is None:
                     return None                    # taken over: resume() answers the rest
@@ -379,14 +382,10 @@ class TritonPythonModel:
         except Exception:          # a model this server does not know is not ready either
             return False
 
-    def _candidate_inputs(self, request):
+    def _candidate_inputs(self, inputs):
         """The client's inputs for an ensemble candidate (our own I/O), max_tokens always."""
-        tensors = []
-        for name in self.input_names:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                tensors.append(pb_utils.Tensor(name, tensor.as_numpy()))
-        if pb_utils.get_input_tensor_by_name(request, "max_tokens") is None:
+        tensors = [pb_utils.Tensor(name, inputs[name].as_numpy()) for name in self.input_names if name in inputs]
+        if "max_tokens" not in inputs:
             tensors.append(pb_utils.Tensor("max_tokens", np.array([[self.default_max_tokens]], dtype=np.int32)))
         return tensors
 
@@ -508,13 +507,18 @@ class _Call:
 
 class _Watchdog:
     """Every second, the calls that heard nothing from their candidate for a second: one whose candidate is no
-    longer ready is abandoned and its answer resumed on a worker (call.resume(error, sent)). It sleeps while no
-    call is open."""
+    longer ready is abandoned and its answer resumed on a worker (call.resume(error, sent)). It ticks while
+    calls come, and sleeps once none came for a minute, so a request is not the one to wake it (a wake-up on
+    the answer's path) unless it is the first after a quiet minute."""
+
+    IDLE_S = 60.0
 
     def __init__(self, ready, workers):
         self.ready, self.workers = ready, workers
         self.calls = set()
         self.changed = threading.Condition()
+        self.last_call = time.monotonic()
+        self.asleep = True
         self.stopped = False
         threading.Thread(target=self._watch, name="zooter-watchdog", daemon=True).start()
 
@@ -522,7 +526,9 @@ class _Watchdog:
         call = _Call(model, resume)
         with self.changed:
             self.calls.add(call)
-            if len(self.calls) == 1:
+            self.last_call = call.at
+            if self.asleep:
+                self.asleep = False
                 self.changed.notify()
         return call
 
@@ -542,13 +548,16 @@ class _Watchdog:
     def _watch(self):
         while True:
             with self.changed:
-                self.changed.wait_for(lambda: self.calls or self.stopped)
+                if self.asleep:
+                    self.changed.wait_for(lambda: not self.asleep or self.stopped)
+                else:
+                    self.changed.wait(1.0)
                 if self.stopped:
                     return
-                self.changed.wait(1.0)
-                if self.stopped:
-                    return
-                quiet = [c for c in self.calls if time.monotonic() - c.at >= 1.0]
+                now = time.monotonic()
+                if not self.calls and now - self.last_call >= self.IDLE_S:
+                    self.asleep = True
+                quiet = [c for c in self.calls if now - c.at >= 1.0]
             for call in quiet:
                 if self.ready(call.model):
                     continue
