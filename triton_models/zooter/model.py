@@ -30,6 +30,9 @@ For each request:
 A client that names the candidate (`answer_with`) skips routing and fallback: that candidate answers
 or the request fails. `route_lambda`, `route_tolerance` and `route_candidates` are the router's
 per-request knobs (python router backend only).
+Threads: execute() checks each request and hands it to a worker thread that waits for work (_Workers); the
+worker routes, calls the candidate, and sends each chunk itself as it reads it (no thread hand-off between the
+candidate's response and the client's); a watchdog thread ends the answers of candidates that stall (_stream_from).
 Outcomes are counted in `zooter_requests_total{outcome}` and fallbacks in
 `zooter_fallbacks_total{chosen, answered}` on Triton's metrics port. Errors are sent as TritonError
 responses; nothing raises into the server, but the input check, which fails the request it is
@@ -41,6 +44,7 @@ import json
 import queue
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -487,7 +491,10 @@ class _Workers:
                         self.waiting -= 1
                         return
                 continue                   # a run() took this worker as spare just now: its job is coming
-            job(*args)
+            try:
+                job(*args)
+            except Exception:              # a bug of the job's own (answers catch theirs): say so, keep the worker
+                traceback.print_exc()
             with self.lock:
                 self.waiting += 1
 
