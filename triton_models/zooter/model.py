@@ -440,6 +440,10 @@ class TritonPythonModel:
                     break
         except pb_utils.TritonModelException as err:
             error = f"model {model} failed: {err}"
+        except Exception:
+            if not self.watchdog.release(call):
+                return None                                # abandoned: the taker answers; this late failure is nobody's
+            raise
         if not self.watchdog.release(call):
             return None                                    # abandoned meanwhile: resume() answers
         return error, call.sent
