@@ -418,6 +418,78 @@ def test_unloaded_candidate_falls_back_and_no_request_is_lost(triton_server, tri
         triton_server.load(model_name_for(second))
 
 
+@pytest.mark.triton
+@pytest.mark.slow
+def test_a_candidate_that_stalls_and_unloads_still_ends_every_stream(triton_bundle, tmp_path):
+    """A request that reached a candidate as it was unloaded can stay unanswered for ever (fake_silent: it never
+    ends a stream). `zooter` reads the candidate on the request's own thread, watched: once the candidate is gone,
+    an answer that had no text yet falls back to the next candidate, one that had text ends with an error naming
+    why, both are counted, and `zooter` itself can still unload."""
+    import tritonclient.http as httpclient
+
+    from zooter.export.triton_repo import build_repository
+    from zooter.runtime.router import Router
+    from zooter.serving.triton_client import ask
+
+    stalling = FIXED_QUERY + " Then stall."
+    router = Router.load(triton_bundle)
+    first, second = router.route(FIXED_QUERY).ranking[:2]
+    assert router.route(stalling).candidate == first
+    build_repository(triton_bundle, tmp_path / "repo", candidates({first: "fake_silent", second: "fake_trtllm"}))
+    fakes = fake_repository(tmp_path / "fakes", "fake_silent", "fake_trtllm")
+    with tritonserver(tmp_path / "repo", extra_repositories=[fakes], model_control=True) as server:
+        url = server.http_url
+        got = {"quiet": [], "after_text": []}
+
+        def one(key, text):
+            try:
+                for chunk in ask(url, text, stream=True, max_tokens=3):
+                    got[key].append(chunk)
+            except Exception as err:
+                got[key].append(err)
+
+        threads = [threading.Thread(target=one, args=("quiet", FIXED_QUERY)),
+                   threading.Thread(target=one, args=("after_text", stalling))]
+        for t in threads:
+            t.start()
+        client = httpclient.InferenceServerClient(url)
+        try:
+            deadline = time.monotonic() + 120
+            while stats_executions(client, "fake_silent") < 2:    # both requests are with the candidate now
+                assert time.monotonic() < deadline, "the requests never reached fake_silent"
+                time.sleep(0.05)
+            server.unload("fake_silent")
+            for t in threads:
+                t.join(120)
+            assert not any(t.is_alive() for t in threads), "a stream never ended"
+            quiet, after_text = got["quiet"], got["after_text"]
+            assert len(quiet) == 1 and not isinstance(quiet[0], Exception), quiet
+            assert quiet[0].candidate == second and quiet[0].text.startswith("[fake TensorRT-LLM ensemble]")
+            assert f"{first}: model fake_silent was unloaded mid-answer" in quiet[0].note
+            assert [c.text for c in after_text[:1]] == ["[fake silent] first words"], after_text
+            assert len(after_text) == 2 and isinstance(after_text[1], Exception), after_text
+            assert f"{first} failed mid-answer: model fake_silent was unloaded mid-answer" in str(after_text[1])
+            assert wait_for_counter(server, "zooter_requests_total", 1, outcome="fallback")
+            assert wait_for_counter(server, "zooter_requests_total", 1, outcome="failed_mid_answer")
+            # Nothing of ours holds `zooter` open: it unloads, and loads again and answers.
+            server.unload("zooter")
+            deadline = time.monotonic() + 120
+            while client.is_model_ready("zooter"):
+                assert time.monotonic() < deadline, "zooter never unloaded"
+                time.sleep(0.05)
+            server.load("zooter")
+            assert [c.candidate for c in ask(url, FIXED_QUERY, stream=False, max_tokens=2)] == [second]
+        finally:
+            client.close()
+        assert server.process.poll() is None, "tritonserver is still running"
+
+
+def stats_executions(client, model: str) -> int:
+    """How many requests `model` has executed (Triton's statistics API)."""
+    stats = client.get_inference_statistics(model)["model_stats"]
+    return sum(int(s["inference_stats"]["success"]["count"]) for s in stats)
+
+
 def counter(server, name: str, **labels) -> float:
     """A counter's value on the server's metrics port (0 before it was first counted)."""
     import urllib.request

@@ -30,6 +30,9 @@ For each request:
 A client that names the candidate (`answer_with`) skips routing and fallback: that candidate answers
 or the request fails. `route_lambda`, `route_tolerance` and `route_candidates` are the router's
 per-request knobs (python router backend only).
+Threads: execute() checks each request and hands it to a worker thread that waits for work (_Workers); the
+worker routes, calls the candidate, and sends each chunk itself as it reads it (no thread hand-off between the
+candidate's response and the client's); a watchdog thread ends the answers of candidates that stall (_stream_from).
 Outcomes are counted in `zooter_requests_total{outcome}` and fallbacks in
 `zooter_fallbacks_total{chosen, answered}` on Triton's metrics port. Errors are sent as TritonError
 responses; nothing raises into the server, but the input check, which fails the request it is
@@ -41,6 +44,7 @@ import json
 import queue
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +62,7 @@ OUTCOMES = ("ok", "fallback", "bad_input", "route_error", "no_candidate", "faile
 # The client's routing inputs -> the router's knobs (zooter_route's inputs); ours, never forwarded to a candidate.
 KNOBS = {"route_lambda": "lambda", "route_tolerance": "tolerance", "route_candidates": "candidates"}
 ROUTING_INPUTS = ("answer_with", "messages", "route_on", *KNOBS)
-REQUEST_THREAD = "zooter"       # the name of every request thread (finalize waits for them)
+REQUEST_THREAD = "zooter"       # the name of the threads that answer requests (_Workers)
 
 
 class _Answered(Exception):
@@ -77,8 +81,8 @@ def _str_tensor(name, text):
     return pb_utils.Tensor(name, np.array([[text.encode("utf-8")]], dtype=object))
 
 
-def _numpy(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+def _numpy(inputs, name):
+    tensor = inputs.get(name)
     return None if tensor is None else tensor.as_numpy()
 
 
@@ -107,6 +111,10 @@ class TritonPythonModel:
         self.input_names = [i["name"] for i in config["input"] if i["name"] not in ROUTING_INPUTS]
         # Threads wait on other models most of the time; 64 bounds the open streams per instance.
         self.slots = threading.BoundedSemaphore(64)
+        self.workers = _Workers(REQUEST_THREAD)
+        self.watchdog = _Watchdog(self._ready, self.workers)
+        self.in_flight = 0                  # answers begun and not ended (finalize waits for them)
+        self.in_flight_ended = threading.Condition()
         # The python backend's custom metrics (pb_utils classes exist only from initialize on).
         self.requests_total = pb_utils.MetricFamily(
             name="zooter_requests_total", kind=pb_utils.MetricFamily.COUNTER,
@@ -138,12 +146,11 @@ class TritonPythonModel:
         E = pb_utils.TritonError
         refused = []
         for request in requests:
-            problem = self._check(request)
+            # The request's inputs by name, read once (pb_utils.get_input_tensor_by_name lists them all at every call).
+            inputs = {tensor.name(): tensor for tensor in request.inputs()}
+            problem = self._check(inputs)
             if problem is None:
-                # One daemon thread a request (a pool's workers are joined when the stub exits, so one
-                # stuck on a candidate would hold the server's stop until its exit timeout).
-                threading.Thread(target=self._answer_when_free, args=(request,), name=REQUEST_THREAD,
-                                 daemon=True).start()
+                self.workers.run(self._answer, request, inputs)
                 continue
             request.get_response_sender().send(pb_utils.InferenceResponse(error=E(f"{BAD_INPUT}{problem}", E.INVALID_ARG)),
                                                flags=FINAL)
@@ -155,9 +162,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{BAD_INPUT}{refused[0]}")
         return None
 
-    def _check(self, request):
-        """What is wrong with the client's request, or None."""
-        tensor = pb_utils.get_input_tensor_by_name(request, "text_input")
+    def _check(self, inputs):
+        """What is wrong with the client's request (its inputs by name), or None."""
+        tensor = inputs.get("text_input")
         if tensor is None:
             return "text_input is required (the query to answer)"
         text = tensor.as_numpy()
@@ -172,16 +179,16 @@ class TritonPythonModel:
         if len(raw) > self.max_prompt_bytes:
             return f"text_input of {len(raw)} bytes is over the {self.max_prompt_bytes}-byte limit"
         try:
-            self._route_text(request)
+            self._route_text(inputs)
         except ValueError as err:          # a bad `messages` or `route_on`, or nothing to route on
             return str(err)
-        max_tokens = pb_utils.get_input_tensor_by_name(request, "max_tokens")
+        max_tokens = inputs.get("max_tokens")
         if max_tokens is not None:
             values = max_tokens.as_numpy().reshape(-1)
             if values.size != 1 or not 1 <= int(values[0]) <= self.max_tokens_limit:
                 return f"max_tokens must be one number in 1..{self.max_tokens_limit}, got {values.tolist()}"
-        knobs = [name for name in KNOBS if pb_utils.get_input_tensor_by_name(request, name) is not None]
-        named = pb_utils.get_input_tensor_by_name(request, "answer_with")
+        knobs = [name for name in KNOBS if name in inputs]
+        named = inputs.get("answer_with")
         if named is not None:
             names = [_text(v) for v in named.as_numpy().reshape(-1)]
             if len(names) != 1 or names[0] not in self.serving:
@@ -193,42 +200,52 @@ class TritonPythonModel:
                     "--router-backend python); this repository routes with an ensemble")
         return None
 
-    def _route_text(self, request) -> str:
+    def _route_text(self, inputs) -> str:
         """The text to route on (runtime.conversation's policy); ValueError names what is wrong."""
         mode = self.route_on
-        tensor = pb_utils.get_input_tensor_by_name(request, "route_on")
+        tensor = inputs.get("route_on")
         if tensor is not None:
             mode = check_route_on(_text(tensor.as_numpy().reshape(-1)[0]), "route_on")
-        tensor = pb_utils.get_input_tensor_by_name(request, "messages")
+        tensor = inputs.get("messages")
         if tensor is not None:
             turns = turns_from_json(_text(tensor.as_numpy().reshape(-1)[0]))
         else:
-            turns = [("user", _text(pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]))]
+            turns = [("user", _text(inputs["text_input"].as_numpy().reshape(-1)[0]))]
         return route_text(turns, mode, self.route_bytes)
 
-    def _answer_when_free(self, request):
-        with self.slots:
-            self._answer(request)
-
     # --- one request ------------------------------------------------------------------------
-    def _answer(self, request):
+    def _answer(self, request, inputs):
+        self.slots.acquire()
+        with self.in_flight_ended:
+            self.in_flight += 1
         sender = request.get_response_sender()
+        self._serve(lambda: self._route_and_forward(inputs, sender), sender)
+
+    def _serve(self, answer, sender):
+        """Run answer() -> its outcome, or None when a candidate stalled and the watchdog took the answer over
+        (the taker serves the rest); count the outcome and free the request's slot."""
         try:
-            self._count(self._route_and_forward(request, sender))
+            outcome = answer()
         except Exception as err:  # a bug must still end the stream with a message, not hang the client
             sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"zooter: {type(err).__name__}: {err}")),
                         flags=FINAL)
-            self._count("route_error")
+            outcome = "route_error"
+        if outcome is None:
+            return
+        self._count(outcome)
+        self.slots.release()
+        with self.in_flight_ended:
+            self.in_flight -= 1
+            self.in_flight_ended.notify_all()
 
-    def _route(self, request, sender):
+    def _route(self, inputs, sender):
         """(the candidates to try, best first; the router's confidence; its id). A named candidate (`answer_with`) is the only one, without a confidence or a router.
         Raises _Answered after passing on the router's error."""
-        named = pb_utils.get_input_tensor_by_name(request, "answer_with")
+        named = inputs.get("answer_with")
         if named is not None:
             return [_text(named.as_numpy().reshape(-1)[0])], None, None
-        text = self._route_text(request)
-        asked = {knob: tensor.as_numpy().reshape(1, -1) for name, knob in KNOBS.items()
-                 if (tensor := pb_utils.get_input_tensor_by_name(request, name)) is not None}
+        text = self._route_text(inputs)
+        asked = {knob: inputs[name].as_numpy().reshape(1, -1) for name, knob in KNOBS.items() if name in inputs}
         if self.routers is None:
             return self._ask_zooter_route(text, asked, sender)
         with self.routing_lock:
@@ -267,62 +284,86 @@ class TritonPythonModel:
         return (order, float(pb_utils.get_output_tensor_by_name(routed, "confidence").as_numpy().reshape(-1)[0]),
                 None if router is None else _text(router.as_numpy().reshape(-1)[0]))
 
-    def _route_and_forward(self, request, sender) -> str:
+    def _route_and_forward(self, inputs, sender) -> str | None:
+        """Route, then answer with the first candidate that can: the outcome, or None when a stalled candidate's
+        answer was taken over by the watchdog (see _stream_from)."""
         E = pb_utils.TritonError
         try:
-            order, confidence, router = self._route(request, sender)
+            order, confidence, router = self._route(inputs, sender)
         except _Answered as answered:
             return answered.outcome
 
-        forwarded = self._candidate_inputs(request)
+        forwarded = self._candidate_inputs(inputs)
         max_tokens = int(next(t.as_numpy().reshape(-1)[0] for t in forwarded if t.name() == "max_tokens"))
-        stream = pb_utils.get_input_tensor_by_name(request, "stream")
+        stream = inputs.get("stream")
         streaming = stream is not None and bool(stream.as_numpy().reshape(-1)[0])
-        # What the client asked, for a candidate with another I/O than ours (runtime.candidate_io maps it).
-        ask = ask_from_inputs(ENSEMBLE, lambda name: _numpy(request, name), max_tokens)
         skipped = []
-        for label in order:
-            model = self.serving.get(label, {}).get("model")
-            if not model:
-                skipped.append(f"{label}: {self.serving.get(label, {}).get('why', 'no Triton model')}")
-                continue
-            if not self._ready(model):
-                skipped.append(f"{label}: model {model} is not ready")
-                continue
-            note = "" if not skipped else f"fallback to {label}, the next candidate in the ranking; " + "; ".join(skipped)
-            # Not streamed: the answer is sent whole, with how it ended, as one response (Triton's HTTP
-            # /generate takes exactly one).
-            whole = None if streaming else []
-            io = self.serving[label].get("io") or ENSEMBLE
-            # Our inputs are the ensemble I/O: an ensemble candidate gets them all as sent (bad_words and
-            # the other knobs included); another I/O gets the request mapped onto its inputs, streaming only
-            # where the model is decoupled (as the build read it; unread, an LLM-API model as TensorRT-LLM
-            # ships it: not decoupled, so it answers whole and the client gets that as one piece).
-            described = TritonModel.declared(model, io)
-            described.decoupled = bool(self.serving[label].get("decoupled", io == ENSEMBLE))
-            inputs = forwarded if io == ENSEMBLE else \
-                [pb_utils.Tensor(name, value) for name, _, _, value in described.specs(ask)]
-            reading = Reading(io, max_tokens, streaming and described.decoupled)
-            error, started = self._stream_from(label, model, inputs, note, confidence, sender, reading, whole, router)
-            if error is not None and started:
+
+        def inputs_numpy(name):
+            return _numpy(inputs, name)
+
+        def failed(label, error, started):
+            """The outcome once `label` failed with `error`, or None to try the next candidate."""
+            if started:
                 sender.send(pb_utils.InferenceResponse(error=E(f"zooter: {label} failed mid-answer: {error}",
                                                                E.UNAVAILABLE)), flags=FINAL)
                 return "failed_mid_answer"
-            if error is None:
-                if sender.is_cancelled():      # nobody to tell how it ended; the final flag still closes it
-                    sender.send(flags=FINAL)
-                else:
-                    sender.send(self._ending(label, note, reading, whole, confidence, router), flags=FINAL)
-                if label != order[0]:
-                    self._fallback(order[0], label)
-                return "ok" if label == order[0] else "fallback"
             skipped.append(f"{label}: {error}")
             if sender.is_cancelled():
                 sender.send(flags=FINAL)       # every stream ends with a final flag, or the model cannot unload
                 return "cancelled"
-        sender.send(pb_utils.InferenceResponse(error=E("zooter: no candidate could answer: " + "; ".join(skipped),
-                                                       E.UNAVAILABLE)), flags=FINAL)
-        return "no_candidate"
+            return None
+
+        def forward(start):
+            for at in range(start, len(order)):
+                label = order[at]
+                model = self.serving.get(label, {}).get("model")
+                if not model:
+                    skipped.append(f"{label}: {self.serving.get(label, {}).get('why', 'no Triton model')}")
+                    continue
+                note = "" if not skipped else f"fallback to {label}, the next candidate in the ranking; " + "; ".join(skipped)
+                # Not streamed: the answer is sent whole, with how it ended, as one response (Triton's HTTP
+                # /generate takes exactly one).
+                whole = None if streaming else []
+                io = self.serving[label].get("io") or ENSEMBLE
+                # Our inputs are the ensemble I/O: an ensemble candidate gets them all as sent (bad_words and
+                # the other knobs included); another I/O gets the request mapped onto its inputs, streaming only
+                # where the model is decoupled (as the build read it; unread, an LLM-API model as TensorRT-LLM
+                # ships it: not decoupled, so it answers whole and the client gets that as one piece).
+                described = TritonModel.declared(model, io)
+                described.decoupled = bool(self.serving[label].get("decoupled", io == ENSEMBLE))
+                # What the client asked, mapped by runtime.candidate_io onto a candidate with another I/O than ours.
+                given = forwarded if io == ENSEMBLE else [pb_utils.Tensor(name, value) for name, _, _, value in
+                                                          described.specs(ask_from_inputs(ENSEMBLE, inputs_numpy, max_tokens))]
+                reading = Reading(io, max_tokens, streaming and described.decoupled)
+
+                def resume(error, started, label=label, at=at):      # on the watchdog's worker, once this one stalled
+                    return failed(label, error, started) or forward(at + 1)
+                result = self._stream_from(label, model, given, note, confidence, sender, reading, whole, router,
+                                           resume)
+                if result is None:
+                    return None                    # taken over: resume() answers the rest
+                error, started = result
+                if error is None:
+                    if sender.is_cancelled():      # nobody to tell how it ended; the final flag still closes it
+                        sender.send(flags=FINAL)
+                    else:
+                        sender.send(self._ending(label, note, reading, whole, confidence, router), flags=FINAL)
+                    if label != order[0]:
+                        self._fallback(order[0], label)
+                    return "ok" if label == order[0] else "fallback"
+                # Readiness is asked only once a candidate failed (a model that is not loaded refuses at once):
+                # one IPC round trip less on every answer's path, and the note still says why.
+                if not started and not self._ready(model):
+                    error = f"model {model} is not ready"
+                outcome = failed(label, error, started)
+                if outcome is not None:
+                    return outcome
+            sender.send(pb_utils.InferenceResponse(error=E("zooter: no candidate could answer: " + "; ".join(skipped),
+                                                           E.UNAVAILABLE)), flags=FINAL)
+            return "no_candidate"
+
+        return forward(0)
 
     @staticmethod
     def _ending(label, note, reading, whole=None, confidence=None, router=None):
@@ -345,82 +386,196 @@ class TritonPythonModel:
         except Exception:          # a model this server does not know is not ready either
             return False
 
-    def _candidate_inputs(self, request):
+    def _candidate_inputs(self, inputs):
         """The client's inputs for an ensemble candidate (our own I/O), max_tokens always."""
-        tensors = []
-        for name in self.input_names:
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            if tensor is not None:
-                tensors.append(pb_utils.Tensor(name, tensor.as_numpy()))
-        if pb_utils.get_input_tensor_by_name(request, "max_tokens") is None:
+        tensors = [pb_utils.Tensor(name, inputs[name].as_numpy()) for name in self.input_names if name in inputs]
+        if "max_tokens" not in inputs:
             tensors.append(pb_utils.Tensor("max_tokens", np.array([[self.default_max_tokens]], dtype=np.int32)))
         return tensors
 
-    def _stream_from(self, label, model, inputs, note, confidence, sender, reading, whole=None, router=None):
+    def _stream_from(self, label, model, inputs, note, confidence, sender, reading, whole, router, resume):
         """Forward the candidate's responses, or gather their text in `whole` (a list) when given; returns
-        (None on success else the error text, whether the candidate gave text). `reading` (its I/O's
-        runtime.candidate_io.Reading) turns each response into new text and learns how the answer ended.
+        (None on success else the error text, whether the candidate gave text), or None when the watchdog took
+        the answer over. `reading` (its I/O's runtime.candidate_io.Reading) turns each response into new text and
+        learns how the answer ended.
 
-        A helper thread reads the candidate's stream: a request that reached a candidate as it was
-        being unloaded can wait forever for responses, and this thread must still end the client's
-        stream (the model cannot unload while a stream of ours is open). So every second without a
-        response, the candidate's readiness is checked, and a candidate gone away is an error (the
-        caller falls back); the abandoned reader is a daemon and dies with the stub.
+        This thread reads the candidate's stream and sends each chunk itself: the first token reaches the client
+        with no hand-off to another thread. But a request that reached a candidate as it was being unloaded can
+        wait forever for responses, and its client's stream must still end (the model cannot unload while a
+        stream of ours is open). So the call is watched (_Watchdog): after a second without a response the
+        candidate's readiness is checked, and once it is gone the watchdog abandons this thread (it never sends
+        again) and calls resume(error, sent) on a worker of its own, which falls back or ends the stream; the
+        stalled thread is a daemon and dies with the stub.
         """
-        received = queue.SimpleQueue()
-
-        def read():
-            try:
-                # No output named: Triton sends them all, so END_OUTPUTS come along where the candidate has them.
-                request = pb_utils.InferenceRequest(model_name=model, requested_output_names=[], inputs=inputs)
-                for response in request.exec(decoupled=True):
-                    received.put(response)
-            except pb_utils.TritonModelException as err:
-                received.put(err)
-            received.put(None)
-
-        threading.Thread(target=read, name="zooter-read", daemon=True).start()
-        sent = False
-        while True:
-            try:
-                response = received.get(timeout=1.0)
-            except queue.Empty:
-                if not self._ready(model):
-                    return f"model {model} was unloaded mid-answer", sent
-                continue
-            if response is None:
-                return None, sent
-            if isinstance(response, Exception):
-                return f"model {model} failed: {response}", sent
-            if response.has_error():
-                return f"model {model} failed: {response.error().message()}", sent
-            outputs = {name: tensor.as_numpy() for name in ("text_output", *END_OUTPUTS)
-                       if (tensor := pb_utils.get_output_tensor_by_name(response, name)) is not None}
-            chunk = reading.add(outputs)
-            if "text_output" not in outputs:          # the empty final response that closes a stream
-                continue
-            if whole is not None:
-                whole.append(chunk)
-            else:
-                tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label), _str_tensor("note", note)]
-                if not sent and confidence is not None:     # the decision's confidence rides on the first chunk
-                    tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
-                if not sent and router:
-                    tensors.append(_str_tensor("router", router))
-                sender.send(pb_utils.InferenceResponse(tensors))
-            sent = True
-            if sender.is_cancelled():
-                return None, sent
+        call = self.watchdog.watch(model, lambda error, sent: self._serve(lambda: resume(error, sent), sender))
+        error = None
+        try:
+            # No output named: Triton sends them all, so END_OUTPUTS come along where the candidate has them.
+            request = pb_utils.InferenceRequest(model_name=model, requested_output_names=[], inputs=inputs)
+            for response in request.exec(decoupled=True):
+                call.at = time.monotonic()
+                if response.has_error():
+                    error = f"model {model} failed: {response.error().message()}"
+                    break
+                outputs = {name: tensor.as_numpy() for name in ("text_output", *END_OUTPUTS)
+                           if (tensor := pb_utils.get_output_tensor_by_name(response, name)) is not None}
+                chunk = reading.add(outputs)
+                if "text_output" not in outputs:          # the empty final response that closes a stream
+                    continue
+                with call.lock:
+                    if call.abandoned:
+                        return None
+                    if whole is not None:
+                        whole.append(chunk)
+                    else:
+                        tensors = [_str_tensor("text_output", chunk), _str_tensor("candidate", label),
+                                   _str_tensor("note", note)]
+                        if not call.sent and confidence is not None:     # the decision's confidence rides on the first chunk
+                            tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
+                        if not call.sent and router:
+                            tensors.append(_str_tensor("router", router))
+                        sender.send(pb_utils.InferenceResponse(tensors))
+                    call.sent = True
+                if sender.is_cancelled():
+                    break
+        except pb_utils.TritonModelException as err:
+            error = f"model {model} failed: {err}"
+        except Exception:
+            if not self.watchdog.release(call):
+                return None                                # abandoned: the taker answers; this late failure is nobody's
+            raise
+        if not self.watchdog.release(call):
+            return None                                    # abandoned meanwhile: resume() answers
+        return error, call.sent
 
     def finalize(self):
-        # Unloading waits for our open streams first (each ends with a final flag, see _stream_from), but a
-        # request thread may still be counting its outcome: let it finish (bounded; they are daemons).
-        deadline = time.monotonic() + 10.0
-        for thread in [t for t in threading.enumerate() if t.name == REQUEST_THREAD]:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        # Unloading waits for our open streams first (each ends with a final flag, see _stream_from), but an
+        # answer may still be counting its outcome: let it finish (bounded; the threads are daemons).
+        self.watchdog.stop()
+        with self.in_flight_ended:
+            self.in_flight_ended.wait_for(lambda: self.in_flight == 0, timeout=10.0)
         # Metric families must go while the server still listens: left to the stub's exit, their destructors
         # write to shared memory already torn down and the stub dies with SIGSEGV (Triton 2.51).
         with self.metrics_lock:
             self.outcomes, self.fallbacks = {}, {}
             self.requests_total = self.fallbacks_total = None
             gc.collect()
+
+
+class _Workers:
+    """Daemon threads that wait for work: a request handed to one that waits wakes it, where a new thread a
+    request would cost the stub a thread start (and execute() a wait for it) on the answer's path. A worker is
+    made when none waits; each one left waiting a minute ends. Not a concurrent.futures pool: its workers are
+    joined when the stub exits, so one stalled on a candidate would hold the server's stop."""
+
+    IDLE_S = 60.0
+
+    def __init__(self, name):
+        self.name = name
+        self.jobs = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.waiting = 0
+
+    def run(self, job, *args):
+        with self.lock:
+            spare = self.waiting > 0
+            if spare:
+                self.waiting -= 1          # this job is that worker's: the next run() makes its own
+        self.jobs.put((job, args))
+        if not spare:
+            threading.Thread(target=self._work, name=self.name, daemon=True).start()
+
+    def _work(self):
+        while True:
+            try:
+                job, args = self.jobs.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self.lock:
+                    if self.waiting > 0:   # no run() counts on this worker: end it
+                        self.waiting -= 1
+                        return
+                continue                   # a run() took this worker as spare just now: its job is coming
+            try:
+                job(*args)
+            except Exception:              # a bug of the job's own (answers catch theirs): say so, keep the worker
+                traceback.print_exc()
+            with self.lock:
+                self.waiting += 1
+
+
+class _Call:
+    """One candidate call read on a request's thread: when it last heard from the candidate, whether it sent
+    text, and whether the watchdog abandoned it (`lock` orders the two: a chunk is sent only while not)."""
+
+    __slots__ = ("model", "resume", "at", "lock", "sent", "abandoned", "over")
+
+    def __init__(self, model, resume):
+        self.model, self.resume = model, resume
+        self.at = time.monotonic()
+        self.lock = threading.Lock()
+        self.sent = self.abandoned = self.over = False
+
+
+class _Watchdog:
+    """Every second, the calls that heard nothing from their candidate for a second: one whose candidate is no
+    longer ready is abandoned and its answer resumed on a worker (call.resume(error, sent)). It ticks while
+    calls come, and sleeps once none came for a minute, so a request is not the one to wake it (a wake-up on
+    the answer's path) unless it is the first after a quiet minute."""
+
+    IDLE_S = 60.0
+
+    def __init__(self, ready, workers):
+        self.ready, self.workers = ready, workers
+        self.calls = set()
+        self.changed = threading.Condition()
+        self.last_call = time.monotonic()
+        self.asleep = True
+        self.stopped = False
+        threading.Thread(target=self._watch, name="zooter-watchdog", daemon=True).start()
+
+    def watch(self, model, resume) -> _Call:
+        call = _Call(model, resume)
+        with self.changed:
+            self.calls.add(call)
+            self.last_call = call.at
+            if self.asleep:
+                self.asleep = False
+                self.changed.notify()
+        return call
+
+    def release(self, call) -> bool:
+        """The call is over: False when the watchdog abandoned it first."""
+        with call.lock:
+            call.over = True
+        with self.changed:
+            self.calls.discard(call)
+        return not call.abandoned
+
+    def stop(self):
+        with self.changed:
+            self.stopped = True
+            self.changed.notify()
+
+    def _watch(self):
+        while True:
+            with self.changed:
+                if self.asleep:
+                    self.changed.wait_for(lambda: not self.asleep or self.stopped)
+                else:
+                    self.changed.wait(1.0)
+                if self.stopped:
+                    return
+                now = time.monotonic()
+                if not self.calls and now - self.last_call >= self.IDLE_S:
+                    self.asleep = True
+                quiet = [c for c in self.calls if now - c.at >= 1.0]
+            for call in quiet:
+                if self.ready(call.model):
+                    continue
+                with call.lock:
+                    if call.over:
+                        continue
+                    call.abandoned = True
+                with self.changed:
+                    self.calls.discard(call)
+                self.workers.run(call.resume, f"model {call.model} was unloaded mid-answer", call.sent)
