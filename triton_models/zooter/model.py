@@ -223,20 +223,25 @@ class TritonPythonModel:
 
     def _serve(self, answer, sender):
         """Run answer() -> its outcome, or None when a candidate stalled and the watchdog took the answer over
-        (the taker serves the rest); count the outcome and free the request's slot."""
+        (the taker serves the rest); count the outcome and free the request's slot, whatever fails."""
+        outcome = "route_error"
         try:
             outcome = answer()
         except Exception as err:  # a bug must still end the stream with a message, not hang the client
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"zooter: {type(err).__name__}: {err}")),
-                        flags=FINAL)
-            outcome = "route_error"
-        if outcome is None:
-            return
-        self._count(outcome)
-        self.slots.release()
-        with self.in_flight_ended:
-            self.in_flight -= 1
-            self.in_flight_ended.notify_all()
+            try:
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"zooter: {type(err).__name__}: {err}")),
+                            flags=FINAL)
+            except Exception:     # the stream had already ended (or its client is gone): nothing more to tell
+                traceback.print_exc()
+        finally:
+            if outcome is not None:
+                try:
+                    self._count(outcome)
+                finally:
+                    self.slots.release()
+                    with self.in_flight_ended:
+                        self.in_flight -= 1
+                        self.in_flight_ended.notify_all()
 
     def _route(self, inputs, sender):
         """(the candidates to try, best first; the router's confidence; its id). A named candidate (`answer_with`) is the only one, without a confidence or a router.
@@ -408,11 +413,12 @@ class TritonPythonModel:
         stalled thread is a daemon and dies with the stub.
         """
         call = self.watchdog.watch(model, lambda error, sent: self._serve(lambda: resume(error, sent), sender))
-        error = None
+        error, responses = None, None
         try:
             # No output named: Triton sends them all, so END_OUTPUTS come along where the candidate has them.
             request = pb_utils.InferenceRequest(model_name=model, requested_output_names=[], inputs=inputs)
-            for response in request.exec(decoupled=True):
+            responses = request.exec(decoupled=True)
+            for response in responses:
                 call.at = time.monotonic()
                 if response.has_error():
                     error = f"model {model} failed: {response.error().message()}"
@@ -424,7 +430,7 @@ class TritonPythonModel:
                     continue
                 with call.lock:
                     if call.abandoned:
-                        return None
+                        break                              # the taker answers; the stream is drained below
                     if whole is not None:
                         whole.append(chunk)
                     else:
@@ -434,19 +440,34 @@ class TritonPythonModel:
                             tensors.append(pb_utils.Tensor("confidence", np.array([[confidence]], dtype=np.float32)))
                         if not call.sent and router:
                             tensors.append(_str_tensor("router", router))
-                        sender.send(pb_utils.InferenceResponse(tensors))
+                        try:
+                            sender.send(pb_utils.InferenceResponse(tensors))
+                        except pb_utils.TritonModelException as err:   # the client's stream failed, not the candidate
+                            raise _ClientStreamError(f"sending to the client failed: {err}") from None
                     call.sent = True
                 if sender.is_cancelled():
                     break
+            else:
+                responses = None                           # read to its end: nothing left to drain
         except pb_utils.TritonModelException as err:
             error = f"model {model} failed: {err}"
         except Exception:
+            self._drain(responses)
             if not self.watchdog.release(call):
                 return None                                # abandoned: the taker answers; this late failure is nobody's
             raise
+        self._drain(responses)
         if not self.watchdog.release(call):
             return None                                    # abandoned meanwhile: resume() answers
         return error, call.sent
+
+    def _drain(self, responses):
+        """Read the rest of a candidate's stream left early (an error, a client gone, a stall taken over) on a
+        worker: the python backend (Triton 2.51) keeps a BLS stream and every response that comes for it until
+        the stream is read to its end, however its Python object is dropped; left unread, each one grew the
+        stub's shared memory and kept `zooter` from unloading."""
+        if responses is not None:
+            self.workers.run(_read_to_end, responses)
 
     def finalize(self):
         # Unloading waits for our open streams first (each ends with a final flag, see _stream_from), but an
@@ -460,6 +481,18 @@ class TritonPythonModel:
             self.outcomes, self.fallbacks = {}, {}
             self.requests_total = self.fallbacks_total = None
             gc.collect()
+
+
+def _read_to_end(responses):
+    try:
+        for _ in responses:
+            pass
+    except Exception:          # a stream that failed is over too
+        pass
+
+
+class _ClientStreamError(RuntimeError):
+    """Sending to the client failed: no candidate is to blame, and no other one should answer into it."""
 
 
 class _Workers:
@@ -570,12 +603,19 @@ class _Watchdog:
                     self.asleep = True
                 quiet = [c for c in self.calls if now - c.at >= 1.0]
             for call in quiet:
-                if self.ready(call.model):
-                    continue
-                with call.lock:
-                    if call.over:
-                        continue
-                    call.abandoned = True
-                with self.changed:
-                    self.calls.discard(call)
-                self.workers.run(call.resume, f"model {call.model} was unloaded mid-answer", call.sent)
+                try:
+                    self._check(call)
+                except Exception:      # one call's trouble must not stop the watch over the others
+                    traceback.print_exc()
+
+    def _check(self, call):
+        if self.ready(call.model):
+            return
+        with call.lock:
+            # Over, or heard from since the list was taken (a candidate draining as it unloads still answers).
+            if call.over or time.monotonic() - call.at < 1.0:
+                return
+            call.abandoned = True
+        with self.changed:
+            self.calls.discard(call)
+        self.workers.run(call.resume, f"model {call.model} was unloaded mid-answer", call.sent)
