@@ -40,7 +40,9 @@ class Coalescing:
     """A connection's transport whose writes within one turn of the event loop leave in one send. uvicorn writes
     a response's headers as soon as the app starts it and its body when it comes, two sends that reach the client
     as two packets, each a wake-up of the client and a system call here; joined, the answer (or a stream's first
-    token) arrives in one (measured: docs/gateway.md, 2026-12-08). Everything else is the transport's own."""
+    token) arrives in one (measured: docs/gateway.md, 2026-12-08). `flush()` sends at once: the app's first body
+    part does not wait for the rest of the turn (a stream's other buffered events). Everything else is the
+    transport's own."""
 
     __slots__ = ("_transport", "_loop", "_pending")
 
@@ -50,7 +52,7 @@ class Coalescing:
     def write(self, data) -> None:
         if self._pending is None:
             self._pending = [data]
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         else:
             self._pending.append(data)
 
@@ -58,13 +60,13 @@ class Coalescing:
         for data in lines:
             self.write(data)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         pending, self._pending = self._pending, None
         if pending and not self._transport.is_closing():
             self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
-        self._flush()               # what was written before close goes out first, as with the transport alone
+        self.flush()                # what was written before close goes out first, as with the transport alone
         self._transport.close()
 
     def abort(self) -> None:
@@ -88,7 +90,15 @@ def guarded(base: type, timeout: float, on_timeout) -> type:
                 self._in_request = True
                 self._disarm()
                 scope[STARTED] = self._first_byte if self._first_byte is not None else time.perf_counter()
-                await inner(scope, receive, send)
+                joined, first = self.transport, [True]
+
+                async def send_first_part_now(message):
+                    await send(message)
+                    if first[0] and message["type"] == "http.response.body":
+                        first[0] = False
+                        joined.flush()    # the headers and the first part leave now, not after the turn's other work
+
+                await inner(scope, receive, send_first_part_now)
 
             self.app = app
             super().connection_made(Coalescing(transport, self.loop))
