@@ -6,7 +6,9 @@
     s*(q) = beta * s(q) + (1 - beta) * mean_{t in T(q)} s_t
 
 beta = 1 is plain reward distillation; the paper's best is beta = 0.3. Hard labels (the paper's
-ablation) put all mass on the best-rewarded candidate, with no tag mixing. numpy only.
+ablation) put all mass on the best-rewarded candidate, with no tag mixing. A reward known only as an
+estimate of a 0/1 outcome (a candidate added on some rows, training/lifecycle.py) gives s(q) averaged
+over its two outcomes (two_point_distribution). numpy only.
 """
 
 from __future__ import annotations
