@@ -322,6 +322,67 @@ def test_the_guards_imputation_weights_rows_by_their_chance_to_be_picked():
             == _margin(probs, expected, rewards, 0, 1.0, partial=(1,)))
 
 
+def test_the_guards_imputation_follows_the_added_candidates_estimated_reward_row_by_row():
+    from zooter.training.calibrate import _margin
+
+    # the newcomer (column 2) answers as candidate 1 does, which is known on every row, so its estimated
+    # reward there is right (the map from the others' rewards finds it); it gains 0.15 over the anchor, but
+    # the 40 rows it was labelled on happen to catch its failures (30 zeros, 10 ones, against 35% zeros)
+    rng = np.random.default_rng(4)
+    n = 4000
+    anchor, twin = (rng.random(n) < 0.5).astype(float), (rng.random(n) < 0.65).astype(float)
+    picked = np.r_[rng.choice(np.flatnonzero(twin == 0), 30, replace=False),
+                   rng.choice(np.flatnonzero(twin == 1), 10, replace=False)]
+    rewards = np.column_stack([anchor, twin, np.full(n, np.nan)])
+    rewards[picked, 2] = twin[picked]
+    estimates = np.full(rewards.shape, np.nan)
+    estimates[:, 2] = twin
+    probs, expected = np.tile([0.1, 0.1, 0.8], (n, 1)), np.tile([0.5, 0.5, 0.55], (n, 1))
+    assert np.mean(twin - anchor) > 0.1
+    # the labelled rows' mean gain alone (no estimate, or none known) keeps the anchor
+    assert _margin(probs, expected, rewards, 0, 1.0, partial=(2,)) > 0.05
+    assert (_margin(probs, expected, rewards, 0, 1.0, partial=(2,), estimates=np.full(rewards.shape, np.nan))
+            == _margin(probs, expected, rewards, 0, 1.0, partial=(2,)))
+    # with the estimate, only its error (none here) is sampled: the newcomer is let in
+    assert _margin(probs, expected, rewards, 0, 1.0, partial=(2,), estimates=estimates) < 0.05
+
+
+def test_held_out_estimates_never_judge_an_estimate_on_its_own_rows():
+    from zooter.training.lifecycle import estimate_column, held_out_estimates
+
+    rng = np.random.default_rng(5)
+    n, dim = 300, 8
+    x = rng.normal(size=(n, dim))
+    rewards = np.column_stack([(rng.random(n) < 0.5), (rng.random(n) < 0.6), (rng.random(n) < 0.5)]).astype(float)
+    rewards[::3, 2] = np.nan
+    known = ~np.isnan(rewards[:, 2])
+    train_est, dev_est = held_out_estimates(x[:250], rewards[:250], x[250:], rewards[250:], 2)
+    completed = estimate_column(x[:250], rewards[:250], 2)
+    # unlabelled rows: the estimate fitted on every labelled row; labelled rows: one fitted without them
+    np.testing.assert_allclose(train_est[~known[:250]], completed[~known[:250]])
+    assert np.all(np.isfinite(train_est)) and np.all(np.isfinite(dev_est))
+    assert not np.allclose(train_est[known[:250]], rewards[:250][known[:250], 2])
+
+
+def test_an_estimated_0_1_reward_gives_the_distilled_targets_of_its_two_outcomes():
+    from zooter.training.labels import reward_distribution, training_targets
+    from zooter.training.lifecycle import two_point_outcomes
+
+    realised = np.array([[1.0, 1.0], [1.0, 0.0], [0.0, np.nan], [1.0, np.nan]])
+    completed = realised.copy()
+    completed[2:, 1] = [0.5, 0.7]
+    targets, _ = training_targets(completed, [[]] * 4, tau=0.1, beta=1.0,
+                                  outcomes=two_point_outcomes(realised, completed, [1]))
+    dist = lambda *r: reward_distribution(np.array([r]), 0.1)[0]   # noqa: E731
+    np.testing.assert_allclose(targets[:2], reward_distribution(realised[:2], 0.1))   # labelled: as before
+    np.testing.assert_allclose(targets[2], 0.5 * dist(0.0, 1.0) + 0.5 * dist(0.0, 0.0))
+    np.testing.assert_allclose(targets[3], 0.7 * dist(1.0, 1.0) + 0.3 * dist(1.0, 0.0))
+    assert targets[3, 1] > 0.3 > dist(1.0, 0.7)[1]     # softmax of the estimate starved it of target mass
+    # rewards that are not two-valued keep the softmax of their estimate
+    spread = np.array([[0.2, 0.3], [0.4, 0.6], [0.5, 0.45], [0.5, np.nan]])
+    assert two_point_outcomes(spread, np.nan_to_num(spread, nan=0.5), [1]) is None
+
+
 def test_an_added_anchors_margin_weights_its_labelled_rows_by_their_chance_to_be_picked():
     from zooter.training.calibrate import _margin
 

@@ -11,7 +11,8 @@
     margin        the guard's: of a grid, the one whose paired gain over the anchor (the training-best
                   candidate) on the fitting rows has the best lower confidence bound, mean - sd/sqrt(n);
                   when no margin's bound is above 0, the router always keeps the anchor. An added
-                  candidate's gain where it is not labelled is imputed (_margin)
+                  candidate's gain where it is not labelled is imputed from its estimated reward and
+                  that estimate's error on its labelled rows (_margin)
     confidence    isotonic map from the choice's expected-reward lead over the best other candidate to
                   "the choice was a best answer"
 docs/training.md has the measurements behind each choice.
@@ -130,6 +131,8 @@ class FittingRows:
                                # is imputed for the margin (see _margin)
     weights: np.ndarray | None = None   # (n, m) a partial candidate's labelled rows' weights: 1 / the chance
                                         # each was picked for labelling, scaled (None: equal)
+    estimates: np.ndarray | None = None   # (n, m) a partial candidate's reward estimated on every row, held out
+                                          # where it is labelled (lifecycle.held_out_estimates); NaN elsewhere
 
 
 def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
@@ -140,7 +143,7 @@ def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
     expected = expected_reward(s)
     a = labels.index(anchor)
     span = max(expected_reward.y) - min(expected_reward.y)
-    margin = _margin(rows.probs, expected, r, a, span, rows.partial, rows.weights)
+    margin = _margin(rows.probs, expected, r, a, span, rows.partial, rows.weights, rows.estimates)
     # With the margin fitted: how often the guarded choice is a best answer, by its expected-reward lead.
     rule = Rule(tuple(labels), a, margin, expected_reward, Table((0.0,), (1.0,)))
     choice = rule.decide(rows.probs, s, allowed=scored).choice
@@ -156,19 +159,23 @@ def fit_decision(rows: FittingRows, labels: list[str], anchor: str) -> dict:
             "fitted_on": {"rows": int(len(r)), "out_of_fold": rows.oof}}
 
 
-def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weights=None) -> float:
+def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weights=None, estimates=None) -> float:
     """The guard's margin (see the module's doc). "Always keep the anchor" is a margin above any
     possible gain (the span of expected rewards), so it stays a finite number in router.json.
 
     A `partial` candidate (added, labelled on some rows) may be chosen on every row; where it is chosen
-    but not labelled, its gain over the anchor is imputed: the mean gain on its labelled rows where it is
+    but not labelled, its gain over the anchor is imputed: its estimated gain on that row (`estimates`, its
+    reward estimated from the other candidates' rewards on the row and its embedding, less the anchor's
+    reward; 0 without estimates) plus the mean error of that estimate on its labelled rows where it is
     chosen too and the anchor's reward is in the same quarter (anchor_cells), weighted by `weights` (1 /
-    each row's chance to be picked for labelling). The rows it was labelled on may have been picked where
-    the anchor scored low (`pick --how anchor`), never by more than the anchor's reward, so within a cell
-    they stand for the others; and the anchor's reward is known on every row. The bound's standard error
-    adds each imputed mean's own (post-stratification). When the added candidate is the anchor, the gain
-    is known only on its labelled rows: there the mean and its standard error weight each row by its
-    weight (Horvitz-Thompson)."""
+    each row's chance to be picked for labelling). A difference estimate: only the estimate's error is
+    sampled, not the gain itself, so the imputed gain follows the row (on dcrouter the mean of 500 labelled
+    rows' gains alone shut the guard on folds where the newcomer gains; docs/training.md, fourth pass).
+    The rows it was labelled on may have been picked where the anchor scored low (`pick --how anchor`),
+    never by more than the anchor's reward, so within a cell they stand for the others; and the anchor's
+    reward is known on every row. The bound's standard error adds each imputed mean's own
+    (post-stratification). When the added candidate is the anchor, the gain is known only on its labelled
+    rows: there the mean and its standard error weight each row by its weight (Horvitz-Thompson)."""
     rows = np.arange(len(probs))
     scored = ~np.isnan(rewards)
     allowed = scored.copy()
@@ -186,7 +193,9 @@ def _margin(probs, expected, rewards, anchor: int, span: float, partial=(), weig
         d = rewards[rows, picked] - base
         extra = 0.0
         for j in partial:
-            extra += _impute(d, (picked == j) & ~np.isnan(base), cells, np.ones(len(d)) if weights is None else weights[:, j])
+            prior = None if estimates is None else estimates[:, j] - base
+            extra += _impute(d, (picked == j) & ~np.isnan(base), cells,
+                             np.ones(len(d)) if weights is None else weights[:, j], prior)
         ok = ~np.isnan(d)
         d = d[ok]
         if len(d) < 2:
@@ -208,10 +217,12 @@ def anchor_cells(base: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, base, side="left")
 
 
-def _impute(d: np.ndarray, chosen: np.ndarray, cells: np.ndarray, weights: np.ndarray) -> float:
-    """Fill d where `chosen` and unknown (see _margin), in place; returns the sum over the filled rows of the
-    imputed mean's variance (times the rows filled from it, squared)."""
+def _impute(d: np.ndarray, chosen: np.ndarray, cells: np.ndarray, weights: np.ndarray, prior=None) -> float:
+    """Fill d where `chosen` and unknown (see _margin), in place: `prior` (its estimate on each row, 0 where
+    None or NaN) plus the mean error of the prior on the known rows of the cell. Returns the sum over the
+    filled rows of that mean's variance (times the rows filled from it, squared)."""
     known = ~np.isnan(d)
+    prior = np.zeros(len(d)) if prior is None else np.nan_to_num(prior)
     extra = 0.0
     for c in np.unique(cells[chosen]):
         miss = chosen & (cells == c) & ~known
@@ -222,7 +233,7 @@ def _impute(d: np.ndarray, chosen: np.ndarray, cells: np.ndarray, weights: np.nd
             lab = chosen & known
         if lab.sum() < 2:
             continue               # nothing to impute from: these rows stay out, as unscored rows did
-        w = weights[lab]
-        d[miss] = np.average(d[lab], weights=w)
-        extra += miss.sum() ** 2 * weighted_se(d[lab], w) ** 2
+        w, error = weights[lab], d[lab] - prior[lab]
+        d[miss] = prior[miss] + np.average(error, weights=w)
+        extra += miss.sum() ** 2 * weighted_se(error, w) ** 2
     return extra

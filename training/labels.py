@@ -6,7 +6,9 @@
     s*(q) = beta * s(q) + (1 - beta) * mean_{t in T(q)} s_t
 
 beta = 1 is plain reward distillation; the paper's best is beta = 0.3. Hard labels (the paper's
-ablation) put all mass on the best-rewarded candidate, with no tag mixing. numpy only.
+ablation) put all mass on the best-rewarded candidate, with no tag mixing. A reward known only as an
+estimate of a 0/1 outcome (a candidate added on some rows, training/lifecycle.py) gives s(q) averaged
+over its two outcomes (two_point_distribution). numpy only.
 """
 
 from __future__ import annotations
@@ -49,6 +51,30 @@ def reward_distribution(rewards: np.ndarray, tau: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.where(scored, np.exp(z), 0.0)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def two_point_distribution(rewards: np.ndarray, tau: float, chance: np.ndarray, low: np.ndarray,
+                           high: np.ndarray) -> np.ndarray:
+    """reward_distribution averaged over the outcomes of the cells known only as an estimate: where `chance`
+    (rows x candidates) is a number, candidate j's reward is high[j] with that chance, else low[j],
+    independently of the row's other such cells; NaN: the reward in `rewards` is known. An estimated 0/1
+    reward of 0.7 is a 1 seven times in ten, and its targets are those of its outcomes, averaged, as a
+    model labelled there would get them: softmax(0.7 / tau) beside others' 1s gives it far less."""
+    from itertools import product
+
+    chance = np.asarray(chance, dtype=np.float64)
+    columns = [j for j in range(chance.shape[1]) if (~np.isnan(chance[:, j])).any()]
+    out = np.zeros(np.shape(rewards))
+    for outcome in product((True, False), repeat=len(columns)):
+        r, p = np.array(rewards, dtype=np.float64, copy=True), np.ones(len(out))
+        for up, j in zip(outcome, columns):
+            has = ~np.isnan(chance[:, j])
+            r[has, j] = high[j] if up else low[j]
+            # a known cell takes part in the "high" branch only, with the whole chance
+            p *= np.where(has, chance[:, j] if up else 1.0 - chance[:, j], 1.0 if up else 0.0)
+        if p.any():
+            out += p[:, None] * reward_distribution(r, tau)
+    return out
 
 
 def tag_distributions(dists: np.ndarray, tags: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
@@ -97,17 +123,19 @@ def hard_labels(rewards: np.ndarray, tie_order: Sequence[float] | None = None) -
 
 
 def training_targets(rewards: np.ndarray, tags: Sequence[Sequence[str]], *, tau: float = 1.0, beta: float = 0.3,
-                     loss: str = "kl") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                     loss: str = "kl", outcomes=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The targets for the training rows, and the tag distributions s_t they were built with.
 
     loss "kl": s*(q), tag-enhanced when beta < 1. loss "hard": the one-hot argmax, unmixed (cross
     entropy on the argmax is the paper's ablation; mixing tags into it would make it soft again).
+    `outcomes`: (chance, low, high) of the rewards known only as an estimate (two_point_distribution);
+    "kl" only.
     """
     if loss == "hard":
         return hard_labels(rewards, tie_order=np.nanmean(rewards, axis=0)), {}
     if loss != "kl":
         raise ValueError(f"unknown loss {loss!r}; expected 'kl' or 'hard'")
-    base = reward_distribution(rewards, tau)
+    base = reward_distribution(rewards, tau) if outcomes is None else two_point_distribution(rewards, tau, *outcomes)
     tag_dists = tag_distributions(base, tags)
     return enhance(base, tags, tag_dists, beta), tag_dists
 

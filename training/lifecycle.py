@@ -12,11 +12,13 @@ training again:
                   resembles some of the old ones) plus a ridge on the embeddings for the rest
                   (calibrate.ridge, strength by out-of-fold error on the labelled rows)
     distilled     the head refitted on the fixed embeddings from the targets of the completed
-                  reward matrix (train.fit_head, the run's tau, beta and seed)
+                  reward matrix (train.fit_head, the run's tau, beta and seed); an estimated 0/1 reward
+                  gives the targets of its two outcomes averaged by its chance (two_point_outcomes)
     reward head   ridge on the completed matrix; the decision layer (train.decision_layer) on the
                   realised rewards, so the guard's margin is measured on real outcomes: on every
                   fitting row, the added candidate's gain where it is chosen but not labelled imputed
-                  from its labelled rows with the anchor's reward in the same quarter (calibrate._margin)
+                  from its estimate on that row plus the estimate's error on its labelled rows with the
+                  anchor's reward in the same quarter (held_out_estimates, calibrate._margin)
     anchor        the best single candidate by a paired estimate (a partly labelled candidate is
                   compared with a fully labelled one on the rows both have)
     weights       rows picked unevenly for labelling (`pick --how anchor`) carry the chance they had to
@@ -188,38 +190,107 @@ def _weights(parts: dict, name: str, probabilities: dict[str, float] | None) -> 
 
 
 # --- fitting on fixed embeddings ----------------------------------------------------------------------
-def estimate_column(x: np.ndarray, rewards: np.ndarray, j: int) -> np.ndarray:
-    """Column j of `rewards` completed where it is NaN: a least-squares map from the other candidates'
-    rewards on the same row, plus a ridge on the embeddings for what that map leaves (see the module's
-    doc). Rows labelled for j keep their reward."""
-    from zooter.training.calibrate import choose_strength, inner_folds, ridge, scores
+TWO_VALUED = 0.9   # share of an added candidate's labelled rewards at their min or max that makes them 0/1-like
+
+
+@dataclass
+class Estimate:
+    """An added candidate's reward predicted from what is known of a row: a (lightly ridged) least-squares
+    map from the other candidates' rewards on the same row, plus a ridge on its embedding for what that map
+    leaves (see the module's doc). Fitted by fit_estimate."""
+
+    j: int
+    fill: np.ndarray          # each other candidate's mean, standing for its reward where it has none
+    coef: np.ndarray          # the map: intercept, then one weight per other candidate
+    head: tuple | None        # the residual's ridge; None under 10 labelled rows
+    low: float
+    high: float
+
+    def mapped(self, rewards: np.ndarray) -> np.ndarray:
+        others = np.delete(rewards, self.j, axis=1)
+        others = np.where(np.isnan(others), self.fill, others)
+        return np.column_stack([np.ones(len(others)), others]) @ self.coef
+
+    def __call__(self, x: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        """On rows `x` whose candidates' rewards are `rewards` (column j is not read)."""
+        from zooter.training.calibrate import scores
+
+        value = self.mapped(rewards)
+        if self.head is not None:
+            value = value + scores(self.head, x)[:, 0]
+        return np.clip(value, self.low, self.high)
+
+
+def fit_estimate(x: np.ndarray, rewards: np.ndarray, j: int, rows: np.ndarray | None = None,
+                 residual: bool = True) -> Estimate:
+    """The Estimate of column j fitted on `rows` (default: every row scoring j); no residual ridge when
+    `residual` is False (reward_map)."""
+    from zooter.training.calibrate import choose_strength, inner_folds, ridge
 
     y = rewards[:, j]
-    known = ~np.isnan(y)
-    mapped = reward_map(rewards, j)
-    residual = (y - mapped)[known][:, None]
-    xk = x[known]
-    if len(xk) >= 10:
-        folds = [f for f in inner_folds([str(i) for i in range(len(xk))], 5) if len(f)]
-        strength = choose_strength(xk, residual, folds)
-        mapped = mapped + scores(ridge(xk, residual, strength), x)[:, 0]
-    return np.where(known, y, np.clip(mapped, np.nanmin(rewards), np.nanmax(rewards)))
-
-
-def reward_map(rewards: np.ndarray, j: int) -> np.ndarray:
-    """Column j predicted on every row by a (lightly ridged) least-squares map from the other candidates'
-    rewards on the same row, fitted on the rows scoring j (another column's gaps: its mean)."""
-    y = rewards[:, j]
-    known = ~np.isnan(y)
+    rows = np.flatnonzero(~np.isnan(y)) if rows is None else rows
     others = np.delete(rewards, j, axis=1)
     means = np.nanmean(others, axis=0)
-    others = np.where(np.isnan(others), np.where(np.isnan(means), 0.0, means), others)
-    a = np.column_stack([np.ones(len(others)), others])
-    ak, yk = a[known], y[known]
+    fill = np.where(np.isnan(means), 0.0, means)
+    a = np.column_stack([np.ones(len(rows)), np.where(np.isnan(others[rows]), fill, others[rows])])
     # A light ridge: with 50 labelled rows and 8 other candidates the plain solution overfits.
     lam = 1.0 * np.eye(a.shape[1])
     lam[0, 0] = 0.0
-    return a @ np.linalg.solve(ak.T @ ak + lam, ak.T @ yk)
+    coef = np.linalg.solve(a.T @ a + lam, a.T @ y[rows])
+    estimate = Estimate(j, fill, coef, None, float(np.nanmin(rewards)), float(np.nanmax(rewards)))
+    if residual and len(rows) >= 10:
+        xk, left = x[rows], (y[rows] - a @ coef)[:, None]
+        folds = [f for f in inner_folds([str(i) for i in range(len(xk))], 5) if len(f)]
+        estimate.head = ridge(xk, left, choose_strength(xk, left, folds))
+    return estimate
+
+
+def estimate_column(x: np.ndarray, rewards: np.ndarray, j: int) -> np.ndarray:
+    """Column j of `rewards` completed where it is NaN by fit_estimate. Rows labelled for j keep their reward."""
+    y = rewards[:, j]
+    return np.where(~np.isnan(y), y, fit_estimate(x, rewards, j)(x, rewards))
+
+
+def held_out_estimates(train_x: np.ndarray, rewards: np.ndarray, dev_x: np.ndarray, dev_rewards: np.ndarray,
+                       j: int, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Column j estimated on every training and dev row, never by an estimate fitted on that row: on the
+    training rows labelled for j, by estimates fitted without them (`folds` folds of those rows); elsewhere
+    by the one fitted on all of them. What the guard's imputation measures the estimate's error with
+    (calibrate._margin): an estimate judged on its own rows would look exact there."""
+    from zooter.training.calibrate import inner_folds
+
+    known = np.flatnonzero(~np.isnan(rewards[:, j]))
+    full = fit_estimate(train_x, rewards, j, known)
+    train_est, dev_est = full(train_x, rewards), full(dev_x, dev_rewards)
+    if len(known) >= 2 * folds:
+        for held in inner_folds([str(i) for i in known], folds):
+            rows = known[held]
+            train_est[rows] = fit_estimate(train_x, rewards, j, np.setdiff1d(known, rows))(train_x[rows], rewards[rows])
+    else:   # too few to hold out: no estimate, the guard imputes the gain's mean alone
+        train_est[:], dev_est[:] = np.nan, np.nan
+    return train_est, dev_est
+
+
+def two_point_outcomes(realised: np.ndarray, completed: np.ndarray, estimated: list[int]):
+    """labels.two_point_distribution's (chance, low, high) for the estimated cells of the columns whose
+    labelled rewards are two-valued (at least TWO_VALUED of them at their min or max: 0/1 task scores), or
+    None when there is none; other columns keep softmax of their estimate."""
+    m = realised.shape[1]
+    chance, low, high = np.full(realised.shape, np.nan), np.zeros(m), np.ones(m)
+    for j in estimated:
+        y = realised[:, j][~np.isnan(realised[:, j])]
+        if len(y) < 2 or y.max() <= y.min() or np.mean((y == y.min()) | (y == y.max())) < TWO_VALUED:
+            continue
+        low[j], high[j] = y.min(), y.max()
+        miss = np.isnan(realised[:, j])
+        chance[miss, j] = np.clip((completed[miss, j] - low[j]) / (high[j] - low[j]), 0.0, 1.0)
+    return (chance, low, high) if (~np.isnan(chance)).any() else None
+
+
+def reward_map(rewards: np.ndarray, j: int) -> np.ndarray:
+    """Column j predicted on every row by the Estimate's map from the other candidates' rewards alone,
+    fitted on the rows scoring j."""
+    return fit_estimate(np.zeros((len(rewards), 0)), rewards, j, residual=False).mapped(rewards)
 
 
 def paired_means(rewards: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
@@ -264,8 +335,13 @@ def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, he
 
     realised = problem.train.rewards()
     completed = realised.copy()
+    estimates = None
+    if estimated:
+        dev_r = problem.dev.rewards()
+        estimates = (np.full(realised.shape, np.nan), np.full(dev_r.shape, np.nan))
     for j in estimated:
         completed[:, j] = estimate_column(train_x, realised, j)
+        estimates[0][:, j], estimates[1][:, j] = held_out_estimates(train_x, realised, dev_x, dev_r, j)
     column_w = (np.ones(realised.shape), np.ones((len(dev_x), realised.shape[1])))
     for j, w in (weights or {}).items():
         column_w[0][:, j], column_w[1][:, j] = w
@@ -277,8 +353,9 @@ def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, he
     if not cfg.threads:
         torch.set_num_threads(1)   # as train_head: a linear head gains nothing from threads
     try:
+        outcomes = two_point_outcomes(realised, completed, estimated) if cfg.loss == "kl" else None
         targets = torch.tensor(training_targets(completed, [r.tags for r in problem.train.rows], tau=problem.meta["tau"],
-                                                beta=cfg.beta, loss=cfg.loss)[0], dtype=torch.float32)
+                                                beta=cfg.beta, loss=cfg.loss, outcomes=outcomes)[0], dtype=torch.float32)
         tx = torch.tensor(train_x)
         tq = None if train_q is None else torch.tensor(train_q)
         if head is None:
@@ -298,7 +375,8 @@ def fit_router(cfg, problem, train_x, dev_x, estimated: list[int], int8=None, he
     finally:
         torch.set_num_threads(threads)
     reward_head, decision = decision_layer(problem, train_x, dev_x, softmax(dev_logits), train_q, oof,
-                                           fit_rewards=completed, partial=estimated, weights=column_w)
+                                           fit_rewards=completed, partial=estimated, weights=column_w,
+                                           estimates=estimates)
     return Fitted(head, reward_head, decision, dev_logits, problem.meta["best_single"])
 
 

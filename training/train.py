@@ -423,14 +423,15 @@ def _report(bar, cfg: TrainConfig, point: dict) -> None:
 
 
 def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=None, oof_probs=None, fit_rewards=None,
-                   partial=(), weights=None):
+                   partial=(), weights=None, estimates=None):
     """The expected-reward head and the decision settings fitted on held-out predictions
     (training/calibrate.py): ((weight, bias), router.json's decision block). `fit_rewards`: what the
     reward head regresses on when it is not the training rows' rewards (an added candidate's column
     with its unlabelled rows estimated, training/lifecycle.py); the decision layer still fits on the
     realised rewards. `partial`: the candidates labelled on some rows only, their gain imputed for the guard's
     margin where unlabelled (calibrate._margin) with `weights` ((training rows', dev rows') (rows x
-    candidates) weights of their labelled rows, None: equal)."""
+    candidates) weights of their labelled rows, None: equal) and `estimates` (the same shapes: their rewards
+    estimated on every row, held out where labelled; None: the gain's mean alone)."""
     from zooter.training.calibrate import (INT8_CONSISTENCY, FittingRows, choose_strength, fit_decision, inner_folds,
                                            ridge, scores)
 
@@ -448,8 +449,9 @@ def decision_layer(problem: Problem, train_x, dev_x, dev_probs, train_x_int8=Non
             oof_scores[held] = scores(fold_head, train_x[held])
         probs.append(oof_probs), raw.append(oof_scores), realised.append(realised_train)
     row_weights = None if weights is None else np.vstack([weights[1]] + [weights[0]] * (len(probs) - 1))
+    row_estimates = None if estimates is None else np.vstack([estimates[1]] + [estimates[0]] * (len(probs) - 1))
     rows = FittingRows(np.vstack(probs), np.vstack(raw), np.vstack(realised), oof=oof_probs is not None,
-                       partial=tuple(partial), weights=row_weights)
+                       partial=tuple(partial), weights=row_weights, estimates=row_estimates)
     decision = fit_decision(rows, problem.labels, problem.meta["best_single"]["candidate"])
     decision["fitted_on"]["ridge_strength"] = strength
     if train_x_int8 is not None:
