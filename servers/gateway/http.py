@@ -7,8 +7,8 @@ uvicorn picks) with one timer per connection: armed when a connection opens and 
 closes a connection whose request has not reached the app `timeout` seconds after that (with a 408 when some
 of it came; silently when nothing did). The time the first byte came travels in the request's scope, so the
 app reads the body against the same deadline (app.py). Between requests a connection stays open
-KEEP_ALIVE_SECONDS, longer than clients keep theirs. The writes of one turn of the event loop leave together
-(`Coalescing`): a response's headers and body, or a stream's headers and first events, in one send.
+KEEP_ALIVE_SECONDS, longer than clients keep theirs. Writes are joined (`Coalescing`): a response's headers
+leave with its first body part, at once, in one send; a stream's later writes of one event-loop turn, in one.
 """
 
 from __future__ import annotations
